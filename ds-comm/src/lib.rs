@@ -1,0 +1,1 @@
+//! `ds-comm`: a component of the `ds` training runtime (implementation in progress).

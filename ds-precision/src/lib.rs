@@ -1,0 +1,1 @@
+//! `ds-precision`: a component of the `ds` training runtime (implementation in progress).
