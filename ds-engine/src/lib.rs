@@ -1,1 +1,15 @@
-//! ds-engine
+//! `ds-engine`: composes the `ds-*` component crates into a training harness, and builds the
+//! `ds` command-line tool.
+//!
+//! So far the engine provides the `ds` binary's configuration front end
+//! ([`cli::check_config`]); the training loop arrives with its own issue.
+//!
+//! ```
+//! let out = ds_engine::cli::check_config_str(r#"{"train_batch_size": 8}"#, false, 2, &[], false)
+//!     .expect("valid config");
+//! assert_eq!(out.resolved["train_micro_batch_size_per_gpu"], 4);
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cli;
