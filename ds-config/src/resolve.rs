@@ -604,9 +604,15 @@ fn resolve_batch(ctx: &mut Ctx, input: &Map<String, Value>, out: &mut Map<String
         [Some(tb), Some(mb), Some(gas)] => (tb, mb, gas),
         [Some(tb), Some(mb), None] => (tb, mb, tb / mb / ws),
         [Some(tb), None, Some(gas)] => (tb, tb / ws / gas, gas),
-        [None, Some(mb), Some(gas)] => (mb.saturating_mul(gas).saturating_mul(ws), mb, gas),
+        [None, Some(mb), Some(gas)] => (
+            mb.checked_mul(gas)
+                .and_then(|x| x.checked_mul(ws))
+                .unwrap_or(-1),
+            mb,
+            gas,
+        ),
         [Some(tb), None, None] => (tb, tb / ws, 1),
-        [None, Some(mb), None] => (mb.saturating_mul(ws), mb, 1),
+        [None, Some(mb), None] => (mb.checked_mul(ws).unwrap_or(-1), mb, 1),
         [None, None, _] => {
             let mut msg = String::from(
                 "either train_batch_size or train_micro_batch_size_per_gpu must be given",
@@ -627,7 +633,14 @@ fn resolve_batch(ctx: &mut Ctx, input: &Map<String, Value>, out: &mut Map<String
             "`{a}` = \"auto\" derived from the batch-size triangle at world size {ws}"
         ));
     }
-    let product = mb.saturating_mul(gas).saturating_mul(ws);
+    let Some(product) = mb.checked_mul(gas).and_then(|x| x.checked_mul(ws)) else {
+        ctx.issue(
+            "train_micro_batch_size_per_gpu",
+            &json!(mb),
+            format!("train_micro_batch_size_per_gpu ({mb}) * gradient_accumulation_steps ({gas}) * world_size ({ws}) overflows a 64-bit integer; allowed: sizes whose product fits"),
+        );
+        return;
+    };
     if tb <= 0 || mb <= 0 || gas <= 0 || tb != product {
         ctx.issue(
             "train_batch_size",

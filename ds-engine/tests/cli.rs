@@ -1,0 +1,114 @@
+//! The `ds` binary's contract: exit 0 with only JSON on stdout, exit 2 with the reason on
+//! stderr, never a panic (exit 101).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn ds(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ds"))
+        .args(args)
+        .output()
+        .expect("run ds")
+}
+
+fn tmp(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ds-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn check_config_prints_the_resolved_config() {
+    let p = tmp(
+        "ok.json",
+        r#"{"train_batch_size": 32, "zero_optimization": {"stage": 2, "cpu_offload": true}, "fp16": {"enabled": true}}"#,
+    );
+    let out = ds(&["check-config", p.to_str().unwrap(), "--world-size", "4"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["train_batch_size"], 32);
+    assert_eq!(v["train_micro_batch_size_per_gpu"], 8);
+    assert_eq!(v["gradient_accumulation_steps"], 1);
+    assert_eq!(v["zero_optimization"]["stage"], 2);
+    assert_eq!(v["zero_optimization"]["offload_optimizer"]["device"], "cpu");
+    assert_eq!(v["fp16"]["initial_scale_power"], 16);
+    assert_eq!(v["fp16"]["loss_scale_window"], 1000);
+    assert_eq!(v["bf16"]["enabled"], false);
+    assert_eq!(v["gradient_clipping"], 1.0);
+    assert!(v["optimizer"].is_null() && v["scheduler"].is_null());
+    // The deprecation note goes to stderr, never stdout.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deprecated"));
+}
+
+#[test]
+fn check_config_toml_and_auto_values() {
+    let p = tmp("ok.toml", "train_batch_size = \"auto\"\ntrain_micro_batch_size_per_gpu = \"auto\"\n[optimizer]\ntype = \"AdamW\"\n");
+    let out = ds(&[
+        "check-config",
+        p.to_str().unwrap(),
+        "--world-size",
+        "2",
+        "--auto",
+        "train_micro_batch_size_per_gpu=3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["train_batch_size"], 6);
+    assert_eq!(v["optimizer"]["type"], "AdamW");
+}
+
+#[test]
+fn check_config_bad_config_exits_2_with_the_key_path() {
+    let p = tmp(
+        "bad.json",
+        r#"{"train_batch_size": 33, "train_micro_batch_size_per_gpu": 17, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 4}}"#,
+    );
+    let out = ds(&["check-config", p.to_str().unwrap(), "--world-size", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("33 != 17 * 2 * 2"), "{err}");
+    assert!(err.contains("zero_optimization.stage"), "{err}");
+}
+
+#[test]
+fn bad_invocations_exit_2_never_101() {
+    for args in [
+        vec!["check-config", "/nonexistent/ds_config.json"],
+        vec!["check-config"],
+        vec!["check-config", "x.json", "--world-size", "0"],
+        vec!["check-config", "x.json", "--world-size", "many"],
+        vec!["no-such-subcommand"],
+    ] {
+        let out = ds(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+    let p = tmp(
+        "syntax.json",
+        "{\n \"train_batch_size\": CONFIG_BATCH_SIZE\n}",
+    );
+    let out = ds(&["check-config", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+    let out = ds(&["check-config", p.to_str().unwrap(), "--auto", "novalue"]);
+    assert_eq!(out.status.code(), Some(2));
+}
