@@ -1,4 +1,42 @@
-//! `ds-zero`: a component of the `ds` training runtime.
+//! `ds-zero`: ZeRO (stages 0-3) and the fused optimizers that step a rank's shard.
 //!
-//! This crate is reserved in the workspace layout (see the workspace README); its
-//! implementation lands with its own issue. It exposes no API yet on purpose.
+//! - [`optim`]: fused, flat, multithreaded fp32 Adam/AdamW, SGD, Lion and Lamb with exportable
+//!   state ([`optim::FlatOptimizer`]).
+//! - [`partition`]: DeepSpeed's partition layout (stage 1/2: flat group padded to a multiple of
+//!   `2 * world_size` and split into equal contiguous shards; stage 3: per parameter,
+//!   `ceil(numel / world_size)` per rank).
+//! - [`estimate`]: model-state memory per rank for each stage (the ZeRO paper's formulas and
+//!   DeepSpeed's estimators).
+//!
+//! ```
+//! use ds_zero::optim::{AdamParams, FlatOptimizer, OptimizerSpec};
+//!
+//! let mut opt = FlatOptimizer::new(OptimizerSpec::Adam(AdamParams::default()), 3);
+//! let mut p = vec![1.0f32, -2.0, 0.5];
+//! opt.step(&mut p, &[0.1, -0.1, 0.0], 1e-3)?;
+//! // Adam's first step moves each parameter by about lr * sign(g).
+//! assert!((p[0] - (1.0 - 1e-3)).abs() < 1e-6);
+//! assert!((p[1] - (-2.0 + 1e-3)).abs() < 1e-6);
+//! assert_eq!(p[2], 0.5);
+//! # Ok::<(), ds_zero::ZeroError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod estimate;
+pub mod optim;
+pub mod partition;
+
+/// Errors of the ZeRO crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroError {
+    /// Buffer lengths or shapes that do not match.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// Optimizer state that does not fit this optimizer.
+    #[error("optimizer state: {0}")]
+    State(String),
+    /// An option outside its allowed range.
+    #[error("invalid option: {0}")]
+    Option(String),
+}

@@ -1,0 +1,115 @@
+//! Model-state memory per rank for each ZeRO stage, before a run.
+//!
+//! The ZeRO paper's formulas (arXiv:1910.02054 §5), with Ψ parameters, N data-parallel ranks
+//! and K bytes of optimizer state per parameter:
+//!
+//! | stage | params | grads | optimizer |
+//! |---|---|---|---|
+//! | 0 | 2Ψ | 2Ψ | KΨ |
+//! | 1 | 2Ψ | 2Ψ | KΨ/N |
+//! | 2 | 2Ψ | 2Ψ/N | KΨ/N |
+//! | 3 | 2Ψ/N | 2Ψ/N | KΨ/N |
+//!
+//! in mixed precision (16-bit params and grads; K = 12 for Adam: fp32 master weights, momentum
+//! and variance). In fp32 the params and grads take 4 bytes each and K = 8 (no master copy).
+//! Partitioned sizes are rounded up exactly as [`crate::partition`] lays them out.
+
+use serde::Serialize;
+
+use crate::ZeroError;
+
+/// Training precision of the model states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// 16-bit params and grads, fp32 master weights and optimizer state.
+    Mixed,
+    /// Everything fp32.
+    Fp32,
+}
+
+/// Memory of the model states on one rank, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryEstimate {
+    /// Parameters in the model dtype.
+    pub params_bytes: u64,
+    /// Gradients in the model dtype.
+    pub grads_bytes: u64,
+    /// Optimizer state (and fp32 master weights in mixed precision).
+    pub optimizer_bytes: u64,
+    /// The sum.
+    pub per_rank_bytes: u64,
+}
+
+/// Estimates per-rank model-state memory. `optimizer_state_bytes` is the optimizer's own fp32
+/// state per parameter (8 for Adam/Lamb, 4 for Lion or SGD with momentum).
+pub fn estimate(
+    params: u64,
+    world_size: u64,
+    stage: u8,
+    precision: Precision,
+    optimizer_state_bytes: u64,
+) -> Result<MemoryEstimate, ZeroError> {
+    if world_size == 0 {
+        return Err(ZeroError::Option("world size must be >= 1".into()));
+    }
+    if stage > 3 {
+        return Err(ZeroError::Option(format!(
+            "ZeRO stage {stage} does not exist; allowed: 0, 1, 2 or 3"
+        )));
+    }
+    let (pb, k) = match precision {
+        Precision::Mixed => (2u64, optimizer_state_bytes + 4),
+        Precision::Fp32 => (4u64, optimizer_state_bytes),
+    };
+    // Stage 1/2 flat partition (padded to a multiple of 2N), stage 3 per-tensor ceil: for one
+    // flat group both are ceil(Ψ / N) up to the alignment.
+    let align = 2 * world_size;
+    let shard = params.div_ceil(align) * align / world_size;
+    let (p_elems, g_elems, o_elems) = match stage {
+        0 => (params, params, params),
+        1 => (params, params, shard),
+        2 => (params, shard, shard),
+        _ => (shard, shard, shard),
+    };
+    let params_bytes = p_elems * pb;
+    let grads_bytes = g_elems * pb;
+    let optimizer_bytes = o_elems * k;
+    Ok(MemoryEstimate {
+        params_bytes,
+        grads_bytes,
+        optimizer_bytes,
+        per_rank_bytes: params_bytes + grads_bytes + optimizer_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ZeRO paper's example: Ψ = 7.5B, N = 64, K = 12, mixed precision:
+    /// 120 GB -> 31.4 GB -> 16.6 GB -> 1.9 GB.
+    #[test]
+    fn paper_example() {
+        let psi = 7_500_000_000u64;
+        let gb = |s| {
+            estimate(psi, 64, s, Precision::Mixed, 8)
+                .unwrap()
+                .per_rank_bytes as f64
+                / 1e9
+        };
+        assert!((gb(0) - 120.0).abs() < 0.05, "{}", gb(0));
+        assert!((gb(1) - 31.4).abs() < 0.05, "{}", gb(1));
+        assert!((gb(2) - 16.6).abs() < 0.05, "{}", gb(2));
+        assert!((gb(3) - 1.9).abs() < 0.05, "{}", gb(3));
+    }
+
+    #[test]
+    fn fp32_and_errors() {
+        let e = estimate(1000, 4, 2, Precision::Fp32, 8).unwrap();
+        assert_eq!(e.params_bytes, 4000);
+        assert_eq!(e.grads_bytes, 1000);
+        assert_eq!(e.optimizer_bytes, 2000);
+        assert!(estimate(1, 0, 0, Precision::Fp32, 8).is_err());
+        assert!(estimate(1, 1, 4, Precision::Fp32, 8).is_err());
+    }
+}
