@@ -23,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod estimate;
 pub mod optim;
 pub mod partition;

@@ -37,6 +37,81 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// ZeRO model-state memory per rank (parameters, gradients, optimizer state).
+    EstimateMemory {
+        /// Number of model parameters (5e8-style accepted).
+        #[arg(long, value_parser = parse_count)]
+        params: u64,
+        /// Data-parallel ranks.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        world_size: u64,
+        /// ZeRO stage 0-3.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+        stage: u8,
+        /// `mixed` (16-bit model, fp32 master and Adam state) or `fp32`.
+        #[arg(long, default_value = "mixed", value_parser = ["mixed", "fp32"])]
+        precision: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Component benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Fused AdamW throughput against this machine's memory bandwidth.
+    Adamw {
+        /// Elements (5e8-style accepted).
+        #[arg(long, default_value = "100000000", value_parser = parse_count)]
+        numel: u64,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses a count written as `100000000`, `1e8` or `100M`.
+fn parse_count(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1e3),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
+        Some('B' | 'b' | 'G' | 'g') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a count (e.g. 100000000, 1e8, 100M)"))?;
+    let v = x * mult;
+    if !(v.is_finite() && v >= 1.0 && v.fract() == 0.0 && v < 1.8e19) {
+        return Err(format!("`{s}` must be a whole number >= 1"));
+    }
+    Ok(v as u64)
+}
+
+fn print_json(v: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot print JSON: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.3} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 fn main() -> ExitCode {
@@ -74,6 +149,65 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("error: {}: {e}", file.display());
                 ExitCode::from(2)
+            }
+        },
+        Command::EstimateMemory {
+            params,
+            world_size,
+            stage,
+            precision,
+            json,
+        } => {
+            let prec = if precision == "fp32" {
+                ds_zero::estimate::Precision::Fp32
+            } else {
+                ds_zero::estimate::Precision::Mixed
+            };
+            // Adam: 8 bytes of fp32 state per parameter.
+            match ds_zero::estimate::estimate(params, world_size, stage, prec, 8) {
+                Ok(e) if json => print_json(&e),
+                Ok(e) => {
+                    println!(
+                        "ZeRO stage {stage}, {params} params, world size {world_size}, {precision} precision (Adam)"
+                    );
+                    println!("  params:    {}", gib(e.params_bytes));
+                    println!("  grads:     {}", gib(e.grads_bytes));
+                    println!("  optimizer: {}", gib(e.optimizer_bytes));
+                    println!("  per rank:  {}", gib(e.per_rank_bytes));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Bench { what } => match what {
+            BenchCommand::Adamw { numel, steps, json } => {
+                let numel = match usize::try_from(numel) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        eprintln!(
+                            "error: --numel {numel} does not fit this machine's address space"
+                        );
+                        return ExitCode::from(2);
+                    }
+                };
+                eprintln!("bench adamw: {numel} elements, {steps} timed steps ...");
+                match ds_zero::bench::adamw_bench(numel, steps as usize) {
+                    Ok(r) if json => print_json(&r),
+                    Ok(r) => {
+                        println!(
+                            "fused AdamW: {:.2} ms/step, {:.1} GB/s; machine read-modify-write {:.1} GB/s; fraction {:.2} ({} threads)",
+                            r.ms_per_step, r.gbps, r.machine_gbps, r.bandwidth_fraction, r.threads
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
             }
         },
     }
