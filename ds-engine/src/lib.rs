@@ -13,3 +13,15 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod lr;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A configuration the engine cannot run.
+    #[error("config: {0}")]
+    Config(String),
+    /// A config file problem.
+    #[error(transparent)]
+    ConfigFile(#[from] ds_config::ConfigError),
+}
