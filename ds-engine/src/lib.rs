@@ -14,6 +14,7 @@
 
 pub mod cli;
 pub mod lr;
+pub mod model;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,446 @@
+//! The model library: an ordered list of blocks with named parameters.
+//!
+//! The GPT is the GPT-2 architecture of `../shared/peer/gpt_model.py` (pre-LayerNorm blocks,
+//! fused qkv Linear with bias, causal softmax attention, tanh-GELU MLP of 4x width, final
+//! LayerNorm, LM head tied to the token embedding, N(0, 0.02) init, zero biases, no dropout).
+//! Every op is differentiable in candle (candle-nn's fused softmax/layer-norm kernels have no
+//! backward, so the forms here are written out), and a test checks that every parameter
+//! receives a gradient.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// Deterministic generator for initialisation and data (identical on every rank).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    /// Next 64 random bits (splitmix64).
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// A vector of N(0, std) values.
+    pub fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n).map(|_| (self.normal() * std) as f32).collect()
+    }
+}
+
+/// A named trainable parameter.
+#[derive(Debug, Clone)]
+pub struct NamedParam {
+    /// Dotted name, e.g. `blocks.0.qkv.weight`.
+    pub name: String,
+    /// The variable.
+    pub var: Var,
+}
+
+/// Model shape flags (`--model gpt|mlp --layers L --hidden H --heads A --seq T --batch B --vocab V`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Transformer blocks (or hidden layers of the MLP).
+    pub layers: usize,
+    /// Hidden width.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Sequence length.
+    pub seq: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl Default for ModelShape {
+    /// The reference GPT of the peer scripts: 4 layers, hidden 256, 4 heads, seq 128, vocab 8192.
+    fn default() -> Self {
+        ModelShape {
+            layers: 4,
+            hidden: 256,
+            heads: 4,
+            seq: 128,
+            vocab: 8192,
+        }
+    }
+}
+
+fn var(data: Vec<f32>, shape: &[usize], dev: &Device) -> candle_core::Result<Var> {
+    Var::from_tensor(&Tensor::from_vec(data, shape, dev)?)
+}
+
+/// A Linear layer `y = x W^T + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in).
+    pub weight: Var,
+    /// (out).
+    pub bias: Option<Var>,
+}
+
+impl Linear {
+    fn new(
+        rng: &mut Rng,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        Ok(Linear {
+            weight: var(rng.normal_vec(inp * out, 0.02), &[out, inp], dev)?,
+            bias: if bias {
+                Some(var(vec![0.0; out], &[out], dev)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Applies the layer to (..., in).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b.as_tensor())?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dims()[0];
+        y.reshape(out)
+    }
+}
+
+/// LayerNorm over the last dimension (differentiable form, eps 1e-5).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Var,
+    /// Shift.
+    pub bias: Var,
+}
+
+impl LayerNorm {
+    fn new(d: usize, dev: &Device) -> candle_core::Result<Self> {
+        Ok(LayerNorm {
+            weight: var(vec![1.0; d], &[d], dev)?,
+            bias: var(vec![0.0; d], &[d], dev)?,
+        })
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        xn.broadcast_mul(self.weight.as_tensor())?
+            .broadcast_add(self.bias.as_tensor())
+    }
+}
+
+/// Softmax over the last dimension (differentiable form).
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Mean cross-entropy of logits (N, V) against targets (N) (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
+    picked.mean_all()?.neg()
+}
+
+/// One pre-LN transformer block.
+#[derive(Debug, Clone)]
+pub struct GptBlock {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    fc: Linear,
+    fc2: Linear,
+    heads: usize,
+    mask: Tensor,
+}
+
+impl GptBlock {
+    fn new(rng: &mut Rng, s: &ModelShape, dev: &Device) -> candle_core::Result<Self> {
+        let d = s.hidden;
+        let mut m = vec![0f32; s.seq * s.seq];
+        for i in 0..s.seq {
+            for j in (i + 1)..s.seq {
+                m[i * s.seq + j] = -1e9;
+            }
+        }
+        Ok(GptBlock {
+            ln1: LayerNorm::new(d, dev)?,
+            qkv: Linear::new(rng, d, 3 * d, true, dev)?,
+            proj: Linear::new(rng, d, d, true, dev)?,
+            ln2: LayerNorm::new(d, dev)?,
+            fc: Linear::new(rng, d, 4 * d, true, dev)?,
+            fc2: Linear::new(rng, 4 * d, d, true, dev)?,
+            heads: s.heads,
+            mask: Tensor::from_vec(m, (s.seq, s.seq), dev)?,
+        })
+    }
+
+    fn params(&self, prefix: &str, out: &mut Vec<NamedParam>) {
+        let mut push = |n: &str, v: &Var| {
+            out.push(NamedParam {
+                name: format!("{prefix}.{n}"),
+                var: v.clone(),
+            })
+        };
+        push("ln1.weight", &self.ln1.weight);
+        push("ln1.bias", &self.ln1.bias);
+        for (n, l) in [
+            ("qkv", &self.qkv),
+            ("proj", &self.proj),
+            ("fc", &self.fc),
+            ("fc2", &self.fc2),
+        ] {
+            push(&format!("{n}.weight"), &l.weight);
+            if let Some(b) = &l.bias {
+                push(&format!("{n}.bias"), b);
+            }
+        }
+        push("ln2.weight", &self.ln2.weight);
+        push("ln2.bias", &self.ln2.bias);
+    }
+
+    /// (B, T, C) -> (B, T, C).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let h = self.heads;
+        let hd = c / h;
+        let qkv = self.qkv.forward(&self.ln1.forward(x)?)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        let att = softmax_last(&att.broadcast_add(&mask)?)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, c))?;
+        let x = (x + self.proj.forward(&y)?)?;
+        let m = self
+            .fc2
+            .forward(&self.fc.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
+        x + m
+    }
+}
+
+/// The GPT.
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    shape: ModelShape,
+    wte: Var,
+    wpe: Var,
+    blocks: Vec<GptBlock>,
+    ln_f: LayerNorm,
+    params: Vec<NamedParam>,
+}
+
+impl Gpt {
+    /// Builds the model with GPT-2 initialisation from `seed`.
+    pub fn new(shape: ModelShape, seed: u64, dev: &Device) -> candle_core::Result<Self> {
+        if shape.heads == 0 || shape.hidden % shape.heads != 0 {
+            candle_core::bail!(
+                "hidden ({}) must be a positive multiple of heads ({})",
+                shape.hidden,
+                shape.heads
+            );
+        }
+        let mut rng = Rng::new(seed);
+        let wte = var(
+            rng.normal_vec(shape.vocab * shape.hidden, 0.02),
+            &[shape.vocab, shape.hidden],
+            dev,
+        )?;
+        let wpe = var(
+            rng.normal_vec(shape.seq * shape.hidden, 0.02),
+            &[shape.seq, shape.hidden],
+            dev,
+        )?;
+        let blocks = (0..shape.layers)
+            .map(|_| GptBlock::new(&mut rng, &shape, dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(shape.hidden, dev)?;
+        let mut params = vec![
+            NamedParam {
+                name: "wte.weight".into(),
+                var: wte.clone(),
+            },
+            NamedParam {
+                name: "wpe.weight".into(),
+                var: wpe.clone(),
+            },
+        ];
+        for (i, b) in blocks.iter().enumerate() {
+            b.params(&format!("blocks.{i}"), &mut params);
+        }
+        params.push(NamedParam {
+            name: "ln_f.weight".into(),
+            var: ln_f.weight.clone(),
+        });
+        params.push(NamedParam {
+            name: "ln_f.bias".into(),
+            var: ln_f.bias.clone(),
+        });
+        Ok(Gpt {
+            shape,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            params,
+        })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> ModelShape {
+        self.shape
+    }
+
+    /// Unique parameters in a fixed order (the tied head shares `wte.weight`).
+    pub fn params(&self) -> &[NamedParam] {
+        &self.params
+    }
+
+    /// Mean next-token cross-entropy of `ids` (B, T) against `targets` (B, T), both u32.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        cross_entropy(&self.logits(ids)?, &targets.flatten_all()?)
+    }
+
+    /// Logits (B*T, V) of `ids` (B, T).
+    pub fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self
+            .wte
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, self.shape.hidden))?;
+        let pos = self.wpe.narrow(0, 0, t)?;
+        let mut x = x.broadcast_add(&pos)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x)?;
+        }
+        let x = self.ln_f.forward(&x)?.reshape((b * t, self.shape.hidden))?;
+        x.matmul(&self.wte.t()?)
+    }
+}
+
+/// Total number of parameter elements.
+pub fn numel(params: &[NamedParam]) -> usize {
+    params.iter().map(|p| p.var.elem_count()).sum()
+}
+
+/// The analytic parameter count of the GPT (for tests and reports).
+pub fn gpt_param_count(s: &ModelShape) -> usize {
+    let d = s.hidden;
+    let block =
+        2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d);
+    s.vocab * d + s.seq * d + s.layers * block + 2 * d
+}
+
+/// The dtype of every parameter (f32: the CPU default, see BENCHMARKS.md).
+pub const PARAM_DTYPE: DType = DType::F32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelShape {
+        ModelShape {
+            layers: 2,
+            hidden: 16,
+            heads: 2,
+            seq: 8,
+            vocab: 32,
+        }
+    }
+
+    #[test]
+    fn reference_gpt_has_the_peer_parameter_count() {
+        // peer/README.md: 4 layers, hidden 256, 4 heads, seq 128, vocab 8192 = 5,289,472.
+        assert_eq!(gpt_param_count(&ModelShape::default()), 5_289_472);
+        let m = Gpt::new(tiny(), 0, &Device::Cpu).unwrap();
+        assert_eq!(numel(m.params()), gpt_param_count(&tiny()));
+    }
+
+    #[test]
+    fn initial_loss_is_log_vocab_and_every_param_gets_a_gradient() {
+        let s = tiny();
+        let m = Gpt::new(s, 1, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(2);
+        let ids: Vec<u32> = (0..2 * s.seq)
+            .map(|_| (rng.next_u64() % s.vocab as u64) as u32)
+            .collect();
+        let tg: Vec<u32> = (0..2 * s.seq)
+            .map(|_| (rng.next_u64() % s.vocab as u64) as u32)
+            .collect();
+        let ids = Tensor::from_vec(ids, (2, s.seq), &Device::Cpu).unwrap();
+        let tg = Tensor::from_vec(tg, (2, s.seq), &Device::Cpu).unwrap();
+        let loss = m.loss(&ids, &tg).unwrap();
+        let l = loss.to_scalar::<f32>().unwrap();
+        // N(0, 0.02) init: logits near 0, loss near ln(V) for targets unrelated to the inputs.
+        assert!((l - (s.vocab as f32).ln()).abs() < 0.1, "{l}");
+        let grads = loss.backward().unwrap();
+        for p in m.params() {
+            let g = grads
+                .get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {}", p.name));
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0 && n.is_finite(), "{}: |g|^2 = {n}", p.name);
+        }
+    }
+
+    #[test]
+    fn causal_mask_future_tokens_do_not_change_past_losses() {
+        let s = tiny();
+        let m = Gpt::new(s, 3, &Device::Cpu).unwrap();
+        let a: Vec<u32> = (0..s.seq as u32).collect();
+        let mut b = a.clone();
+        b[s.seq - 1] = 31; // change only the last input token
+        let t = |v: Vec<u32>| Tensor::from_vec(v, (1, s.seq), &Device::Cpu).unwrap();
+        let la = m.logits(&t(a)).unwrap().to_vec2::<f32>().unwrap();
+        let lb = m.logits(&t(b)).unwrap().to_vec2::<f32>().unwrap();
+        // Positions before the changed token see the same logits; the last one differs.
+        assert_eq!(la[..s.seq - 1], lb[..s.seq - 1]);
+        assert_ne!(la[s.seq - 1], lb[s.seq - 1]);
+    }
+}
