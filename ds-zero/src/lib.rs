@@ -27,6 +27,9 @@ pub mod bench;
 pub mod estimate;
 pub mod optim;
 pub mod partition;
+pub mod zero;
+
+pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
 
 /// Errors of the ZeRO crate.
 #[derive(Debug, thiserror::Error)]
@@ -40,4 +43,10 @@ pub enum ZeroError {
     /// An option outside its allowed range.
     #[error("invalid option: {0}")]
     Option(String),
+    /// A collective failed (a peer died, timed out, or called differently).
+    #[error(transparent)]
+    Comm(#[from] ds_comm::CommError),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
 }
