@@ -26,6 +26,7 @@ pub fn checks() -> Vec<Check> {
         ("all_reduce_rank_plus_one", all_reduce_rank_plus_one),
         ("all_reduce_ops_dtypes_lengths", all_reduce_ops_dtypes_lengths),
         ("all_reduce_shapes", all_reduce_shapes),
+        ("all_reduce_inplace", all_reduce_inplace),
         ("reduce_scatter_partitions", reduce_scatter_partitions),
         ("reduce_scatter_coalesced_deepspeed", reduce_scatter_coalesced_deepspeed),
         ("all_gather", all_gather),
@@ -215,6 +216,33 @@ pub fn all_reduce_shapes(comm: &dyn Communicator) -> CheckResult {
         })
         .collect();
     compare("transposed", &values(&yt)?, &want_t, DType::F32)
+}
+
+/// In-place all-reduce overwrites the tensor (and views of its storage) for every op, dtype and
+/// length; a non-contiguous tensor is rejected on every rank.
+pub fn all_reduce_inplace(comm: &dyn Communicator) -> CheckResult {
+    let n = comm.world_size();
+    let r = comm.rank();
+    for dtype in SUPPORTED_DTYPES {
+        for len in lengths(n) {
+            for op in OPS {
+                let mine: Vec<f64> = (0..len).map(|i| val(r, i)).collect();
+                let x = tensor(&mine, &[len], dtype)?;
+                let view = x.clone();
+                comm.all_reduce_inplace(&x, op).map_err(err("all_reduce_inplace"))?;
+                let want: Vec<f64> = (0..len).map(|i| expected_reduce(n, i, op, dtype)).collect();
+                let ctx = format!("all_reduce_inplace {} {dtype:?} len {len}", op.name());
+                compare(&ctx, &values(&x)?, &want, dtype)?;
+                compare(&ctx, &values(&view)?, &want, dtype)?;
+            }
+        }
+    }
+    let x = tensor(&[1.0; 6], &[2, 3], DType::F32)?.t().map_err(err("t"))?;
+    match comm.all_reduce_inplace(&x, ReduceOp::Sum) {
+        Err(CommError::InvalidArgument { .. }) => {}
+        other => return Err(format!("in-place all_reduce of a transposed tensor: {other:?}")),
+    }
+    Ok(())
 }
 
 /// Partition sizes follow `ceil(L / n)` padding and values are the reduction of that range.

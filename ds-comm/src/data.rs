@@ -2,7 +2,8 @@
 
 use crate::error::{CommError, Result};
 use crate::ReduceOp;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+use std::cell::RefCell;
 use half::{bf16, f16};
 
 /// Elements per block in the reduction kernels (keeps the accumulator in L1).
@@ -14,6 +15,19 @@ pub(crate) trait Elem:
 {
     /// `dst = op(srcs[0], srcs[1], ...)`, element-wise; `Avg` divides by `srcs.len()`.
     fn reduce(dst: &mut [Self], srcs: &[&[Self]], op: ReduceOp);
+    /// The vector inside a CPU storage of this type.
+    fn storage_vec(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
+}
+
+macro_rules! storage_vec {
+    ($variant:ident) => {
+        fn storage_vec(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+            match s {
+                CpuStorage::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+    };
 }
 
 #[inline(always)]
@@ -65,8 +79,9 @@ fn combine<T: Copy>(dst: &mut [T], srcs: &[&[T]], f: impl Fn(T, T) -> T + Copy) 
 }
 
 macro_rules! float_elem {
-    ($t:ty) => {
+    ($t:ty, $v:ident) => {
         impl Elem for $t {
+            storage_vec!($v);
             fn reduce(dst: &mut [Self], srcs: &[&[Self]], op: ReduceOp) {
                 match op {
                     ReduceOp::Sum => combine(dst, srcs, |a, b| a + b),
@@ -82,12 +97,13 @@ macro_rules! float_elem {
         }
     };
 }
-float_elem!(f32);
-float_elem!(f64);
+float_elem!(f32, F32);
+float_elem!(f64, F64);
 
 macro_rules! int_elem {
-    ($t:ty) => {
+    ($t:ty, $v:ident) => {
         impl Elem for $t {
+            storage_vec!($v);
             fn reduce(dst: &mut [Self], srcs: &[&[Self]], op: ReduceOp) {
                 match op {
                     ReduceOp::Sum => combine(dst, srcs, |a: $t, b: $t| a.wrapping_add(b)),
@@ -103,13 +119,14 @@ macro_rules! int_elem {
         }
     };
 }
-int_elem!(u8);
-int_elem!(u32);
-int_elem!(i64);
+int_elem!(u8, U8);
+int_elem!(u32, U32);
+int_elem!(i64, I64);
 
 macro_rules! half_elem {
-    ($t:ty) => {
+    ($t:ty, $v:ident) => {
         impl Elem for $t {
+            storage_vec!($v);
             fn reduce(dst: &mut [Self], srcs: &[&[Self]], op: ReduceOp) {
                 use half::slice::HalfFloatSliceExt;
                 // Accumulate in f32, round once: the result does not depend on the rank order
@@ -149,8 +166,8 @@ macro_rules! half_elem {
         }
     };
 }
-half_elem!(f16);
-half_elem!(bf16);
+half_elem!(f16, F16);
+half_elem!(bf16, BF16);
 
 /// Runs `$body` with `$T` bound to the Rust element type of `$dtype`, or returns
 /// [`CommError::UnsupportedDType`].
@@ -245,6 +262,73 @@ pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R
         }
         _ => Err(CommError::Tensor("tensor is not on the CPU".into())),
     }
+}
+
+/// An in-place op that hands the tensor's elements to a closure.
+struct InPlace<'f, T, R> {
+    f: RefCell<Option<Box<dyn FnOnce(&mut [T]) -> Result<R> + 'f>>>,
+    out: RefCell<Option<Result<R>>>,
+}
+
+impl<T: Elem, R> candle_core::InplaceOp1 for InPlace<'_, T, R> {
+    fn name(&self) -> &'static str {
+        "ds-comm-in-place"
+    }
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let res = (|| {
+            let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+                CommError::invalid("in-place collective", "the tensor must be contiguous")
+            })?;
+            let v = T::storage_vec(storage)
+                .ok_or_else(|| CommError::Tensor("storage dtype does not match".into()))?;
+            let f = self
+                .f
+                .borrow_mut()
+                .take()
+                .ok_or_else(|| CommError::Tensor("in-place op ran twice".into()))?;
+            f(&mut v[start..end])
+        })();
+        *self.out.borrow_mut() = Some(res);
+        Ok(())
+    }
+}
+
+/// Calls `f` with the elements of a contiguous CPU tensor, writable in place (the tensor's storage
+/// is locked for writing meanwhile).
+pub(crate) fn with_slice_mut<T: Elem, R>(
+    op: &str,
+    t: &Tensor,
+    f: impl FnOnce(&mut [T]) -> Result<R>,
+) -> Result<R> {
+    if !matches!(t.device(), Device::Cpu) {
+        return Err(CommError::invalid(op, "in-place collectives on this backend take CPU tensors"));
+    }
+    if !t.is_contiguous() {
+        return Err(CommError::invalid(op, "in-place collectives need a contiguous tensor"));
+    }
+    let op_ = InPlace::<T, R> {
+        f: RefCell::new(Some(Box::new(f))),
+        out: RefCell::new(None),
+    };
+    t.inplace_op1(&op_)?;
+    op_.out
+        .into_inner()
+        .unwrap_or_else(|| Err(CommError::Tensor("in-place op did not run".into())))
+}
+
+/// Overwrites `dst` (contiguous CPU tensor) with the elements of `src` (same dtype and count).
+pub(crate) fn copy_into(op: &str, dst: &Tensor, src: &Tensor) -> Result<()> {
+    if dst.dtype() != src.dtype() || dst.elem_count() != src.elem_count() {
+        return Err(CommError::invalid(op, "result does not match the tensor to overwrite"));
+    }
+    let src = src.contiguous()?;
+    with_elem!(dst.dtype(), op, T => {
+        let v = to_vec::<T>(&src)?;
+        with_slice_mut::<T, ()>(op, dst, |d| {
+            d.copy_from_slice(&v);
+            Ok(())
+        })
+    })
 }
 
 /// The address of the first element of a contiguous CPU tensor. The caller keeps a clone of

@@ -119,6 +119,15 @@ pub trait Communicator {
     /// Reduces `tensor` element-wise over all ranks; every rank gets the result (same shape).
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor>;
 
+    /// In-place [`Communicator::all_reduce`] (as `torch.distributed.all_reduce`): overwrites
+    /// `tensor`, which must be a contiguous CPU tensor (for the CPU backends), with the result.
+    /// No output is allocated, which matters for large buffers. Other views of the same storage
+    /// see the change. The default implementation calls `all_reduce` and copies the result back.
+    fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        let r = self.all_reduce(tensor, op)?;
+        data::copy_into("all_reduce", tensor, &r)
+    }
+
     /// Reduces `tensor` (`L` elements, same on every rank) element-wise over all ranks and returns
     /// this rank's partition as a 1-D tensor: elements [`partition_range`]`(L, n, rank)`, i.e.
     /// partitions of `ceil(L / n)` with the last ones shorter or empty.
@@ -190,6 +199,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
         (**self).all_reduce(tensor, op)
+    }
+    fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        (**self).all_reduce_inplace(tensor, op)
     }
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
         (**self).reduce_scatter(tensor, op)

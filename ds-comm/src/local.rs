@@ -35,6 +35,9 @@ use std::time::{Duration, Instant};
 /// (one phase, lower latency) instead of reduce-scatter + all-gather.
 pub const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Elements per step of the blocked reduction (the temporary stays in L1/L2).
+const BLOCK_ELEMS: usize = 4096;
+
 /// Options for [`LocalComm::create_with`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalCommOptions {
@@ -395,46 +398,84 @@ impl LocalComm {
         Ok(snap)
     }
 
-    fn all_reduce_t<T: Elem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+    /// All-reduce of `len` elements from `src` into `dst`; `src == dst` is allowed (in place).
+    /// `keep_in` owns `src` (and `dst` when in place), `keep_out` owns `dst` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce_raw<T: Elem>(
+        &self,
+        src: *const T,
+        dst: *mut T,
+        len: usize,
+        desc: Desc,
+        keep_in: Tensor,
+        keep_out: Option<Arc<dyn Any + Send + Sync>>,
+        op: ReduceOp,
+    ) -> Result<()> {
         let n = self.shared.n;
         let r = self.rank;
-        let len = t.elem_count();
-        let src = data::data_ptr::<T>(t)? as usize;
-        let out = Arc::new(OutBuf::<T>::zeroed(len));
-        let dst = out.ptr() as usize;
-        let desc = self.next_desc(OpKind::AllReduce(op), Some(t.dtype()), t.dims());
-        let keep: Arc<dyn Any + Send + Sync> = out.clone();
+        let in_place = src as usize == dst as usize;
         let snap = self.sync_checked(Entry {
             desc,
-            src,
-            dst,
-            _keep_in: Some(t.clone()),
-            _keep_out: Some(keep),
+            src: src as usize,
+            dst: dst as usize,
+            _keep_in: Some(keep_in),
+            _keep_out: keep_out,
         })?;
         let ptrs: Vec<(usize, usize)> = snap.iter().flatten().map(|e| (e.src, e.dst)).collect();
-        // SAFETY: every published input has `len` elements (checked by the descriptor), is kept
-        // alive by the snapshot and is not written during the collective.
-        let srcs: Vec<&[T]> = ptrs
-            .iter()
-            .map(|&(s, _)| unsafe { std::slice::from_raw_parts(s as *const T, len) })
-            .collect();
+        // Reduces elements [lo, hi) of every rank's input into this rank's `dst`, block by block
+        // through a small buffer, so `dst` may alias this rank's own input.
+        let reduce_range = |lo: usize, hi: usize, tmp: &mut [T]| {
+            let mut a = lo;
+            while a < hi {
+                let b = (a + tmp.len()).min(hi);
+                {
+                    // SAFETY: every published input has `len` elements (checked by the
+                    // descriptor), is kept alive by the snapshot, and elements [a, b) are not
+                    // written by anyone while these short-lived slices exist.
+                    let srcs: Vec<&[T]> = ptrs
+                        .iter()
+                        .map(|&(s, _)| unsafe {
+                            std::slice::from_raw_parts((s as *const T).add(a), b - a)
+                        })
+                        .collect();
+                    T::reduce(&mut tmp[..b - a], &srcs, op);
+                }
+                // SAFETY: elements [a, b) of this rank's output belong to this rank here.
+                unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(a), b - a) };
+                a = b;
+            }
+        };
         if len * std::mem::size_of::<T>() <= SMALL_MESSAGE_BYTES {
-            // SAFETY: this rank is the only writer of its own output; nobody reads it.
-            let d = unsafe { std::slice::from_raw_parts_mut(dst as *mut T, len) };
-            T::reduce(d, &srcs, op);
-            drop(srcs);
-            drop(snap);
-            self.sync("all_reduce", None)?;
+            if in_place {
+                // Reduce everything into a temporary, wait until every peer has read this rank's
+                // input, then overwrite it.
+                let mut tmp = data::zeroed::<T>(len);
+                {
+                    // SAFETY: as above; nobody writes any input before the next barrier.
+                    let srcs: Vec<&[T]> = ptrs
+                        .iter()
+                        .map(|&(s, _)| unsafe { std::slice::from_raw_parts(s as *const T, len) })
+                        .collect();
+                    T::reduce(&mut tmp, &srcs, op);
+                }
+                drop(snap);
+                self.sync("all_reduce", None)?;
+                // SAFETY: all peers are done reading this rank's buffer.
+                unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, len) };
+            } else {
+                let mut tmp = data::zeroed::<T>(len.min(BLOCK_ELEMS));
+                reduce_range(0, len, &mut tmp);
+                drop(snap);
+                self.sync("all_reduce", None)?;
+            }
         } else {
+            // Phase 1: this rank reduces its partition of every input into its own output.
+            // Peers read only their own partitions of this rank's input meanwhile.
             let (lo, hi) = partition_range(len, n, r);
-            let part: Vec<&[T]> = srcs.iter().map(|s| &s[lo..hi]).collect();
-            // SAFETY: partition `r` of this rank's output is written only here, read by peers only
-            // after the next barrier.
-            let d = unsafe { std::slice::from_raw_parts_mut((dst as *mut T).add(lo), hi - lo) };
-            T::reduce(d, &part, op);
-            drop(part);
-            drop(srcs);
+            let mut tmp = data::zeroed::<T>((hi - lo).clamp(1, BLOCK_ELEMS));
+            reduce_range(lo, hi, &mut tmp);
             self.sync("all_reduce", None)?;
+            // Phase 2: copy the other partitions from their owners' outputs.
             for (k, &(_, kdst)) in ptrs.iter().enumerate() {
                 if k == r {
                     continue;
@@ -442,22 +483,38 @@ impl LocalComm {
                 let (lo, hi) = partition_range(len, n, k);
                 if hi > lo {
                     // SAFETY: partition `k` of rank `k`'s output is final (written before the
-                    // barrier); this rank writes partition `k` of its own output, which no one
-                    // else touches.
+                    // barrier); partition `k` of this rank's buffer was read only by rank `k`,
+                    // before the barrier.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            (kdst as *const T).add(lo),
-                            (dst as *mut T).add(lo),
-                            hi - lo,
-                        );
+                        std::ptr::copy_nonoverlapping((kdst as *const T).add(lo), dst.add(lo), hi - lo);
                     }
                 }
             }
             drop(snap);
+            // Peers may still be copying this rank's partition.
             self.sync("all_reduce", None)?;
         }
+        Ok(())
+    }
+
+    fn all_reduce_t<T: Elem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let len = t.elem_count();
+        let src = data::data_ptr::<T>(t)?;
+        let out = Arc::new(OutBuf::<T>::zeroed(len));
+        let dst = out.ptr();
+        let desc = self.next_desc(OpKind::AllReduce(op), Some(t.dtype()), t.dims());
+        let keep: Arc<dyn Any + Send + Sync> = out.clone();
+        self.all_reduce_raw(src, dst, len, desc, t.clone(), Some(keep), op)?;
         let v = take_out(out, len);
         data::from_vec(v, t.dims())
+    }
+
+    fn all_reduce_inplace_t<T: Elem>(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        let desc = self.next_desc(OpKind::AllReduce(op), Some(t.dtype()), t.dims());
+        data::with_slice_mut::<T, ()>("all_reduce", t, |s| {
+            let p = s.as_mut_ptr();
+            self.all_reduce_raw(p, p, s.len(), desc, t.clone(), None, op)
+        })
     }
 
     fn reduce_scatter_t<T: Elem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
@@ -663,6 +720,22 @@ impl Communicator for LocalComm {
             return Ok(t);
         }
         with_elem!(t.dtype(), "all_reduce", T => self.all_reduce_t::<T>(&t, op))
+    }
+
+    fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        data::check_dtype("all_reduce", tensor.dtype())?;
+        if self.shared.n == 1 {
+            self.check_failed("all_reduce")?;
+            return if tensor.is_contiguous() && tensor.device().is_cpu() {
+                Ok(())
+            } else {
+                Err(CommError::invalid(
+                    "all_reduce",
+                    "in-place collectives need a contiguous CPU tensor",
+                ))
+            };
+        }
+        with_elem!(tensor.dtype(), "all_reduce", T => self.all_reduce_inplace_t::<T>(tensor, op))
     }
 
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {

@@ -290,6 +290,11 @@ impl<C: Communicator> Communicator for CommsLogger<C> {
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
         self.timed("all_reduce", bytes_of(tensor), || self.inner.all_reduce(tensor, op))
     }
+    fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        self.timed("all_reduce", bytes_of(tensor), || {
+            self.inner.all_reduce_inplace(tensor, op)
+        })
+    }
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
         let n = self.inner.world_size().max(1);
         let part = tensor.elem_count().div_ceil(n) * tensor.dtype().size_in_bytes();
