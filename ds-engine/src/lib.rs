@@ -13,8 +13,11 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod data;
+pub mod engine;
 pub mod lr;
 pub mod model;
+pub mod train;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -25,4 +28,16 @@ pub enum EngineError {
     /// A config file problem.
     #[error(transparent)]
     ConfigFile(#[from] ds_config::ConfigError),
+    /// Bad training data.
+    #[error("data: {0}")]
+    Data(String),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The partitioned optimizer failed.
+    #[error(transparent)]
+    Zero(#[from] ds_zero::ZeroError),
+    /// A collective failed.
+    #[error(transparent)]
+    Comm(#[from] ds_comm::CommError),
 }

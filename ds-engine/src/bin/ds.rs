@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -37,6 +38,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train the GPT end to end (the main job); with no flags, the embedded default config and data.
+    Train {
+        /// DeepSpeed config (JSON or TOML); default: the embedded examples/configs/gpt_zero2.json.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data-parallel ranks.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+        world_size: u32,
+        /// Collective backend.
+        #[arg(long, default_value = "local", value_parser = ["local", "mpi", "nccl"])]
+        backend: String,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// Train on the bytes of this text file instead of the embedded language.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Checkpoint directory (checkpointing is not wired in yet: refused).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Resume from --out (refused until checkpointing lands).
+        #[arg(long)]
+        resume: bool,
+        /// Seed of initialisation and data.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        model: ModelFlags,
+        /// Print one JSON document with the results.
+        #[arg(long)]
+        json: bool,
+    },
     /// ZeRO model-state memory per rank (parameters, gradients, optimizer state).
     EstimateMemory {
         /// Number of model parameters (5e8-style accepted).
@@ -60,6 +93,32 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+/// Model flags shared by train, profile and the benches.
+#[derive(clap::Args, Debug, Clone)]
+struct ModelFlags {
+    /// Model family.
+    #[arg(long, default_value = "gpt", value_parser = ["gpt"])]
+    model: String,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.layers)]
+    layers: usize,
+    /// Hidden width.
+    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.hidden, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    hidden: usize,
+    /// Attention heads (must divide --hidden).
+    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.heads, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    heads: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.seq, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    seq: usize,
+    /// Micro-batch per rank (overrides the config's batch keys, keeping its accumulation).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    batch: Option<usize>,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
+    vocab: usize,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +210,66 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Train {
+            config,
+            world_size,
+            backend,
+            steps,
+            data,
+            out,
+            resume,
+            seed,
+            model,
+            json,
+        } => {
+            if out.is_some() || resume {
+                eprintln!("error: --out/--resume: checkpointing is not wired into `ds train` yet (it arrives with ds-checkpoint); run without them");
+                return ExitCode::from(2);
+            }
+            if model.hidden % model.heads != 0 {
+                eprintln!(
+                    "error: --hidden {} must be a multiple of --heads {}",
+                    model.hidden, model.heads
+                );
+                return ExitCode::from(2);
+            }
+            let args = ds_engine::train::TrainArgs {
+                config,
+                world_size: world_size as usize,
+                backend,
+                steps,
+                data,
+                seed,
+                shape: ds_engine::model::ModelShape {
+                    layers: model.layers,
+                    hidden: model.hidden,
+                    heads: model.heads,
+                    seq: model.seq,
+                    vocab: model.vocab,
+                },
+                batch: model.batch,
+            };
+            match ds_engine::train::train(&args) {
+                Ok(r) if json => print_json(&r),
+                Ok(r) => {
+                    println!(
+                        "trained {} steps: final loss {:.4}{}, median step {:.1} ms, {:.0} tokens/s, {} skipped, peak {:.1} MiB per rank",
+                        r.steps,
+                        r.final_loss,
+                        r.data_entropy.map(|h| format!(" (data entropy {h:.4})")).unwrap_or_default(),
+                        r.median_step_ms,
+                        r.tokens_per_s,
+                        r.skipped_steps,
+                        r.peak_bytes_per_rank as f64 / (1u64 << 20) as f64
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::EstimateMemory {
             params,
             world_size,

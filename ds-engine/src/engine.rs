@@ -1,0 +1,321 @@
+//! The training engine: one rank's view of a data-parallel run.
+//!
+//! `Engine::initialize(config, model, comm)` maps the resolved DeepSpeed config onto the
+//! components: the ZeRO partitioned optimizer (`ds-zero`), the LR scheduler, gradient
+//! accumulation and clipping. Per micro-batch: forward and backward (candle autograd), the
+//! gradients detached right away and added into one flat fp32 accumulation buffer (divided by
+//! the accumulation steps, as DeepSpeed does); at the accumulation boundary: reduction
+//! (all-reduce or reduce-scatter by stage), global-norm clipping, overflow check, the fused
+//! optimizer step on this rank's shard, the all-gather of updated parameters, and the LR
+//! schedule (not stepped on a skipped step).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use ds_comm::Communicator;
+use ds_config::ResolvedConfig;
+use ds_zero::optim::{AdamParams, LambParams, LionParams, OptimizerSpec, SgdParams};
+use ds_zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
+
+use crate::lr::{LrSchedule, LrScheduler};
+use crate::model::Gpt;
+use crate::EngineError;
+
+/// Maps the config's optimizer section onto a fused optimizer.
+pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError> {
+    let Some(o) = &cfg.optimizer else {
+        return Err(EngineError::Config(
+            "the config has no `optimizer` section; the engine needs one (e.g. {\"type\": \"AdamW\", \"params\": {\"lr\": 3e-4}})".into(),
+        ));
+    };
+    let lr = o.param_f64("lr").unwrap_or(1e-3);
+    let wd = o.param_f64("weight_decay").unwrap_or(0.0);
+    let betas = o.betas().unwrap_or((0.9, 0.999));
+    Ok(match o.kind.as_str() {
+        "Adam" | "AdamW" => OptimizerSpec::Adam(AdamParams {
+            lr,
+            betas,
+            eps: o.param_f64("eps").unwrap_or(1e-8),
+            weight_decay: wd,
+            bias_correction: o.param_bool("bias_correction").unwrap_or(true),
+            adam_w_mode: o.kind == "AdamW" || o.param_bool("adam_w_mode").unwrap_or(true),
+        }),
+        "SGD" => OptimizerSpec::Sgd(SgdParams {
+            lr,
+            momentum: o.param_f64("momentum").unwrap_or(0.0),
+            dampening: o.param_f64("dampening").unwrap_or(0.0),
+            weight_decay: wd,
+            nesterov: o.param_bool("nesterov").unwrap_or(false),
+        }),
+        "Lion" => OptimizerSpec::Lion(LionParams {
+            lr,
+            betas,
+            weight_decay: wd,
+        }),
+        "Lamb" => OptimizerSpec::Lamb(LambParams {
+            lr,
+            betas,
+            eps: o.param_f64("eps").unwrap_or(1e-8),
+            weight_decay: wd,
+            bias_correction: o.param_bool("bias_correction").unwrap_or(true),
+            max_coeff: o.param_f64("max_coeff").unwrap_or(10.0),
+            min_coeff: o.param_f64("min_coeff").unwrap_or(0.01),
+        }),
+        other => return Err(EngineError::Config(format!(
+            "optimizer `{other}` is not run by the engine; allowed: Adam, AdamW, SGD, Lion, Lamb"
+        ))),
+    })
+}
+
+/// Refuses what the engine does not run yet, by name (rather than ignoring it).
+fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
+    let refuse = |what: &str, why: &str| Err(EngineError::Config(format!("{what}: {why}")));
+    if cfg.fp16.enabled || cfg.bf16.enabled {
+        return refuse(
+            if cfg.fp16.enabled { "fp16.enabled" } else { "bf16.enabled" },
+            "mixed-precision training is not wired into the engine yet (f32 is the CPU default); set enabled false",
+        );
+    }
+    if cfg.flops_profiler.enabled {
+        return refuse("flops_profiler.enabled", "the flops profiler is not wired into the engine yet; use `ds profile` when it lands, or set enabled false");
+    }
+    if cfg.tensorboard.enabled {
+        return refuse(
+            "tensorboard.enabled",
+            "TensorBoard event files are not written; use csv_monitor",
+        );
+    }
+    if cfg.grad_accum_dtype.as_deref().is_some_and(|d| d != "fp32") {
+        return refuse(
+            "data_types.grad_accum_dtype",
+            "gradients accumulate in fp32 in this engine; allowed: \"fp32\" or null",
+        );
+    }
+    if cfg
+        .communication_data_type
+        .as_deref()
+        .is_some_and(|d| d != "fp32")
+    {
+        return refuse(
+            "communication_data_type",
+            "collectives run in fp32 in this engine; allowed: \"fp32\" or null",
+        );
+    }
+    if !cfg.zero_optimization.contiguous_gradients {
+        // Harmless: gradients are always contiguous here.
+    }
+    Ok(())
+}
+
+/// What one optimizer step (one global batch) did on this rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainStep {
+    /// Mean loss over this rank's micro-batches.
+    pub loss: f64,
+    /// The optimizer step's report (norm, overflow, clipping).
+    pub step: StepReport,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Milliseconds in forward, backward and the optimizer step (DeepSpeed's wall-clock
+    /// breakdown: `fwd`, `bwd`, `step`).
+    pub fwd_ms: f64,
+    /// Backward milliseconds (including copying gradients out).
+    pub bwd_ms: f64,
+    /// Reduction + optimizer + all-gather milliseconds.
+    pub step_ms: f64,
+}
+
+/// One rank's training engine.
+pub struct Engine<'c> {
+    model: Gpt,
+    comm: &'c dyn Communicator,
+    zero: ZeroOptimizer,
+    sched: LrScheduler,
+    gas: usize,
+    micro: usize,
+    sizes: Vec<usize>,
+    acc: Vec<f32>,
+    global_steps: u64,
+    skipped_steps: u64,
+}
+
+impl<'c> Engine<'c> {
+    /// Builds the engine for a resolved config, a model (identically initialised on every
+    /// rank) and this rank's communicator.
+    pub fn initialize(
+        cfg: &ResolvedConfig,
+        model: Gpt,
+        comm: &'c dyn Communicator,
+    ) -> Result<Self, EngineError> {
+        check_supported(cfg)?;
+        if cfg.world_size != comm.world_size() {
+            return Err(EngineError::Config(format!(
+                "the config was resolved for world size {} but the communicator has {} ranks",
+                cfg.world_size,
+                comm.world_size()
+            )));
+        }
+        let spec = optimizer_spec(cfg)?;
+        let z = &cfg.zero_optimization;
+        let opts = ZeroOptions {
+            stage: z.stage,
+            reduce_bucket_size: usize::try_from(z.reduce_bucket_size).unwrap_or(usize::MAX),
+            allgather_bucket_size: usize::try_from(z.allgather_bucket_size).unwrap_or(usize::MAX),
+            average_gradients: cfg.gradient_allreduce_op == "mean",
+            prescale_gradients: cfg.prescale_gradients,
+            gradient_predivide_factor: cfg.gradient_predivide_factor,
+            gradient_clipping: cfg.gradient_clipping,
+        };
+        let sizes: Vec<usize> = model.params().iter().map(|p| p.var.elem_count()).collect();
+        let mut init = Vec::with_capacity(sizes.iter().sum());
+        for p in model.params() {
+            init.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let zero = ZeroOptimizer::new(&sizes, &init, spec, opts, comm)?;
+        let sched = LrScheduler::new(LrSchedule::from_config(
+            cfg.scheduler.as_ref(),
+            cfg.optimizer.as_ref(),
+        )?);
+        let n = init.len();
+        Ok(Engine {
+            model,
+            comm,
+            zero,
+            sched,
+            gas: cfg.gradient_accumulation_steps as usize,
+            micro: cfg.train_micro_batch_size_per_gpu as usize,
+            sizes,
+            acc: vec![0.0; n],
+            global_steps: 0,
+            skipped_steps: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+
+    /// Optimizer steps taken (including skipped ones, as DeepSpeed counts).
+    pub fn global_steps(&self) -> u64 {
+        self.global_steps
+    }
+
+    /// Steps skipped because of inf/nan gradients.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn gradient_accumulation_steps(&self) -> usize {
+        self.gas
+    }
+
+    /// Samples per micro-batch on this rank.
+    pub fn micro_batch_size(&self) -> usize {
+        self.micro
+    }
+
+    /// Model-state bytes held on this rank.
+    pub fn memory(&self) -> MemoryReport {
+        self.zero.memory()
+    }
+
+    /// The learning rate the next step uses.
+    pub fn current_lr(&self) -> f64 {
+        self.sched.current_lr()
+    }
+
+    /// Forward and backward of one micro-batch (`ids`, `targets`: `micro * seq` tokens each);
+    /// the gradients are added into the accumulation buffer. Returns the loss and the
+    /// (forward, backward) milliseconds.
+    pub fn forward_backward(
+        &mut self,
+        ids: &[u32],
+        targets: &[u32],
+    ) -> Result<(f64, f64, f64), EngineError> {
+        let seq = self.model.shape().seq;
+        if ids.len() != targets.len() || ids.is_empty() || ids.len() % seq != 0 {
+            return Err(EngineError::Data(format!(
+                "a micro-batch needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
+                ids.len(),
+                targets.len()
+            )));
+        }
+        let b = ids.len() / seq;
+        let t0 = Instant::now();
+        let x = Tensor::from_slice(ids, (b, seq), &Device::Cpu)?;
+        let y = Tensor::from_slice(targets, (b, seq), &Device::Cpu)?;
+        let loss = self.model.loss(&x, &y)?;
+        let loss_v = f64::from(loss.to_scalar::<f32>()?);
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let scale = 1.0 / self.gas as f32;
+        let mut off = 0;
+        for (p, &n) in self.model.params().iter().zip(&self.sizes) {
+            // Detach right away: the GradStore keeps the whole graph alive otherwise.
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let g = g.detach().flatten_all()?.to_vec1::<f32>()?;
+                for (a, v) in self.acc[off..off + n].iter_mut().zip(g) {
+                    *a += v * scale;
+                }
+            }
+            off += n;
+        }
+        drop(grads);
+        let t2 = Instant::now();
+        Ok((
+            loss_v,
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+        ))
+    }
+
+    /// The accumulation boundary: reduce, clip, step, all-gather, schedule.
+    pub fn step(&mut self) -> Result<StepReport, EngineError> {
+        let lr = self.sched.current_lr();
+        self.zero.reduce_gradients(&self.acc, self.comm)?;
+        self.acc.iter_mut().for_each(|g| *g = 0.0);
+        let report = self.zero.step(lr, self.comm)?;
+        if report.applied {
+            let full = self.zero.gather_params(self.comm)?;
+            let mut off = 0;
+            for (p, &n) in self.model.params().iter().zip(&self.sizes) {
+                let t = Tensor::from_slice(&full[off..off + n], p.var.shape(), &Device::Cpu)?;
+                p.var.set(&t)?;
+                off += n;
+            }
+            self.sched.step();
+        } else {
+            self.skipped_steps += 1;
+        }
+        self.global_steps += 1;
+        Ok(report)
+    }
+
+    /// One global batch: `gas` micro-batches given by `batch(m)`, then the step.
+    pub fn train_batch(
+        &mut self,
+        mut batch: impl FnMut(usize) -> (Vec<u32>, Vec<u32>),
+    ) -> Result<TrainStep, EngineError> {
+        let lr = self.sched.current_lr();
+        let (mut loss, mut fwd, mut bwd) = (0.0, 0.0, 0.0);
+        for m in 0..self.gas {
+            let (x, y) = batch(m);
+            let (l, f, b) = self.forward_backward(&x, &y)?;
+            loss += l / self.gas as f64;
+            fwd += f;
+            bwd += b;
+        }
+        let t = Instant::now();
+        let step = self.step()?;
+        Ok(TrainStep {
+            loss,
+            step,
+            lr,
+            fwd_ms: fwd,
+            bwd_ms: bwd,
+            step_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}

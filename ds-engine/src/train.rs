@@ -1,0 +1,341 @@
+//! `ds train`: the main job. Resolves a DeepSpeed config (or the embedded default), starts the
+//! ranks, trains the GPT on the embedded data (or a byte-level text file) and reports.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use ds_comm::{CommsLogger, Communicator, LocalComm};
+use ds_config::{DeepSpeedConfig, ResolveOptions, ResolvedConfig};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::data::{BigramLanguage, DataLoader};
+use crate::engine::Engine;
+use crate::model::{gpt_param_count, Gpt, ModelShape, Rng};
+use crate::EngineError;
+
+/// The embedded default configuration (`examples/configs/gpt_zero2.json`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../examples/configs/gpt_zero2.json");
+
+/// The main job's defaults: a small GPT that trains in about a minute on 2 cores.
+pub const DEFAULT_SHAPE: ModelShape = ModelShape {
+    layers: 2,
+    hidden: 128,
+    heads: 4,
+    seq: 64,
+    vocab: 512,
+};
+
+/// Options of `ds train`.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    /// DeepSpeed config file (JSON or TOML); `None` = the embedded default.
+    pub config: Option<PathBuf>,
+    /// Data-parallel ranks.
+    pub world_size: usize,
+    /// `local` (threads sharing memory).
+    pub backend: String,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Byte-level text file to train on instead of the embedded language.
+    pub data: Option<PathBuf>,
+    /// Seed of initialisation and data.
+    pub seed: u64,
+    /// Model shape.
+    pub shape: ModelShape,
+    /// Micro-batch per rank (overrides the config's batch keys, keeping its accumulation).
+    pub batch: Option<usize>,
+}
+
+/// What `ds train --json` prints (the keys are a contract).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Optimizer steps run.
+    pub steps: u64,
+    /// Mean loss of the last step (averaged over ranks).
+    pub final_loss: f64,
+    /// Median wall time of a step, ms.
+    pub median_step_ms: f64,
+    /// Global-batch tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// Steps skipped on inf/nan gradients.
+    pub skipped_steps: u64,
+    /// Peak resident memory of the process divided by the ranks it hosts (threads of one
+    /// process share it).
+    pub peak_bytes_per_rank: u64,
+    /// Where checkpoints went (`null`: checkpointing is not wired in yet).
+    pub checkpoint_dir: Option<String>,
+    /// Loss per step (rank mean).
+    pub losses: Vec<f64>,
+    /// Ranks.
+    pub world_size: usize,
+    /// ZeRO stage.
+    pub zero_stage: u8,
+    /// Model parameters.
+    pub params: usize,
+    /// Model-state bytes per rank held by the ZeRO optimizer (params, grads, optimizer).
+    pub model_state_bytes_per_rank: usize,
+    /// Best achievable loss on the embedded data (entropy rate), if that is the data.
+    pub data_entropy: Option<f64>,
+}
+
+enum Source {
+    Bigram(DataLoader),
+    Bytes(Vec<u32>),
+}
+
+impl Source {
+    fn micro_batch(
+        &self,
+        seed: u64,
+        seq: usize,
+        step: u64,
+        m: usize,
+        rank: usize,
+        ws: usize,
+        micro: usize,
+    ) -> (Vec<u32>, Vec<u32>) {
+        match self {
+            Source::Bigram(dl) => dl.micro_batch(step, m, rank, ws, micro),
+            Source::Bytes(toks) => {
+                let first = ((m * ws + rank) * micro) as u64;
+                let mut x = Vec::with_capacity(micro * seq);
+                let mut y = Vec::with_capacity(micro * seq);
+                let span = (toks.len() - seq - 1) as u64;
+                for i in 0..micro as u64 {
+                    let mut r = Rng::new(
+                        seed ^ step.wrapping_mul(0x9E37) ^ (first + i).wrapping_mul(0x85EB_CA6B),
+                    );
+                    let off = (r.next_u64() % (span + 1)) as usize;
+                    x.extend_from_slice(&toks[off..off + seq]);
+                    y.extend_from_slice(&toks[off + 1..off + seq + 1]);
+                }
+                (x, y)
+            }
+        }
+    }
+}
+
+/// Resolves the config for `ds train` (the file or the embedded default; `--batch` overrides).
+pub fn resolve_config(args: &TrainArgs) -> Result<ResolvedConfig, EngineError> {
+    let cfg = match &args.config {
+        Some(p) => DeepSpeedConfig::from_path(p)?,
+        None => DeepSpeedConfig::from_json_str(DEFAULT_CONFIG)?,
+    };
+    let mut doc = cfg.as_value().clone();
+    if let (Some(b), Value::Object(m)) = (args.batch, &mut doc) {
+        m.remove("train_batch_size");
+        m.insert(
+            "train_micro_batch_size_per_gpu".into(),
+            Value::from(b as u64),
+        );
+    }
+    let opts = ResolveOptions::world_size(args.world_size);
+    Ok(DeepSpeedConfig::from_value(doc).resolve_with(&opts)?)
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+struct RankResult {
+    losses: Vec<f64>,
+    step_ms: Vec<f64>,
+    skipped: u64,
+    state_bytes: usize,
+    comm_table: Option<String>,
+}
+
+/// Runs the main job; progress goes to stderr (rank 0).
+pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
+    if args.world_size == 0 {
+        return Err(EngineError::Config("--world-size must be >= 1".into()));
+    }
+    if args.backend != "local" {
+        return Err(EngineError::Config(format!(
+            "--backend {}: `ds train` runs the `local` backend (ranks as threads); MPI and NCCL training are not wired in yet",
+            args.backend
+        )));
+    }
+    let cfg = resolve_config(args)?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
+    let shape = args.shape;
+    let (source, entropy) = match &args.data {
+        None => {
+            let lang = BigramLanguage::new(shape.vocab, args.seed);
+            let h = lang.entropy();
+            (
+                Source::Bigram(DataLoader::new(lang, args.seed, shape.seq)),
+                Some(h),
+            )
+        }
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| {
+                EngineError::Data(format!("cannot read --data {}: {e}", p.display()))
+            })?;
+            if shape.vocab < 256 {
+                return Err(EngineError::Data(format!(
+                    "--data trains on bytes: --vocab must be >= 256, got {}",
+                    shape.vocab
+                )));
+            }
+            if bytes.len() < shape.seq + 2 {
+                return Err(EngineError::Data(format!(
+                    "--data {} has {} bytes; at least seq + 2 = {} are needed",
+                    p.display(),
+                    bytes.len(),
+                    shape.seq + 2
+                )));
+            }
+            (
+                Source::Bytes(bytes.into_iter().map(u32::from).collect()),
+                None,
+            )
+        }
+    };
+    let ws = args.world_size;
+    let comms = LocalComm::create(ws);
+    let log_every = cfg.steps_per_print.unwrap_or(0);
+    eprintln!(
+        "ds train: GPT {} layers x {} hidden ({} params), ZeRO stage {}, world size {ws}, micro-batch {} x {} accumulation, {} steps",
+        shape.layers,
+        shape.hidden,
+        gpt_param_count(&shape),
+        cfg.zero_optimization.stage,
+        cfg.train_micro_batch_size_per_gpu,
+        cfg.gradient_accumulation_steps,
+        args.steps
+    );
+    let results: Vec<Result<RankResult, EngineError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let cfg = &cfg;
+                let source = &source;
+                scope.spawn(move || -> Result<RankResult, EngineError> {
+                    let rank = c.rank();
+                    let (plain, logger) = if cfg.comms_logger.enabled {
+                        (None, Some(CommsLogger::new(c)))
+                    } else {
+                        (Some(c), None)
+                    };
+                    let comm: &dyn Communicator = match (&plain, &logger) {
+                        (_, Some(l)) => l,
+                        (Some(p), None) => p,
+                        (None, None) => return Err(EngineError::Config("no communicator".into())),
+                    };
+                    let model = Gpt::new(shape, args.seed, &Device::Cpu)?;
+                    let mut engine = Engine::initialize(cfg, model, comm)?;
+                    let micro = engine.micro_batch_size();
+                    let mut losses = Vec::new();
+                    let mut step_ms = Vec::new();
+                    let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
+                    for step in 0..args.steps {
+                        let t0 = Instant::now();
+                        let r = engine.train_batch(|m| {
+                            source.micro_batch(args.seed, shape.seq, step, m, rank, ws, micro)
+                        })?;
+                        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                        losses.push(r.loss);
+                        f_acc += r.fwd_ms;
+                        b_acc += r.bwd_ms;
+                        s_acc += r.step_ms;
+                        if r.step.overflow && rank == 0 {
+                            eprintln!(
+                                "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
+                                step + 1,
+                                engine.skipped_steps()
+                            );
+                        }
+                        if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
+                            eprintln!(
+                                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}, step_ms={:.1}",
+                                step + 1,
+                                engine.skipped_steps(),
+                                r.lr,
+                                r.loss,
+                                r.step.grad_norm,
+                                step_ms[step_ms.len() - 1]
+                            );
+                            if cfg.wall_clock_breakdown {
+                                let k = log_every as f64;
+                                eprintln!(
+                                    "time (ms) | fwd: {:.2} | bwd: {:.2} | step: {:.2}",
+                                    f_acc / k,
+                                    b_acc / k,
+                                    s_acc / k
+                                );
+                            }
+                            f_acc = 0.0;
+                            b_acc = 0.0;
+                            s_acc = 0.0;
+                        }
+                    }
+                    Ok(RankResult {
+                        losses,
+                        step_ms,
+                        skipped: engine.skipped_steps(),
+                        state_bytes: {
+                            let m = engine.memory();
+                            m.params_bytes + m.grads_bytes + m.optimizer_bytes
+                        },
+                        comm_table: logger.map(|l| l.summary_table()),
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(EngineError::Config("a rank thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut ranks = Vec::with_capacity(ws);
+    for r in results {
+        ranks.push(r?);
+    }
+    if let Some(t) = ranks.first().and_then(|r| r.comm_table.as_ref()) {
+        eprintln!("{t}");
+    }
+    let steps = args.steps as usize;
+    let losses: Vec<f64> = (0..steps)
+        .map(|i| ranks.iter().map(|r| r.losses[i]).sum::<f64>() / ws as f64)
+        .collect();
+    let mut times = ranks[0].step_ms.clone();
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let tokens = cfg.train_batch_size as f64 * shape.seq as f64;
+    Ok(TrainReport {
+        steps: args.steps,
+        final_loss: losses.last().copied().unwrap_or(f64::NAN),
+        median_step_ms: median,
+        tokens_per_s: if median > 0.0 {
+            tokens / (median / 1e3)
+        } else {
+            0.0
+        },
+        skipped_steps: ranks[0].skipped,
+        peak_bytes_per_rank: peak_rss_bytes() / ws as u64,
+        checkpoint_dir: None,
+        losses,
+        world_size: ws,
+        zero_stage: cfg.zero_optimization.stage,
+        params: gpt_param_count(&shape),
+        model_state_bytes_per_rank: ranks.iter().map(|r| r.state_bytes).max().unwrap_or(0),
+        data_entropy: entropy,
+    })
+}
