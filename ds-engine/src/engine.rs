@@ -61,9 +61,11 @@ pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError
             max_coeff: o.param_f64("max_coeff").unwrap_or(10.0),
             min_coeff: o.param_f64("min_coeff").unwrap_or(0.01),
         }),
-        other => return Err(EngineError::Config(format!(
+        other => {
+            return Err(EngineError::Config(format!(
             "optimizer `{other}` is not run by the engine; allowed: Adam, AdamW, SGD, Lion, Lamb"
-        ))),
+        )))
+        }
     })
 }
 

@@ -112,3 +112,107 @@ fn bad_invocations_exit_2_never_101() {
     let out = ds(&["check-config", p.to_str().unwrap(), "--auto", "novalue"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn train_json_contract() {
+    let out = ds(&[
+        "train",
+        "--steps",
+        "3",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--seq",
+        "8",
+        "--vocab",
+        "32",
+        "--world-size",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    for key in [
+        "steps",
+        "final_loss",
+        "median_step_ms",
+        "tokens_per_s",
+        "skipped_steps",
+        "peak_bytes_per_rank",
+        "checkpoint_dir",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["steps"], 3);
+    assert_eq!(v["skipped_steps"], 0);
+    let loss = v["final_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0 && loss < 5.0, "{loss}");
+    // Refusals exit 2 with the reason.
+    for args in [
+        vec!["train", "--resume"],
+        vec!["train", "--backend", "mpi", "--steps", "1"],
+        vec!["train", "--hidden", "30", "--heads", "4"],
+    ] {
+        let out = ds(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+    let p = tmp(
+        "fp16.json",
+        r#"{"train_batch_size": 4, "optimizer": {"type": "Adam"}, "fp16": {"enabled": true}}"#,
+    );
+    let out = ds(&["train", "--config", p.to_str().unwrap(), "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fp16.enabled"));
+}
+
+#[test]
+fn estimate_memory_json_contract() {
+    let out = ds(&[
+        "estimate-memory",
+        "--params",
+        "7.5e9",
+        "--world-size",
+        "64",
+        "--stage",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // ZeRO paper: 7.5B params, 64 GPUs, stage 3 = 16 * 7.5e9 / 64 bytes = 1.875 GB.
+    assert_eq!(v["per_rank_bytes"], 1_875_000_000u64);
+    assert_eq!(
+        v["params_bytes"].as_u64().unwrap()
+            + v["grads_bytes"].as_u64().unwrap()
+            + v["optimizer_bytes"].as_u64().unwrap(),
+        1_875_000_000
+    );
+    let out = ds(&["estimate-memory", "--params", "1000", "--stage", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn bench_adamw_json_contract() {
+    let out = ds(&[
+        "bench", "adamw", "--numel", "100000", "--steps", "2", "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["ms_per_step", "GBps", "machine_GBps", "bandwidth_fraction"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+}
