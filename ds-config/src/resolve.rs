@@ -801,11 +801,9 @@ fn resolve_scheduler(ctx: &mut Ctx, v: Option<&Value>, optimizer: &Value) -> Val
     };
     let num = |p: &Map<String, Value>, k: &str| p.get(k).and_then(Value::as_i64);
     match name.as_str() {
-        "WarmupLR" => {
-            if p.get("warmup_max_lr") == Some(&Value::Null) {
-                if let Some(lr) = get(optimizer, &["params", "lr"]) {
-                    p.insert("warmup_max_lr".into(), lr.clone());
-                }
+        "WarmupLR" if p.get("warmup_max_lr") == Some(&Value::Null) => {
+            if let Some(lr) = get(optimizer, &["params", "lr"]) {
+                p.insert("warmup_max_lr".into(), lr.clone());
             }
         }
         "WarmupDecayLR" | "WarmupCosineLR" => {

@@ -82,14 +82,16 @@ pub struct TrainReport {
 
 enum Source {
     Bigram(DataLoader),
-    Bytes(Vec<u32>),
+    Bytes {
+        toks: Vec<u32>,
+        seed: u64,
+        seq: usize,
+    },
 }
 
 impl Source {
     fn micro_batch(
         &self,
-        seed: u64,
-        seq: usize,
         step: u64,
         m: usize,
         rank: usize,
@@ -98,7 +100,11 @@ impl Source {
     ) -> (Vec<u32>, Vec<u32>) {
         match self {
             Source::Bigram(dl) => dl.micro_batch(step, m, rank, ws, micro),
-            Source::Bytes(toks) => {
+            &Source::Bytes {
+                ref toks,
+                seed,
+                seq,
+            } => {
                 let first = ((m * ws + rank) * micro) as u64;
                 let mut x = Vec::with_capacity(micro * seq);
                 let mut y = Vec::with_capacity(micro * seq);
@@ -200,7 +206,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                 )));
             }
             (
-                Source::Bytes(bytes.into_iter().map(u32::from).collect()),
+                Source::Bytes {
+                    toks: bytes.into_iter().map(u32::from).collect(),
+                    seed: args.seed,
+                    seq: shape.seq,
+                },
                 None,
             )
         }
@@ -245,7 +255,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                     for step in 0..args.steps {
                         let t0 = Instant::now();
                         let r = engine.train_batch(|m| {
-                            source.micro_batch(args.seed, shape.seq, step, m, rank, ws, micro)
+                            source.micro_batch(step, m, rank, ws, micro)
                         })?;
                         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
                         losses.push(r.loss);

@@ -216,3 +216,49 @@ fn bench_adamw_json_contract() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }
 }
+
+#[test]
+fn train_on_a_text_file() {
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(40);
+    let p = tmp("corpus.txt", &text);
+    let out = ds(&[
+        "train",
+        "--data",
+        p.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--vocab",
+        "256",
+        "--world-size",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["data_entropy"].is_null());
+    // Bytes need a vocabulary of at least 256.
+    let out = ds(&[
+        "train",
+        "--data",
+        p.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--vocab",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vocab"));
+}
