@@ -262,3 +262,44 @@ fn train_on_a_text_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vocab"));
 }
+
+#[test]
+fn bench_comm_json_contract() {
+    let out = ds(&[
+        "bench",
+        "comm",
+        "--world-size",
+        "2",
+        "--sizes",
+        "4K,64K",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["memcpy_GBps"].as_f64().is_some_and(|x| x > 0.0));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6); // 3 ops x 2 sizes
+    for r in results {
+        for key in ["op", "bytes", "time_ms", "algbw_GBps", "busbw_GBps"] {
+            assert!(r.get(key).is_some(), "missing {key}: {r}");
+        }
+        // nccl-tests' relations: all-reduce busbw = algbw * 2(n-1)/n = algbw at n = 2.
+        let (alg, bus) = (
+            r["algbw_GBps"].as_f64().unwrap(),
+            r["busbw_GBps"].as_f64().unwrap(),
+        );
+        let want = if r["op"] == "all_reduce" {
+            alg
+        } else {
+            alg / 2.0
+        };
+        assert!((bus - want).abs() <= 1e-9 * want.max(1.0), "{r}");
+    }
+    let out = ds(&["bench", "comm", "--op", "bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+}

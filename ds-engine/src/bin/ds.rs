@@ -123,6 +123,25 @@ struct ModelFlags {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Collective bandwidth (nccl-tests style), with this machine's memcpy bandwidth measured in
+    /// the same run.
+    Comm {
+        /// `local` (ranks as threads) or `mpi` (run under mpirun; needs the `mpi` feature).
+        #[arg(long, default_value = "local")]
+        backend: String,
+        /// Ranks of the local backend.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+        world_size: u32,
+        /// One op (default: all_reduce, reduce_scatter and all_gather).
+        #[arg(long)]
+        op: Option<String>,
+        /// Buffer sizes, e.g. 1M,16M,64M (K/M/G = powers of 1024).
+        #[arg(long, default_value = "1M,16M,64M")]
+        sizes: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fused AdamW throughput against this machine's memory bandwidth.
     Adamw {
         /// Elements (5e8-style accepted).
@@ -302,6 +321,45 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench { what } => match what {
+            BenchCommand::Comm {
+                backend,
+                world_size,
+                op,
+                sizes,
+                json,
+            } => {
+                let opts = (|| -> Result<ds_comm::bench::CommBenchOptions, ds_comm::CommError> {
+                    let mut o = ds_comm::bench::CommBenchOptions {
+                        backend: ds_comm::bench::BenchBackend::parse(&backend)?,
+                        world_size: world_size as usize,
+                        sizes: ds_comm::bench::parse_sizes(&sizes)?,
+                        ..Default::default()
+                    };
+                    if let Some(op) = &op {
+                        o.ops = vec![ds_comm::bench::BenchOp::parse(op)?];
+                    }
+                    Ok(o)
+                })();
+                let opts = match opts {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                match ds_comm::bench::run_comm_bench(&opts) {
+                    Ok(r) if r.rank != 0 => ExitCode::SUCCESS,
+                    Ok(r) if json => print_json(&r),
+                    Ok(r) => {
+                        println!("{}", r.to_table());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
             BenchCommand::Adamw { numel, steps, json } => {
                 let numel = match usize::try_from(numel) {
                     Ok(n) => n,
