@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod kernels;
 pub mod lr;
 pub mod model;
 pub mod train;

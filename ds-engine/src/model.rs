@@ -144,8 +144,13 @@ impl LayerNorm {
         })
     }
 
-    /// Normalises the last dimension.
+    /// Normalises the last dimension (the fused kernel).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        crate::kernels::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor())
+    }
+
+    /// The same with generic candle ops (the reference the fused kernel is tested against).
+    pub fn forward_generic(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -182,18 +187,11 @@ pub struct GptBlock {
     fc: Linear,
     fc2: Linear,
     heads: usize,
-    mask: Tensor,
 }
 
 impl GptBlock {
     fn new(rng: &mut Rng, s: &ModelShape, dev: &Device) -> candle_core::Result<Self> {
         let d = s.hidden;
-        let mut m = vec![0f32; s.seq * s.seq];
-        for i in 0..s.seq {
-            for j in (i + 1)..s.seq {
-                m[i * s.seq + j] = -1e9;
-            }
-        }
         Ok(GptBlock {
             ln1: LayerNorm::new(d, dev)?,
             qkv: Linear::new(rng, d, 3 * d, true, dev)?,
@@ -202,7 +200,6 @@ impl GptBlock {
             fc: Linear::new(rng, d, 4 * d, true, dev)?,
             fc2: Linear::new(rng, 4 * d, d, true, dev)?,
             heads: s.heads,
-            mask: Tensor::from_vec(m, (s.seq, s.seq), dev)?,
         })
     }
 
@@ -243,18 +240,17 @@ impl GptBlock {
                 .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let att = softmax_last(&att.broadcast_add(&mask)?)?;
+        let att = q.matmul(&k.t()?.contiguous()?)?;
+        let att = crate::kernels::causal_softmax(&att, 1.0 / (hd as f64).sqrt())?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, c))?;
         let x = (x + self.proj.forward(&y)?)?;
-        let m = self
-            .fc2
-            .forward(&self.fc.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
+        let m = self.fc2.forward(&crate::kernels::gelu(
+            &self.fc.forward(&self.ln2.forward(&x)?)?,
+        )?)?;
         x + m
     }
 }
@@ -338,7 +334,7 @@ impl Gpt {
 
     /// Mean next-token cross-entropy of `ids` (B, T) against `targets` (B, T), both u32.
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-        cross_entropy(&self.logits(ids)?, &targets.flatten_all()?)
+        crate::kernels::cross_entropy(&self.logits(ids)?, &targets.flatten_all()?)
     }
 
     /// Logits (B*T, V) of `ids` (B, T).

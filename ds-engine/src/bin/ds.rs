@@ -193,6 +193,13 @@ fn gib(b: u64) -> String {
 }
 
 fn main() -> ExitCode {
+    // candle's elementwise thread pool spin-waits at a barrier; beside the rayon pool that runs
+    // the matrix products and this workspace's fused kernels, on few cores it burns most of
+    // the step (measured: 1.44 s -> 0.67 s per reference GPT step, BENCHMARKS.md). One candle
+    // thread for elementwise ops, unless the user chose otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,594 @@
+//! Fused CPU kernels with hand-written backward passes, plugged into candle's autograd as
+//! custom ops: softmax cross-entropy, LayerNorm and the causal attention softmax.
+//!
+//! Each replaces a chain of generic candle ops (one tensor and one pass over memory per op,
+//! forward and backward) by one multithreaded pass per direction. Their gradients are checked
+//! against the generic differentiable forms in the tests.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: expected f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(v) = s else {
+        bail!("{what}: expected u32 targets");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: expected contiguous targets"),
+    }
+}
+
+fn rows_cols(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    let d = l.dims();
+    if d.is_empty() {
+        bail!("{what}: expected at least one dimension");
+    }
+    let cols = d[d.len() - 1];
+    Ok((l.shape().elem_count() / cols.max(1), cols))
+}
+
+// ------------------------------------------------------------------ cross-entropy
+
+/// Mean softmax cross-entropy of logits (N, V) against u32 targets (N).
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let t = u32_slice(s2, l2, self.name())?;
+        let (n, v) = rows_cols(l1, self.name())?;
+        if t.len() != n {
+            bail!("{}: {} targets for {n} rows", self.name(), t.len());
+        }
+        if let Some(bad) = t.iter().find(|&&k| k as usize >= v) {
+            bail!(
+                "{}: target {bad} outside the vocabulary of {v}",
+                self.name()
+            );
+        }
+        let total: f64 = x
+            .par_chunks(v)
+            .zip(t.par_iter())
+            .map(|(row, &k)| {
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let s: f32 = row.iter().map(|&z| (z - m).exp()).sum();
+                f64::from(m + s.ln() - row[k as usize])
+            })
+            .sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let gl = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad(g))?;
+        Ok((Some(gl), None))
+    }
+}
+
+/// d(mean CE)/d logits scaled by the upstream gradient: (softmax - onehot) * g / N.
+struct CrossEntropyGrad(f32);
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let t = u32_slice(s2, l2, self.name())?;
+        let (n, v) = rows_cols(l1, self.name())?;
+        let scale = self.0 / n as f32;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(t.par_iter())
+            .for_each(|((o, row), &k)| {
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut s = 0f32;
+                for (oi, &z) in o.iter_mut().zip(row) {
+                    let e = (z - m).exp();
+                    *oi = e;
+                    s += e;
+                }
+                let r = scale / s;
+                for oi in o.iter_mut() {
+                    *oi *= r;
+                }
+                o[k as usize] -= scale;
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Mean cross-entropy of `logits` (N, V) against `targets` (N) in one fused pass per direction.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+// ------------------------------------------------------------------ layer norm
+
+const LN_EPS: f32 = 1e-5;
+
+/// LayerNorm over the last dimension: (x, weight, bias) -> y.
+struct LayerNormOp;
+
+fn ln_stats(row: &[f32]) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / d;
+    let var = row.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + LN_EPS).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let (_, d) = rows_cols(l1, self.name())?;
+        if w.len() != d || b.len() != d {
+            bail!(
+                "{}: weight/bias of {}/{} for rows of {d}",
+                self.name(),
+                w.len(),
+                b.len()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let (mean, rstd) = ln_stats(row);
+                for i in 0..d {
+                    o[i] = (row[i] - mean) * rstd * w[i] + b[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm backward: (x, weight, dy) -> [dx (flat), dw, db] packed in one 1-D tensor.
+struct LayerNormGrad;
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let dy = f32_slice(s3, l3, self.name())?;
+        let (rows, d) = rows_cols(l1, self.name())?;
+        let mut out = vec![0f32; x.len() + 2 * d];
+        let (dx, rest) = out.split_at_mut(x.len());
+        // dx per row in parallel; dw/db reduced over row blocks.
+        let block = rows
+            .div_ceil(rayon::current_num_threads().max(1) * 4)
+            .max(1);
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(block * d)
+            .zip(x.par_chunks(block * d))
+            .zip(dy.par_chunks(block * d))
+            .map(|((dxb, xb), dyb)| {
+                let mut dw = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
+                    let (mean, rstd) = ln_stats(xr);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for i in 0..d {
+                        let xhat = (xr[i] - mean) * rstd;
+                        let g = dyr[i] * w[i];
+                        s1 += g;
+                        s2 += g * xhat;
+                        dw[i] += dyr[i] * xhat;
+                        db[i] += dyr[i];
+                    }
+                    let inv_d = 1.0 / d as f32;
+                    for i in 0..d {
+                        let xhat = (xr[i] - mean) * rstd;
+                        let g = dyr[i] * w[i];
+                        dxr[i] = rstd * (g - inv_d * s1 - xhat * inv_d * s2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (dw, db) = rest.split_at_mut(d);
+        for (pw, pb) in partials {
+            for i in 0..d {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// LayerNorm over the last dimension (eps 1e-5), fused forward and backward.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(weight, bias, LayerNormOp)
+}
+
+// ------------------------------------------------------------------ causal softmax
+
+/// softmax(scale * x) over the last dimension of (..., T, T) with a causal mask (column j > row i
+/// gets probability 0).
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let dims = l.dims();
+        if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
+            bail!("{}: expected (..., T, T), got {dims:?}", self.name());
+        }
+        let t = dims[dims.len() - 1];
+        let scale = self.scale;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t * t)
+            .zip(x.par_chunks(t * t))
+            .for_each(|(ym, xm)| {
+                for i in 0..t {
+                    let row = &xm[i * t..i * t + i + 1];
+                    let out = &mut ym[i * t..(i + 1) * t];
+                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+                    let mut s = 0f32;
+                    for j in 0..=i {
+                        let e = (row[j] * scale - m).exp();
+                        out[j] = e;
+                        s += e;
+                    }
+                    let r = 1.0 / s;
+                    for v in out[..=i].iter_mut() {
+                        *v *= r;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxGrad { scale: self.scale },
+        )?))
+    }
+}
+
+/// Softmax backward from its output y: dx = scale * y * (dy - sum(dy * y)).
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, self.name())?;
+        let dy = f32_slice(s2, l2, self.name())?;
+        let (_, t) = rows_cols(l1, self.name())?;
+        let scale = self.scale;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(t)
+            .zip(y.par_chunks(t).zip(dy.par_chunks(t)))
+            .for_each(|(o, (yr, gr))| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for j in 0..t {
+                    o[j] = scale * yr[j] * (gr[j] - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Causal softmax of `scale * x` over the last dimension of (..., T, T).
+pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+    })
+}
+
+// ------------------------------------------------------------------ GELU (tanh)
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_K: f32 = 0.044_715;
+
+/// tanh through one exp (faster than libm's tanhf, accurate to a few ulp in f32).
+#[inline]
+fn fast_tanh(u: f32) -> f32 {
+    let u = u.clamp(-15.0, 15.0);
+    let e = (2.0 * u).exp();
+    (e - 1.0) / (e + 1.0)
+}
+
+/// GELU with the tanh approximation (PyTorch's `approximate='tanh'`).
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, xs)| {
+                for (oi, &v) in o.iter_mut().zip(xs) {
+                    let t = fast_tanh(GELU_C * (v + GELU_K * v * v * v));
+                    *oi = 0.5 * v * (1.0 + t);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// GELU backward: dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2).
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        if x.len() != g.len() {
+            bail!(
+                "{}: {} inputs for {} gradients",
+                self.name(),
+                x.len(),
+                g.len()
+            );
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+            .for_each(|(o, (xs, gs))| {
+                for ((oi, &v), &gi) in o.iter_mut().zip(xs).zip(gs) {
+                    let t = fast_tanh(GELU_C * (v + GELU_K * v * v * v));
+                    let d = 0.5 * (1.0 + t)
+                        + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_K * v * v);
+                    *oi = gi * d;
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// GELU (tanh approximation), fused forward and backward.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{softmax_last, Rng};
+    use candle_core::{Device, Var, D};
+
+    fn rand(rng: &mut Rng, shape: &[usize]) -> Var {
+        let n = shape.iter().product();
+        Var::from_tensor(&Tensor::from_vec(rng.normal_vec(n, 1.0), shape, &Device::Cpu).unwrap())
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn gelu_matches_candle_gelu_forward_and_backward() {
+        let mut rng = Rng::new(4);
+        let x = Var::from_tensor(
+            &Tensor::from_vec(rng.normal_vec(4096, 3.0), 4096, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let up = Tensor::from_vec(rng.normal_vec(4096, 1.0), 4096, &Device::Cpu).unwrap();
+        let a = gelu(&x).unwrap();
+        let b = x.gelu().unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn cross_entropy_matches_the_generic_form_forward_and_backward() {
+        let mut rng = Rng::new(1);
+        let x = rand(&mut rng, &[37, 11]);
+        let t: Vec<u32> = (0..37).map(|i| (i * 7 % 11) as u32).collect();
+        let t = Tensor::from_vec(t, 37, &Device::Cpu).unwrap();
+        let a = cross_entropy(x.as_tensor(), &t).unwrap();
+        let b = crate::model::cross_entropy(x.as_tensor(), &t).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        // Upstream gradient 3: the op must scale by it.
+        let ga = (a * 3.0).unwrap().backward().unwrap();
+        let gb = (b * 3.0).unwrap().backward().unwrap();
+        let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        assert!(d < 1e-6, "{d}");
+        let bad = Tensor::from_vec(vec![11u32; 37], 37, &Device::Cpu).unwrap();
+        assert!(cross_entropy(x.as_tensor(), &bad).is_err());
+    }
+
+    #[test]
+    fn layer_norm_matches_the_generic_form_forward_and_backward() {
+        let mut rng = Rng::new(2);
+        let x = rand(&mut rng, &[3, 5, 24]);
+        let w = rand(&mut rng, &[24]);
+        let b = rand(&mut rng, &[24]);
+        let up =
+            Tensor::from_vec(rng.normal_vec(3 * 5 * 24, 1.0), (3, 5, 24), &Device::Cpu).unwrap();
+        let a = layer_norm(&x, &w, &b).unwrap();
+        let generic = {
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&w)
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+        };
+        assert!(max_diff(&a, &generic) < 1e-5);
+        let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (generic * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let d = max_diff(ga.get(v).unwrap(), gb.get(v).unwrap());
+            assert!(d < 2e-5, "{d}");
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_softmax_forward_and_backward() {
+        let mut rng = Rng::new(3);
+        let t = 9;
+        let x = rand(&mut rng, &[2, 3, t, t]);
+        let up = Tensor::from_vec(
+            rng.normal_vec(2 * 3 * t * t, 1.0),
+            (2, 3, t, t),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let scale = 0.35;
+        let a = causal_softmax(&x, scale).unwrap();
+        let mut m = vec![0f32; t * t];
+        for i in 0..t {
+            for j in i + 1..t {
+                m[i * t + j] = -1e9;
+            }
+        }
+        let mask = Tensor::from_vec(m, (t, t), &Device::Cpu).unwrap();
+        let b = softmax_last(
+            &(x.as_tensor() * scale)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        assert!(d < 1e-5, "{d}");
+    }
+}
