@@ -20,6 +20,7 @@ use ds_zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
 use crate::lr::{LrSchedule, LrScheduler};
 use crate::model::Gpt;
 use crate::EngineError;
+use ds_ckpt_act::Policy;
 
 /// Maps the config's optimizer section onto a fused optimizer.
 pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError> {
@@ -103,8 +104,18 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "collectives run in fp32 in this engine; allowed: \"fp32\" or null",
         );
     }
-    if !cfg.zero_optimization.contiguous_gradients {
-        // Harmless: gradients are always contiguous here.
+    let ac = &cfg.activation_checkpointing;
+    if ac.partition_activations || ac.contiguous_memory_optimization {
+        return refuse(
+            "activation_checkpointing.partition_activations",
+            "partitioning activations splits them across model-parallel ranks, and this runtime has no model parallelism; set partition_activations and contiguous_memory_optimization false",
+        );
+    }
+    if ac.profile {
+        return refuse(
+            "activation_checkpointing.profile",
+            "per-segment checkpoint timing is not implemented; set profile false",
+        );
     }
     Ok(())
 }
@@ -139,6 +150,7 @@ pub struct Engine<'c> {
     acc: Vec<f32>,
     global_steps: u64,
     skipped_steps: u64,
+    policy: Policy,
 }
 
 impl<'c> Engine<'c> {
@@ -190,7 +202,22 @@ impl<'c> Engine<'c> {
             acc: vec![0.0; n],
             global_steps: 0,
             skipped_steps: 0,
+            policy: match cfg.activation_checkpointing.number_checkpoints {
+                Some(k) => Policy::Count(k as usize),
+                None => Policy::None,
+            },
         })
+    }
+
+    /// Which blocks are checkpointed (from `activation_checkpointing.number_checkpoints`, or set
+    /// here, e.g. [`Policy::Every`]).
+    pub fn set_checkpoint_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// The activation-checkpointing policy.
+    pub fn checkpoint_policy(&self) -> Policy {
+        self.policy
     }
 
     /// The model.
@@ -248,29 +275,22 @@ impl<'c> Engine<'c> {
         let t0 = Instant::now();
         let x = Tensor::from_slice(ids, (b, seq), &Device::Cpu)?;
         let y = Tensor::from_slice(targets, (b, seq), &Device::Cpu)?;
-        let loss = self.model.loss(&x, &y)?;
-        let loss_v = f64::from(loss.to_scalar::<f32>()?);
+        let fb = self.model.forward_backward(&x, &y, self.policy)?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
         let scale = 1.0 / self.gas as f32;
         let mut off = 0;
-        for (p, &n) in self.model.params().iter().zip(&self.sizes) {
-            // Detach right away: the GradStore keeps the whole graph alive otherwise.
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                let g = g.detach().flatten_all()?.to_vec1::<f32>()?;
+        for (g, &n) in fb.grads.into_iter().zip(&self.sizes) {
+            if let Some(g) = g {
+                let g = g.flatten_all()?.to_vec1::<f32>()?;
                 for (a, v) in self.acc[off..off + n].iter_mut().zip(g) {
                     *a += v * scale;
                 }
             }
             off += n;
         }
-        drop(grads);
-        let t2 = Instant::now();
-        Ok((
-            loss_v,
-            (t1 - t0).as_secs_f64() * 1e3,
-            (t2 - t1).as_secs_f64() * 1e3,
-        ))
+        let copy_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let _ = t0;
+        Ok((f64::from(fb.loss), fb.fwd_ms, fb.bwd_ms + copy_ms))
     }
 
     /// The accumulation boundary: reduce, clip, step, all-gather, schedule.

@@ -12,6 +12,8 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod engine;

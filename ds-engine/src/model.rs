@@ -8,6 +8,15 @@
 //! receives a gradient.
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use ds_ckpt_act::{checkpoint_forward, recompute_backward, Mode, Policy, Saved};
+
+/// The tensor of a parameter for a mode: the `Var` itself (graph recorded) or detached.
+fn w(v: &Var, mode: Mode) -> Tensor {
+    match mode {
+        Mode::Tracked => v.as_tensor().clone(),
+        Mode::Untracked => v.as_detached_tensor(),
+    }
+}
 
 /// Deterministic generator for initialisation and data (identical on every rank).
 #[derive(Debug, Clone)]
@@ -112,12 +121,19 @@ impl Linear {
 
     /// Applies the layer to (..., in).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_mode(x, Mode::Tracked)
+    }
+
+    /// Applies the layer with tracked or detached parameters.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = x
+            .reshape((rows, inp))?
+            .matmul(&w(&self.weight, mode).t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor())?,
+            Some(b) => y.broadcast_add(&w(b, mode))?,
             None => y,
         };
         let mut out = dims;
@@ -146,7 +162,12 @@ impl LayerNorm {
 
     /// Normalises the last dimension (the fused kernel).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::kernels::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor())
+        self.forward_mode(x, Mode::Tracked)
+    }
+
+    /// Normalises with tracked or detached parameters.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        crate::kernels::layer_norm(x, &w(&self.weight, mode), &w(&self.bias, mode))
     }
 
     /// The same with generic candle ops (the reference the fused kernel is tested against).
@@ -229,10 +250,31 @@ impl GptBlock {
 
     /// (B, T, C) -> (B, T, C).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_mode(x, Mode::Tracked)
+    }
+
+    /// The block's parameters, in the order of [`Gpt::params`].
+    pub fn vars(&self) -> Vec<&Var> {
+        let mut v = vec![&self.ln1.weight, &self.ln1.bias];
+        for l in [&self.qkv, &self.proj, &self.fc, &self.fc2] {
+            v.push(&l.weight);
+            if let Some(b) = &l.bias {
+                v.push(b);
+            }
+        }
+        v.push(&self.ln2.weight);
+        v.push(&self.ln2.bias);
+        v
+    }
+
+    /// The block with tracked or detached parameters.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let h = self.heads;
         let hd = c / h;
-        let qkv = self.qkv.forward(&self.ln1.forward(x)?)?;
+        let qkv = self
+            .qkv
+            .forward_mode(&self.ln1.forward_mode(x, mode)?, mode)?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * c, c)?
                 .reshape((b, t, h, hd))?
@@ -337,6 +379,158 @@ impl Gpt {
         crate::kernels::cross_entropy(&self.logits(ids)?, &targets.flatten_all()?)
     }
 
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self
+            .wte
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, self.shape.hidden))?;
+        x.broadcast_add(&self.wpe.narrow(0, 0, t)?)
+    }
+
+    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let x = self.ln_f.forward(x)?.reshape((b * t, self.shape.hidden))?;
+        crate::kernels::cross_entropy(&x.matmul(&self.wte.t()?)?, &targets.flatten_all()?)
+    }
+
+    /// The loss and the gradient of every parameter (in [`Gpt::params`] order, detached),
+    /// with the blocks the policy names checkpointed: their forward keeps only their input and
+    /// their backward recomputes them (`ds-ckpt-act`). The result equals a plain backward pass.
+    pub fn forward_backward(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+    ) -> candle_core::Result<FwdBwd> {
+        let t0 = std::time::Instant::now();
+        let params: Vec<&Var> = self.params.iter().map(|p| &p.var).collect();
+        let index = |v: &Var| {
+            params
+                .iter()
+                .position(|p| p.as_tensor().id() == v.as_tensor().id())
+        };
+        let mut out: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut add = |v: &Var, g: Tensor| -> candle_core::Result<()> {
+            if let Some(i) = index(v) {
+                out[i] = Some(match out[i].take() {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+            Ok(())
+        };
+        if policy == Policy::None {
+            let loss = self.loss(ids, targets)?;
+            let l = loss.to_scalar::<f32>()?;
+            let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let grads = loss.backward()?;
+            for v in &params {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    add(v, g.detach())?;
+                }
+            }
+            return Ok(FwdBwd {
+                loss: l,
+                grads: out,
+                fwd_ms,
+                bwd_ms: t0.elapsed().as_secs_f64() * 1e3 - fwd_ms,
+            });
+        }
+        // Forward: the embedding keeps its (small) graph; each block either keeps only its
+        // input (checkpointed) or its whole graph from a Var input.
+        enum Kept {
+            Ckpt(Saved),
+            Graph(Var, Tensor),
+        }
+        let x0 = self.embed(ids)?;
+        let n = self.blocks.len();
+        let mut kept = Vec::with_capacity(n);
+        let mut x = x0.detach();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m);
+            if policy.checkpointed(i, n) {
+                let (y, saved) = checkpoint_forward(&seg, &x).map_err(to_candle)?;
+                kept.push(Kept::Ckpt(saved));
+                x = y;
+            } else {
+                let xv = Var::from_tensor(&x)?;
+                let y = blk.forward(xv.as_tensor())?;
+                x = y.detach();
+                kept.push(Kept::Graph(xv, y));
+            }
+        }
+        // Head.
+        let xl = Var::from_tensor(&x)?;
+        let loss = self.head_loss(xl.as_tensor(), targets)?;
+        let l = loss.to_scalar::<f32>()?;
+        let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let grads = loss.backward()?;
+        add(
+            &self.ln_f.weight,
+            grads
+                .get(self.ln_f.weight.as_tensor())
+                .map(|g| g.detach())
+                .unwrap_or(self.ln_f.weight.zeros_like()?),
+        )?;
+        add(
+            &self.ln_f.bias,
+            grads
+                .get(self.ln_f.bias.as_tensor())
+                .map(|g| g.detach())
+                .unwrap_or(self.ln_f.bias.zeros_like()?),
+        )?;
+        if let Some(g) = grads.get(self.wte.as_tensor()) {
+            add(&self.wte, g.detach())?;
+        }
+        let mut g = match grads.get(xl.as_tensor()) {
+            Some(g) => g.detach(),
+            None => x.zeros_like()?,
+        };
+        drop(grads);
+        // Blocks in reverse.
+        for (blk, k) in self.blocks.iter().zip(kept).rev() {
+            let vars = blk.vars();
+            match k {
+                Kept::Ckpt(saved) => {
+                    let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m);
+                    let sg = recompute_backward(&seg, &saved, &g, &vars).map_err(to_candle)?;
+                    for (v, pg) in vars.iter().zip(sg.params) {
+                        if let Some(pg) = pg {
+                            add(v, pg)?;
+                        }
+                    }
+                    g = sg.input;
+                }
+                Kept::Graph(xv, y) => {
+                    let grads = (y * &g)?.sum_all()?.backward()?;
+                    for v in &vars {
+                        if let Some(pg) = grads.get(v.as_tensor()) {
+                            add(v, pg.detach())?;
+                        }
+                    }
+                    g = match grads.get(xv.as_tensor()) {
+                        Some(t) => t.detach(),
+                        None => g.zeros_like()?,
+                    };
+                }
+            }
+        }
+        // Embedding.
+        let grads = (x0 * &g)?.sum_all()?.backward()?;
+        for v in [&self.wte, &self.wpe] {
+            if let Some(pg) = grads.get(v.as_tensor()) {
+                add(v, pg.detach())?;
+            }
+        }
+        Ok(FwdBwd {
+            loss: l,
+            grads: out,
+            fwd_ms,
+            bwd_ms: t0.elapsed().as_secs_f64() * 1e3 - fwd_ms,
+        })
+    }
+
     /// Logits (B*T, V) of `ids` (B, T).
     pub fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -351,6 +545,26 @@ impl Gpt {
         }
         let x = self.ln_f.forward(&x)?.reshape((b * t, self.shape.hidden))?;
         x.matmul(&self.wte.t()?)
+    }
+}
+
+/// Result of [`Gpt::forward_backward`].
+#[derive(Debug)]
+pub struct FwdBwd {
+    /// The loss.
+    pub loss: f32,
+    /// Gradient per parameter ([`Gpt::params`] order), detached.
+    pub grads: Vec<Option<Tensor>>,
+    /// Forward milliseconds (with checkpointing: the forward without inner graphs).
+    pub fwd_ms: f64,
+    /// Backward milliseconds (with checkpointing: including the recomputation).
+    pub bwd_ms: f64,
+}
+
+fn to_candle(e: ds_ckpt_act::CkptError) -> candle_core::Error {
+    match e {
+        ds_ckpt_act::CkptError::Tensor(t) => t,
+        other => candle_core::Error::Msg(other.to_string()),
     }
 }
 
@@ -422,6 +636,64 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(n > 0.0 && n.is_finite(), "{}: |g|^2 = {n}", p.name);
+        }
+    }
+
+    #[test]
+    fn checkpointed_backward_equals_plain_backward() {
+        let s = ModelShape {
+            layers: 3,
+            ..tiny()
+        };
+        let m = Gpt::new(s, 5, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(6);
+        let mut toks = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| (rng.next_u64() % s.vocab as u64) as u32)
+                .collect()
+        };
+        let ids = Tensor::from_vec(toks(2 * s.seq), (2, s.seq), &Device::Cpu).unwrap();
+        let tg = Tensor::from_vec(toks(2 * s.seq), (2, s.seq), &Device::Cpu).unwrap();
+        let r0 = m.forward_backward(&ids, &tg, Policy::None).unwrap();
+        let (l0, g0) = (r0.loss, r0.grads);
+        for policy in [Policy::Every, Policy::Count(1), Policy::Count(2)] {
+            let r = m.forward_backward(&ids, &tg, policy).unwrap();
+            let (l, g) = (r.loss, r.grads);
+            assert_eq!(l, l0, "{policy:?}");
+            for ((p, a), b) in m.params().iter().zip(&g).zip(&g0) {
+                let a = a
+                    .as_ref()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let b = b
+                    .as_ref()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let d = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                let scale = b.iter().fold(0f32, |acc, x| acc.max(x.abs()));
+                // Bit for bit, except the tied embedding whose two contributions (head and
+                // embedding) are summed in the other order: within rounding of that one add.
+                let tol = if p.name == "wte.weight" {
+                    1e-7 * scale
+                } else {
+                    0.0
+                };
+                assert!(
+                    d <= tol,
+                    "{policy:?} {}: max diff {d:e} (scale {scale:e})",
+                    p.name
+                );
+            }
         }
     }
 

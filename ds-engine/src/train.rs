@@ -46,6 +46,8 @@ pub struct TrainArgs {
     pub shape: ModelShape,
     /// Micro-batch per rank (overrides the config's batch keys, keeping its accumulation).
     pub batch: Option<usize>,
+    /// Checkpoint every block's activations (overrides `number_checkpoints`).
+    pub ckpt: bool,
 }
 
 /// What `ds train --json` prints (the keys are a contract).
@@ -248,6 +250,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                     };
                     let model = Gpt::new(shape, args.seed, &Device::Cpu)?;
                     let mut engine = Engine::initialize(cfg, model, comm)?;
+                    if args.ckpt {
+                        engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
+                    }
                     let micro = engine.micro_batch_size();
                     let mut losses = Vec::new();
                     let mut step_ms = Vec::new();

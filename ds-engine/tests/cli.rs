@@ -298,3 +298,41 @@ fn bench_comm_json_contract() {
     let out = ds(&["bench", "comm", "--op", "bogus"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn bench_ckpt_act_json_contract_and_ckpt_training_is_identical() {
+    let out = ds(&[
+        "bench", "ckpt-act", "--layers", "4", "--hidden", "32", "--heads", "2", "--seq", "32",
+        "--batch", "4", "--vocab", "64", "--steps", "1", "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "peak_bytes_without",
+        "peak_bytes_with",
+        "step_ms_without",
+        "step_ms_with",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    // Checkpointing keeps fewer activations.
+    assert!(
+        v["peak_bytes_with"].as_u64() < v["peak_bytes_without"].as_u64(),
+        "{v}"
+    );
+    // Training with every block checkpointed gives the same losses.
+    let flags = [
+        "train", "--steps", "3", "--layers", "2", "--hidden", "16", "--heads", "2", "--seq", "8",
+        "--vocab", "32", "--json",
+    ];
+    let plain: serde_json::Value = serde_json::from_slice(&ds(&flags).stdout).unwrap();
+    let mut with = flags.to_vec();
+    with.push("--ckpt");
+    let ckpt: serde_json::Value = serde_json::from_slice(&ds(&with).stdout).unwrap();
+    assert_eq!(plain["losses"], ckpt["losses"]);
+}

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static ALLOC: ds_engine::alloc::CountingAlloc = ds_engine::alloc::CountingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "ds",
@@ -116,6 +119,9 @@ struct ModelFlags {
     /// Micro-batch per rank (overrides the config's batch keys, keeping its accumulation).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     batch: Option<usize>,
+    /// Checkpoint every block's activations (recompute in backward).
+    #[arg(long)]
+    ckpt: bool,
     /// Vocabulary size.
     #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
     vocab: usize,
@@ -123,6 +129,33 @@ struct ModelFlags {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Activation checkpointing: peak memory and step time with and without it.
+    CkptAct {
+        /// Transformer blocks.
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        /// Hidden width.
+        #[arg(long, default_value_t = 256)]
+        hidden: usize,
+        /// Attention heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Sequence length.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Vocabulary.
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        /// Timed passes per policy (median reported).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Collective bandwidth (nccl-tests style), with this machine's memcpy bandwidth measured in
     /// the same run.
     Comm {
@@ -274,6 +307,7 @@ fn main() -> ExitCode {
                     vocab: model.vocab,
                 },
                 batch: model.batch,
+                ckpt: model.ckpt,
             };
             match ds_engine::train::train(&args) {
                 Ok(r) if json => print_json(&r),
@@ -328,6 +362,63 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench { what } => match what {
+            BenchCommand::CkptAct {
+                layers,
+                hidden,
+                heads,
+                seq,
+                batch,
+                vocab,
+                steps,
+                json,
+            } => {
+                if heads == 0
+                    || hidden % heads != 0
+                    || layers == 0
+                    || seq == 0
+                    || batch == 0
+                    || vocab < 2
+                {
+                    eprintln!("error: need --layers, --seq, --batch >= 1, --vocab >= 2 and --hidden a multiple of --heads");
+                    return ExitCode::from(2);
+                }
+                let shape = ds_engine::model::ModelShape {
+                    layers,
+                    hidden,
+                    heads,
+                    seq,
+                    vocab,
+                };
+                eprintln!(
+                    "bench ckpt-act: GPT {layers} layers x {hidden}, seq {seq}, batch {batch} ..."
+                );
+                match ds_engine::bench::ckpt_act_bench(
+                    shape,
+                    batch,
+                    steps,
+                    ds_engine::alloc::current_bytes,
+                    ds_engine::alloc::peak_bytes,
+                    ds_engine::alloc::reset_peak,
+                ) {
+                    Ok(r) if json => print_json(&r),
+                    Ok(r) => {
+                        println!(
+                            "without checkpointing: peak {:.1} MiB, {:.1} ms; every block checkpointed: peak {:.1} MiB, {:.1} ms (memory / {:.2}, time x {:.2})",
+                            r.peak_bytes_without as f64 / 1048576.0,
+                            r.step_ms_without,
+                            r.peak_bytes_with as f64 / 1048576.0,
+                            r.step_ms_with,
+                            r.memory_ratio,
+                            r.time_ratio
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
             BenchCommand::Comm {
                 backend,
                 world_size,
