@@ -24,7 +24,9 @@ fn run() -> Result<(), ds_comm::CommError> {
         match a.as_str() {
             "--backend" => opts.backend = BenchBackend::parse(&val()?)?,
             "--world-size" => {
-                opts.world_size = val()?.parse().map_err(|e| bad(format!("--world-size: {e}")))?
+                opts.world_size = val()?
+                    .parse()
+                    .map_err(|e| bad(format!("--world-size: {e}")))?
             }
             "--op" => ops.push(BenchOp::parse(&val()?)?),
             "--sizes" => opts.sizes = parse_sizes(&val()?)?,

@@ -1,1 +1,141 @@
-fn main(){}
+//! The conformance suite over `MpiComm`, run under mpirun:
+//!
+//! ```text
+//! cargo build -p ds-comm --features mpi --example mpi_conformance
+//! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_conformance
+//! mpirun --allow-run-as-root --oversubscribe -np 3 target/debug/examples/mpi_conformance
+//! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_conformance --stall
+//! ```
+//!
+//! Exit status 0 when every check passed on every rank. `--stall` instead checks that a stalled
+//! peer makes the others time out (rank 1 sleeps past a 1 s timeout) and that later calls report
+//! the poisoned communicator. `--die` makes rank 1 exit without finalising while the others wait
+//! in a barrier (timeout 30 s): mpirun must end the job with a non-zero status well before that.
+
+use ds_comm::{conformance, CommError, Communicator, MpiComm, MpiCommOptions};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let stall = std::env::args().any(|a| a == "--stall");
+    let die = std::env::args().any(|a| a == "--die");
+    let code = if stall {
+        stall_test()
+    } else if die {
+        die_test()
+    } else {
+        suite()
+    };
+    std::process::exit(code);
+}
+
+fn suite() -> i32 {
+    let comm = match MpiComm::init(MpiCommOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mpi_conformance: {e}");
+            return 2;
+        }
+    };
+    let t0 = Instant::now();
+    let rep = conformance::run_suite(&comm);
+    let (rank, n) = (comm.rank(), comm.world_size());
+    for (name, why) in &rep.failed {
+        eprintln!("rank {rank}/{n}: FAILED {name}: {why}");
+    }
+    println!(
+        "rank {rank}/{n}: {} passed, {} failed ({:.1} s)",
+        rep.passed.len(),
+        rep.failed.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    // Every rank must pass: combine the verdicts.
+    let bad = candle_core::Tensor::new(&[u8::from(!rep.ok())], &candle_core::Device::Cpu)
+        .map_err(CommError::from)
+        .and_then(|t| comm.all_reduce(&t, ds_comm::ReduceOp::Max))
+        .and_then(|t| t.to_vec1::<u8>().map_err(CommError::from));
+    drop(comm);
+    match bad {
+        Ok(v) if v[0] == 0 => 0,
+        Ok(_) => 1,
+        Err(e) => {
+            eprintln!("rank {rank}: combining verdicts failed: {e}");
+            1
+        }
+    }
+}
+
+fn stall_test() -> i32 {
+    let comm = match MpiComm::init(MpiCommOptions {
+        timeout: Some(Duration::from_secs(1)),
+        ..Default::default()
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mpi_conformance: {e}");
+            return 2;
+        }
+    };
+    let rank = comm.rank();
+    let mut ok = true;
+    if rank == 1 {
+        std::thread::sleep(Duration::from_millis(3000));
+        // Completes the barrier the others abandoned, so MPI can finalise cleanly.
+        let _ = comm.barrier();
+    } else {
+        let t0 = Instant::now();
+        match comm.barrier() {
+            Err(CommError::Timeout { op, .. }) if op == "barrier" => {
+                println!(
+                    "rank {rank}: barrier timed out after {:.2} s as expected",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            other => {
+                eprintln!("rank {rank}: expected a timeout, got {other:?}");
+                ok = false;
+            }
+        }
+        match comm.barrier() {
+            Err(CommError::Poisoned { .. }) => {
+                println!("rank {rank}: later call reports the earlier failure")
+            }
+            other => {
+                eprintln!("rank {rank}: expected a poisoned communicator, got {other:?}");
+                ok = false;
+            }
+        }
+        // Meet rank 1's late barrier through the raw communicator (ours is poisoned).
+        comm.blocking_barrier();
+    }
+    drop(comm);
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn die_test() -> i32 {
+    let comm = match MpiComm::init(MpiCommOptions {
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mpi_conformance: {e}");
+            return 2;
+        }
+    };
+    if comm.rank() == 1 {
+        eprintln!("rank 1: exiting without MPI_Finalize on purpose");
+        std::process::exit(3);
+    }
+    let r = comm.barrier();
+    eprintln!("rank {}: barrier returned {r:?}", comm.rank());
+    drop(comm);
+    // Reaching this line means the dead peer went unnoticed: fail.
+    4
+}

@@ -59,13 +59,24 @@ fn panicking_rank_fails_pending_and_later_collectives() {
     for (rank, r) in res.into_iter().take(2).enumerate() {
         let (first, later) = r.expect("no panic on ranks 0 and 1");
         match first {
-            Err(CommError::PeerFailed { op, rank: me, peer, reason }) => {
-                assert_eq!((op.as_str(), me, peer, reason.as_str()), ("all_reduce", rank, 2, "panicked"));
+            Err(CommError::PeerFailed {
+                op,
+                rank: me,
+                peer,
+                reason,
+            }) => {
+                assert_eq!(
+                    (op.as_str(), me, peer, reason.as_str()),
+                    ("all_reduce", rank, 2, "panicked")
+                );
             }
             other => panic!("rank {rank}: pending collective gave {other:?}"),
         }
         let later = later.expect_err("later collective must fail");
-        assert!(later.to_string().contains("barrier") && later.to_string().contains("rank 2 panicked"), "{later}");
+        assert!(
+            later.to_string().contains("barrier") && later.to_string().contains("rank 2 panicked"),
+            "{later}"
+        );
     }
     // Peers learn about the panic from the dropped communicator, well before the timeout.
     assert!(t0.elapsed() < Duration::from_secs(60));
@@ -81,7 +92,12 @@ fn exited_rank_fails_peers() {
         c.all_gather(&ones(1.0)).map(|_| ())
     });
     match &res[0] {
-        Ok(Err(CommError::PeerFailed { peer: 1, reason, op, .. })) => {
+        Ok(Err(CommError::PeerFailed {
+            peer: 1,
+            reason,
+            op,
+            ..
+        })) => {
             assert!(reason.contains("exited"), "{reason}");
             assert_eq!(op, "all_gather");
         }
@@ -104,7 +120,15 @@ fn hung_rank_times_out_naming_op_and_ranks() {
     for (rank, r) in res.into_iter().enumerate() {
         let e = r.expect("no panics").expect_err("every rank must fail");
         match (&e, rank) {
-            (CommError::Timeout { op, waiting_for, timeout, .. }, 0 | 2) => {
+            (
+                CommError::Timeout {
+                    op,
+                    waiting_for,
+                    timeout,
+                    ..
+                },
+                0 | 2,
+            ) => {
                 assert_eq!(op, "all_reduce");
                 assert_eq!(waiting_for, &vec![1]);
                 assert_eq!(*timeout, Duration::from_secs(1));
@@ -140,7 +164,9 @@ fn recv_from_silent_peer_times_out() {
         }
     });
     match &res[0] {
-        Ok(Err(CommError::Timeout { op, waiting_for, .. })) => {
+        Ok(Err(CommError::Timeout {
+            op, waiting_for, ..
+        })) => {
             assert_eq!(op, "recv");
             assert_eq!(waiting_for, &vec![1]);
         }
@@ -176,7 +202,10 @@ fn large_all_reduce_two_phase_is_exact_and_deterministic() {
         let y = c.all_reduce(&x, ReduceOp::Sum)?;
         y.to_vec1::<f32>().map_err(CommError::from)
     });
-    let outs: Vec<Vec<f32>> = res.into_iter().map(|r| r.expect("no panic").expect("ok")).collect();
+    let outs: Vec<Vec<f32>> = res
+        .into_iter()
+        .map(|r| r.expect("no panic").expect("ok"))
+        .collect();
     for i in [0usize, 1, 333_334, 333_335, 666_669, len - 1] {
         assert_eq!(outs[0][i], (3 * i + 3) as f32, "element {i}");
     }

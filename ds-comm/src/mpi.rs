@@ -1,0 +1,647 @@
+//! [`MpiComm`]: collectives through the system MPI (OpenMPI, MPICH) with the `mpi` crate.
+//!
+//! Launch with `mpirun -np N program` (as root on this machine add `--allow-run-as-root`, and
+//! `--oversubscribe` when N exceeds the cores). Every collective is issued non-blocking
+//! (`MPI_Iallreduce`, `MPI_Ireduce_scatter_block`, `MPI_Iallgather`, `MPI_Ibcast`, `MPI_Ibarrier`)
+//! and polled against the timeout, so a stalled peer gives [`CommError::Timeout`] instead of a
+//! hang (an MPI collective cannot be cancelled: its buffers are leaked and the communicator is
+//! poisoned). A peer that dies ends the job through MPI's default error handler (mpirun aborts
+//! the other processes with an error).
+//!
+//! Before each collective the ranks compare a call descriptor (sequence number, op, dtype,
+//! length, root) with one small `MPI_Iallreduce`; a difference gives [`CommError::Mismatch`] on
+//! every rank and the communicator stays usable. `check_calls: false` skips it.
+//!
+//! MPI has no 16-bit float type: f16/bf16 reductions run in f32 (converted once each way), which
+//! also matches [`crate::LocalComm`]'s f32 accumulation. Data movement without arithmetic
+//! (all-gather, broadcast, send/recv) is done on the raw bytes.
+
+use crate::data::{self, partition_range, with_elem, Elem};
+use crate::error::{CommError, Result};
+use crate::local::gathered_dims;
+use crate::{Communicator, ReduceOp};
+use candle_core::{DType, Tensor};
+use half::{bf16, f16};
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::datatype::Equivalence;
+use mpi::environment::Universe;
+use mpi::point_to_point::{Destination, Source};
+use mpi::request::{Request, StaticScope};
+use mpi::topology::{Color, Communicator as MpiCommunicator, SimpleCommunicator};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Options for [`MpiComm`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MpiCommOptions {
+    /// Deadline for one collective or point-to-point call; `None` waits forever. Default 300 s.
+    pub timeout: Option<Duration>,
+    /// Compare call descriptors across ranks before each collective (one small allreduce).
+    /// Default true.
+    pub check_calls: bool,
+}
+
+impl Default for MpiCommOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Some(Duration::from_secs(300)),
+            check_calls: true,
+        }
+    }
+}
+
+/// One rank of an MPI communicator (the world, or a group from [`Communicator::split`]).
+///
+/// Not `Send`: use it from the thread that initialised MPI.
+pub struct MpiComm {
+    comm: SimpleCommunicator,
+    _universe: Rc<Universe>,
+    rank: usize,
+    size: usize,
+    seq: Cell<u64>,
+    options: MpiCommOptions,
+    failure: RefCell<Option<CommError>>,
+}
+
+impl std::fmt::Debug for MpiComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiComm")
+            .field("rank", &self.rank)
+            .field("world_size", &self.size)
+            .finish()
+    }
+}
+
+fn backend_err(msg: impl Into<String>) -> CommError {
+    CommError::Backend {
+        backend: "mpi".into(),
+        msg: msg.into(),
+    }
+}
+
+fn dtype_code(dtype: DType) -> i64 {
+    match dtype {
+        DType::U8 => 1,
+        DType::U32 => 2,
+        DType::I64 => 3,
+        DType::BF16 => 4,
+        DType::F16 => 5,
+        DType::F32 => 6,
+        DType::F64 => 7,
+        _ => 99,
+    }
+}
+
+fn dtype_from_code(c: i64) -> Option<DType> {
+    crate::SUPPORTED_DTYPES
+        .into_iter()
+        .find(|&d| dtype_code(d) == c)
+}
+
+const OP_NAMES: [&str; 9] = [
+    "all_reduce(sum)",
+    "all_reduce(avg)",
+    "all_reduce(min)",
+    "all_reduce(max)",
+    "reduce_scatter",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "split",
+];
+
+fn op_code(name: &str, op: Option<ReduceOp>) -> i64 {
+    match (name, op) {
+        ("all_reduce", Some(ReduceOp::Sum)) => 0,
+        ("all_reduce", Some(ReduceOp::Avg)) => 1,
+        ("all_reduce", Some(ReduceOp::Min)) => 2,
+        ("all_reduce", Some(ReduceOp::Max)) => 3,
+        ("reduce_scatter", _) => 4,
+        ("all_gather", _) => 5,
+        ("broadcast", _) => 6,
+        ("barrier", _) => 7,
+        _ => 8,
+    }
+}
+
+fn system_op(op: ReduceOp) -> SystemOperation {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => SystemOperation::sum(),
+        ReduceOp::Min => SystemOperation::min(),
+        ReduceOp::Max => SystemOperation::max(),
+    }
+}
+
+/// Element types MPI reduces natively.
+trait MpiElem: Elem + Equivalence {
+    fn div_n(v: &mut [Self], n: usize);
+}
+
+macro_rules! mpi_elem {
+    ($($t:ty),*) => {$(
+        impl MpiElem for $t {
+            fn div_n(v: &mut [Self], n: usize) {
+                let n = n as $t;
+                v.iter_mut().for_each(|x| *x /= n);
+            }
+        }
+    )*};
+}
+mpi_elem!(f32, f64, u8, u32, i64);
+
+/// Extends a borrow to `'static` for a `StaticScope` request. The caller keeps the owner alive
+/// until the request completes, and leaks it if the request is abandoned.
+unsafe fn forever<T>(s: &[T]) -> &'static [T] {
+    // SAFETY: see the function docs.
+    unsafe { std::slice::from_raw_parts(s.as_ptr(), s.len()) }
+}
+
+/// As [`forever`], mutable.
+unsafe fn forever_mut<T>(s: &mut [T]) -> &'static mut [T] {
+    // SAFETY: see `forever`.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr(), s.len()) }
+}
+
+impl MpiComm {
+    /// Initialises MPI (`MPI_Init_thread`, single-threaded use) and returns the world
+    /// communicator. Fails if MPI was already initialised in this process.
+    pub fn init(options: MpiCommOptions) -> Result<MpiComm> {
+        let universe = mpi::initialize()
+            .ok_or_else(|| backend_err("MPI is already initialised in this process"))?;
+        let world = universe.world();
+        Ok(Self::wrap(world, Rc::new(universe), options))
+    }
+
+    fn wrap(comm: SimpleCommunicator, universe: Rc<Universe>, options: MpiCommOptions) -> Self {
+        let rank = comm.rank().max(0) as usize;
+        let size = comm.size().max(0) as usize;
+        MpiComm {
+            comm,
+            _universe: universe,
+            rank,
+            size,
+            seq: Cell::new(0),
+            options,
+            failure: RefCell::new(None),
+        }
+    }
+
+    /// The underlying rsmpi communicator (for calls this crate does not wrap).
+    pub fn raw(&self) -> &SimpleCommunicator {
+        &self.comm
+    }
+
+    /// A barrier that ignores the poisoned state and the timeout (to meet peers that are late
+    /// after a timeout, e.g. before finalising). Non-blocking underneath, so it matches
+    /// [`Communicator::barrier`] on the peers (MPI never matches blocking with non-blocking
+    /// collectives).
+    pub fn blocking_barrier(&self) {
+        self.comm.immediate_barrier().wait();
+    }
+
+    /// Ends the whole MPI job (all processes) with `code` (`MPI_Abort`).
+    pub fn abort(&self, code: i32) -> ! {
+        self.comm.abort(code)
+    }
+
+    fn check_failed(&self, op: &str) -> Result<()> {
+        match &*self.failure.borrow() {
+            Some(f) => Err(CommError::Poisoned {
+                op: op.into(),
+                rank: self.rank,
+                cause: Box::new(f.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Polls `req` until it completes or the deadline passes. On timeout the request is
+    /// abandoned (`mem::forget`): the caller must leak every buffer it uses.
+    fn wait<R: ?Sized>(&self, op: &str, req: Request<'static, R, StaticScope>) -> Result<()> {
+        let deadline = self.options.timeout.map(|t| Instant::now() + t);
+        let mut req = req;
+        let mut polls: u32 = 0;
+        loop {
+            match req.test() {
+                Ok(_) => return Ok(()),
+                Err(r) => req = r,
+            }
+            polls = polls.wrapping_add(1);
+            if polls % 64 == 0 {
+                if let Some(d) = deadline {
+                    if Instant::now() >= d {
+                        std::mem::forget(req);
+                        let err = CommError::Timeout {
+                            op: op.into(),
+                            rank: self.rank,
+                            waiting_for: Vec::new(),
+                            timeout: self.options.timeout.unwrap_or_default(),
+                        };
+                        *self.failure.borrow_mut() = Some(err.clone());
+                        return Err(err);
+                    }
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Compares this call's descriptor with every rank's (one small allreduce of max and -min).
+    fn check(&self, name: &str, op: Option<ReduceOp>, dtype: Option<DType>, len: usize, root: usize) -> Result<()> {
+        self.check_failed(name)?;
+        let seq = self.seq.get();
+        self.seq.set(seq + 1);
+        if !self.options.check_calls || self.size <= 1 {
+            return Ok(());
+        }
+        let d = [
+            seq as i64,
+            op_code(name, op),
+            dtype.map(dtype_code).unwrap_or(0),
+            len as i64,
+            root as i64,
+        ];
+        let mut send = [0i64; 10];
+        for i in 0..5 {
+            send[i] = d[i];
+            send[5 + i] = -d[i];
+        }
+        let mut recv = Box::new([0i64; 10]);
+        let send = Box::new(send);
+        // SAFETY: both boxes outlive the request or are leaked on timeout.
+        let (s, r) = unsafe { (forever(&send[..]), forever_mut(&mut recv[..])) };
+        let req = self
+            .comm
+            .immediate_all_reduce_into(StaticScope, s, r, SystemOperation::max());
+        if let Err(e) = self.wait(name, req) {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(e);
+        }
+        let same = (0..5).all(|i| recv[i] == -recv[5 + i]);
+        if same {
+            return Ok(());
+        }
+        // Everyone saw the mismatch: gather the descriptors to say who called what.
+        let mut all = vec![0i64; 5 * self.size];
+        let dd = Box::new(d);
+        // SAFETY: as above.
+        let (s, r) = unsafe { (forever(&dd[..]), forever_mut(&mut all[..])) };
+        let req = self.comm.immediate_all_gather_into(StaticScope, s, r);
+        if let Err(e) = self.wait(name, req) {
+            std::mem::forget(dd);
+            std::mem::forget(all);
+            return Err(e);
+        }
+        let detail = (0..self.size)
+            .map(|k| {
+                let x = &all[5 * k..5 * k + 5];
+                let op = OP_NAMES.get(x[1] as usize).copied().unwrap_or("?");
+                let dt = dtype_from_code(x[2]).map(|d| format!("{d:?}")).unwrap_or_else(|| "-".into());
+                format!("rank {k} called {op} of {dt} len {} root {} (call #{})", x[3], x[4], x[0])
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(CommError::Mismatch { seq, detail })
+    }
+
+    fn all_reduce_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<Vec<T>> {
+        let len = t.elem_count();
+        let keep = t.clone();
+        let ptr = data::data_ptr::<T>(&keep)?;
+        let mut out = data::zeroed::<T>(len);
+        // SAFETY: `keep` owns the input and `out` the output until the request completes; both
+        // are leaked on timeout.
+        let (s, r) = unsafe { (std::slice::from_raw_parts(ptr, len), forever_mut(&mut out[..])) };
+        let req = self.comm.immediate_all_reduce_into(StaticScope, s, r, system_op(op));
+        if let Err(e) = self.wait("all_reduce", req) {
+            std::mem::forget(keep);
+            std::mem::forget(out);
+            return Err(e);
+        }
+        if op == ReduceOp::Avg {
+            T::div_n(&mut out, self.size);
+        }
+        Ok(out)
+    }
+
+    fn reduce_scatter_native<T: MpiElem>(&self, input: &[T], op: ReduceOp) -> Result<Vec<T>> {
+        let n = self.size;
+        let len = input.len();
+        let c = len.div_ceil(n).max(1);
+        let mut padded = data::zeroed::<T>(c * n);
+        padded[..len].copy_from_slice(input);
+        let mut out = data::zeroed::<T>(c);
+        // SAFETY: as in `all_reduce_native`.
+        let (s, r) = unsafe { (forever(&padded[..]), forever_mut(&mut out[..])) };
+        let req = self
+            .comm
+            .immediate_reduce_scatter_block_into(StaticScope, s, r, system_op(op));
+        if let Err(e) = self.wait("reduce_scatter", req) {
+            std::mem::forget(padded);
+            std::mem::forget(out);
+            return Err(e);
+        }
+        if op == ReduceOp::Avg {
+            T::div_n(&mut out, n);
+        }
+        let (lo, hi) = partition_range(len, n, self.rank);
+        out.truncate(hi - lo);
+        Ok(out)
+    }
+
+    /// All-gather of raw bytes: `mine.len()` bytes from every rank, concatenated.
+    fn all_gather_bytes(&self, mine: &[u8], out: &mut [u8], keep: Tensor) -> Result<()> {
+        // SAFETY: `keep` owns `mine`; `out` is owned by the caller, who leaks it on error.
+        let (s, r) = unsafe { (forever(mine), forever_mut(out)) };
+        let req = self.comm.immediate_all_gather_into(StaticScope, s, r);
+        self.wait("all_gather", req).inspect_err(|_| std::mem::forget(keep))
+    }
+
+    fn split_mpi(&self, color: Option<u32>, key: usize) -> Result<Option<MpiComm>> {
+        self.check("split", None, None, 0, 0)?;
+        let c = match color {
+            Some(c) => Color::with_value(c.min(i32::MAX as u32) as i32),
+            None => Color::undefined(),
+        };
+        let key = key.min(i32::MAX as usize) as i32;
+        Ok(self
+            .comm
+            .split_by_color_with_key(c, key)
+            .map(|sub| MpiComm::wrap(sub, self._universe.clone(), self.options.clone())))
+    }
+}
+
+/// f16/bf16 <-> f32 for reductions.
+trait HalfElem: Elem {
+    fn to_f32s(s: &[Self]) -> Vec<f32>;
+    fn from_f32s(v: &[f32]) -> Vec<Self>;
+}
+impl HalfElem for f16 {
+    fn to_f32s(s: &[Self]) -> Vec<f32> {
+        s.iter().map(|x| x.to_f32()).collect()
+    }
+    fn from_f32s(v: &[f32]) -> Vec<Self> {
+        v.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+}
+impl HalfElem for bf16 {
+    fn to_f32s(s: &[Self]) -> Vec<f32> {
+        s.iter().map(|x| x.to_f32()).collect()
+    }
+    fn from_f32s(v: &[f32]) -> Vec<Self> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+}
+
+impl MpiComm {
+    fn all_reduce_typed(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let dims = t.dims().to_vec();
+        match t.dtype() {
+            DType::F16 => self.all_reduce_half::<f16>(t, op, &dims),
+            DType::BF16 => self.all_reduce_half::<bf16>(t, op, &dims),
+            DType::F32 => data::from_vec(self.all_reduce_native::<f32>(t, op)?, &dims),
+            DType::F64 => data::from_vec(self.all_reduce_native::<f64>(t, op)?, &dims),
+            DType::U8 => data::from_vec(self.all_reduce_native::<u8>(t, op)?, &dims),
+            DType::U32 => data::from_vec(self.all_reduce_native::<u32>(t, op)?, &dims),
+            DType::I64 => data::from_vec(self.all_reduce_native::<i64>(t, op)?, &dims),
+            other => Err(CommError::UnsupportedDType {
+                op: "all_reduce".into(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn all_reduce_half<H: HalfElem>(&self, t: &Tensor, op: ReduceOp, dims: &[usize]) -> Result<Tensor> {
+        let wide = data::with_slice::<H, _>(t, H::to_f32s)?;
+        let wide = data::from_vec(wide, dims)?;
+        let r = self.all_reduce_native::<f32>(&wide, op)?;
+        data::from_vec(H::from_f32s(&r), dims)
+    }
+
+    fn reduce_scatter_typed(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let out: Tensor = match t.dtype() {
+            DType::F16 => {
+                let w = data::with_slice::<f16, _>(t, f16::to_f32s)?;
+                let r = self.reduce_scatter_native::<f32>(&w, op)?;
+                let n = r.len();
+                data::from_vec(f16::from_f32s(&r), &[n])?
+            }
+            DType::BF16 => {
+                let w = data::with_slice::<bf16, _>(t, bf16::to_f32s)?;
+                let r = self.reduce_scatter_native::<f32>(&w, op)?;
+                let n = r.len();
+                data::from_vec(bf16::from_f32s(&r), &[n])?
+            }
+            DType::F32 => self.rs_native::<f32>(t, op)?,
+            DType::F64 => self.rs_native::<f64>(t, op)?,
+            DType::U8 => self.rs_native::<u8>(t, op)?,
+            DType::U32 => self.rs_native::<u32>(t, op)?,
+            DType::I64 => self.rs_native::<i64>(t, op)?,
+            other => {
+                return Err(CommError::UnsupportedDType {
+                    op: "reduce_scatter".into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(out)
+    }
+
+    fn rs_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let r = data::with_slice::<T, _>(t, |s| self.reduce_scatter_native::<T>(s, op))??;
+        let n = r.len();
+        data::from_vec(r, &[n])
+    }
+
+    fn all_gather_t<T: Elem>(&self, t: &Tensor) -> Result<Tensor> {
+        let len = t.elem_count();
+        let mut out = data::zeroed::<T>(len * self.size);
+        let keep = t.clone();
+        let res = data::with_slice::<T, _>(&keep, |s| {
+            let mine: &[u8] = bytemuck::cast_slice(s);
+            let o: &mut [u8] = bytemuck::cast_slice_mut(&mut out[..]);
+            self.all_gather_bytes(mine, o, keep.clone())
+        })?;
+        if let Err(e) = res {
+            std::mem::forget(out);
+            return Err(e);
+        }
+        data::from_vec(out, &gathered_dims(t.dims(), self.size))
+    }
+
+    fn broadcast_t<T: Elem>(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let len = t.elem_count();
+        let mut buf: Vec<T> = if self.rank == root {
+            data::to_vec::<T>(t)?
+        } else {
+            data::zeroed::<T>(len)
+        };
+        {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf[..]);
+            // SAFETY: `buf` outlives the request or is leaked on timeout.
+            let b = unsafe { forever_mut(bytes) };
+            let req = self
+                .comm
+                .process_at_rank(root as i32)
+                .immediate_broadcast_into(StaticScope, b);
+            if let Err(e) = self.wait("broadcast", req) {
+                std::mem::forget(buf);
+                return Err(e);
+            }
+        }
+        data::from_vec(buf, t.dims())
+    }
+
+    fn send_t<T: Elem>(&self, t: &Tensor, dst: usize) -> Result<()> {
+        let keep = t.clone();
+        let tag = dtype_code(t.dtype()) as i32;
+        let r = data::with_slice::<T, _>(&keep, |s| {
+            let bytes: &[u8] = bytemuck::cast_slice(s);
+            // SAFETY: `keep` owns the data; leaked on timeout.
+            let b = unsafe { forever(bytes) };
+            let req = self
+                .comm
+                .process_at_rank(dst as i32)
+                .immediate_send_with_tag(StaticScope, b, tag);
+            self.wait("send", req)
+        })?;
+        if r.is_err() {
+            std::mem::forget(keep);
+        }
+        r
+    }
+
+    fn recv_t<T: Elem>(&self, src: usize, dims: &[usize], dtype: DType) -> Result<Tensor> {
+        let len: usize = dims.iter().product();
+        let deadline = self.options.timeout.map(|t| Instant::now() + t);
+        let proc_ = self.comm.process_at_rank(src as i32);
+        let (msg, status) = loop {
+            if let Some(m) = proc_.immediate_matched_probe() {
+                break m;
+            }
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    let err = CommError::Timeout {
+                        op: "recv".into(),
+                        rank: self.rank,
+                        waiting_for: vec![src],
+                        timeout: self.options.timeout.unwrap_or_default(),
+                    };
+                    *self.failure.borrow_mut() = Some(err.clone());
+                    return Err(err);
+                }
+            }
+            std::thread::yield_now();
+        };
+        let got_bytes = status.count(u8::equivalent_datatype()).max(0) as usize;
+        let want_bytes = len * dtype.size_in_bytes();
+        if status.tag() as i64 != dtype_code(dtype) || got_bytes != want_bytes {
+            // Consume the message so the channel stays in order, then report.
+            let mut sink = vec![0u8; got_bytes];
+            msg.matched_receive_into(&mut sink[..]);
+            let sent = dtype_from_code(status.tag() as i64)
+                .map(|d| format!("{d:?}"))
+                .unwrap_or_else(|| "?".into());
+            return Err(CommError::Mismatch {
+                seq: 0,
+                detail: format!(
+                    "rank {} expected {dtype:?} {dims:?} ({want_bytes} bytes) from rank {src}, which sent {sent} ({got_bytes} bytes)",
+                    self.rank
+                ),
+            });
+        }
+        let mut out = data::zeroed::<T>(len);
+        {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out[..]);
+            msg.matched_receive_into(bytes);
+        }
+        data::from_vec(out, dims)
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let t = data::cpu_contiguous("all_reduce", tensor)?;
+        self.check("all_reduce", Some(op), Some(t.dtype()), t.elem_count(), 0)?;
+        self.all_reduce_typed(&t, op)
+    }
+
+    fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let t = data::cpu_contiguous("reduce_scatter", tensor)?;
+        self.check("reduce_scatter", Some(op), Some(t.dtype()), t.elem_count(), 0)?;
+        if t.elem_count() == 0 {
+            return Ok(t.flatten_all()?);
+        }
+        self.reduce_scatter_typed(&t, op)
+    }
+
+    fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        let t = data::cpu_contiguous("all_gather", tensor)?;
+        // Shapes must agree: fold the leading dims into the length check.
+        let shape_code = t.dims().iter().fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
+        self.check("all_gather", None, Some(t.dtype()), shape_code, 0)?;
+        with_elem!(t.dtype(), "all_gather", T => self.all_gather_t::<T>(&t))
+    }
+
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.size {
+            return Err(CommError::invalid(
+                "broadcast",
+                format!("root {root} out of range for world size {}", self.size),
+            ));
+        }
+        let t = data::cpu_contiguous("broadcast", tensor)?;
+        self.check("broadcast", None, Some(t.dtype()), t.elem_count(), root)?;
+        with_elem!(t.dtype(), "broadcast", T => self.broadcast_t::<T>(&t, root))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.check("barrier", None, None, 0, 0)?;
+        let req = self.comm.immediate_barrier();
+        self.wait("barrier", req)
+    }
+
+    fn send(&self, tensor: &Tensor, dst: usize) -> Result<()> {
+        if dst >= self.size {
+            return Err(CommError::invalid(
+                "send",
+                format!("destination {dst} out of range for world size {}", self.size),
+            ));
+        }
+        self.check_failed("send")?;
+        let t = data::cpu_contiguous("send", tensor)?;
+        with_elem!(t.dtype(), "send", T => self.send_t::<T>(&t, dst))
+    }
+
+    fn recv(&self, src: usize, dims: &[usize], dtype: DType) -> Result<Tensor> {
+        if src >= self.size {
+            return Err(CommError::invalid(
+                "recv",
+                format!("source {src} out of range for world size {}", self.size),
+            ));
+        }
+        self.check_failed("recv")?;
+        data::check_dtype("recv", dtype)?;
+        with_elem!(dtype, "recv", T => self.recv_t::<T>(src, dims, dtype))
+    }
+
+    fn split(&self, color: Option<u32>, key: usize) -> Result<Option<Box<dyn Communicator>>> {
+        Ok(self
+            .split_mpi(color, key)?
+            .map(|c| Box::new(c) as Box<dyn Communicator>))
+    }
+}
