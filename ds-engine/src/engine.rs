@@ -150,6 +150,7 @@ pub struct Engine<'c> {
     acc: Vec<f32>,
     global_steps: u64,
     skipped_steps: u64,
+    micro_steps: u64,
     policy: Policy,
 }
 
@@ -202,6 +203,7 @@ impl<'c> Engine<'c> {
             acc: vec![0.0; n],
             global_steps: 0,
             skipped_steps: 0,
+            micro_steps: 0,
             policy: match cfg.activation_checkpointing.number_checkpoints {
                 Some(k) => Policy::Count(k as usize),
                 None => Policy::None,
@@ -275,6 +277,9 @@ impl<'c> Engine<'c> {
         let t0 = Instant::now();
         let x = Tensor::from_slice(ids, (b, seq), &Device::Cpu)?;
         let y = Tensor::from_slice(targets, (b, seq), &Device::Cpu)?;
+        // Dropout masks are keyed by the micro-step (identical in a checkpoint recompute).
+        self.model.set_step(self.micro_steps);
+        self.micro_steps += 1;
         let fb = self.model.forward_backward(&x, &y, self.policy)?;
         let t1 = Instant::now();
         let scale = 1.0 / self.gas as f32;

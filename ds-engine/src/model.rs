@@ -198,6 +198,31 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
     picked.mean_all()?.neg()
 }
 
+/// Key of a block's dropout masks: probability, seed, step and block index.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropKey {
+    /// Drop probability.
+    pub p: f32,
+    /// Run seed (and rank).
+    pub seed: u64,
+    /// Micro-step counter.
+    pub step: u64,
+    /// Block index.
+    pub block: u64,
+}
+
+fn apply_dropout(y: Tensor, drop: Option<DropKey>, site: u64) -> candle_core::Result<Tensor> {
+    match drop {
+        Some(d) if d.p > 0.0 => {
+            let mask =
+                ds_ckpt_act::dropout_mask(y.elem_count(), d.p, d.seed, d.step, d.block * 2 + site);
+            let mask = Tensor::from_vec(mask, y.shape(), y.device())?;
+            y * mask
+        }
+        _ => Ok(y),
+    }
+}
+
 /// One pre-LN transformer block.
 #[derive(Debug, Clone)]
 pub struct GptBlock {
@@ -248,9 +273,9 @@ impl GptBlock {
         push("ln2.bias", &self.ln2.bias);
     }
 
-    /// (B, T, C) -> (B, T, C).
+    /// (B, T, C) -> (B, T, C), no dropout.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_mode(x, Mode::Tracked)
+        self.forward_mode(x, Mode::Tracked, None)
     }
 
     /// The block's parameters, in the order of [`Gpt::params`].
@@ -267,8 +292,14 @@ impl GptBlock {
         v
     }
 
-    /// The block with tracked or detached parameters.
-    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+    /// The block with tracked or detached parameters, and residual dropout keyed by `drop`
+    /// (the same key gives the same masks: a recompute drops exactly what the forward did).
+    pub fn forward_mode(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        drop: Option<DropKey>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let h = self.heads;
         let hd = c / h;
@@ -289,16 +320,22 @@ impl GptBlock {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, c))?;
-        let x = (x + self.proj.forward(&y)?)?;
-        let m = self.fc2.forward(&crate::kernels::gelu(
-            &self.fc.forward(&self.ln2.forward(&x)?)?,
-        )?)?;
+        let a = apply_dropout(self.proj.forward_mode(&y, mode)?, drop, 0)?;
+        let x = (x + a)?;
+        let h = self
+            .fc
+            .forward_mode(&self.ln2.forward_mode(&x, mode)?, mode)?;
+        let m = apply_dropout(
+            self.fc2.forward_mode(&crate::kernels::gelu(&h)?, mode)?,
+            drop,
+            1,
+        )?;
         x + m
     }
 }
 
 /// The GPT.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Gpt {
     shape: ModelShape,
     wte: Var,
@@ -306,9 +343,33 @@ pub struct Gpt {
     blocks: Vec<GptBlock>,
     ln_f: LayerNorm,
     params: Vec<NamedParam>,
+    dropout: f32,
+    dropout_seed: u64,
+    step: std::sync::atomic::AtomicU64,
 }
 
 impl Gpt {
+    /// Residual dropout with probability `p` (0 = off, the default), masks keyed by `seed`,
+    /// the step set by [`Gpt::set_step`] and the block.
+    pub fn set_dropout(&mut self, p: f32, seed: u64) {
+        self.dropout = p;
+        self.dropout_seed = seed;
+    }
+
+    /// Sets the step that keys the dropout masks.
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn drop_key(&self, block: usize) -> Option<DropKey> {
+        (self.dropout > 0.0).then(|| DropKey {
+            p: self.dropout,
+            seed: self.dropout_seed,
+            step: self.step.load(std::sync::atomic::Ordering::Relaxed),
+            block: block as u64,
+        })
+    }
+
     /// Builds the model with GPT-2 initialisation from `seed`.
     pub fn new(shape: ModelShape, seed: u64, dev: &Device) -> candle_core::Result<Self> {
         if shape.heads == 0 || shape.hidden % shape.heads != 0 {
@@ -361,6 +422,9 @@ impl Gpt {
             blocks,
             ln_f,
             params,
+            dropout: 0.0,
+            dropout_seed: 0,
+            step: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -448,14 +512,15 @@ impl Gpt {
         let mut kept = Vec::with_capacity(n);
         let mut x = x0.detach();
         for (i, blk) in self.blocks.iter().enumerate() {
-            let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m);
+            let key = self.drop_key(i);
+            let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
             if policy.checkpointed(i, n) {
                 let (y, saved) = checkpoint_forward(&seg, &x).map_err(to_candle)?;
                 kept.push(Kept::Ckpt(saved));
                 x = y;
             } else {
                 let xv = Var::from_tensor(&x)?;
-                let y = blk.forward(xv.as_tensor())?;
+                let y = blk.forward_mode(xv.as_tensor(), Mode::Tracked, key)?;
                 x = y.detach();
                 kept.push(Kept::Graph(xv, y));
             }
@@ -489,11 +554,12 @@ impl Gpt {
         };
         drop(grads);
         // Blocks in reverse.
-        for (blk, k) in self.blocks.iter().zip(kept).rev() {
+        for (i, (blk, k)) in self.blocks.iter().zip(kept).enumerate().rev() {
             let vars = blk.vars();
+            let key = self.drop_key(i);
             match k {
                 Kept::Ckpt(saved) => {
-                    let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m);
+                    let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
                     let sg = recompute_backward(&seg, &saved, &g, &vars).map_err(to_candle)?;
                     for (v, pg) in vars.iter().zip(sg.params) {
                         if let Some(pg) = pg {
@@ -540,8 +606,8 @@ impl Gpt {
             .reshape((b, t, self.shape.hidden))?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = x.broadcast_add(&pos)?;
-        for blk in &self.blocks {
-            x = blk.forward(&x)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward_mode(&x, Mode::Tracked, self.drop_key(i))?;
         }
         let x = self.ln_f.forward(&x)?.reshape((b * t, self.shape.hidden))?;
         x.matmul(&self.wte.t()?)
@@ -645,7 +711,10 @@ mod tests {
             layers: 3,
             ..tiny()
         };
-        let m = Gpt::new(s, 5, &Device::Cpu).unwrap();
+        let mut m = Gpt::new(s, 5, &Device::Cpu).unwrap();
+        // Dropout on: the recompute must draw the same masks.
+        m.set_dropout(0.2, 11);
+        m.set_step(3);
         let mut rng = Rng::new(6);
         let mut toks = |n: usize| -> Vec<u32> {
             (0..n)
@@ -656,6 +725,13 @@ mod tests {
         let tg = Tensor::from_vec(toks(2 * s.seq), (2, s.seq), &Device::Cpu).unwrap();
         let r0 = m.forward_backward(&ids, &tg, Policy::None).unwrap();
         let (l0, g0) = (r0.loss, r0.grads);
+        // Dropout is really on: another step draws other masks and another loss.
+        m.set_step(4);
+        assert_ne!(
+            m.forward_backward(&ids, &tg, Policy::None).unwrap().loss,
+            l0
+        );
+        m.set_step(3);
         for policy in [Policy::Every, Policy::Count(1), Policy::Count(2)] {
             let r = m.forward_backward(&ids, &tg, policy).unwrap();
             let (l, g) = (r.loss, r.grads);

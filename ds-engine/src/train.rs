@@ -48,6 +48,8 @@ pub struct TrainArgs {
     pub batch: Option<usize>,
     /// Checkpoint every block's activations (overrides `number_checkpoints`).
     pub ckpt: bool,
+    /// Residual dropout probability (0 = off).
+    pub dropout: f32,
 }
 
 /// What `ds train --json` prints (the keys are a contract).
@@ -248,7 +250,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                         (Some(p), None) => p,
                         (None, None) => return Err(EngineError::Config("no communicator".into())),
                     };
-                    let model = Gpt::new(shape, args.seed, &Device::Cpu)?;
+                    let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
+                    if args.dropout > 0.0 {
+                        // Each rank draws its own masks (its own data), reproducibly.
+                        model.set_dropout(args.dropout, args.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9));
+                    }
                     let mut engine = Engine::initialize(cfg, model, comm)?;
                     if args.ckpt {
                         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);

@@ -335,4 +335,12 @@ fn bench_ckpt_act_json_contract_and_ckpt_training_is_identical() {
     with.push("--ckpt");
     let ckpt: serde_json::Value = serde_json::from_slice(&ds(&with).stdout).unwrap();
     assert_eq!(plain["losses"], ckpt["losses"]);
+    // With dropout on, too (the recompute draws the same masks); and dropout changes the run.
+    let mut drop = flags.to_vec();
+    drop.extend(["--dropout", "0.1"]);
+    let d_plain: serde_json::Value = serde_json::from_slice(&ds(&drop).stdout).unwrap();
+    drop.push("--ckpt");
+    let d_ckpt: serde_json::Value = serde_json::from_slice(&ds(&drop).stdout).unwrap();
+    assert_eq!(d_plain["losses"], d_ckpt["losses"]);
+    assert_ne!(d_plain["losses"], plain["losses"]);
 }

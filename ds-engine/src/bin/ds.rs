@@ -122,6 +122,9 @@ struct ModelFlags {
     /// Checkpoint every block's activations (recompute in backward).
     #[arg(long)]
     ckpt: bool,
+    /// Residual dropout probability in [0, 1) (masks reproducible from the seed and step).
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
     /// Vocabulary size.
     #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
     vocab: usize,
@@ -285,6 +288,10 @@ fn main() -> ExitCode {
                 eprintln!("error: --out/--resume: checkpointing is not wired into `ds train` yet (it arrives with ds-checkpoint); run without them");
                 return ExitCode::from(2);
             }
+            if !(0.0..1.0).contains(&model.dropout) {
+                eprintln!("error: --dropout {} must be in [0, 1)", model.dropout);
+                return ExitCode::from(2);
+            }
             if model.hidden % model.heads != 0 {
                 eprintln!(
                     "error: --hidden {} must be a multiple of --heads {}",
@@ -308,6 +315,7 @@ fn main() -> ExitCode {
                 },
                 batch: model.batch,
                 ckpt: model.ckpt,
+                dropout: model.dropout,
             };
             match ds_engine::train::train(&args) {
                 Ok(r) if json => print_json(&r),
