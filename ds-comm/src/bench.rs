@@ -119,7 +119,11 @@ impl Default for CommBenchOptions {
         Self {
             backend: BenchBackend::Local,
             world_size: 2,
-            ops: vec![BenchOp::AllReduce, BenchOp::ReduceScatter, BenchOp::AllGather],
+            ops: vec![
+                BenchOp::AllReduce,
+                BenchOp::ReduceScatter,
+                BenchOp::AllGather,
+            ],
             sizes: vec![1 << 20, 16 << 20, 64 << 20],
             dtype: DType::F32,
             warmup: 2,
@@ -217,7 +221,10 @@ pub fn parse_sizes(s: &str) -> Result<Vec<usize>> {
                 .and_then(|v| v.checked_mul(mult))
                 .filter(|&v| v > 0)
                 .ok_or_else(|| {
-                    CommError::invalid("bench", format!("bad size {p:?}; expected e.g. 1M, 64M, 4096"))
+                    CommError::invalid(
+                        "bench",
+                        format!("bad size {p:?}; expected e.g. 1M, 64M, 4096"),
+                    )
                 })
         })
         .collect()
@@ -285,7 +292,10 @@ pub fn run_comm_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
 
 fn validate(opts: &CommBenchOptions) -> Result<()> {
     if opts.sizes.is_empty() || opts.ops.is_empty() {
-        return Err(CommError::invalid("bench", "need at least one op and one size"));
+        return Err(CommError::invalid(
+            "bench",
+            "need at least one op and one size",
+        ));
     }
     if opts.backend == BenchBackend::Local && opts.world_size == 0 {
         return Err(CommError::invalid("bench", "world_size must be at least 1"));
@@ -353,7 +363,11 @@ pub fn run_comm_bench_on(
                 time_ms: t,
                 algbw_GBps: alg,
                 busbw_GBps: bus,
-                busbw_over_memcpy: if memcpy_gbps > 0.0 { bus / memcpy_gbps } else { 0.0 },
+                busbw_over_memcpy: if memcpy_gbps > 0.0 {
+                    bus / memcpy_gbps
+                } else {
+                    0.0
+                },
             });
         }
     }
@@ -374,8 +388,14 @@ mod tests {
 
     #[test]
     fn sizes_parse() {
-        assert_eq!(parse_sizes("1M,16M,64M").unwrap(), vec![1 << 20, 16 << 20, 64 << 20]);
-        assert_eq!(parse_sizes("4096, 1k,2G,3MiB").unwrap(), vec![4096, 1024, 2 << 30, 3 << 20]);
+        assert_eq!(
+            parse_sizes("1M,16M,64M").unwrap(),
+            vec![1 << 20, 16 << 20, 64 << 20]
+        );
+        assert_eq!(
+            parse_sizes("4096, 1k,2G,3MiB").unwrap(),
+            vec![4096, 1024, 2 << 30, 3 << 20]
+        );
         assert!(parse_sizes("1X").is_err());
         assert!(parse_sizes("0").is_err());
         assert!(parse_sizes("M").is_err());

@@ -24,11 +24,17 @@ pub type Check = (&'static str, fn(&dyn Communicator) -> CheckResult);
 pub fn checks() -> Vec<Check> {
     vec![
         ("all_reduce_rank_plus_one", all_reduce_rank_plus_one),
-        ("all_reduce_ops_dtypes_lengths", all_reduce_ops_dtypes_lengths),
+        (
+            "all_reduce_ops_dtypes_lengths",
+            all_reduce_ops_dtypes_lengths,
+        ),
         ("all_reduce_shapes", all_reduce_shapes),
         ("all_reduce_inplace", all_reduce_inplace),
         ("reduce_scatter_partitions", reduce_scatter_partitions),
-        ("reduce_scatter_coalesced_deepspeed", reduce_scatter_coalesced_deepspeed),
+        (
+            "reduce_scatter_coalesced_deepspeed",
+            reduce_scatter_coalesced_deepspeed,
+        ),
         ("all_gather", all_gather),
         ("broadcast", broadcast),
         ("barrier", barrier),
@@ -161,8 +167,15 @@ pub fn all_reduce_rank_plus_one(comm: &dyn Communicator) -> CheckResult {
     for dtype in [DType::F32, DType::BF16, DType::F16, DType::I64] {
         for len in [128usize, 3] {
             let x = tensor(&vec![(comm.rank() + 1) as f64; len], &[len], dtype)?;
-            let y = comm.all_reduce(&x, ReduceOp::Sum).map_err(err("all_reduce"))?;
-            compare(&format!("{dtype:?} len {len}"), &values(&y)?, &vec![want; len], dtype)?;
+            let y = comm
+                .all_reduce(&x, ReduceOp::Sum)
+                .map_err(err("all_reduce"))?;
+            compare(
+                &format!("{dtype:?} len {len}"),
+                &values(&y)?,
+                &vec![want; len],
+                dtype,
+            )?;
         }
     }
     Ok(())
@@ -201,13 +214,19 @@ pub fn all_reduce_shapes(comm: &dyn Communicator) -> CheckResult {
     let r = comm.rank();
     let mine: Vec<f64> = (0..15).map(|i| val(r, i)).collect();
     let x = tensor(&mine, &[3, 5], DType::F32)?;
-    let y = comm.all_reduce(&x, ReduceOp::Sum).map_err(err("all_reduce"))?;
+    let y = comm
+        .all_reduce(&x, ReduceOp::Sum)
+        .map_err(err("all_reduce"))?;
     ensure(y.dims() == [3, 5], || format!("shape {:?}", y.dims()))?;
-    let want: Vec<f64> = (0..15).map(|i| expected_reduce(n, i, ReduceOp::Sum, DType::F32)).collect();
+    let want: Vec<f64> = (0..15)
+        .map(|i| expected_reduce(n, i, ReduceOp::Sum, DType::F32))
+        .collect();
     compare("2-D", &values(&y)?, &want, DType::F32)?;
     // Transposed (non-contiguous) input: result is the reduction of the transposed values.
     let xt = x.t().map_err(err("t"))?;
-    let yt = comm.all_reduce(&xt, ReduceOp::Max).map_err(err("all_reduce"))?;
+    let yt = comm
+        .all_reduce(&xt, ReduceOp::Max)
+        .map_err(err("all_reduce"))?;
     ensure(yt.dims() == [5, 3], || format!("shape {:?}", yt.dims()))?;
     let want_t: Vec<f64> = (0..15)
         .map(|j| {
@@ -229,7 +248,8 @@ pub fn all_reduce_inplace(comm: &dyn Communicator) -> CheckResult {
                 let mine: Vec<f64> = (0..len).map(|i| val(r, i)).collect();
                 let x = tensor(&mine, &[len], dtype)?;
                 let view = x.clone();
-                comm.all_reduce_inplace(&x, op).map_err(err("all_reduce_inplace"))?;
+                comm.all_reduce_inplace(&x, op)
+                    .map_err(err("all_reduce_inplace"))?;
                 let want: Vec<f64> = (0..len).map(|i| expected_reduce(n, i, op, dtype)).collect();
                 let ctx = format!("all_reduce_inplace {} {dtype:?} len {len}", op.name());
                 compare(&ctx, &values(&x)?, &want, dtype)?;
@@ -237,10 +257,16 @@ pub fn all_reduce_inplace(comm: &dyn Communicator) -> CheckResult {
             }
         }
     }
-    let x = tensor(&[1.0; 6], &[2, 3], DType::F32)?.t().map_err(err("t"))?;
+    let x = tensor(&[1.0; 6], &[2, 3], DType::F32)?
+        .t()
+        .map_err(err("t"))?;
     match comm.all_reduce_inplace(&x, ReduceOp::Sum) {
         Err(CommError::InvalidArgument { .. }) => {}
-        other => return Err(format!("in-place all_reduce of a transposed tensor: {other:?}")),
+        other => {
+            return Err(format!(
+                "in-place all_reduce of a transposed tensor: {other:?}"
+            ))
+        }
     }
     Ok(())
 }
@@ -258,7 +284,11 @@ pub fn reduce_scatter_partitions(comm: &dyn Communicator) -> CheckResult {
                 let (lo, hi) = partition_range(len, n, r);
                 let want: Vec<f64> = (lo..hi).map(|i| expected_reduce(n, i, op, dtype)).collect();
                 ensure(y.dims() == [hi - lo], || {
-                    format!("reduce_scatter len {len}: shape {:?}, expected [{}]", y.dims(), hi - lo)
+                    format!(
+                        "reduce_scatter len {len}: shape {:?}, expected [{}]",
+                        y.dims(),
+                        hi - lo
+                    )
                 })?;
                 compare(
                     &format!("reduce_scatter {} {dtype:?} len {len}", op.name()),
@@ -285,12 +315,20 @@ pub fn reduce_scatter_coalesced_deepspeed(comm: &dyn Communicator) -> CheckResul
         .reduce_scatter_coalesced(&[x], ReduceOp::Avg)
         .map_err(err("reduce_scatter_coalesced"))?;
     let (lo, hi) = partition_range(6, n, comm.rank());
-    compare("single input", &values(&out[0])?, &vec![half_sum; hi - lo], dt)?;
+    compare(
+        "single input",
+        &values(&out[0])?,
+        &vec![half_sum; hi - lo],
+        dt,
+    )?;
     // Two inputs: rank*arange(0,6) and rank*arange(6,9).
     let a: Vec<f64> = (0..6).map(|i| r * i as f64).collect();
     let b: Vec<f64> = (6..9).map(|i| r * i as f64).collect();
     let outs = comm
-        .reduce_scatter_coalesced(&[tensor(&a, &[6], dt)?, tensor(&b, &[3], dt)?], ReduceOp::Avg)
+        .reduce_scatter_coalesced(
+            &[tensor(&a, &[6], dt)?, tensor(&b, &[3], dt)?],
+            ReduceOp::Avg,
+        )
         .map_err(err("reduce_scatter_coalesced"))?;
     let (lo, hi) = partition_range(6, n, comm.rank());
     let want: Vec<f64> = (lo..hi).map(|i| i as f64 * half_sum).collect();
@@ -300,7 +338,11 @@ pub fn reduce_scatter_coalesced_deepspeed(comm: &dyn Communicator) -> CheckResul
     compare("two inputs, second", &values(&outs[1])?, &want, dt)?;
     if n == 2 {
         // The literal DeepSpeed expectations.
-        let want_a: &[f64] = if r == 0.0 { &[0.0, 0.5, 1.0] } else { &[1.5, 2.0, 2.5] };
+        let want_a: &[f64] = if r == 0.0 {
+            &[0.0, 0.5, 1.0]
+        } else {
+            &[1.5, 2.0, 2.5]
+        };
         let want_b: &[f64] = if r == 0.0 { &[3.0, 3.5] } else { &[4.0] };
         compare("deepspeed two inputs a", &values(&outs[0])?, want_a, dt)?;
         compare("deepspeed two inputs b", &values(&outs[1])?, want_b, dt)?;
@@ -311,7 +353,10 @@ pub fn reduce_scatter_coalesced_deepspeed(comm: &dyn Communicator) -> CheckResul
         .map_err(err("reduce_scatter"))?;
     let want_len = if comm.rank() == 0 { 1 } else { 0 };
     ensure(one.dims() == [want_len], || {
-        format!("1-element input: shape {:?}, expected [{want_len}]", one.dims())
+        format!(
+            "1-element input: shape {:?}, expected [{want_len}]",
+            one.dims()
+        )
     })
 }
 
@@ -334,10 +379,20 @@ pub fn all_gather(comm: &dyn Communicator) -> CheckResult {
                 d
             };
             ensure(y.dims() == want_dims.as_slice(), || {
-                format!("all_gather {dims:?}: shape {:?}, expected {want_dims:?}", y.dims())
+                format!(
+                    "all_gather {dims:?}: shape {:?}, expected {want_dims:?}",
+                    y.dims()
+                )
             })?;
-            let want: Vec<f64> = (0..n).flat_map(|k| (0..len).map(move |i| g(k, i))).collect();
-            compare(&format!("all_gather {dtype:?} {dims:?}"), &values(&y)?, &want, dtype)?;
+            let want: Vec<f64> = (0..n)
+                .flat_map(|k| (0..len).map(move |i| g(k, i)))
+                .collect();
+            compare(
+                &format!("all_gather {dtype:?} {dims:?}"),
+                &values(&y)?,
+                &want,
+                dtype,
+            )?;
         }
     }
     Ok(())
@@ -359,7 +414,12 @@ pub fn broadcast(comm: &dyn Communicator) -> CheckResult {
                 .broadcast(&tensor(&mine, &[len], dtype)?, root)
                 .map_err(err("broadcast"))?;
             let want: Vec<f64> = (0..len).map(|i| val(root, i) + 1.0).collect();
-            compare(&format!("broadcast {dtype:?} root {root}"), &values(&y)?, &want, dtype)?;
+            compare(
+                &format!("broadcast {dtype:?} root {root}"),
+                &values(&y)?,
+                &want,
+                dtype,
+            )?;
         }
     }
     Ok(())
@@ -382,7 +442,11 @@ pub fn send_recv_ring(comm: &dyn Communicator) -> CheckResult {
     }
     let r = comm.rank();
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-    for (dtype, len) in [(DType::F32, 100_003usize), (DType::BF16, 7), (DType::I64, 1)] {
+    for (dtype, len) in [
+        (DType::F32, 100_003usize),
+        (DType::BF16, 7),
+        (DType::I64, 1),
+    ] {
         let mine: Vec<f64> = (0..len).map(|i| val(r, i)).collect();
         let x = tensor(&mine, &[len], dtype)?;
         let got = if r == 0 {
@@ -394,7 +458,12 @@ pub fn send_recv_ring(comm: &dyn Communicator) -> CheckResult {
             got
         };
         let want: Vec<f64> = (0..len).map(|i| val(prev, i)).collect();
-        compare(&format!("recv {dtype:?} from {prev}"), &values(&got)?, &want, dtype)?;
+        compare(
+            &format!("recv {dtype:?} from {prev}"),
+            &values(&got)?,
+            &want,
+            dtype,
+        )?;
     }
     Ok(())
 }
@@ -409,13 +478,26 @@ pub fn split_and_new_group(comm: &dyn Communicator) -> CheckResult {
         .ok_or("split returned no group for a member")?;
     let members: Vec<usize> = (0..n).filter(|k| k % 2 == r % 2).collect();
     ensure(sub.world_size() == members.len(), || {
-        format!("sub-group size {}, expected {}", sub.world_size(), members.len())
+        format!(
+            "sub-group size {}, expected {}",
+            sub.world_size(),
+            members.len()
+        )
     })?;
-    ensure(sub.rank() == r / 2, || format!("sub-group rank {}, expected {}", sub.rank(), r / 2))?;
+    ensure(sub.rank() == r / 2, || {
+        format!("sub-group rank {}, expected {}", sub.rank(), r / 2)
+    })?;
     let x = tensor(&[(r + 1) as f64; 3], &[3], DType::F32)?;
-    let y = sub.all_reduce(&x, ReduceOp::Sum).map_err(err("sub all_reduce"))?;
+    let y = sub
+        .all_reduce(&x, ReduceOp::Sum)
+        .map_err(err("sub all_reduce"))?;
     let want: f64 = members.iter().map(|k| (k + 1) as f64).sum();
-    compare("parity sub-group all_reduce", &values(&y)?, &[want; 3], DType::F32)?;
+    compare(
+        "parity sub-group all_reduce",
+        &values(&y)?,
+        &[want; 3],
+        DType::F32,
+    )?;
     drop(sub);
     // new_group with all ranks in reverse order.
     let rev: Vec<usize> = (0..n).rev().collect();
@@ -423,17 +505,28 @@ pub fn split_and_new_group(comm: &dyn Communicator) -> CheckResult {
         .new_group(&rev)
         .map_err(err("new_group"))?
         .ok_or("new_group returned no group for a member")?;
-    ensure(g.rank() == n - 1 - r, || format!("reversed rank {}, expected {}", g.rank(), n - 1 - r))?;
+    ensure(g.rank() == n - 1 - r, || {
+        format!("reversed rank {}, expected {}", g.rank(), n - 1 - r)
+    })?;
     let y = g
         .all_gather(&tensor(&[r as f64], &[1], DType::I64)?)
         .map_err(err("reversed all_gather"))?;
-    compare("reversed group order", &values(&y)?, &rev.iter().map(|&k| k as f64).collect::<Vec<_>>(), DType::I64)?;
+    compare(
+        "reversed group order",
+        &values(&y)?,
+        &rev.iter().map(|&k| k as f64).collect::<Vec<_>>(),
+        DType::I64,
+    )?;
     drop(g);
     // new_group of rank 0 only.
     let only0 = comm.new_group(&[0]).map_err(err("new_group([0])"))?;
-    ensure(only0.is_some() == (r == 0), || format!("new_group([0]) membership wrong on rank {r}"))?;
+    ensure(only0.is_some() == (r == 0), || {
+        format!("new_group([0]) membership wrong on rank {r}")
+    })?;
     if let Some(g) = only0 {
-        ensure(g.world_size() == 1, || "group of one has another size".into())?;
+        ensure(g.world_size() == 1, || {
+            "group of one has another size".into()
+        })?;
         g.barrier().map_err(err("barrier in group of one"))?;
     }
     Ok(())
@@ -459,17 +552,33 @@ pub fn mismatch_detected(comm: &dyn Communicator) -> CheckResult {
     let x = tensor(&vec![1.0; len], &[len], DType::F32)?;
     expect_mismatch("length", comm.all_reduce(&x, ReduceOp::Sum))?;
     let x = tensor(&[1.0; 4], &[4], DType::F32)?;
-    let res = if r == 0 { comm.all_reduce(&x, ReduceOp::Sum) } else { comm.all_gather(&x) };
+    let res = if r == 0 {
+        comm.all_reduce(&x, ReduceOp::Sum)
+    } else {
+        comm.all_gather(&x)
+    };
     expect_mismatch("op", res)?;
-    let res = if r == 0 { comm.all_reduce(&x, ReduceOp::Sum) } else { comm.all_reduce(&x, ReduceOp::Max) };
+    let res = if r == 0 {
+        comm.all_reduce(&x, ReduceOp::Sum)
+    } else {
+        comm.all_reduce(&x, ReduceOp::Max)
+    };
     expect_mismatch("reduce op", res)?;
     let dt = if r == 0 { DType::F32 } else { DType::BF16 };
-    expect_mismatch("dtype", comm.all_reduce(&tensor(&[1.0; 4], &[4], dt)?, ReduceOp::Sum))?;
+    expect_mismatch(
+        "dtype",
+        comm.all_reduce(&tensor(&[1.0; 4], &[4], dt)?, ReduceOp::Sum),
+    )?;
     // Still usable.
     let y = comm
         .all_reduce(&tensor(&[(r + 1) as f64], &[1], DType::F32)?, ReduceOp::Sum)
         .map_err(err("all_reduce after mismatches"))?;
-    compare("after mismatches", &values(&y)?, &[(n * (n + 1) / 2) as f64], DType::F32)
+    compare(
+        "after mismatches",
+        &values(&y)?,
+        &[(n * (n + 1) / 2) as f64],
+        DType::F32,
+    )
 }
 
 /// Bad roots and unsupported dtypes are rejected on every rank before any communication.
@@ -486,5 +595,6 @@ pub fn invalid_arguments(comm: &dyn Communicator) -> CheckResult {
         other => return Err(format!("all_reduce of i32: {other:?}")),
     }
     // Still usable.
-    comm.barrier().map_err(err("barrier after invalid arguments"))
+    comm.barrier()
+        .map_err(err("barrier after invalid arguments"))
 }

@@ -3,8 +3,8 @@
 use crate::error::{CommError, Result};
 use crate::ReduceOp;
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
-use std::cell::RefCell;
 use half::{bf16, f16};
+use std::cell::RefCell;
 
 /// Elements per block in the reduction kernels (keeps the accumulator in L1).
 const BLOCK: usize = 2048;
@@ -148,12 +148,14 @@ macro_rules! half_elem {
                             ReduceOp::Sum | ReduceOp::Avg => {
                                 acc.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += *b)
                             }
-                            ReduceOp::Min => {
-                                acc.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a = a.min(*b))
-                            }
-                            ReduceOp::Max => {
-                                acc.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a = a.max(*b))
-                            }
+                            ReduceOp::Min => acc
+                                .iter_mut()
+                                .zip(tmp.iter())
+                                .for_each(|(a, b)| *a = a.min(*b)),
+                            ReduceOp::Max => acc
+                                .iter_mut()
+                                .zip(tmp.iter())
+                                .for_each(|(a, b)| *a = a.max(*b)),
                         }
                     }
                     if op == ReduceOp::Avg {
@@ -265,8 +267,10 @@ pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R
 }
 
 /// An in-place op that hands the tensor's elements to a closure.
+type SliceFn<'f, T, R> = Box<dyn FnOnce(&mut [T]) -> Result<R> + 'f>;
+
 struct InPlace<'f, T, R> {
-    f: RefCell<Option<Box<dyn FnOnce(&mut [T]) -> Result<R> + 'f>>>,
+    f: RefCell<Option<SliceFn<'f, T, R>>>,
     out: RefCell<Option<Result<R>>>,
 }
 
@@ -301,10 +305,16 @@ pub(crate) fn with_slice_mut<T: Elem, R>(
     f: impl FnOnce(&mut [T]) -> Result<R>,
 ) -> Result<R> {
     if !matches!(t.device(), Device::Cpu) {
-        return Err(CommError::invalid(op, "in-place collectives on this backend take CPU tensors"));
+        return Err(CommError::invalid(
+            op,
+            "in-place collectives on this backend take CPU tensors",
+        ));
     }
     if !t.is_contiguous() {
-        return Err(CommError::invalid(op, "in-place collectives need a contiguous tensor"));
+        return Err(CommError::invalid(
+            op,
+            "in-place collectives need a contiguous tensor",
+        ));
     }
     let op_ = InPlace::<T, R> {
         f: RefCell::new(Some(Box::new(f))),
@@ -319,7 +329,10 @@ pub(crate) fn with_slice_mut<T: Elem, R>(
 /// Overwrites `dst` (contiguous CPU tensor) with the elements of `src` (same dtype and count).
 pub(crate) fn copy_into(op: &str, dst: &Tensor, src: &Tensor) -> Result<()> {
     if dst.dtype() != src.dtype() || dst.elem_count() != src.elem_count() {
-        return Err(CommError::invalid(op, "result does not match the tensor to overwrite"));
+        return Err(CommError::invalid(
+            op,
+            "result does not match the tensor to overwrite",
+        ));
     }
     let src = src.contiguous()?;
     with_elem!(dst.dtype(), op, T => {
@@ -388,15 +401,17 @@ mod tests {
     fn reduce_half_long_buffer() {
         let n = BLOCK * 2 + 17;
         let a: Vec<bf16> = (0..n).map(|i| bf16::from_f32((i % 64) as f32)).collect();
-        let b: Vec<bf16> = (0..n).map(|i| bf16::from_f32(1.0 + (i % 3) as f32)).collect();
+        let b: Vec<bf16> = (0..n)
+            .map(|i| bf16::from_f32(1.0 + (i % 3) as f32))
+            .collect();
         let mut d = vec![bf16::ZERO; n];
         bf16::reduce(&mut d, &[&a, &b], ReduceOp::Sum);
-        for i in 0..n {
-            assert_eq!(d[i].to_f32(), (i % 64) as f32 + 1.0 + (i % 3) as f32, "at {i}");
+        for (i, x) in d.iter().enumerate() {
+            assert_eq!(x.to_f32(), (i % 64) as f32 + 1.0 + (i % 3) as f32, "at {i}");
         }
         bf16::reduce(&mut d, &[&a, &b], ReduceOp::Max);
-        for i in 0..n {
-            assert_eq!(d[i].to_f32(), ((i % 64) as f32).max(1.0 + (i % 3) as f32));
+        for (i, x) in d.iter().enumerate() {
+            assert_eq!(x.to_f32(), ((i % 64) as f32).max(1.0 + (i % 3) as f32));
         }
     }
 

@@ -58,6 +58,7 @@ pub mod logger;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod rendezvous;
 
 pub use data::{partition_range, SUPPORTED_DTYPES};
 pub use error::{CommError, Result};
@@ -180,10 +181,7 @@ pub trait Communicator {
     /// [`Communicator::reduce_scatter`] over several tensors (DeepSpeed's
     /// `reduce_scatter_coalesced`): each is partitioned and reduced on its own.
     fn reduce_scatter_coalesced(&self, tensors: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
-        tensors
-            .iter()
-            .map(|t| self.reduce_scatter(t, op))
-            .collect()
+        tensors.iter().map(|t| self.reduce_scatter(t, op)).collect()
     }
 }
 

@@ -222,11 +222,11 @@ impl LocalComm {
         let mut senders: Vec<Vec<Sender<Msg>>> = (0..n).map(|_| Vec::with_capacity(n)).collect();
         let mut receivers: Vec<Vec<Receiver<Msg>>> =
             (0..n).map(|_| Vec::with_capacity(n)).collect();
-        for src in 0..n {
-            for dst in 0..n {
+        for to_src in senders.iter_mut() {
+            for from_dst in receivers.iter_mut() {
                 let (s, r) = channel::unbounded();
-                senders[src].push(s);
-                receivers[dst].push(r);
+                to_src.push(s);
+                from_dst.push(r);
             }
         }
         senders
@@ -413,7 +413,7 @@ impl LocalComm {
     ) -> Result<()> {
         let n = self.shared.n;
         let r = self.rank;
-        let in_place = src as usize == dst as usize;
+        let in_place = std::ptr::eq(src, dst);
         let snap = self.sync_checked(Entry {
             desc,
             src: src as usize,
@@ -486,7 +486,11 @@ impl LocalComm {
                     // barrier); partition `k` of this rank's buffer was read only by rank `k`,
                     // before the barrier.
                     unsafe {
-                        std::ptr::copy_nonoverlapping((kdst as *const T).add(lo), dst.add(lo), hi - lo);
+                        std::ptr::copy_nonoverlapping(
+                            (kdst as *const T).add(lo),
+                            dst.add(lo),
+                            hi - lo,
+                        );
                     }
                 }
             }
@@ -536,7 +540,9 @@ impl LocalComm {
             let srcs: Vec<&[T]> = snap
                 .iter()
                 .flatten()
-                .map(|e| unsafe { std::slice::from_raw_parts((e.src as *const T).add(lo), hi - lo) })
+                .map(|e| unsafe {
+                    std::slice::from_raw_parts((e.src as *const T).add(lo), hi - lo)
+                })
                 .collect();
             if hi > lo {
                 T::reduce(&mut out, &srcs, op);
@@ -782,13 +788,15 @@ impl Communicator for LocalComm {
         if dst >= self.shared.n {
             return Err(CommError::invalid(
                 "send",
-                format!("destination {dst} out of range for world size {}", self.shared.n),
+                format!(
+                    "destination {dst} out of range for world size {}",
+                    self.shared.n
+                ),
             ));
         }
         self.check_failed("send")?;
         let t = data::cpu_contiguous("send", tensor)?;
-        let data: Box<dyn Any + Send> =
-            with_elem!(t.dtype(), "send", T => data::to_vec::<T>(&t).map(|v| Box::new(v) as Box<dyn Any + Send>))?;
+        let data: Box<dyn Any + Send> = with_elem!(t.dtype(), "send", T => data::to_vec::<T>(&t).map(|v| Box::new(v) as Box<dyn Any + Send>))?;
         let msg = Msg {
             dtype: t.dtype(),
             dims: t.dims().to_vec(),

@@ -35,8 +35,12 @@ pub fn calc_bw(op: &str, size: f64, duration_ms: f64, n: usize) -> (f64, f64) {
     let nf = n as f64;
     let (alg, bus) = match op {
         "all_to_all_single" => (size / duration_ms, size / duration_ms * ((nf - 1.0) / nf)),
-        "all_gather" | "all_gather_into_tensor" | "reduce_scatter" | "reduce_scatter_tensor"
-        | "all_gather_coalesced" | "reduce_scatter_coalesced" => {
+        "all_gather"
+        | "all_gather_into_tensor"
+        | "reduce_scatter"
+        | "reduce_scatter_tensor"
+        | "all_gather_coalesced"
+        | "reduce_scatter_coalesced" => {
             let s = size * nf;
             (s / duration_ms, s / duration_ms * ((nf - 1.0) / nf))
         }
@@ -258,7 +262,8 @@ impl<C: Communicator> CommsLogger<C> {
     }
 
     fn wants(&self, op: &str) -> bool {
-        self.options.enabled && (self.options.prof_all || self.options.prof_ops.iter().any(|o| o == op))
+        self.options.enabled
+            && (self.options.prof_all || self.options.prof_ops.iter().any(|o| o == op))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u64), Series>> {
@@ -288,7 +293,9 @@ impl<C: Communicator> Communicator for CommsLogger<C> {
         self.inner.backend()
     }
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        self.timed("all_reduce", bytes_of(tensor), || self.inner.all_reduce(tensor, op))
+        self.timed("all_reduce", bytes_of(tensor), || {
+            self.inner.all_reduce(tensor, op)
+        })
     }
     fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
         self.timed("all_reduce", bytes_of(tensor), || {
@@ -303,10 +310,14 @@ impl<C: Communicator> Communicator for CommsLogger<C> {
         })
     }
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
-        self.timed("all_gather", bytes_of(tensor), || self.inner.all_gather(tensor))
+        self.timed("all_gather", bytes_of(tensor), || {
+            self.inner.all_gather(tensor)
+        })
     }
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
-        self.timed("broadcast", bytes_of(tensor), || self.inner.broadcast(tensor, root))
+        self.timed("broadcast", bytes_of(tensor), || {
+            self.inner.broadcast(tensor, root)
+        })
     }
     fn barrier(&self) -> Result<()> {
         self.timed("barrier", 0, || self.inner.barrier())
@@ -356,7 +367,7 @@ mod tests {
     #[test]
     fn trim_mean_matches_deepspeed() {
         assert_eq!(trim_mean(&[3.0, 1.0, 2.0], 0.1), 2.0); // DeepSpeed's own test
-        // n = 10: drop round(1.0) = 1 from each end: mean(2..=9) = 5.5.
+                                                           // n = 10: drop round(1.0) = 1 from each end: mean(2..=9) = 5.5.
         let v: Vec<f64> = (1..=10).map(f64::from).collect();
         assert_eq!(trim_mean(&v, 0.1), 5.5);
         // n = 15: round(1.5) = 2 (half to even); mean of 3..=13 = 8.

@@ -248,7 +248,14 @@ impl MpiComm {
     }
 
     /// Compares this call's descriptor with every rank's (one small allreduce of max and -min).
-    fn check(&self, name: &str, op: Option<ReduceOp>, dtype: Option<DType>, len: usize, root: usize) -> Result<()> {
+    fn check(
+        &self,
+        name: &str,
+        op: Option<ReduceOp>,
+        dtype: Option<DType>,
+        len: usize,
+        root: usize,
+    ) -> Result<()> {
         self.check_failed(name)?;
         let seq = self.seq.get();
         self.seq.set(seq + 1);
@@ -298,8 +305,13 @@ impl MpiComm {
             .map(|k| {
                 let x = &all[5 * k..5 * k + 5];
                 let op = OP_NAMES.get(x[1] as usize).copied().unwrap_or("?");
-                let dt = dtype_from_code(x[2]).map(|d| format!("{d:?}")).unwrap_or_else(|| "-".into());
-                format!("rank {k} called {op} of {dt} len {} root {} (call #{})", x[3], x[4], x[0])
+                let dt = dtype_from_code(x[2])
+                    .map(|d| format!("{d:?}"))
+                    .unwrap_or_else(|| "-".into());
+                format!(
+                    "rank {k} called {op} of {dt} len {} root {} (call #{})",
+                    x[3], x[4], x[0]
+                )
             })
             .collect::<Vec<_>>()
             .join("; ");
@@ -313,8 +325,15 @@ impl MpiComm {
         let mut out = data::zeroed::<T>(len);
         // SAFETY: `keep` owns the input and `out` the output until the request completes; both
         // are leaked on timeout.
-        let (s, r) = unsafe { (std::slice::from_raw_parts(ptr, len), forever_mut(&mut out[..])) };
-        let req = self.comm.immediate_all_reduce_into(StaticScope, s, r, system_op(op));
+        let (s, r) = unsafe {
+            (
+                std::slice::from_raw_parts(ptr, len),
+                forever_mut(&mut out[..]),
+            )
+        };
+        let req = self
+            .comm
+            .immediate_all_reduce_into(StaticScope, s, r, system_op(op));
         if let Err(e) = self.wait("all_reduce", req) {
             std::mem::forget(keep);
             std::mem::forget(out);
@@ -356,7 +375,8 @@ impl MpiComm {
         // SAFETY: `keep` owns `mine`; `out` is owned by the caller, who leaks it on error.
         let (s, r) = unsafe { (forever(mine), forever_mut(out)) };
         let req = self.comm.immediate_all_gather_into(StaticScope, s, r);
-        self.wait("all_gather", req).inspect_err(|_| std::mem::forget(keep))
+        self.wait("all_gather", req)
+            .inspect_err(|_| std::mem::forget(keep))
     }
 
     fn split_mpi(&self, color: Option<u32>, key: usize) -> Result<Option<MpiComm>> {
@@ -413,7 +433,12 @@ impl MpiComm {
         }
     }
 
-    fn all_reduce_half<H: HalfElem>(&self, t: &Tensor, op: ReduceOp, dims: &[usize]) -> Result<Tensor> {
+    fn all_reduce_half<H: HalfElem>(
+        &self,
+        t: &Tensor,
+        op: ReduceOp,
+        dims: &[usize],
+    ) -> Result<Tensor> {
         let wide = data::with_slice::<H, _>(t, H::to_f32s)?;
         let wide = data::from_vec(wide, dims)?;
         let r = self.all_reduce_native::<f32>(&wide, op)?;
@@ -582,7 +607,13 @@ impl Communicator for MpiComm {
 
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
         let t = data::cpu_contiguous("reduce_scatter", tensor)?;
-        self.check("reduce_scatter", Some(op), Some(t.dtype()), t.elem_count(), 0)?;
+        self.check(
+            "reduce_scatter",
+            Some(op),
+            Some(t.dtype()),
+            t.elem_count(),
+            0,
+        )?;
         if t.elem_count() == 0 {
             return Ok(t.flatten_all()?);
         }
@@ -592,7 +623,10 @@ impl Communicator for MpiComm {
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
         let t = data::cpu_contiguous("all_gather", tensor)?;
         // Shapes must agree: fold the leading dims into the length check.
-        let shape_code = t.dims().iter().fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
+        let shape_code = t
+            .dims()
+            .iter()
+            .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
         self.check("all_gather", None, Some(t.dtype()), shape_code, 0)?;
         with_elem!(t.dtype(), "all_gather", T => self.all_gather_t::<T>(&t))
     }
@@ -619,7 +653,10 @@ impl Communicator for MpiComm {
         if dst >= self.size {
             return Err(CommError::invalid(
                 "send",
-                format!("destination {dst} out of range for world size {}", self.size),
+                format!(
+                    "destination {dst} out of range for world size {}",
+                    self.size
+                ),
             ));
         }
         self.check_failed("send")?;
