@@ -152,6 +152,8 @@ pub struct Engine<'c> {
     skipped_steps: u64,
     micro_steps: u64,
     policy: Policy,
+    /// `acc` holds stale values: the next micro-batch overwrites instead of accumulating.
+    acc_fresh: bool,
 }
 
 impl<'c> Engine<'c> {
@@ -204,6 +206,7 @@ impl<'c> Engine<'c> {
             global_steps: 0,
             skipped_steps: 0,
             micro_steps: 0,
+            acc_fresh: true,
             policy: match cfg.activation_checkpointing.number_checkpoints {
                 Some(k) => Policy::Count(k as usize),
                 None => Policy::None,
@@ -284,12 +287,24 @@ impl<'c> Engine<'c> {
         let t1 = Instant::now();
         let scale = 1.0 / self.gas as f32;
         let mut off = 0;
+        let fresh = std::mem::replace(&mut self.acc_fresh, false);
         for (g, &n) in fb.grads.into_iter().zip(&self.sizes) {
-            if let Some(g) = g {
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                for (a, v) in self.acc[off..off + n].iter_mut().zip(g) {
-                    *a += v * scale;
+            let dst = &mut self.acc[off..off + n];
+            match g {
+                Some(g) => {
+                    let g = g.flatten_all()?.to_vec1::<f32>()?;
+                    if fresh {
+                        for (a, v) in dst.iter_mut().zip(g) {
+                            *a = v * scale;
+                        }
+                    } else {
+                        for (a, v) in dst.iter_mut().zip(g) {
+                            *a += v * scale;
+                        }
+                    }
                 }
+                None if fresh => dst.iter_mut().for_each(|a| *a = 0.0),
+                None => {}
             }
             off += n;
         }
@@ -301,8 +316,9 @@ impl<'c> Engine<'c> {
     /// The accumulation boundary: reduce, clip, step, all-gather, schedule.
     pub fn step(&mut self) -> Result<StepReport, EngineError> {
         let lr = self.sched.current_lr();
-        self.zero.reduce_gradients(&self.acc, self.comm)?;
-        self.acc.iter_mut().for_each(|g| *g = 0.0);
+        self.zero.reduce_gradients_swap(&mut self.acc, self.comm)?;
+        // The next micro-batch writes its gradients instead of adding them: no zeroing pass.
+        self.acc_fresh = true;
         let report = self.zero.step(lr, self.comm)?;
         if report.applied {
             let full = self.zero.gather_params(self.comm)?;

@@ -30,6 +30,12 @@ pub struct AdamwBench {
     pub machine_gbps: f64,
     /// `GBps / machine_GBps`.
     pub bandwidth_fraction: f64,
+    /// Median milliseconds of the whole accumulation-boundary phase on one rank
+    /// (`ZeroOptimizer::reduce_gradients_swap` + `step`: gradient hand-over, inf/nan check and
+    /// global norm in one pass, then the AdamW update with averaging and clipping fused in).
+    pub boundary_ms_per_step: f64,
+    /// `boundary_ms_per_step / ms_per_step` (target <= 1.3).
+    pub boundary_over_adamw: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -90,6 +96,31 @@ pub fn adamw_bench(numel: usize, steps: usize) -> Result<AdamwBench, ZeroError> 
         t_rmw.push(t0.elapsed().as_secs_f64());
     }
     std::hint::black_box(&p);
+    drop((m, v));
+    // The whole boundary phase through the partitioned optimizer (1 rank, stage 0, clipping on).
+    let comm = ds_comm::LocalComm::create(1).remove(0);
+    let sizes = [numel];
+    let mut z = crate::ZeroOptimizer::new(
+        &sizes,
+        &p,
+        spec,
+        crate::ZeroOptions {
+            gradient_clipping: 1.0,
+            ..Default::default()
+        },
+        &comm,
+    )?;
+    let mut t_boundary = Vec::with_capacity(steps);
+    let mut local = g.clone();
+    for i in 0..steps + 2 {
+        let t0 = Instant::now();
+        z.reduce_gradients_swap(&mut local, &comm)?;
+        z.step(1e-3, &comm)?;
+        if i >= 2 {
+            t_boundary.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let s_boundary = median(t_boundary);
     let bytes = numel as f64 * ADAMW_BYTES_PER_ELEMENT as f64;
     let s_opt = median(t_opt);
     let s_rmw = median(t_rmw);
@@ -102,5 +133,7 @@ pub fn adamw_bench(numel: usize, steps: usize) -> Result<AdamwBench, ZeroError> 
         gbps,
         machine_gbps,
         bandwidth_fraction: gbps / machine_gbps,
+        boundary_ms_per_step: s_boundary * 1e3,
+        boundary_over_adamw: s_boundary / s_opt,
     })
 }

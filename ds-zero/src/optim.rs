@@ -283,13 +283,28 @@ impl FlatOptimizer {
 
     /// One step with learning rate `lr` (Lamb needs [`FlatOptimizer::step_lamb`]).
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) -> Result<(), ZeroError> {
+        self.step_scaled(params, grads, lr, 1.0)
+    }
+
+    /// One step on `grad_scale * grads`, the scaling fused into the update pass (unscaling,
+    /// gradient averaging and clipping cost no extra pass over memory).
+    pub fn step_scaled(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<(), ZeroError> {
         self.check(params, grads)?;
         self.step += 1;
         let t = self.step;
+        let gs = grad_scale;
         match self.spec {
-            OptimizerSpec::Adam(p) => adam_step(params, grads, &mut self.a, &mut self.b, &p, lr, t),
-            OptimizerSpec::Sgd(p) => sgd_step(params, grads, &mut self.a, &p, lr, t),
-            OptimizerSpec::Lion(p) => lion_step(params, grads, &mut self.a, &p, lr),
+            OptimizerSpec::Adam(p) => {
+                adam_step(params, grads, &mut self.a, &mut self.b, &p, lr, t, gs)
+            }
+            OptimizerSpec::Sgd(p) => sgd_step(params, grads, &mut self.a, &p, lr, t, gs),
+            OptimizerSpec::Lion(p) => lion_step(params, grads, &mut self.a, &p, lr, gs),
             OptimizerSpec::Lamb(_) => {
                 self.step -= 1;
                 return Err(ZeroError::State(
@@ -403,6 +418,8 @@ fn split_or_empty(s: &mut [f32], n: usize) -> Vec<&mut [f32]> {
     }
 }
 
+// The kernel takes its streams and scalars flat: bundling them would only hide the data flow.
+#[allow(clippy::too_many_arguments)]
 fn adam_step(
     p: &mut [f32],
     g: &[f32],
@@ -411,6 +428,7 @@ fn adam_step(
     h: &AdamParams,
     lr: f64,
     t: u64,
+    gs: f32,
 ) {
     let (b1, b2) = h.betas;
     let ti = t.min(i32::MAX as u64) as i32;
@@ -437,7 +455,7 @@ fn adam_step(
     for_chunks(p, g, m, v, |p, g, m, v| {
         for i in 0..p.len() {
             let pi = p[i];
-            let gi = g[i] + l2 * pi;
+            let gi = gs * g[i] + l2 * pi;
             let mi = b1f * m[i] + ib1 * gi;
             let vi = b2f * v[i] + ib2 * gi * gi;
             m[i] = mi;
@@ -448,7 +466,7 @@ fn adam_step(
     });
 }
 
-fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t: u64) {
+fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t: u64, gs: f32) {
     let lr = lr as f32;
     let wd = h.weight_decay as f32;
     let mu = h.momentum as f32;
@@ -459,14 +477,14 @@ fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t
     if h.momentum == 0.0 {
         for_chunks(p, g, &mut [], &mut empty, |p, g, _, _| {
             for i in 0..p.len() {
-                p[i] -= lr * (g[i] + wd * p[i]);
+                p[i] -= lr * (gs * g[i] + wd * p[i]);
             }
         });
         return;
     }
     for_chunks(p, g, buf, &mut empty, |p, g, b, _| {
         for i in 0..p.len() {
-            let gi = g[i] + wd * p[i];
+            let gi = gs * g[i] + wd * p[i];
             let bi = if first { gi } else { mu * b[i] + damp * gi };
             b[i] = bi;
             let d = if nesterov { gi + mu * bi } else { bi };
@@ -475,14 +493,15 @@ fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t
     });
 }
 
-fn lion_step(p: &mut [f32], g: &[f32], m: &mut [f32], h: &LionParams, lr: f64) {
+fn lion_step(p: &mut [f32], g: &[f32], m: &mut [f32], h: &LionParams, lr: f64, gs: f32) {
     let (b1, b2) = (h.betas.0 as f32, h.betas.1 as f32);
     let decay = (1.0 - lr * h.weight_decay) as f32;
     let lr = lr as f32;
     let mut empty: [f32; 0] = [];
     for_chunks(p, g, m, &mut empty, |p, g, m, _| {
         for i in 0..p.len() {
-            let c = b1 * m[i] + (1.0 - b1) * g[i];
+            let gi = gs * g[i];
+            let c = b1 * m[i] + (1.0 - b1) * gi;
             let u = if c > 0.0 {
                 1.0
             } else if c < 0.0 {
@@ -491,7 +510,7 @@ fn lion_step(p: &mut [f32], g: &[f32], m: &mut [f32], h: &LionParams, lr: f64) {
                 0.0
             };
             p[i] = p[i] * decay - lr * u;
-            m[i] = b2 * m[i] + (1.0 - b2) * g[i];
+            m[i] = b2 * m[i] + (1.0 - b2) * gi;
         }
     });
 }

@@ -23,6 +23,7 @@
 
 use candle_core::{Device, Tensor};
 use ds_comm::{Communicator, ReduceOp};
+use rayon::prelude::*;
 
 use crate::optim::{FlatOptimizer, OptimizerSpec, OptimizerState};
 use crate::partition::FlatLayout;
@@ -96,7 +97,8 @@ pub struct ZeroOptimizer {
     master: Vec<f32>,
     /// Reduced gradients matching `master`.
     grads: Vec<f32>,
-    /// Stage 1 keeps the full reduced gradient before taking its shard.
+    /// Factor still to apply to `grads` (the post-reduction averaging), fused into the step.
+    grad_scale: f32,
     opt: FlatOptimizer,
 }
 
@@ -157,6 +159,7 @@ impl ZeroOptimizer {
         let n = master.len();
         Ok(ZeroOptimizer {
             opt: FlatOptimizer::new(spec, n),
+            grad_scale: 1.0,
             grads: vec![0.0; n],
             master,
             layout,
@@ -246,9 +249,17 @@ impl ZeroOptimizer {
         }
         let ws = comm.world_size();
         let (before, after) = self.pre_scale(ws);
-        let mut buf: Vec<f32> = Vec::with_capacity(self.layout.padded);
-        buf.extend(local.iter().map(|g| g * before));
-        buf.resize(self.layout.padded, 0.0);
+        // The post-reduction factor is applied inside the optimizer pass, not here.
+        self.grad_scale = after;
+        if ws == 1 {
+            // Nothing to reduce: one parallel copy into the persistent gradient buffer.
+            let n = local.len();
+            scale_into(&mut self.grads[..n], local, before);
+            self.grads[n..].iter_mut().for_each(|g| *g = 0.0);
+            return Ok(());
+        }
+        let mut buf: Vec<f32> = vec![0.0; self.layout.padded];
+        scale_into(&mut buf[..local.len()], local, before);
         let reduced = if self.opts.stage == 0 {
             bucketed_all_reduce(buf, self.opts.reduce_bucket_size, comm)?
         } else {
@@ -261,21 +272,54 @@ impl ZeroOptimizer {
                 comm,
             )?
         };
-        for (g, r) in self.grads.iter_mut().zip(reduced) {
-            *g = r * after;
-        }
+        self.grads.copy_from_slice(&reduced);
         Ok(())
+    }
+
+    /// [`ZeroOptimizer::reduce_gradients`] that may take `local`'s storage instead of copying
+    /// it (one rank, no pre-scaling): `local` then holds stale values of the same length,
+    /// which the caller overwrites with the next step's gradients.
+    pub fn reduce_gradients_swap(
+        &mut self,
+        local: &mut Vec<f32>,
+        comm: &dyn Communicator,
+    ) -> Result<(), ZeroError> {
+        let (before, after) = self.pre_scale(comm.world_size());
+        if comm.world_size() == 1 && before == 1.0 && local.len() == self.layout.numel {
+            let n = local.len();
+            local.resize(self.layout.padded, 0.0);
+            std::mem::swap(&mut self.grads, local);
+            local.truncate(n);
+            self.grad_scale = after;
+            return Ok(());
+        }
+        self.reduce_gradients(local, comm)
     }
 
     /// Clips and applies one optimizer step with learning rate `lr` to this rank's part.
     pub fn step(&mut self, lr: f64, comm: &dyn Communicator) -> Result<StepReport, ZeroError> {
-        // One pass: squared norm and finiteness of this rank's gradients.
-        let mut sq = 0f64;
-        let mut finite = true;
-        for &g in &self.grads {
-            finite &= g.is_finite();
-            sq += f64::from(g) * f64::from(g);
-        }
+        // One parallel pass: squared norm and finiteness of this rank's gradients.
+        let (sq, finite) = self
+            .grads
+            .par_chunks(1 << 15)
+            .map(|c| {
+                // 16 independent f32 lanes (vectorised), summed in f64 per 32K-element chunk.
+                let mut lanes = [0f32; 16];
+                let mut bad = 0u32;
+                let mut it = c.chunks_exact(16);
+                for w in &mut it {
+                    for (l, &g) in lanes.iter_mut().zip(w) {
+                        *l += g * g;
+                        bad |= u32::from(!g.is_finite());
+                    }
+                }
+                for &g in it.remainder() {
+                    lanes[0] += g * g;
+                    bad |= u32::from(!g.is_finite());
+                }
+                (lanes.iter().map(|&l| f64::from(l)).sum::<f64>(), bad == 0)
+            })
+            .reduce(|| (0.0, true), |a, b| (a.0 + b.0, a.1 && b.1));
         let (sq, finite) = if self.opts.stage == 0 {
             // Every rank holds the identical full reduced gradient.
             (sq, finite)
@@ -284,7 +328,7 @@ impl ZeroOptimizer {
             let v = comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
             (v[0], v[1] == 0.0)
         };
-        let norm = sq.sqrt();
+        let norm = sq.sqrt() * f64::from(self.grad_scale.abs());
         if !finite || !norm.is_finite() {
             self.grads.iter_mut().for_each(|g| *g = 0.0);
             return Ok(StepReport {
@@ -300,14 +344,16 @@ impl ZeroOptimizer {
         } else {
             1.0
         };
-        if clip_coef < 1.0 {
-            let c = clip_coef as f32;
-            self.grads.iter_mut().for_each(|g| *g *= c);
-        }
+        // One pass: averaging factor and clipping applied inside the update.
+        let scale = self.grad_scale * clip_coef as f32;
         if let OptimizerSpec::Lamb(_) = self.opt.spec() {
+            if scale != 1.0 {
+                self.grads.iter_mut().for_each(|g| *g *= scale);
+            }
             self.lamb_step(lr, comm)?;
         } else {
-            self.opt.step(&mut self.master, &self.grads, lr)?;
+            self.opt
+                .step_scaled(&mut self.master, &self.grads, lr, scale)?;
         }
         Ok(StepReport {
             grad_norm: norm,
@@ -393,6 +439,21 @@ impl ZeroOptimizer {
         self.master.copy_from_slice(master);
         Ok(())
     }
+}
+
+/// `dst = src * s`, in parallel.
+fn scale_into(dst: &mut [f32], src: &[f32], s: f32) {
+    dst.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(d, x)| {
+            if s == 1.0 {
+                d.copy_from_slice(x);
+            } else {
+                for (a, b) in d.iter_mut().zip(x) {
+                    *a = b * s;
+                }
+            }
+        });
 }
 
 /// All-reduce (sum) of a padded buffer in buckets.
