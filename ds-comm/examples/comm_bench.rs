@@ -1,7 +1,8 @@
 //! Collective bandwidth benchmark (the library side of `ds bench comm`).
 //!
 //! `cargo run --release -p ds-comm --example comm_bench -- [--backend local|mpi] [--world-size N]
-//! [--op all_reduce|reduce_scatter|all_gather]... [--sizes 1M,16M,64M] [--iters K] [--json]`
+//! [--op all_reduce|reduce_scatter|all_gather]... [--sizes 1M,16M,64M] [--iters K] [--no-timeout]
+//! [--json]` (`--no-timeout`: MPI uses blocking collectives).
 //! With `--backend mpi` build with `--features mpi` and launch under `mpirun`.
 
 use ds_comm::bench::{parse_sizes, run_comm_bench, BenchBackend, BenchOp, CommBenchOptions};
@@ -34,6 +35,7 @@ fn run() -> Result<(), ds_comm::CommError> {
                 opts.iters = Some(val()?.parse().map_err(|e| bad(format!("--iters: {e}")))?)
             }
             "--json" => json = true,
+            "--no-timeout" => opts.timeout = None,
             other => return Err(bad(format!("unknown argument {other:?}"))),
         }
     }

@@ -110,8 +110,9 @@ pub struct CommBenchOptions {
     pub warmup: usize,
     /// Timed calls per size; `None` picks about 1 GiB of traffic per size, between 5 and 200.
     pub iters: Option<usize>,
-    /// Timeout of the local backend.
-    pub timeout: Duration,
+    /// Timeout of one collective. `None` waits forever; for MPI that selects blocking
+    /// collectives (OpenMPI's tuned algorithms) instead of polled non-blocking ones.
+    pub timeout: Option<Duration>,
 }
 
 impl Default for CommBenchOptions {
@@ -128,7 +129,7 @@ impl Default for CommBenchOptions {
             dtype: DType::F32,
             warmup: 2,
             iters: None,
-            timeout: Duration::from_secs(300),
+            timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -254,7 +255,7 @@ pub fn run_comm_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
             let memcpy_bytes = *opts.sizes.iter().max().unwrap_or(&(64 << 20));
             let memcpy = measure_memcpy(memcpy_bytes);
             let options = LocalCommOptions {
-                timeout: opts.timeout,
+                timeout: opts.timeout.unwrap_or(Duration::from_secs(30 * 24 * 3600)),
             };
             let mut reports = LocalComm::run(opts.world_size, options, |c| {
                 run_comm_bench_on(&c, opts, memcpy, memcpy_bytes)
@@ -270,7 +271,7 @@ pub fn run_comm_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
             #[cfg(feature = "mpi")]
             {
                 let comm = crate::MpiComm::init(crate::MpiCommOptions {
-                    timeout: Some(opts.timeout),
+                    timeout: opts.timeout,
                     ..Default::default()
                 })?;
                 let memcpy_bytes = *opts.sizes.iter().max().unwrap_or(&(64 << 20));

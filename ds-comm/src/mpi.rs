@@ -62,6 +62,8 @@ pub struct MpiComm {
     seq: Cell<u64>,
     options: MpiCommOptions,
     failure: RefCell<Option<CommError>>,
+    /// Receive buffer reused by in-place all-reduce (8-byte aligned).
+    scratch: RefCell<Vec<u64>>,
 }
 
 impl std::fmt::Debug for MpiComm {
@@ -184,6 +186,7 @@ impl MpiComm {
             seq: Cell::new(0),
             options,
             failure: RefCell::new(None),
+            scratch: RefCell::new(Vec::new()),
         }
     }
 
@@ -331,10 +334,7 @@ impl MpiComm {
                 forever_mut(&mut out[..]),
             )
         };
-        let req = self
-            .comm
-            .immediate_all_reduce_into(StaticScope, s, r, system_op(op));
-        if let Err(e) = self.wait("all_reduce", req) {
+        if let Err(e) = self.all_reduce_slices(s, r, op) {
             std::mem::forget(keep);
             std::mem::forget(out);
             return Err(e);
@@ -343,6 +343,52 @@ impl MpiComm {
             T::div_n(&mut out, self.size);
         }
         Ok(out)
+    }
+
+    /// `MPI_Allreduce` of `s` into `r`: blocking when there is no timeout (OpenMPI's tuned
+    /// algorithms), otherwise non-blocking and polled. On error the caller leaks both buffers.
+    fn all_reduce_slices<T: MpiElem>(
+        &self,
+        s: &'static [T],
+        r: &'static mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        if self.options.timeout.is_none() {
+            self.comm.all_reduce_into(s, r, system_op(op));
+            return Ok(());
+        }
+        let req = self
+            .comm
+            .immediate_all_reduce_into(StaticScope, s, r, system_op(op));
+        self.wait("all_reduce", req)
+    }
+
+    /// In-place all-reduce: sends from the tensor's storage, receives into a reused scratch
+    /// buffer, copies back (no allocation after the first call of a given size).
+    fn all_reduce_inplace_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        let keep = t.clone();
+        data::with_slice_mut::<T, ()>("all_reduce", t, |dst| {
+            let len = dst.len();
+            let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+            let mut scratch = self.scratch.borrow_mut();
+            if scratch.len() < words {
+                *scratch = vec![0u64; words];
+            }
+            let r: &mut [T] = &mut bytemuck::cast_slice_mut::<u64, T>(&mut scratch[..words])[..len];
+            // SAFETY: the tensor (kept by `keep`) and the scratch buffer outlive the request or
+            // are leaked on timeout.
+            let (s, rr) = unsafe { (forever(dst), forever_mut(r)) };
+            if let Err(e) = self.all_reduce_slices(s, rr, op) {
+                std::mem::forget(std::mem::take(&mut *scratch));
+                std::mem::forget(keep.clone());
+                return Err(e);
+            }
+            dst.copy_from_slice(r);
+            if op == ReduceOp::Avg {
+                T::div_n(dst, self.size);
+            }
+            Ok(())
+        })
     }
 
     fn reduce_scatter_native<T: MpiElem>(&self, input: &[T], op: ReduceOp) -> Result<Vec<T>> {
@@ -603,6 +649,35 @@ impl Communicator for MpiComm {
         let t = data::cpu_contiguous("all_reduce", tensor)?;
         self.check("all_reduce", Some(op), Some(t.dtype()), t.elem_count(), 0)?;
         self.all_reduce_typed(&t, op)
+    }
+
+    fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        data::check_dtype("all_reduce", tensor.dtype())?;
+        if !tensor.device().is_cpu() || !tensor.is_contiguous() {
+            return Err(CommError::invalid(
+                "all_reduce",
+                "in-place collectives need a contiguous CPU tensor",
+            ));
+        }
+        self.check(
+            "all_reduce",
+            Some(op),
+            Some(tensor.dtype()),
+            tensor.elem_count(),
+            0,
+        )?;
+        match tensor.dtype() {
+            DType::F32 => self.all_reduce_inplace_native::<f32>(tensor, op),
+            DType::F64 => self.all_reduce_inplace_native::<f64>(tensor, op),
+            DType::U8 => self.all_reduce_inplace_native::<u8>(tensor, op),
+            DType::U32 => self.all_reduce_inplace_native::<u32>(tensor, op),
+            DType::I64 => self.all_reduce_inplace_native::<i64>(tensor, op),
+            // f16/bf16 reduce in f32 anyway: reduce out of place, copy back.
+            _ => {
+                let r = self.all_reduce_typed(tensor, op)?;
+                data::copy_into("all_reduce", tensor, &r)
+            }
+        }
     }
 
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
