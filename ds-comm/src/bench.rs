@@ -1,7 +1,10 @@
 //! Bus-bandwidth benchmark of the collectives (what `ds bench comm` runs).
 //!
 //! `all_reduce` is measured in place ([`Communicator::all_reduce_inplace`], like
-//! `torch.distributed.all_reduce`); `reduce_scatter` and `all_gather` return new tensors.
+//! `torch.distributed.all_reduce`); `reduce_scatter` and `all_gather` write into preallocated
+//! outputs ([`Communicator::reduce_scatter_into`], [`Communicator::all_gather_into`], like
+//! `reduce_scatter_tensor` / `all_gather_into_tensor`), so no run measures page faults of fresh
+//! allocations.
 //! For each op and size: a warm-up, then `iters` back-to-back calls between two barriers; the time
 //! per call is the slowest rank's. Bandwidths use DeepSpeed's formulas ([`crate::logger::calc_bw`],
 //! converted to GB/s = 1e9 bytes/s) with `bytes` the whole buffer: the tensor for `all_reduce`,
@@ -329,6 +332,15 @@ pub fn run_comm_bench_on(
                 }
             };
             let x = Tensor::ones(input_elems, opts.dtype, &Device::Cpu)?;
+            let out_elems = match op {
+                BenchOp::AllReduce => 0,
+                BenchOp::ReduceScatter => {
+                    let (lo, hi) = crate::partition_range(elems, n, comm.rank());
+                    hi - lo
+                }
+                BenchOp::AllGather => total_elems,
+            };
+            let out = Tensor::zeros(out_elems, opts.dtype, &Device::Cpu)?;
             let bytes = total_elems * esize;
             let iters = opts
                 .iters
@@ -338,8 +350,8 @@ pub fn run_comm_bench_on(
                 match op {
                     // In place, as torch.distributed.all_reduce and nccl-tests measure it.
                     BenchOp::AllReduce => comm.all_reduce_inplace(&x, ReduceOp::Sum),
-                    BenchOp::ReduceScatter => comm.reduce_scatter(&x, ReduceOp::Sum).map(drop),
-                    BenchOp::AllGather => comm.all_gather(&x).map(drop),
+                    BenchOp::ReduceScatter => comm.reduce_scatter_into(&x, &out, ReduceOp::Sum),
+                    BenchOp::AllGather => comm.all_gather_into(&x, &out),
                 }
             };
             for _ in 0..opts.warmup {

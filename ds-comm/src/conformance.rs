@@ -36,6 +36,7 @@ pub fn checks() -> Vec<Check> {
             reduce_scatter_coalesced_deepspeed,
         ),
         ("all_gather", all_gather),
+        ("into_variants", into_variants),
         ("broadcast", broadcast),
         ("barrier", barrier),
         ("send_recv_ring", send_recv_ring),
@@ -396,6 +397,56 @@ pub fn all_gather(comm: &dyn Communicator) -> CheckResult {
         }
     }
     Ok(())
+}
+
+/// `reduce_scatter_into` / `all_gather_into` fill preallocated outputs; a wrong output is an
+/// error on that rank only, after a collective that still completes everywhere.
+pub fn into_variants(comm: &dyn Communicator) -> CheckResult {
+    let n = comm.world_size();
+    let r = comm.rank();
+    for dtype in [DType::F32, DType::BF16, DType::I64] {
+        for len in lengths(n) {
+            let mine: Vec<f64> = (0..len).map(|i| val(r, i)).collect();
+            let x = tensor(&mine, &[len], dtype)?;
+            let (lo, hi) = partition_range(len, n, r);
+            let out = Tensor::zeros(hi - lo, dtype, &Device::Cpu).map_err(err("zeros"))?;
+            comm.reduce_scatter_into(&x, &out, ReduceOp::Sum)
+                .map_err(err("reduce_scatter_into"))?;
+            let want: Vec<f64> = (lo..hi)
+                .map(|i| expected_reduce(n, i, ReduceOp::Sum, dtype))
+                .collect();
+            compare(
+                &format!("reduce_scatter_into {dtype:?} len {len}"),
+                &values(&out)?,
+                &want,
+                dtype,
+            )?;
+            let g = Tensor::zeros(n * len, dtype, &Device::Cpu).map_err(err("zeros"))?;
+            comm.all_gather_into(&x, &g)
+                .map_err(err("all_gather_into"))?;
+            let want: Vec<f64> = (0..n)
+                .flat_map(|k| (0..len).map(move |i| val(k, i)))
+                .collect();
+            compare(
+                &format!("all_gather_into {dtype:?} len {len}"),
+                &values(&g)?,
+                &want,
+                dtype,
+            )?;
+        }
+    }
+    // Rank 0 passes an output of the wrong size: it gets an error, the others succeed, and the
+    // communicator still works.
+    let x = tensor(&[1.0; 8], &[8], DType::F32)?;
+    let size = if r == 0 { 3 * n } else { 8 * n };
+    let g = Tensor::zeros(size, DType::F32, &Device::Cpu).map_err(err("zeros"))?;
+    let res = comm.all_gather_into(&x, &g);
+    match (r, res) {
+        (0, Err(CommError::InvalidArgument { .. })) => {}
+        (0, other) => return Err(format!("all_gather_into with a wrong output: {other:?}")),
+        (_, res) => res.map_err(err("all_gather_into"))?,
+    }
+    comm.barrier().map_err(err("barrier after a bad output"))
 }
 
 /// Every rank as root, every dtype.

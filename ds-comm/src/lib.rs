@@ -134,6 +134,24 @@ pub trait Communicator {
     /// partitions of `ceil(L / n)` with the last ones shorter or empty.
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor>;
 
+    /// [`Communicator::reduce_scatter`] into an existing tensor (as `reduce_scatter_tensor`):
+    /// `output` must be a contiguous tensor of the input's dtype with exactly this rank's
+    /// partition length, and must not overlap the input. Avoids allocating the result. A wrong
+    /// `output` is reported after the collective ran, so the ranks stay in step. The default
+    /// implementation calls `reduce_scatter` and copies.
+    fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        let r = self.reduce_scatter(tensor, op)?;
+        data::copy_into("reduce_scatter", output, &r)
+    }
+
+    /// [`Communicator::all_gather`] into an existing tensor (as `all_gather_into_tensor`):
+    /// `output` must be contiguous, of the input's dtype, with `world_size` times its elements,
+    /// and must not overlap the input. The default implementation calls `all_gather` and copies.
+    fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
+        let r = self.all_gather(tensor)?;
+        data::copy_into("all_gather", output, &r)
+    }
+
     /// Concatenates every rank's `tensor` (same shape on every rank) along dimension 0, in rank
     /// order; a 0-d tensor gives a 1-D result of `world_size` elements.
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor>;
@@ -206,6 +224,12 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
         (**self).all_gather(tensor)
+    }
+    fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        (**self).reduce_scatter_into(tensor, output, op)
+    }
+    fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
+        (**self).all_gather_into(tensor, output)
     }
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
         (**self).broadcast(tensor, root)

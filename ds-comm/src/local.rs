@@ -521,7 +521,8 @@ impl LocalComm {
         })
     }
 
-    fn reduce_scatter_t<T: Elem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+    /// Reduces this rank's partition of every rank's `t` into `out` (`hi - lo` elements).
+    fn reduce_scatter_fill<T: Elem>(&self, t: &Tensor, out: &mut [T], op: ReduceOp) -> Result<()> {
         let n = self.shared.n;
         let len = t.elem_count();
         let src = data::data_ptr::<T>(t)? as usize;
@@ -534,9 +535,8 @@ impl LocalComm {
             _keep_out: None,
         })?;
         let (lo, hi) = partition_range(len, n, self.rank);
-        let mut out = data::zeroed::<T>(hi - lo);
         {
-            // SAFETY: as in `all_reduce_t`.
+            // SAFETY: as in `all_reduce_raw`.
             let srcs: Vec<&[T]> = snap
                 .iter()
                 .flatten()
@@ -545,16 +545,22 @@ impl LocalComm {
                 })
                 .collect();
             if hi > lo {
-                T::reduce(&mut out, &srcs, op);
+                T::reduce(out, &srcs, op);
             }
         }
         drop(snap);
-        self.sync("reduce_scatter", None)?;
+        self.sync("reduce_scatter", None).map(drop)
+    }
+
+    fn reduce_scatter_t<T: Elem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let (lo, hi) = partition_range(t.elem_count(), self.shared.n, self.rank);
+        let mut out = data::zeroed::<T>(hi - lo);
+        self.reduce_scatter_fill(t, &mut out, op)?;
         data::from_vec(out, &[hi - lo])
     }
 
-    fn all_gather_t<T: Elem>(&self, t: &Tensor) -> Result<Tensor> {
-        let n = self.shared.n;
+    /// Copies every rank's `t` into `out` (`n * len` elements), in rank order.
+    fn all_gather_fill<T: Elem>(&self, t: &Tensor, out: &mut [T]) -> Result<()> {
         let len = t.elem_count();
         let src = data::data_ptr::<T>(t)? as usize;
         let desc = self.next_desc(OpKind::AllGather, Some(t.dtype()), t.dims());
@@ -565,15 +571,28 @@ impl LocalComm {
             _keep_in: Some(t.clone()),
             _keep_out: None,
         })?;
-        let mut out = data::zeroed::<T>(n * len);
         for (k, e) in snap.iter().flatten().enumerate() {
-            // SAFETY: as in `all_reduce_t`.
+            // SAFETY: as in `all_reduce_raw`.
             let s = unsafe { std::slice::from_raw_parts(e.src as *const T, len) };
             out[k * len..(k + 1) * len].copy_from_slice(s);
         }
         drop(snap);
-        self.sync("all_gather", None)?;
+        self.sync("all_gather", None).map(drop)
+    }
+
+    fn all_gather_t<T: Elem>(&self, t: &Tensor) -> Result<Tensor> {
+        let n = self.shared.n;
+        let mut out = data::zeroed::<T>(n * t.elem_count());
+        self.all_gather_fill(t, &mut out)?;
         data::from_vec(out, &gathered_dims(t.dims(), n))
+    }
+
+    /// True when `out` can receive `len` elements of `dtype` in place.
+    fn writable(out: &Tensor, dtype: DType, len: usize) -> bool {
+        out.dtype() == dtype
+            && out.elem_count() == len
+            && out.is_contiguous()
+            && out.device().is_cpu()
     }
 
     fn broadcast_t<T: Elem>(&self, t: &Tensor, root: usize) -> Result<Tensor> {
@@ -751,6 +770,35 @@ impl Communicator for LocalComm {
             return Ok(t.flatten_all()?);
         }
         with_elem!(t.dtype(), "reduce_scatter", T => self.reduce_scatter_t::<T>(&t, op))
+    }
+
+    fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        let t = data::cpu_contiguous("reduce_scatter", tensor)?;
+        let (lo, hi) = partition_range(t.elem_count(), self.shared.n, self.rank);
+        if self.shared.n == 1 || !Self::writable(output, t.dtype(), hi - lo) {
+            // Run the collective anyway (peers are in it), then report a bad output here.
+            let r = self.reduce_scatter(&t, op)?;
+            return data::copy_into("reduce_scatter", output, &r);
+        }
+        with_elem!(t.dtype(), "reduce_scatter", T => data::with_slice_mut::<T, ()>(
+            "reduce_scatter",
+            output,
+            |o| self.reduce_scatter_fill::<T>(&t, o, op),
+        ))
+    }
+
+    fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
+        let t = data::cpu_contiguous("all_gather", tensor)?;
+        let n = self.shared.n;
+        if n == 1 || !Self::writable(output, t.dtype(), n * t.elem_count()) {
+            let r = self.all_gather(&t)?;
+            return data::copy_into("all_gather", output, &r);
+        }
+        with_elem!(t.dtype(), "all_gather", T => data::with_slice_mut::<T, ()>(
+            "all_gather",
+            output,
+            |o| self.all_gather_fill::<T>(&t, o),
+        ))
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {

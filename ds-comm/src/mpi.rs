@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 /// Options for [`MpiComm`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct MpiCommOptions {
-    /// Deadline for one collective or point-to-point call; `None` waits forever. Default 300 s.
+    /// Deadline for one collective or point-to-point call. Default 300 s. `None` waits forever
+    /// and issues `all_reduce` as a blocking `MPI_Allreduce` (OpenMPI's tuned algorithms, faster
+    /// than the polled `MPI_Iallreduce` for mid-size messages; see BENCHMARKS.md).
     pub timeout: Option<Duration>,
     /// Compare call descriptors across ranks before each collective (one small allreduce).
     /// Default true.
