@@ -435,6 +435,21 @@ pub fn into_variants(comm: &dyn Communicator) -> CheckResult {
             )?;
         }
     }
+    // An output sharing the input's storage (a view of one buffer) still works.
+    let buf = tensor(&vec![(r + 1) as f64; 2 * n], &[2 * n], DType::F32)?;
+    let (inp, outp) = (
+        buf.narrow(0, 0, 2).map_err(err("narrow"))?,
+        buf.narrow(0, 0, 2 * n).map_err(err("narrow"))?,
+    );
+    comm.all_gather_into(&inp, &outp)
+        .map_err(err("all_gather_into on a shared storage"))?;
+    let want: Vec<f64> = (0..n).flat_map(|k| [(k + 1) as f64; 2]).collect();
+    compare(
+        "all_gather_into on a shared storage",
+        &values(&buf)?,
+        &want,
+        DType::F32,
+    )?;
     // Rank 0 passes an output of the wrong size: it gets an error, the others succeed, and the
     // communicator still works.
     let x = tensor(&[1.0; 8], &[8], DType::F32)?;

@@ -344,6 +344,19 @@ pub(crate) fn copy_into(op: &str, dst: &Tensor, src: &Tensor) -> Result<()> {
     })
 }
 
+/// True when two tensors share one storage (taking a read lock on each in turn).
+pub(crate) fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    let pa = {
+        let (g, _) = a.storage_and_layout();
+        &*g as *const Storage as usize
+    };
+    let pb = {
+        let (g, _) = b.storage_and_layout();
+        &*g as *const Storage as usize
+    };
+    pa == pb
+}
+
 /// The address of the first element of a contiguous CPU tensor. The caller keeps a clone of
 /// the tensor alive for as long as it uses the pointer.
 pub(crate) fn data_ptr<T: Elem>(t: &Tensor) -> Result<*const T> {

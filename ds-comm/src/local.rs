@@ -587,7 +587,8 @@ impl LocalComm {
         data::from_vec(out, &gathered_dims(t.dims(), n))
     }
 
-    /// True when `out` can receive `len` elements of `dtype` in place.
+    /// True when `out` can receive (outputs sharing the input's storage take the copying path:
+    /// the in-place writer would otherwise wait on its own read lock) `len` elements of `dtype` in place.
     fn writable(out: &Tensor, dtype: DType, len: usize) -> bool {
         out.dtype() == dtype
             && out.elem_count() == len
@@ -775,7 +776,10 @@ impl Communicator for LocalComm {
     fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
         let t = data::cpu_contiguous("reduce_scatter", tensor)?;
         let (lo, hi) = partition_range(t.elem_count(), self.shared.n, self.rank);
-        if self.shared.n == 1 || !Self::writable(output, t.dtype(), hi - lo) {
+        if self.shared.n == 1
+            || !Self::writable(output, t.dtype(), hi - lo)
+            || data::same_storage(&t, output)
+        {
             // Run the collective anyway (peers are in it), then report a bad output here.
             let r = self.reduce_scatter(&t, op)?;
             return data::copy_into("reduce_scatter", output, &r);
@@ -790,7 +794,10 @@ impl Communicator for LocalComm {
     fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
         let t = data::cpu_contiguous("all_gather", tensor)?;
         let n = self.shared.n;
-        if n == 1 || !Self::writable(output, t.dtype(), n * t.elem_count()) {
+        if n == 1
+            || !Self::writable(output, t.dtype(), n * t.elem_count())
+            || data::same_storage(&t, output)
+        {
             let r = self.all_gather(&t)?;
             return data::copy_into("all_gather", output, &r);
         }

@@ -393,21 +393,41 @@ impl MpiComm {
         })
     }
 
-    fn reduce_scatter_native<T: MpiElem>(&self, input: &[T], op: ReduceOp) -> Result<Vec<T>> {
+    /// `keep` owns `input` when it is a tensor's storage (leaked on timeout).
+    fn reduce_scatter_native<T: MpiElem>(
+        &self,
+        input: &[T],
+        keep: Option<Tensor>,
+        op: ReduceOp,
+    ) -> Result<Vec<T>> {
         let n = self.size;
         let len = input.len();
         let c = len.div_ceil(n).max(1);
-        let mut padded = data::zeroed::<T>(c * n);
-        padded[..len].copy_from_slice(input);
+        // Pad only when the length is not a multiple of the world size.
+        let padded: Vec<T> = if len == c * n {
+            Vec::new()
+        } else {
+            let mut p = data::zeroed::<T>(c * n);
+            p[..len].copy_from_slice(input);
+            p
+        };
         let mut out = data::zeroed::<T>(c);
-        // SAFETY: as in `all_reduce_native`.
-        let (s, r) = unsafe { (forever(&padded[..]), forever_mut(&mut out[..])) };
+        // SAFETY: as in `all_reduce_native`; `keep` owns `input`.
+        let (s, r) = unsafe {
+            let s = if padded.is_empty() {
+                forever(input)
+            } else {
+                forever(&padded[..])
+            };
+            (s, forever_mut(&mut out[..]))
+        };
         let req = self
             .comm
             .immediate_reduce_scatter_block_into(StaticScope, s, r, system_op(op));
         if let Err(e) = self.wait("reduce_scatter", req) {
             std::mem::forget(padded);
             std::mem::forget(out);
+            std::mem::forget(keep);
             return Err(e);
         }
         if op == ReduceOp::Avg {
@@ -497,13 +517,13 @@ impl MpiComm {
         let out: Tensor = match t.dtype() {
             DType::F16 => {
                 let w = data::with_slice::<f16, _>(t, f16::to_f32s)?;
-                let r = self.reduce_scatter_native::<f32>(&w, op)?;
+                let r = self.reduce_scatter_native::<f32>(&w, None, op)?;
                 let n = r.len();
                 data::from_vec(f16::from_f32s(&r), &[n])?
             }
             DType::BF16 => {
                 let w = data::with_slice::<bf16, _>(t, bf16::to_f32s)?;
-                let r = self.reduce_scatter_native::<f32>(&w, op)?;
+                let r = self.reduce_scatter_native::<f32>(&w, None, op)?;
                 let n = r.len();
                 data::from_vec(bf16::from_f32s(&r), &[n])?
             }
@@ -523,7 +543,9 @@ impl MpiComm {
     }
 
     fn rs_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        let r = data::with_slice::<T, _>(t, |s| self.reduce_scatter_native::<T>(s, op))??;
+        let r = data::with_slice::<T, _>(t, |s| {
+            self.reduce_scatter_native::<T>(s, Some(t.clone()), op)
+        })??;
         let n = r.len();
         data::from_vec(r, &[n])
     }
@@ -542,6 +564,21 @@ impl MpiComm {
             return Err(e);
         }
         data::from_vec(out, &gathered_dims(t.dims(), self.size))
+    }
+
+    fn all_gather_into_t<T: Elem>(&self, t: &Tensor, output: &Tensor) -> Result<()> {
+        let keep_out = output.clone();
+        data::with_slice_mut::<T, ()>("all_gather", output, |o| {
+            data::with_slice::<T, _>(t, |s| {
+                let mine: &[u8] = bytemuck::cast_slice(s);
+                let ob: &mut [u8] = bytemuck::cast_slice_mut(o);
+                let r = self.all_gather_bytes(mine, ob, t.clone());
+                if r.is_err() {
+                    std::mem::forget(keep_out.clone());
+                }
+                r
+            })?
+        })
     }
 
     fn broadcast_t<T: Elem>(&self, t: &Tensor, root: usize) -> Result<Tensor> {
@@ -706,6 +743,26 @@ impl Communicator for MpiComm {
             .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
         self.check("all_gather", None, Some(t.dtype()), shape_code, 0)?;
         with_elem!(t.dtype(), "all_gather", T => self.all_gather_t::<T>(&t))
+    }
+
+    fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
+        let t = data::cpu_contiguous("all_gather", tensor)?;
+        let ok = output.dtype() == t.dtype()
+            && output.elem_count() == self.size * t.elem_count()
+            && output.is_contiguous()
+            && output.device().is_cpu()
+            && !data::same_storage(&t, output);
+        if !ok {
+            // Take part in the collective, then report the bad output on this rank.
+            let r = self.all_gather(&t)?;
+            return data::copy_into("all_gather", output, &r);
+        }
+        let shape_code = t
+            .dims()
+            .iter()
+            .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
+        self.check("all_gather", None, Some(t.dtype()), shape_code, 0)?;
+        with_elem!(t.dtype(), "all_gather", T => self.all_gather_into_t::<T>(&t, output))
     }
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
