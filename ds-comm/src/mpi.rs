@@ -371,7 +371,7 @@ impl MpiComm {
         let keep = t.clone();
         data::with_slice_mut::<T, ()>("all_reduce", t, |dst| {
             let len = dst.len();
-            let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+            let words = std::mem::size_of_val(dst).div_ceil(8);
             let mut scratch = self.scratch.borrow_mut();
             if scratch.len() < words {
                 *scratch = vec![0u64; words];
