@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq)]
 pub struct MpiCommOptions {
     /// Deadline for one collective or point-to-point call. Default 300 s. `None` waits forever
-    /// and issues `all_reduce` as a blocking `MPI_Allreduce` (OpenMPI's tuned algorithms, faster
-    /// than the polled `MPI_Iallreduce` for mid-size messages; see BENCHMARKS.md).
+    /// and issues `all_reduce`, `reduce_scatter` and `all_gather` as blocking MPI calls
+    /// (OpenMPI's tuned algorithms, often faster than the polled non-blocking ones; see
+    /// BENCHMARKS.md).
     pub timeout: Option<Duration>,
     /// Compare call descriptors across ranks before each collective (one small allreduce).
     /// Default true.
@@ -421,10 +422,16 @@ impl MpiComm {
             };
             (s, forever_mut(&mut out[..]))
         };
-        let req = self
-            .comm
-            .immediate_reduce_scatter_block_into(StaticScope, s, r, system_op(op));
-        if let Err(e) = self.wait("reduce_scatter", req) {
+        let res = if self.options.timeout.is_none() {
+            self.comm.reduce_scatter_block_into(s, r, system_op(op));
+            Ok(())
+        } else {
+            let req =
+                self.comm
+                    .immediate_reduce_scatter_block_into(StaticScope, s, r, system_op(op));
+            self.wait("reduce_scatter", req)
+        };
+        if let Err(e) = res {
             std::mem::forget(padded);
             std::mem::forget(out);
             std::mem::forget(keep);
@@ -442,6 +449,10 @@ impl MpiComm {
     fn all_gather_bytes(&self, mine: &[u8], out: &mut [u8], keep: Tensor) -> Result<()> {
         // SAFETY: `keep` owns `mine`; `out` is owned by the caller, who leaks it on error.
         let (s, r) = unsafe { (forever(mine), forever_mut(out)) };
+        if self.options.timeout.is_none() {
+            self.comm.all_gather_into(s, r);
+            return Ok(());
+        }
         let req = self.comm.immediate_all_gather_into(StaticScope, s, r);
         self.wait("all_gather", req)
             .inspect_err(|_| std::mem::forget(keep))
