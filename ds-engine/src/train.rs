@@ -82,6 +82,9 @@ pub struct TrainReport {
     pub model_state_bytes_per_rank: usize,
     /// Best achievable loss on the embedded data (entropy rate), if that is the data.
     pub data_entropy: Option<f64>,
+    /// The rank that made this report (only rank 0 prints it).
+    #[serde(skip)]
+    pub rank: usize,
 }
 
 enum Source {
@@ -166,16 +169,111 @@ struct RankResult {
     comm_table: Option<String>,
 }
 
+/// One rank's training loop (any backend).
+fn run_rank(
+    comm: &dyn Communicator,
+    cfg: &ResolvedConfig,
+    source: &Source,
+    args: &TrainArgs,
+    log_every: u64,
+) -> Result<RankResult, EngineError> {
+    let (shape, ws, rank) = (args.shape, comm.world_size(), comm.rank());
+    let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
+    if args.dropout > 0.0 {
+        // Each rank draws its own masks (its own data), reproducibly.
+        model.set_dropout(
+            args.dropout,
+            args.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9),
+        );
+    }
+    let mut engine = Engine::initialize(cfg, model, comm)?;
+    if args.ckpt {
+        engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
+    }
+    let micro = engine.micro_batch_size();
+    let mut losses = Vec::new();
+    let mut step_ms = Vec::new();
+    let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
+    for step in 0..args.steps {
+        let t0 = Instant::now();
+        let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
+        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        losses.push(r.loss);
+        f_acc += r.fwd_ms;
+        b_acc += r.bwd_ms;
+        s_acc += r.step_ms;
+        if r.step.overflow && rank == 0 {
+            eprintln!(
+                "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
+                step + 1,
+                engine.skipped_steps()
+            );
+        }
+        if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
+            eprintln!(
+                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}, step_ms={:.1}",
+                step + 1,
+                engine.skipped_steps(),
+                r.lr,
+                r.loss,
+                r.step.grad_norm,
+                step_ms[step_ms.len() - 1]
+            );
+            if cfg.wall_clock_breakdown {
+                let k = log_every as f64;
+                eprintln!(
+                    "time (ms) | fwd: {:.2} | bwd: {:.2} | step: {:.2}",
+                    f_acc / k,
+                    b_acc / k,
+                    s_acc / k
+                );
+            }
+            f_acc = 0.0;
+            b_acc = 0.0;
+            s_acc = 0.0;
+        }
+    }
+    Ok(RankResult {
+        losses,
+        step_ms,
+        skipped: engine.skipped_steps(),
+        state_bytes: {
+            let m = engine.memory();
+            m.params_bytes + m.grads_bytes + m.optimizer_bytes
+        },
+        comm_table: None,
+    })
+}
+
 /// Runs the main job; progress goes to stderr (rank 0).
 pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     if args.world_size == 0 {
         return Err(EngineError::Config("--world-size must be >= 1".into()));
     }
-    if args.backend != "local" {
-        return Err(EngineError::Config(format!(
-            "--backend {}: `ds train` runs the `local` backend (ranks as threads); MPI and NCCL training are not wired in yet",
-            args.backend
-        )));
+    #[cfg(feature = "mpi")]
+    let mpi = if args.backend == "mpi" {
+        Some(ds_comm::MpiComm::init(ds_comm::MpiCommOptions::default())?)
+    } else {
+        None
+    };
+    #[cfg(feature = "mpi")]
+    let args = &TrainArgs {
+        world_size: mpi.as_ref().map_or(args.world_size, |c| c.world_size()),
+        ..args.clone()
+    };
+    match args.backend.as_str() {
+        "local" => {}
+        "mpi" if cfg!(feature = "mpi") => {}
+        "mpi" => {
+            return Err(EngineError::Config(
+                "--backend mpi: this `ds` was built without MPI; build it with `cargo build --release -p ds-engine --features mpi` and launch it under `mpirun -np N`".into(),
+            ))
+        }
+        other => {
+            return Err(EngineError::Config(format!(
+                "--backend {other}: `ds train` runs `local` (ranks as threads) and `mpi` (processes under mpirun); NCCL training is not wired in yet"
+            )))
+        }
     }
     let cfg = resolve_config(args)?;
     for w in &cfg.warnings {
@@ -220,7 +318,6 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         }
     };
     let ws = args.world_size;
-    let comms = LocalComm::create(ws);
     let log_every = cfg.steps_per_print.unwrap_or(0);
     eprintln!(
         "ds train: GPT {} layers x {} hidden ({} params), ZeRO stage {}, world size {ws}, micro-batch {} x {} accumulation, {} steps",
@@ -232,6 +329,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         cfg.gradient_accumulation_steps,
         args.steps
     );
+    #[cfg(feature = "mpi")]
+    if let Some(comm) = &mpi {
+        return train_mpi(comm, &cfg, &source, args, log_every, entropy);
+    }
+    let comms = LocalComm::create(ws);
     let results: Vec<Result<RankResult, EngineError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
@@ -239,81 +341,14 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                 let cfg = &cfg;
                 let source = &source;
                 scope.spawn(move || -> Result<RankResult, EngineError> {
-                    let rank = c.rank();
-                    let (plain, logger) = if cfg.comms_logger.enabled {
-                        (None, Some(CommsLogger::new(c)))
+                    if cfg.comms_logger.enabled {
+                        let logger = CommsLogger::new(c);
+                        let mut r = run_rank(&logger, cfg, source, args, log_every)?;
+                        r.comm_table = Some(logger.summary_table());
+                        Ok(r)
                     } else {
-                        (Some(c), None)
-                    };
-                    let comm: &dyn Communicator = match (&plain, &logger) {
-                        (_, Some(l)) => l,
-                        (Some(p), None) => p,
-                        (None, None) => return Err(EngineError::Config("no communicator".into())),
-                    };
-                    let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
-                    if args.dropout > 0.0 {
-                        // Each rank draws its own masks (its own data), reproducibly.
-                        model.set_dropout(args.dropout, args.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9));
+                        run_rank(&c, cfg, source, args, log_every)
                     }
-                    let mut engine = Engine::initialize(cfg, model, comm)?;
-                    if args.ckpt {
-                        engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
-                    }
-                    let micro = engine.micro_batch_size();
-                    let mut losses = Vec::new();
-                    let mut step_ms = Vec::new();
-                    let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
-                    for step in 0..args.steps {
-                        let t0 = Instant::now();
-                        let r = engine.train_batch(|m| {
-                            source.micro_batch(step, m, rank, ws, micro)
-                        })?;
-                        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-                        losses.push(r.loss);
-                        f_acc += r.fwd_ms;
-                        b_acc += r.bwd_ms;
-                        s_acc += r.step_ms;
-                        if r.step.overflow && rank == 0 {
-                            eprintln!(
-                                "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
-                                step + 1,
-                                engine.skipped_steps()
-                            );
-                        }
-                        if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
-                            eprintln!(
-                                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}, step_ms={:.1}",
-                                step + 1,
-                                engine.skipped_steps(),
-                                r.lr,
-                                r.loss,
-                                r.step.grad_norm,
-                                step_ms[step_ms.len() - 1]
-                            );
-                            if cfg.wall_clock_breakdown {
-                                let k = log_every as f64;
-                                eprintln!(
-                                    "time (ms) | fwd: {:.2} | bwd: {:.2} | step: {:.2}",
-                                    f_acc / k,
-                                    b_acc / k,
-                                    s_acc / k
-                                );
-                            }
-                            f_acc = 0.0;
-                            b_acc = 0.0;
-                            s_acc = 0.0;
-                        }
-                    }
-                    Ok(RankResult {
-                        losses,
-                        step_ms,
-                        skipped: engine.skipped_steps(),
-                        state_bytes: {
-                            let m = engine.memory();
-                            m.params_bytes + m.grads_bytes + m.optimizer_bytes
-                        },
-                        comm_table: logger.map(|l| l.summary_table()),
-                    })
                 })
             })
             .collect();
@@ -336,11 +371,34 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     let losses: Vec<f64> = (0..steps)
         .map(|i| ranks.iter().map(|r| r.losses[i]).sum::<f64>() / ws as f64)
         .collect();
-    let mut times = ranks[0].step_ms.clone();
+    Ok(report(
+        args,
+        &cfg,
+        &ranks[0],
+        losses,
+        ranks.iter().map(|r| r.state_bytes).max().unwrap_or(0),
+        ws as u64,
+        entropy,
+    ))
+}
+
+/// The report from rank 0's timings and the rank-mean losses; `ranks_in_process` divides the
+/// process's peak memory.
+fn report(
+    args: &TrainArgs,
+    cfg: &ResolvedConfig,
+    r0: &RankResult,
+    losses: Vec<f64>,
+    state_bytes: usize,
+    ranks_in_process: u64,
+    entropy: Option<f64>,
+) -> TrainReport {
+    let shape = args.shape;
+    let mut times = r0.step_ms.clone();
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
     let tokens = cfg.train_batch_size as f64 * shape.seq as f64;
-    Ok(TrainReport {
+    TrainReport {
         steps: args.steps,
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         median_step_ms: median,
@@ -349,14 +407,36 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         } else {
             0.0
         },
-        skipped_steps: ranks[0].skipped,
-        peak_bytes_per_rank: peak_rss_bytes() / ws as u64,
+        skipped_steps: r0.skipped,
+        peak_bytes_per_rank: peak_rss_bytes() / ranks_in_process.max(1),
         checkpoint_dir: None,
         losses,
-        world_size: ws,
+        world_size: cfg.world_size,
         zero_stage: cfg.zero_optimization.stage,
         params: gpt_param_count(&shape),
-        model_state_bytes_per_rank: ranks.iter().map(|r| r.state_bytes).max().unwrap_or(0),
+        model_state_bytes_per_rank: state_bytes,
         data_entropy: entropy,
-    })
+        rank: 0,
+    }
+}
+
+/// One process of an `mpirun` job: trains its rank, averages the losses over ranks.
+#[cfg(feature = "mpi")]
+fn train_mpi(
+    comm: &ds_comm::MpiComm,
+    cfg: &ResolvedConfig,
+    source: &Source,
+    args: &TrainArgs,
+    log_every: u64,
+    entropy: Option<f64>,
+) -> Result<TrainReport, EngineError> {
+    let r = run_rank(comm, cfg, source, args, log_every)?;
+    let n = r.losses.len();
+    let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
+    let losses = comm
+        .all_reduce(&t, ds_comm::ReduceOp::Avg)?
+        .to_vec1::<f64>()?;
+    let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, entropy);
+    rep.rank = comm.rank();
+    Ok(rep)
 }

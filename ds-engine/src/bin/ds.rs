@@ -318,6 +318,8 @@ fn main() -> ExitCode {
                 dropout: model.dropout,
             };
             match ds_engine::train::train(&args) {
+                // Under mpirun every process trains; rank 0 reports.
+                Ok(r) if r.rank != 0 => ExitCode::SUCCESS,
                 Ok(r) if json => print_json(&r),
                 Ok(r) => {
                     println!(
