@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release -p ds-comm --example comm_bench -- [--backend local|mpi] [--world-size N]
 //! [--op all_reduce|reduce_scatter|all_gather]... [--sizes 1M,16M,64M] [--iters K] [--no-timeout]
-//! [--json]` (`--no-timeout`: MPI uses blocking collectives).
+//! [--no-check] [--json]` (`--no-timeout`: MPI uses blocking collectives; `--no-check`: MPI skips
+//! the per-call descriptor check).
 //! With `--backend mpi` build with `--features mpi` and launch under `mpirun`.
 
 use ds_comm::bench::{parse_sizes, run_comm_bench, BenchBackend, BenchOp, CommBenchOptions};
@@ -36,6 +37,7 @@ fn run() -> Result<(), ds_comm::CommError> {
             }
             "--json" => json = true,
             "--no-timeout" => opts.timeout = None,
+            "--no-check" => opts.check_calls = false,
             other => return Err(bad(format!("unknown argument {other:?}"))),
         }
     }

@@ -116,6 +116,9 @@ pub struct CommBenchOptions {
     /// Timeout of one collective. `None` waits forever; for MPI that selects blocking
     /// collectives (OpenMPI's tuned algorithms) instead of polled non-blocking ones.
     pub timeout: Option<Duration>,
+    /// MPI: compare call descriptors before each collective (default true; see
+    /// `MpiCommOptions::check_calls`).
+    pub check_calls: bool,
 }
 
 impl Default for CommBenchOptions {
@@ -133,6 +136,7 @@ impl Default for CommBenchOptions {
             warmup: 2,
             iters: None,
             timeout: Some(Duration::from_secs(300)),
+            check_calls: true,
         }
     }
 }
@@ -275,7 +279,7 @@ pub fn run_comm_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
             {
                 let comm = crate::MpiComm::init(crate::MpiCommOptions {
                     timeout: opts.timeout,
-                    ..Default::default()
+                    check_calls: opts.check_calls,
                 })?;
                 let memcpy_bytes = *opts.sizes.iter().max().unwrap_or(&(64 << 20));
                 // Every rank measures; the report carries the minimum over ranks (a shared host).

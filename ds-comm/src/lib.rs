@@ -12,8 +12,8 @@
 //!   environment, as DeepSpeed's launcher sets it.
 //!
 //! Around them: [`CommsLogger`], a decorator that times every call and reports DeepSpeed's
-//! `comms_logger` statistics (algbw/busbw, trimmed means, a summary table); [`bench`], a
-//! bus-bandwidth benchmark; and [`conformance`], the test suite every backend must pass.
+//! `comms_logger` statistics (algbw/busbw, trimmed means, a summary table); [`bench`](mod@bench), a
+//! bus-bandwidth benchmark; and [`conformance`](mod@conformance), the test suite every backend must pass.
 //!
 //! Tensors: f32, f16, bf16, f64, u8, u32 and i64 (see [`SUPPORTED_DTYPES`]), any shape and any
 //! length (non-contiguous inputs are made contiguous first). Results are new tensors.
