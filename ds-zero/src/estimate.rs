@@ -11,7 +11,10 @@
 //! | 3 | 2Ψ/N | 2Ψ/N | KΨ/N |
 //!
 //! in mixed precision (16-bit params and grads; K = 12 for Adam: fp32 master weights, momentum
-//! and variance). In fp32 the params and grads take 4 bytes each and K = 8 (no master copy).
+//! and variance). In fp32 the params and grads take 4 bytes each; K = 8 (Adam's moments) at
+//! stage 0, where the model weights are the master weights, and K = 8 + 4 from stage 1 on,
+//! where each rank keeps its fp32 master shard apart from the model (as DeepSpeed's
+//! `single_partition_of_fp32_groups` and this crate's `ZeroOptimizer` do).
 //! Partitioned sizes are rounded up exactly as [`crate::partition`] lays them out.
 
 use serde::Serialize;
@@ -59,14 +62,16 @@ pub fn estimate(
     }
     let (pb, k) = match precision {
         Precision::Mixed => (2u64, optimizer_state_bytes + 4),
-        Precision::Fp32 => (4u64, optimizer_state_bytes),
+        Precision::Fp32 if stage == 0 => (4u64, optimizer_state_bytes),
+        Precision::Fp32 => (4u64, optimizer_state_bytes + 4),
     };
     // Stage 1/2 flat partition (padded to a multiple of 2N), stage 3 per-tensor ceil: for one
     // flat group both are ceil(Ψ / N) up to the alignment.
     let align = 2 * world_size;
     let shard = params.div_ceil(align) * align / world_size;
     let (p_elems, g_elems, o_elems) = match stage {
-        0 => (params, params, params),
+        // Stage 0 steps the whole (padded) flat buffer on every rank.
+        0 => (params, params, shard * world_size),
         1 => (params, params, shard),
         2 => (params, shard, shard),
         _ => (shard, shard, shard),
@@ -108,7 +113,14 @@ mod tests {
         let e = estimate(1000, 4, 2, Precision::Fp32, 8).unwrap();
         assert_eq!(e.params_bytes, 4000);
         assert_eq!(e.grads_bytes, 1000);
-        assert_eq!(e.optimizer_bytes, 2000);
+        // 250 elements per rank x (8 bytes of Adam state + 4 of master copy).
+        assert_eq!(e.optimizer_bytes, 3000);
+        assert_eq!(
+            estimate(1000, 4, 0, Precision::Fp32, 8)
+                .unwrap()
+                .optimizer_bytes,
+            8000
+        );
         assert!(estimate(1, 0, 0, Precision::Fp32, 8).is_err());
         assert!(estimate(1, 1, 4, Precision::Fp32, 8).is_err());
     }

@@ -302,3 +302,44 @@ fn bad_options_are_errors() {
     let mut z = ZeroOptimizer::new(&[3], &[0.0; 3], spec, ZeroOptions::default(), &comm).unwrap();
     assert!(z.reduce_gradients(&[0.0; 4], &comm).is_err());
 }
+
+/// The estimator and a live optimizer agree on every stage (fp32 Adam, uneven size).
+#[test]
+fn estimator_matches_live_memory() {
+    use ds_zero::estimate::{estimate, Precision};
+    let psi = 10_007usize;
+    for ws in 1..=4usize {
+        for stage in 0..=3u8 {
+            let e = estimate(psi as u64, ws as u64, stage, Precision::Fp32, 8).unwrap();
+            let live: Vec<usize> = std::thread::scope(|s| {
+                LocalComm::create(ws)
+                    .into_iter()
+                    .map(|c| {
+                        s.spawn(move || {
+                            let opts = ZeroOptions {
+                                stage,
+                                ..Default::default()
+                            };
+                            let z = ZeroOptimizer::new(
+                                &[psi],
+                                &vec![0.0; psi],
+                                OptimizerSpec::Adam(AdamParams::default()),
+                                opts,
+                                &c,
+                            )
+                            .unwrap();
+                            let m = z.memory();
+                            m.params_bytes + m.grads_bytes + m.optimizer_bytes
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect()
+            });
+            for l in live {
+                assert_eq!(l as u64, e.per_rank_bytes, "ws={ws} stage={stage}");
+            }
+        }
+    }
+}
