@@ -250,9 +250,23 @@ impl<'c> Engine<'c> {
         self.micro
     }
 
-    /// Model-state bytes held on this rank.
+    /// Model-state bytes held on this rank. The engine keeps the full model weights between
+    /// steps at every stage (it does not yet release stage-3 parameters between passes), so
+    /// `params_bytes` is the full model here even at stage 3, and the gradient accumulation
+    /// buffer counts as full-size gradients.
     pub fn memory(&self) -> MemoryReport {
-        self.zero.memory()
+        let z = self.zero.memory();
+        let full = 4 * self.acc.len();
+        MemoryReport {
+            params_bytes: full,
+            grads_bytes: full
+                + if z.grads_bytes < full {
+                    z.grads_bytes
+                } else {
+                    0
+                },
+            optimizer_bytes: z.optimizer_bytes,
+        }
     }
 
     /// The learning rate the next step uses.
