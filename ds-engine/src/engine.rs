@@ -250,22 +250,17 @@ impl<'c> Engine<'c> {
         self.micro
     }
 
-    /// Model-state bytes held on this rank. The engine keeps the full model weights between
-    /// steps at every stage (it does not yet release stage-3 parameters between passes), so
-    /// `params_bytes` is the full model here even at stage 3, and the gradient accumulation
-    /// buffer counts as full-size gradients.
+    /// Model-state bytes this rank actually holds: the full model weights (the engine keeps
+    /// them between steps at every stage; it does not yet release stage-3 parameters between
+    /// passes), the gradient accumulation buffer plus the optimizer's reduced-gradient part,
+    /// and the optimizer's fp32 master part plus its state.
     pub fn memory(&self) -> MemoryReport {
-        let z = self.zero.memory();
         let full = 4 * self.acc.len();
+        let part = 4 * self.zero.master().len();
         MemoryReport {
             params_bytes: full,
-            grads_bytes: full
-                + if z.grads_bytes < full {
-                    z.grads_bytes
-                } else {
-                    0
-                },
-            optimizer_bytes: z.optimizer_bytes,
+            grads_bytes: full + part,
+            optimizer_bytes: part + self.zero.optimizer().state_bytes(),
         }
     }
 
