@@ -134,6 +134,128 @@ where
     Ok(SegmentGrads { input, params })
 }
 
+/// What a multi-input segment keeps: its inputs only.
+#[derive(Debug, Clone)]
+pub struct SavedMany {
+    inputs: Vec<Tensor>,
+}
+
+impl SavedMany {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inputs
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Gradients from a recomputed multi-input segment.
+#[derive(Debug)]
+pub struct SegmentGradsMany {
+    /// dL/d each input (zeros for an input the outputs do not depend on).
+    pub inputs: Vec<Tensor>,
+    /// dL/d each parameter passed in (`None` when unused).
+    pub params: Vec<Option<Tensor>>,
+}
+
+/// [`checkpoint_forward`] for a segment with several tensor inputs and outputs (non-tensor
+/// arguments are captured by the closure).
+pub fn checkpoint_forward_many<F>(
+    segment: &F,
+    inputs: &[Tensor],
+) -> Result<(Vec<Tensor>, SavedMany), CkptError>
+where
+    F: Fn(&[Tensor], Mode) -> candle_core::Result<Vec<Tensor>>,
+{
+    let xs: Vec<Tensor> = inputs.iter().map(Tensor::detach).collect();
+    let ys = segment(&xs, Mode::Untracked)?
+        .into_iter()
+        .map(|y| y.detach())
+        .collect();
+    Ok((ys, SavedMany { inputs: xs }))
+}
+
+/// [`recompute_backward`] for several inputs and outputs: `upstream[k]` is dL/d output k, or
+/// `None` when the loss does not depend on that output. Inputs that need no gradient (integer
+/// tensors such as token ids) get zeros.
+pub fn recompute_backward_many<F>(
+    segment: &F,
+    saved: &SavedMany,
+    upstream: &[Option<Tensor>],
+    params: &[&Var],
+) -> Result<SegmentGradsMany, CkptError>
+where
+    F: Fn(&[Tensor], Mode) -> candle_core::Result<Vec<Tensor>>,
+{
+    let vars: Vec<Option<Var>> = saved
+        .inputs
+        .iter()
+        .map(|t| {
+            if t.dtype().is_float() {
+                Var::from_tensor(t).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let xs: Vec<Tensor> = vars
+        .iter()
+        .zip(&saved.inputs)
+        .map(|(v, t)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let ys = segment(&xs, Mode::Tracked)?;
+    if ys.len() != upstream.len() {
+        return Err(CkptError::Shape {
+            want: vec![ys.len()],
+            got: vec![upstream.len()],
+        });
+    }
+    let mut total: Option<Tensor> = None;
+    for (y, g) in ys.iter().zip(upstream) {
+        let Some(g) = g else { continue };
+        if y.dims() != g.dims() {
+            return Err(CkptError::Shape {
+                want: y.dims().to_vec(),
+                got: g.dims().to_vec(),
+            });
+        }
+        let term = (y * g.detach())?.sum_all()?;
+        total = Some(match total {
+            Some(t) => (t + term)?,
+            None => term,
+        });
+    }
+    let grads = match total {
+        Some(t) => Some(t.backward()?),
+        None => None,
+    };
+    let inputs = vars
+        .iter()
+        .zip(&saved.inputs)
+        .map(|(v, t)| {
+            match (v, &grads) {
+                (Some(v), Some(g)) => g.get(v.as_tensor()).map(|x| x.detach()),
+                _ => None,
+            }
+            .map_or_else(|| t.zeros_like(), Ok)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let params = params
+        .iter()
+        .map(|p| {
+            grads
+                .as_ref()
+                .and_then(|g| g.get(p.as_tensor()))
+                .map(|x| x.detach())
+        })
+        .collect();
+    Ok(SegmentGradsMany { inputs, params })
+}
+
 /// Which segments of a stack of `n` to checkpoint (DeepSpeed's `activation_checkpointing`
 /// policies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +317,68 @@ pub fn dropout_mask(n: usize, p: f32, seed: u64, step: u64, segment: u64) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::{DType, Device, D};
+
+    /// Two inputs (one float, one integer index tensor), two outputs, a parameter that gets no
+    /// gradient, and a non-tensor argument: gradients equal plain backprop.
+    #[test]
+    fn many_inputs_and_outputs() {
+        let dev = Device::Cpu;
+        let w =
+            Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap()).unwrap();
+        let unused = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+        let scale = 1.5f64; // a non-tensor argument, captured
+        let seg = |xs: &[Tensor], mode: Mode| -> candle_core::Result<Vec<Tensor>> {
+            let w = match mode {
+                Mode::Tracked => w.as_tensor().clone(),
+                Mode::Untracked => w.as_detached_tensor(),
+            };
+            let picked = xs[0].index_select(&xs[1], 0)?;
+            let a = (picked.matmul(&w)? * scale)?.tanh()?;
+            let b = xs[0].sqr()?.sum_keepdim(1)?;
+            Ok(vec![a, b])
+        };
+        let x = Var::from_tensor(
+            &Tensor::new(&[[0.1f32, 0.2], [0.3, -0.4], [0.5, 0.6]], &dev).unwrap(),
+        )
+        .unwrap();
+        let idx = Tensor::new(&[2u32, 0], &dev).unwrap();
+        let outs = seg(&[x.as_tensor().clone(), idx.clone()], Mode::Tracked).unwrap();
+        let loss = (outs[0].sqr().unwrap().sum_all().unwrap()
+            + (&outs[1] * 3.0).unwrap().sum_all().unwrap())
+        .unwrap();
+        let plain = loss.backward().unwrap();
+        let (ys, saved) = checkpoint_forward_many(&seg, &[x.as_tensor().clone(), idx]).unwrap();
+        let up0 = (&ys[0] * 2.0).unwrap();
+        let up1 = Tensor::full(3f32, ys[1].shape(), &dev).unwrap();
+        let g =
+            recompute_backward_many(&seg, &saved, &[Some(up0), Some(up1)], &[&w, &unused]).unwrap();
+        let v2 = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        assert_eq!(v2(&g.inputs[0]), v2(plain.get(x.as_tensor()).unwrap()));
+        assert_eq!(
+            v2(g.params[0].as_ref().unwrap()),
+            v2(plain.get(w.as_tensor()).unwrap())
+        );
+        assert!(g.params[1].is_none());
+        assert_eq!(g.inputs[1].to_vec1::<u32>().unwrap(), vec![0, 0]);
+        assert!(saved.bytes() > 0);
+        // Only the second output matters: upstream None for the first.
+        let g = recompute_backward_many(
+            &seg,
+            &saved,
+            &[None, Some(Tensor::ones((3, 1), DType::F32, &dev).unwrap())],
+            &[&w],
+        )
+        .unwrap();
+        assert!(g.params[0].is_none());
+        let want: Vec<Vec<f32>> = v2(x.as_tensor())
+            .iter()
+            .map(|r| r.iter().map(|v| 2.0 * v).collect())
+            .collect();
+        assert_eq!(v2(&g.inputs[0]), want);
+        // Wrong number of upstream gradients: an error.
+        assert!(recompute_backward_many(&seg, &saved, &[None], &[&w]).is_err());
+    }
 
     #[test]
     fn policy_count_spreads_checkpoints_evenly() {

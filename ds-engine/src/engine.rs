@@ -120,6 +120,19 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Accepted settings that do nothing on this machine, said once.
+fn engine_notes(cfg: &ResolvedConfig) -> Vec<String> {
+    let ac = &cfg.activation_checkpointing;
+    let mut notes = Vec::new();
+    if ac.cpu_checkpointing {
+        notes.push("activation_checkpointing.cpu_checkpointing: the model runs on the CPU, so saved inputs already live in host memory (no-op)".to_string());
+    }
+    if ac.synchronize_checkpoint_boundary {
+        notes.push("activation_checkpointing.synchronize_checkpoint_boundary: there is no device stream to synchronise on the CPU (no-op)".to_string());
+    }
+    notes
+}
+
 /// What one optimizer step (one global batch) did on this rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainStep {
@@ -154,6 +167,7 @@ pub struct Engine<'c> {
     policy: Policy,
     /// `acc` holds stale values: the next micro-batch overwrites instead of accumulating.
     acc_fresh: bool,
+    notes: Vec<String>,
 }
 
 impl<'c> Engine<'c> {
@@ -207,6 +221,7 @@ impl<'c> Engine<'c> {
             skipped_steps: 0,
             micro_steps: 0,
             acc_fresh: true,
+            notes: engine_notes(cfg),
             policy: match cfg.activation_checkpointing.number_checkpoints {
                 Some(k) => Policy::Count(k as usize),
                 None => Policy::None,
@@ -218,6 +233,11 @@ impl<'c> Engine<'c> {
     /// here, e.g. [`Policy::Every`]).
     pub fn set_checkpoint_policy(&mut self, policy: Policy) {
         self.policy = policy;
+    }
+
+    /// Notes about accepted settings that are no-ops here (show them once).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The activation-checkpointing policy.

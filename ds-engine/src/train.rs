@@ -187,6 +187,11 @@ fn run_rank(
         );
     }
     let mut engine = Engine::initialize(cfg, model, comm)?;
+    if rank == 0 {
+        for n in engine.notes() {
+            eprintln!("note: {n}");
+        }
+    }
     if args.ckpt {
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
     }
