@@ -74,7 +74,11 @@ pub fn estimate(
         0 => (params, params, shard * world_size),
         1 => (params, params, shard),
         2 => (params, shard, shard),
-        _ => (shard, shard, shard),
+        // Stage 3 partitions each parameter on its own: ceil(numel / N) per rank.
+        _ => {
+            let s3 = params.div_ceil(world_size);
+            (s3, s3, s3)
+        }
     };
     let params_bytes = p_elems * pb;
     let grads_bytes = g_elems * pb;

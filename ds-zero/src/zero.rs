@@ -21,6 +21,8 @@
 //! `clip_coef = max_norm / (norm + 1e-6)` when it is below 1; inf/nan gradients skip the step on
 //! every rank (the flag is all-reduced).
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use ds_comm::{Communicator, ReduceOp};
 use rayon::prelude::*;
@@ -100,6 +102,108 @@ pub struct ZeroOptimizer {
     /// Factor still to apply to `grads` (the post-reduction averaging), fused into the step.
     grad_scale: f32,
     opt: FlatOptimizer,
+    /// Stage 3: DeepSpeed's per-parameter partition.
+    s3: Option<Stage3Layout>,
+}
+
+/// Stage 3 partitions every parameter on its own (DeepSpeed's `partition_parameters.py`):
+/// parameter `i` of `n_i` elements is cut into `c_i = ceil(n_i / world_size)` chunks, rank `r`
+/// holding elements `r*c_i ..` (the last chunks zero-padded), and a rank's shard is the
+/// concatenation of its chunk of every parameter. Gathering any run of parameters (a block's)
+/// is one all-gather of equal-length pieces.
+#[derive(Debug, Clone)]
+struct Stage3Layout {
+    /// `c_i` per parameter.
+    chunks: Vec<usize>,
+    /// Offset of each parameter's chunk in the shard (prefix sums of `chunks`).
+    offsets: Vec<usize>,
+    /// Shard length (sum of `chunks`).
+    shard: usize,
+    ws: usize,
+}
+
+impl Stage3Layout {
+    fn new(layout: &FlatLayout, ws: usize) -> Self {
+        let chunks: Vec<usize> = layout
+            .param_ranges
+            .iter()
+            .map(|r| r.len().div_ceil(ws))
+            .collect();
+        let mut offsets = Vec::with_capacity(chunks.len() + 1);
+        let mut o = 0;
+        for &c in &chunks {
+            offsets.push(o);
+            o += c;
+        }
+        offsets.push(o);
+        Stage3Layout {
+            chunks,
+            offsets,
+            shard: o,
+            ws,
+        }
+    }
+
+    /// This rank's shard of a full flat buffer (parameter order, unpadded).
+    fn shard_of(&self, layout: &FlatLayout, full: &[f32], rank: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.shard];
+        for (i, r) in layout.param_ranges.iter().enumerate() {
+            let c = self.chunks[i];
+            let lo = (rank * c).min(r.len());
+            let hi = ((rank + 1) * c).min(r.len());
+            out[self.offsets[i]..self.offsets[i] + (hi - lo)]
+                .copy_from_slice(&full[r.start + lo..r.start + hi]);
+        }
+        out
+    }
+
+    /// The rank-major buffer (`ws * shard`) of a full flat buffer.
+    fn rank_major(&self, layout: &FlatLayout, full: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.ws * self.shard);
+        for r in 0..self.ws {
+            out.extend(self.shard_of(layout, full, r));
+        }
+        out
+    }
+
+    /// Reassembles parameters `params` from the all-gathered pieces `g` (`ws` pieces of the
+    /// shard range of those parameters, rank-major) into their flat concatenation.
+    fn assemble(&self, layout: &FlatLayout, params: Range<usize>, g: &[f32]) -> Vec<f32> {
+        let base = self.offsets[params.start];
+        let piece = self.offsets[params.end] - base;
+        let mut out = Vec::with_capacity(
+            layout.param_ranges[params.clone()]
+                .iter()
+                .map(|r| r.len())
+                .sum(),
+        );
+        for i in params {
+            let n = layout.param_ranges[i].len();
+            let c = self.chunks[i];
+            for r in 0..self.ws {
+                let lo = (r * c).min(n);
+                let hi = ((r + 1) * c).min(n);
+                let at = r * piece + self.offsets[i] - base;
+                out.extend_from_slice(&g[at..at + (hi - lo)]);
+            }
+        }
+        out
+    }
+
+    /// (parameter index, range in the shard holding real elements) for Lamb's norms.
+    fn pieces(&self, layout: &FlatLayout, rank: usize) -> Vec<(usize, Range<usize>)> {
+        layout
+            .param_ranges
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let c = self.chunks[i];
+                let lo = (rank * c).min(r.len());
+                let hi = ((rank + 1) * c).min(r.len());
+                (lo < hi).then(|| (i, self.offsets[i]..self.offsets[i] + (hi - lo)))
+            })
+            .collect()
+    }
 }
 
 fn to_tensor(v: Vec<f32>) -> Result<Tensor, ZeroError> {
@@ -149,15 +253,22 @@ impl ZeroOptimizer {
             )));
         }
         let rank = comm.rank();
-        let mut padded = init.to_vec();
-        padded.resize(layout.padded, 0.0);
-        let master = if opts.stage == 0 {
-            padded
-        } else {
-            padded[layout.shard(rank)].to_vec()
+        let s3 = (opts.stage == 3).then(|| Stage3Layout::new(&layout, ws));
+        let master = match &s3 {
+            Some(l3) => l3.shard_of(&layout, init, rank),
+            None => {
+                let mut padded = init.to_vec();
+                padded.resize(layout.padded, 0.0);
+                if opts.stage == 0 {
+                    padded
+                } else {
+                    padded[layout.shard(rank)].to_vec()
+                }
+            }
         };
         let n = master.len();
         Ok(ZeroOptimizer {
+            s3,
             opt: FlatOptimizer::new(spec, n),
             grad_scale: 1.0,
             grads: vec![0.0; n],
@@ -251,6 +362,19 @@ impl ZeroOptimizer {
         let (before, after) = self.pre_scale(ws);
         // The post-reduction factor is applied inside the optimizer pass, not here.
         self.grad_scale = after;
+        if let Some(l3) = &self.s3 {
+            let mut buf = l3.rank_major(&self.layout, local);
+            if before != 1.0 {
+                buf.iter_mut().for_each(|g| *g *= before);
+            }
+            let part = if ws == 1 {
+                buf
+            } else {
+                bucketed_reduce_scatter(&buf, l3.shard, self.opts.reduce_bucket_size, comm)?
+            };
+            self.grads.copy_from_slice(&part);
+            return Ok(());
+        }
         if ws == 1 {
             // Nothing to reduce: one parallel copy into the persistent gradient buffer.
             let n = local.len();
@@ -285,7 +409,11 @@ impl ZeroOptimizer {
         comm: &dyn Communicator,
     ) -> Result<(), ZeroError> {
         let (before, after) = self.pre_scale(comm.world_size());
-        if comm.world_size() == 1 && before == 1.0 && local.len() == self.layout.numel {
+        if self.s3.is_none()
+            && comm.world_size() == 1
+            && before == 1.0
+            && local.len() == self.layout.numel
+        {
             let n = local.len();
             local.resize(self.layout.padded, 0.0);
             std::mem::swap(&mut self.grads, local);
@@ -365,7 +493,9 @@ impl ZeroOptimizer {
 
     fn lamb_step(&mut self, lr: f64, comm: &dyn Communicator) -> Result<(), ZeroError> {
         let nparams = self.layout.param_ranges.len();
-        let (offset, pieces) = if self.opts.stage == 0 {
+        let (offset, pieces) = if let Some(l3) = &self.s3 {
+            (0, l3.pieces(&self.layout, self.rank))
+        } else if self.opts.stage == 0 {
             (
                 0,
                 self.layout
@@ -412,6 +542,9 @@ impl ZeroOptimizer {
     /// The full updated parameters (flat, unpadded), all-gathered from the shards at stages
     /// 1-3 (at stage 3 call it before each forward pass and drop the result after backward).
     pub fn gather_params(&self, comm: &dyn Communicator) -> Result<Vec<f32>, ZeroError> {
+        if self.s3.is_some() {
+            return self.gather_param_range(0..self.layout.param_ranges.len(), comm);
+        }
         let mut full = if self.opts.stage == 0 {
             self.master.clone()
         } else {
@@ -419,6 +552,48 @@ impl ZeroOptimizer {
         };
         full.truncate(self.layout.numel);
         Ok(full)
+    }
+
+    /// The current values of parameters `params` (indices in the order given to
+    /// [`ZeroOptimizer::new`]), flat and concatenated. At stage 3 this all-gathers only those
+    /// parameters' chunks (what a block needs before its forward or backward pass); at other
+    /// stages it slices the gathered whole.
+    pub fn gather_param_range(
+        &self,
+        params: Range<usize>,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, ZeroError> {
+        let np = self.layout.param_ranges.len();
+        if params.start > params.end || params.end > np {
+            return Err(ZeroError::Shape(format!(
+                "parameter range {params:?} outside the {np} parameters"
+            )));
+        }
+        match &self.s3 {
+            Some(l3) => {
+                let piece = &self.master[l3.offsets[params.start]..l3.offsets[params.end]];
+                let g = if comm.world_size() == 1 {
+                    piece.to_vec()
+                } else {
+                    bucketed_all_gather(piece, self.opts.allgather_bucket_size, comm)?
+                };
+                Ok(l3.assemble(&self.layout, params, &g))
+            }
+            None => {
+                let full = self.gather_params(comm)?;
+                let lo = self
+                    .layout
+                    .param_ranges
+                    .get(params.start)
+                    .map_or(self.layout.numel, |r| r.start);
+                let hi = if params.end == 0 {
+                    0
+                } else {
+                    self.layout.param_ranges[params.end - 1].end
+                };
+                Ok(full[lo..hi.max(lo)].to_vec())
+            }
+        }
     }
 
     /// The optimizer state of this rank's part (for checkpoints).

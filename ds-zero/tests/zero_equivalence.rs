@@ -343,3 +343,47 @@ fn estimator_matches_live_memory() {
         }
     }
 }
+
+/// Stage 3 gathers any run of parameters (a block's) from per-parameter chunks; other stages
+/// slice the whole. Every rank gets the exact initial values.
+#[test]
+fn gather_param_range_returns_exact_values() {
+    for stage in [1u8, 3] {
+        for ws in 1..=4usize {
+            std::thread::scope(|s| {
+                for c in LocalComm::create(ws) {
+                    s.spawn(move || {
+                        let init = init();
+                        let opts = ZeroOptions {
+                            stage,
+                            allgather_bucket_size: 4,
+                            ..Default::default()
+                        };
+                        let z = ZeroOptimizer::new(
+                            &SIZES,
+                            &init,
+                            OptimizerSpec::Adam(AdamParams::default()),
+                            opts,
+                            &c,
+                        )
+                        .unwrap();
+                        // params 1..3 = elements 7..21
+                        assert_eq!(
+                            z.gather_param_range(1..3, &c).unwrap(),
+                            init[7..21].to_vec(),
+                            "stage {stage} ws {ws}"
+                        );
+                        assert_eq!(z.gather_param_range(0..4, &c).unwrap(), init);
+                        assert_eq!(z.gather_param_range(2..2, &c).unwrap(), Vec::<f32>::new());
+                        assert!(z.gather_param_range(3..9, &c).is_err());
+                        if stage == 3 {
+                            // Per-parameter chunks: ceil(7/ws) + ceil(13/ws) + ceil(1/ws) + ceil(30/ws).
+                            let want: usize = SIZES.iter().map(|n| n.div_ceil(ws)).sum();
+                            assert_eq!(z.master().len(), want);
+                        }
+                    });
+                }
+            });
+        }
+    }
+}
