@@ -18,7 +18,7 @@ use ds_zero::optim::{AdamParams, LambParams, LionParams, OptimizerSpec, SgdParam
 use ds_zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
 
 use crate::lr::{LrSchedule, LrScheduler};
-use crate::model::Gpt;
+use crate::model::{BlockEvent, Gpt, BLOCK_PARAMS};
 use crate::EngineError;
 use ds_ckpt_act::Policy;
 
@@ -168,6 +168,7 @@ pub struct Engine<'c> {
     /// `acc` holds stale values: the next micro-batch overwrites instead of accumulating.
     acc_fresh: bool,
     notes: Vec<String>,
+    stage3: bool,
 }
 
 impl<'c> Engine<'c> {
@@ -203,6 +204,14 @@ impl<'c> Engine<'c> {
             init.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
         }
         let zero = ZeroOptimizer::new(&sizes, &init, spec, opts, comm)?;
+        let stage3 = z.stage == 3;
+        if stage3 {
+            // ZeRO-3: block parameters live in the optimizer's shards; the model holds them only
+            // while a block runs (gathered before, released after).
+            for b in model.blocks() {
+                b.release()?;
+            }
+        }
         let sched = LrScheduler::new(LrSchedule::from_config(
             cfg.scheduler.as_ref(),
             cfg.optimizer.as_ref(),
@@ -222,17 +231,34 @@ impl<'c> Engine<'c> {
             micro_steps: 0,
             acc_fresh: true,
             notes: engine_notes(cfg),
-            policy: match cfg.activation_checkpointing.number_checkpoints {
-                Some(k) => Policy::Count(k as usize),
-                None => Policy::None,
+            // ZeRO-3 releases a block's parameters after its forward pass, so every block is
+            // recomputed in the backward pass (with its parameters gathered again).
+            policy: if stage3 {
+                Policy::Every
+            } else {
+                match cfg.activation_checkpointing.number_checkpoints {
+                    Some(k) => Policy::Count(k as usize),
+                    None => Policy::None,
+                }
             },
+            stage3,
         })
     }
 
     /// Which blocks are checkpointed (from `activation_checkpointing.number_checkpoints`, or set
     /// here, e.g. [`Policy::Every`]).
     pub fn set_checkpoint_policy(&mut self, policy: Policy) {
-        self.policy = policy;
+        // ZeRO-3 needs every block recomputed (its parameters are released after the forward).
+        if !self.stage3 {
+            self.policy = policy;
+        }
+    }
+
+    /// All parameters' current values, flat in [`Gpt::params`] order, at every stage (a
+    /// collective: every rank must call it). This is DeepSpeed's `GatheredParameters` /
+    /// `stage3_gather_16bit_weights_on_model_save` as one explicit call that always works.
+    pub fn gather_full_params(&self) -> Result<Vec<f32>, EngineError> {
+        Ok(self.zero.gather_params(self.comm)?)
     }
 
     /// Notes about accepted settings that are no-ops here (show them once).
@@ -270,15 +296,24 @@ impl<'c> Engine<'c> {
         self.micro
     }
 
-    /// Model-state bytes this rank actually holds: the full model weights (the engine keeps
-    /// them between steps at every stage; it does not yet release stage-3 parameters between
-    /// passes), the gradient accumulation buffer plus the optimizer's reduced-gradient part,
-    /// and the optimizer's fp32 master part plus its state.
+    /// Model-state bytes this rank holds between steps: the model weights present (all of them
+    /// at stages 0-2; at stage 3 only the persistent embeddings and final LayerNorm, the blocks
+    /// being gathered one at a time while they run), the gradient accumulation buffer (full
+    /// size at every stage) plus the optimizer's reduced-gradient part, and the optimizer's
+    /// fp32 master part plus its state.
     pub fn memory(&self) -> MemoryReport {
         let full = 4 * self.acc.len();
         let part = 4 * self.zero.master().len();
+        // At stage 3 the model holds only its persistent parameters between passes (plus one
+        // gathered block while it runs, not counted here).
+        let held: usize = 4 * self
+            .model
+            .params()
+            .iter()
+            .map(|p| p.var.elem_count())
+            .sum::<usize>();
         MemoryReport {
-            params_bytes: full,
+            params_bytes: held,
             grads_bytes: full + part,
             optimizer_bytes: part + self.zero.optimizer().state_bytes(),
         }
@@ -312,7 +347,25 @@ impl<'c> Engine<'c> {
         // Dropout masks are keyed by the micro-step (identical in a checkpoint recompute).
         self.model.set_step(self.micro_steps);
         self.micro_steps += 1;
-        let fb = self.model.forward_backward(&x, &y, self.policy)?;
+        let fb = if self.stage3 {
+            let (model, zero, comm) = (&self.model, &self.zero, self.comm);
+            let mut hook = |ev: BlockEvent| -> candle_core::Result<()> {
+                match ev {
+                    BlockEvent::Gather(i) => {
+                        let first = Gpt::block_param_start(i);
+                        let data = zero
+                            .gather_param_range(first..first + BLOCK_PARAMS, comm)
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        model.blocks()[i].set_data(&data)
+                    }
+                    BlockEvent::Release(i) => model.blocks()[i].release(),
+                }
+            };
+            self.model
+                .forward_backward_hooked(&x, &y, self.policy, &mut hook)?
+        } else {
+            self.model.forward_backward(&x, &y, self.policy)?
+        };
         let t1 = Instant::now();
         let scale = 1.0 / self.gas as f32;
         let mut off = 0;
@@ -350,12 +403,27 @@ impl<'c> Engine<'c> {
         self.acc_fresh = true;
         let report = self.zero.step(lr, self.comm)?;
         if report.applied {
-            let full = self.zero.gather_params(self.comm)?;
-            let mut off = 0;
-            for (p, &n) in self.model.params().iter().zip(&self.sizes) {
-                let t = Tensor::from_slice(&full[off..off + n], p.var.shape(), &Device::Cpu)?;
-                p.var.set(&t)?;
-                off += n;
+            if self.stage3 {
+                // Only the persistent parameters (embeddings, final LayerNorm) are refreshed;
+                // blocks are gathered when they next run.
+                let np = self.sizes.len();
+                for range in [0..2, np - 2..np] {
+                    let data = self.zero.gather_param_range(range.clone(), self.comm)?;
+                    let mut off = 0;
+                    for i in range {
+                        let n = self.sizes[i];
+                        self.model.set_param(i, &data[off..off + n])?;
+                        off += n;
+                    }
+                }
+            } else {
+                let full = self.zero.gather_params(self.comm)?;
+                let mut off = 0;
+                for (p, &n) in self.model.params().iter().zip(&self.sizes) {
+                    let t = Tensor::from_slice(&full[off..off + n], p.var.shape(), &Device::Cpu)?;
+                    p.var.set(&t)?;
+                    off += n;
+                }
             }
             self.sched.step();
         } else {

@@ -7,6 +7,8 @@
 //! backward, so the forms here are written out), and a test checks that every parameter
 //! receives a gradient.
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use ds_ckpt_act::{checkpoint_forward, recompute_backward, Mode, Policy, Saved};
 
@@ -223,54 +225,150 @@ fn apply_dropout(y: Tensor, drop: Option<DropKey>, site: u64) -> candle_core::Re
     }
 }
 
-/// One pre-LN transformer block.
+/// The parameters of one block (swappable: ZeRO-3 gathers them before use and releases them).
 #[derive(Debug, Clone)]
-pub struct GptBlock {
+struct BlockLayers {
     ln1: LayerNorm,
     qkv: Linear,
     proj: Linear,
     ln2: LayerNorm,
     fc: Linear,
     fc2: Linear,
+}
+
+/// Parameters per block (every Linear has a bias).
+pub const BLOCK_PARAMS: usize = 12;
+
+/// One pre-LN transformer block.
+#[derive(Debug, Clone)]
+pub struct GptBlock {
+    layers: RefCell<BlockLayers>,
     heads: usize,
+    hidden: usize,
+}
+
+/// What [`Gpt::forward_backward_hooked`] asks of its caller around each block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockEvent {
+    /// Block `i` is about to run (forward, or recompute + backward): its parameters must be
+    /// present ([`GptBlock::set_data`]).
+    Gather(usize),
+    /// Block `i` is done for now: its parameters may be released ([`GptBlock::release`]).
+    Release(usize),
 }
 
 impl GptBlock {
     fn new(rng: &mut Rng, s: &ModelShape, dev: &Device) -> candle_core::Result<Self> {
         let d = s.hidden;
         Ok(GptBlock {
-            ln1: LayerNorm::new(d, dev)?,
-            qkv: Linear::new(rng, d, 3 * d, true, dev)?,
-            proj: Linear::new(rng, d, d, true, dev)?,
-            ln2: LayerNorm::new(d, dev)?,
-            fc: Linear::new(rng, d, 4 * d, true, dev)?,
-            fc2: Linear::new(rng, 4 * d, d, true, dev)?,
+            layers: RefCell::new(BlockLayers {
+                ln1: LayerNorm::new(d, dev)?,
+                qkv: Linear::new(rng, d, 3 * d, true, dev)?,
+                proj: Linear::new(rng, d, d, true, dev)?,
+                ln2: LayerNorm::new(d, dev)?,
+                fc: Linear::new(rng, d, 4 * d, true, dev)?,
+                fc2: Linear::new(rng, 4 * d, d, true, dev)?,
+            }),
             heads: s.heads,
+            hidden: d,
         })
     }
 
-    fn params(&self, prefix: &str, out: &mut Vec<NamedParam>) {
-        let mut push = |n: &str, v: &Var| {
-            out.push(NamedParam {
-                name: format!("{prefix}.{n}"),
-                var: v.clone(),
-            })
-        };
-        push("ln1.weight", &self.ln1.weight);
-        push("ln1.bias", &self.ln1.bias);
-        for (n, l) in [
-            ("qkv", &self.qkv),
-            ("proj", &self.proj),
-            ("fc", &self.fc),
-            ("fc2", &self.fc2),
-        ] {
-            push(&format!("{n}.weight"), &l.weight);
-            if let Some(b) = &l.bias {
-                push(&format!("{n}.bias"), b);
-            }
+    /// Shapes of the block's parameters, in [`GptBlock::vars`] order.
+    pub fn param_shapes(&self) -> Vec<Vec<usize>> {
+        let d = self.hidden;
+        vec![
+            vec![d],
+            vec![d],
+            vec![3 * d, d],
+            vec![3 * d],
+            vec![d, d],
+            vec![d],
+            vec![4 * d, d],
+            vec![4 * d],
+            vec![d, 4 * d],
+            vec![d],
+            vec![d],
+            vec![d],
+        ]
+    }
+
+    /// Installs parameter values (flat, [`GptBlock::vars`] order) as fresh variables.
+    pub fn set_data(&self, flat: &[f32]) -> candle_core::Result<()> {
+        let shapes = self.param_shapes();
+        let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        if flat.len() != total {
+            candle_core::bail!("block expects {total} parameter values, got {}", flat.len());
         }
-        push("ln2.weight", &self.ln2.weight);
-        push("ln2.bias", &self.ln2.bias);
+        let mut off = 0;
+        let mut vars = Vec::with_capacity(BLOCK_PARAMS);
+        for sh in &shapes {
+            let n: usize = sh.iter().product();
+            vars.push(var(flat[off..off + n].to_vec(), sh, &Device::Cpu)?);
+            off += n;
+        }
+        self.install(vars)
+    }
+
+    /// Drops the block's parameter storage (ZeRO-3 between uses); [`GptBlock::set_data`]
+    /// brings it back.
+    pub fn release(&self) -> candle_core::Result<()> {
+        let empty = (0..BLOCK_PARAMS)
+            .map(|_| var(Vec::new(), &[0], &Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.install(empty)
+    }
+
+    /// Whether the parameters are present.
+    pub fn is_gathered(&self) -> bool {
+        self.layers.borrow().ln1.weight.elem_count() > 0
+    }
+
+    fn install(&self, v: Vec<Var>) -> candle_core::Result<()> {
+        let n = v.len();
+        let Ok([a, b, c, d, e, f, g, h, i, j, k, m]) = <[Var; BLOCK_PARAMS]>::try_from(v) else {
+            candle_core::bail!("a block has {BLOCK_PARAMS} parameters, got {n}");
+        };
+        let l = &mut *self.layers.borrow_mut();
+        l.ln1 = LayerNorm { weight: a, bias: b };
+        l.qkv = Linear {
+            weight: c,
+            bias: Some(d),
+        };
+        l.proj = Linear {
+            weight: e,
+            bias: Some(f),
+        };
+        l.fc = Linear {
+            weight: g,
+            bias: Some(h),
+        };
+        l.fc2 = Linear {
+            weight: i,
+            bias: Some(j),
+        };
+        l.ln2 = LayerNorm { weight: k, bias: m };
+        Ok(())
+    }
+
+    fn names(prefix: &str) -> Vec<String> {
+        [
+            "ln1.weight",
+            "ln1.bias",
+            "qkv.weight",
+            "qkv.bias",
+            "proj.weight",
+            "proj.bias",
+            "fc.weight",
+            "fc.bias",
+            "fc2.weight",
+            "fc2.bias",
+            "ln2.weight",
+            "ln2.bias",
+        ]
+        .iter()
+        .map(|n| format!("{prefix}.{n}"))
+        .collect()
     }
 
     /// (B, T, C) -> (B, T, C), no dropout.
@@ -278,17 +376,18 @@ impl GptBlock {
         self.forward_mode(x, Mode::Tracked, None)
     }
 
-    /// The block's parameters, in the order of [`Gpt::params`].
-    pub fn vars(&self) -> Vec<&Var> {
-        let mut v = vec![&self.ln1.weight, &self.ln1.bias];
-        for l in [&self.qkv, &self.proj, &self.fc, &self.fc2] {
-            v.push(&l.weight);
-            if let Some(b) = &l.bias {
-                v.push(b);
+    /// The block's parameters (current variables), in the order of [`Gpt::params`].
+    pub fn vars(&self) -> Vec<Var> {
+        let l = self.layers.borrow();
+        let mut v = vec![l.ln1.weight.clone(), l.ln1.bias.clone()];
+        for lin in [&l.qkv, &l.proj, &l.fc, &l.fc2] {
+            v.push(lin.weight.clone());
+            if let Some(b) = &lin.bias {
+                v.push(b.clone());
             }
         }
-        v.push(&self.ln2.weight);
-        v.push(&self.ln2.bias);
+        v.push(l.ln2.weight.clone());
+        v.push(l.ln2.bias.clone());
         v
     }
 
@@ -300,12 +399,11 @@ impl GptBlock {
         mode: Mode,
         drop: Option<DropKey>,
     ) -> candle_core::Result<Tensor> {
+        let l = self.layers.borrow();
         let (b, t, c) = x.dims3()?;
         let h = self.heads;
         let hd = c / h;
-        let qkv = self
-            .qkv
-            .forward_mode(&self.ln1.forward_mode(x, mode)?, mode)?;
+        let qkv = l.qkv.forward_mode(&l.ln1.forward_mode(x, mode)?, mode)?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * c, c)?
                 .reshape((b, t, h, hd))?
@@ -320,13 +418,11 @@ impl GptBlock {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, c))?;
-        let a = apply_dropout(self.proj.forward_mode(&y, mode)?, drop, 0)?;
+        let a = apply_dropout(l.proj.forward_mode(&y, mode)?, drop, 0)?;
         let x = (x + a)?;
-        let h = self
-            .fc
-            .forward_mode(&self.ln2.forward_mode(&x, mode)?, mode)?;
+        let h = l.fc.forward_mode(&l.ln2.forward_mode(&x, mode)?, mode)?;
         let m = apply_dropout(
-            self.fc2.forward_mode(&crate::kernels::gelu(&h)?, mode)?,
+            l.fc2.forward_mode(&crate::kernels::gelu(&h)?, mode)?,
             drop,
             1,
         )?;
@@ -342,7 +438,7 @@ pub struct Gpt {
     wpe: Var,
     blocks: Vec<GptBlock>,
     ln_f: LayerNorm,
-    params: Vec<NamedParam>,
+    names: Vec<String>,
     dropout: f32,
     dropout_seed: u64,
     step: std::sync::atomic::AtomicU64,
@@ -394,34 +490,19 @@ impl Gpt {
             .map(|_| GptBlock::new(&mut rng, &shape, dev))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(shape.hidden, dev)?;
-        let mut params = vec![
-            NamedParam {
-                name: "wte.weight".into(),
-                var: wte.clone(),
-            },
-            NamedParam {
-                name: "wpe.weight".into(),
-                var: wpe.clone(),
-            },
-        ];
-        for (i, b) in blocks.iter().enumerate() {
-            b.params(&format!("blocks.{i}"), &mut params);
+        let mut names = vec!["wte.weight".to_string(), "wpe.weight".to_string()];
+        for i in 0..blocks.len() {
+            names.extend(GptBlock::names(&format!("blocks.{i}")));
         }
-        params.push(NamedParam {
-            name: "ln_f.weight".into(),
-            var: ln_f.weight.clone(),
-        });
-        params.push(NamedParam {
-            name: "ln_f.bias".into(),
-            var: ln_f.bias.clone(),
-        });
+        names.push("ln_f.weight".into());
+        names.push("ln_f.bias".into());
         Ok(Gpt {
             shape,
             wte,
             wpe,
             blocks,
             ln_f,
-            params,
+            names,
             dropout: 0.0,
             dropout_seed: 0,
             step: std::sync::atomic::AtomicU64::new(0),
@@ -433,9 +514,56 @@ impl Gpt {
         self.shape
     }
 
-    /// Unique parameters in a fixed order (the tied head shares `wte.weight`).
-    pub fn params(&self) -> &[NamedParam] {
-        &self.params
+    /// Unique parameters (their current variables) in a fixed order: `wte`, `wpe`, the
+    /// blocks' [`BLOCK_PARAMS`] each, `ln_f` (the tied head shares `wte.weight`). A released
+    /// block's variables are empty.
+    pub fn params(&self) -> Vec<NamedParam> {
+        let mut vars = vec![self.wte.clone(), self.wpe.clone()];
+        for b in &self.blocks {
+            vars.extend(b.vars());
+        }
+        vars.push(self.ln_f.weight.clone());
+        vars.push(self.ln_f.bias.clone());
+        self.names
+            .iter()
+            .zip(vars)
+            .map(|(n, v)| NamedParam {
+                name: n.clone(),
+                var: v,
+            })
+            .collect()
+    }
+
+    /// Parameter shapes in [`Gpt::params`] order (whether or not blocks are released).
+    pub fn param_shapes(&self) -> Vec<Vec<usize>> {
+        let d = self.shape.hidden;
+        let mut v = vec![vec![self.shape.vocab, d], vec![self.shape.seq, d]];
+        for b in &self.blocks {
+            v.extend(b.param_shapes());
+        }
+        v.push(vec![d]);
+        v.push(vec![d]);
+        v
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[GptBlock] {
+        &self.blocks
+    }
+
+    /// Index in [`Gpt::params`] of block `i`'s first parameter.
+    pub fn block_param_start(i: usize) -> usize {
+        2 + i * BLOCK_PARAMS
+    }
+
+    /// Overwrites the values of parameter `index` (which must be present).
+    pub fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
+        let p = self.params();
+        let Some(np) = p.get(index) else {
+            candle_core::bail!("no parameter {index}");
+        };
+        np.var
+            .set(&Tensor::from_slice(data, np.var.shape(), &Device::Cpu)?)
     }
 
     /// Mean next-token cross-entropy of `ids` (B, T) against `targets` (B, T), both u32.
@@ -467,31 +595,39 @@ impl Gpt {
         targets: &Tensor,
         policy: Policy,
     ) -> candle_core::Result<FwdBwd> {
+        self.forward_backward_hooked(ids, targets, policy, &mut |_| Ok(()))
+    }
+
+    /// [`Gpt::forward_backward`] calling `hook` around every block of the checkpointed path:
+    /// [`BlockEvent::Gather`] before a block runs (forward, and recompute + backward) and
+    /// [`BlockEvent::Release`] after, which is where ZeRO-3 all-gathers a block's parameters
+    /// and frees them. The hook is not called with `Policy::None` (the whole graph is kept).
+    pub fn forward_backward_hooked(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+    ) -> candle_core::Result<FwdBwd> {
         let t0 = std::time::Instant::now();
-        let params: Vec<&Var> = self.params.iter().map(|p| &p.var).collect();
-        let index = |v: &Var| {
-            params
-                .iter()
-                .position(|p| p.as_tensor().id() == v.as_tensor().id())
-        };
-        let mut out: Vec<Option<Tensor>> = vec![None; params.len()];
-        let mut add = |v: &Var, g: Tensor| -> candle_core::Result<()> {
-            if let Some(i) = index(v) {
-                out[i] = Some(match out[i].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
-            }
+        let nparams = self.names.len();
+        let mut out: Vec<Option<Tensor>> = vec![None; nparams];
+        let mut add = |i: usize, g: Tensor| -> candle_core::Result<()> {
+            out[i] = Some(match out[i].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
             Ok(())
         };
+        let (ln_w, ln_b) = (nparams - 2, nparams - 1);
         if policy == Policy::None {
             let loss = self.loss(ids, targets)?;
             let l = loss.to_scalar::<f32>()?;
             let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
             let grads = loss.backward()?;
-            for v in &params {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    add(v, g.detach())?;
+            for (i, p) in self.params().iter().enumerate() {
+                if let Some(g) = grads.get(p.var.as_tensor()) {
+                    add(i, g.detach())?;
                 }
             }
             return Ok(FwdBwd {
@@ -514,10 +650,12 @@ impl Gpt {
         for (i, blk) in self.blocks.iter().enumerate() {
             let key = self.drop_key(i);
             let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
+            hook(BlockEvent::Gather(i))?;
             if policy.checkpointed(i, n) {
                 let (y, saved) = checkpoint_forward(&seg, &x).map_err(to_candle)?;
                 kept.push(Kept::Ckpt(saved));
                 x = y;
+                hook(BlockEvent::Release(i))?;
             } else {
                 let xv = Var::from_tensor(&x)?;
                 let y = blk.forward_mode(xv.as_tensor(), Mode::Tracked, key)?;
@@ -531,22 +669,17 @@ impl Gpt {
         let l = loss.to_scalar::<f32>()?;
         let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
         let grads = loss.backward()?;
-        add(
-            &self.ln_f.weight,
-            grads
-                .get(self.ln_f.weight.as_tensor())
-                .map(|g| g.detach())
-                .unwrap_or(self.ln_f.weight.zeros_like()?),
-        )?;
-        add(
-            &self.ln_f.bias,
-            grads
-                .get(self.ln_f.bias.as_tensor())
-                .map(|g| g.detach())
-                .unwrap_or(self.ln_f.bias.zeros_like()?),
-        )?;
+        for (i, v) in [(ln_w, &self.ln_f.weight), (ln_b, &self.ln_f.bias)] {
+            add(
+                i,
+                grads
+                    .get(v.as_tensor())
+                    .map(|g| g.detach())
+                    .unwrap_or(v.zeros_like()?),
+            )?;
+        }
         if let Some(g) = grads.get(self.wte.as_tensor()) {
-            add(&self.wte, g.detach())?;
+            add(0, g.detach())?;
         }
         let mut g = match grads.get(xl.as_tensor()) {
             Some(g) => g.detach(),
@@ -555,24 +688,29 @@ impl Gpt {
         drop(grads);
         // Blocks in reverse.
         for (i, (blk, k)) in self.blocks.iter().zip(kept).enumerate().rev() {
-            let vars = blk.vars();
             let key = self.drop_key(i);
+            let first = Self::block_param_start(i);
             match k {
                 Kept::Ckpt(saved) => {
+                    hook(BlockEvent::Gather(i))?;
+                    let vars = blk.vars();
+                    let refs: Vec<&Var> = vars.iter().collect();
                     let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
-                    let sg = recompute_backward(&seg, &saved, &g, &vars).map_err(to_candle)?;
-                    for (v, pg) in vars.iter().zip(sg.params) {
+                    let sg = recompute_backward(&seg, &saved, &g, &refs).map_err(to_candle)?;
+                    for (k, pg) in sg.params.into_iter().enumerate() {
                         if let Some(pg) = pg {
-                            add(v, pg)?;
+                            add(first + k, pg)?;
                         }
                     }
                     g = sg.input;
+                    hook(BlockEvent::Release(i))?;
                 }
                 Kept::Graph(xv, y) => {
+                    let vars = blk.vars();
                     let grads = (y * &g)?.sum_all()?.backward()?;
-                    for v in &vars {
+                    for (k, v) in vars.iter().enumerate() {
                         if let Some(pg) = grads.get(v.as_tensor()) {
-                            add(v, pg.detach())?;
+                            add(first + k, pg.detach())?;
                         }
                     }
                     g = match grads.get(xv.as_tensor()) {
@@ -584,9 +722,9 @@ impl Gpt {
         }
         // Embedding.
         let grads = (x0 * &g)?.sum_all()?.backward()?;
-        for v in [&self.wte, &self.wpe] {
+        for (i, v) in [(0, &self.wte), (1, &self.wpe)] {
             if let Some(pg) = grads.get(v.as_tensor()) {
-                add(v, pg.detach())?;
+                add(i, pg.detach())?;
             }
         }
         Ok(FwdBwd {
@@ -669,7 +807,13 @@ mod tests {
         // peer/README.md: 4 layers, hidden 256, 4 heads, seq 128, vocab 8192 = 5,289,472.
         assert_eq!(gpt_param_count(&ModelShape::default()), 5_289_472);
         let m = Gpt::new(tiny(), 0, &Device::Cpu).unwrap();
-        assert_eq!(numel(m.params()), gpt_param_count(&tiny()));
+        assert_eq!(numel(&m.params()), gpt_param_count(&tiny()));
+        let shapes: usize = m
+            .param_shapes()
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(shapes, gpt_param_count(&tiny()));
     }
 
     #[test]
