@@ -82,6 +82,12 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     if cfg.flops_profiler.enabled {
         return refuse("flops_profiler.enabled", "the flops profiler is not wired into the engine yet; use `ds profile` when it lands, or set enabled false");
     }
+    if cfg.json()["sparse_gradients"] == serde_json::Value::Bool(true) {
+        return refuse(
+            "sparse_gradients",
+            "sparse gradient all-reduce is not implemented (the model library has no sparse embeddings); set false",
+        );
+    }
     if cfg.tensorboard.enabled {
         return refuse(
             "tensorboard.enabled",
@@ -129,6 +135,28 @@ fn engine_notes(cfg: &ResolvedConfig) -> Vec<String> {
     }
     if ac.synchronize_checkpoint_boundary {
         notes.push("activation_checkpointing.synchronize_checkpoint_boundary: there is no device stream to synchronise on the CPU (no-op)".to_string());
+    }
+    let z = &cfg.zero_optimization;
+    if z.overlap_comm && z.stage < 3 {
+        notes.push("zero_optimization.overlap_comm: gradients are reduced after the backward pass, not overlapped with it (no effect yet)".to_string());
+    }
+    if z.round_robin_gradients {
+        notes.push(
+            "zero_optimization.round_robin_gradients: partitions are contiguous here (no effect)"
+                .to_string(),
+        );
+    }
+    if z.offload_optimizer_to_cpu() {
+        notes.push("zero_optimization.offload_optimizer.device = cpu: on a CPU-only run the optimizer state and master weights already live in host memory (the same code path)".to_string());
+    }
+    if z.stage == 3 {
+        notes.push("zero_optimization stage 3: every transformer block is gathered before use and released after (blocks are the gather granularity; stage3_prefetch_bucket_size, stage3_max_live_parameters and stage3_param_persistence_threshold have no effect: embeddings and the final LayerNorm stay whole, one block is live at a time, nothing is prefetched)".to_string());
+    }
+    if cfg.json()["dataloader_drop_last"] == serde_json::Value::Bool(true) {
+        notes.push(
+            "dataloader_drop_last: the built-in loaders never produce a partial batch (no-op)"
+                .to_string(),
+        );
     }
     notes
 }

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod kernels;
 pub mod lr;
 pub mod model;
+pub mod monitor;
 pub mod train;
 
 /// Errors of the engine.

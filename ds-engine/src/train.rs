@@ -191,7 +191,21 @@ fn run_rank(
         for n in engine.notes() {
             eprintln!("note: {n}");
         }
+        if cfg.json()["dump_state"] == serde_json::Value::Bool(true) {
+            eprintln!(
+                "dump_state: resolved config {}",
+                serde_json::to_string_pretty(cfg.json()).unwrap_or_default()
+            );
+        }
     }
+    let mut csv = if rank == 0 && cfg.csv_monitor.enabled {
+        Some(crate::monitor::CsvMonitor::new(
+            &cfg.csv_monitor.output_path,
+            &cfg.csv_monitor.job_name,
+        )?)
+    } else {
+        None
+    };
     if args.ckpt {
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
     }
@@ -204,6 +218,11 @@ fn run_rank(
         let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         losses.push(r.loss);
+        if let Some(m) = csv.as_mut() {
+            let samples = (step + 1) * cfg.train_batch_size;
+            m.write_event("Train/Samples/train_loss", r.loss, samples)?;
+            m.write_event("Train/Samples/lr", r.lr, samples)?;
+        }
         f_acc += r.fwd_ms;
         b_acc += r.bwd_ms;
         s_acc += r.step_ms;
@@ -224,6 +243,16 @@ fn run_rank(
                 r.step.grad_norm,
                 step_ms[step_ms.len() - 1]
             );
+            if cfg.memory_breakdown {
+                let (cur, peak) = (crate::alloc::current_bytes(), crate::alloc::peak_bytes());
+                let gb = |b: usize| b as f64 / 1e9;
+                eprintln!(
+                    "MemAllocated={:.3}GB, MaxMemAllocated={:.3}GB, process peak RSS={:.3}GB",
+                    gb(cur),
+                    gb(peak),
+                    peak_rss_bytes() as f64 / 1e9
+                );
+            }
             if cfg.wall_clock_breakdown {
                 let k = log_every as f64;
                 eprintln!(
@@ -237,6 +266,9 @@ fn run_rank(
             b_acc = 0.0;
             s_acc = 0.0;
         }
+    }
+    if let Some(m) = csv.as_mut() {
+        m.flush()?;
     }
     Ok(RankResult {
         losses,
