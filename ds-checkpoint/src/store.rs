@@ -1,0 +1,805 @@
+//! The checkpoint format, the [`CheckpointStore`] trait and the filesystem store.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io_err, CheckpointError, Result};
+use crate::format::{write_safetensors, Dtype, FileRecord, MappedFile, TensorOut};
+
+/// Version of the on-disk format written by this library; loading any other version fails
+/// with [`CheckpointError::VersionMismatch`].
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the manifest inside a tag directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Name of the full-weights file inside a tag directory (written by rank 0 when given).
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Name of the file, in the store's root, that holds the tag of the newest complete checkpoint.
+pub const LATEST_FILE: &str = "latest";
+/// Name of the flat buffer holding fp32 master weights; [`Checkpoint::read_weight`] falls back
+/// to it when a checkpoint has no [`MODEL_FILE`].
+pub const MASTER_BUFFER: &str = "master";
+
+/// File name of rank `rank`'s flat buffers inside a tag directory.
+pub fn rank_file_name(rank: usize) -> String {
+    format!("rank_{rank:05}.safetensors")
+}
+
+fn receipt_name(rank: usize) -> String {
+    format!("rank_{rank:05}.receipt.json")
+}
+
+/// Checks that `tag` is usable as a single directory name inside the store: not empty, at
+/// most 200 bytes, no `/`, `\`, NUL or other control characters, not `.`/`..`, no leading
+/// `.` (reserved for temporary directories) and not `latest`.
+pub fn validate_tag(tag: &str) -> Result<()> {
+    let bad = |reason: &str| Err(CheckpointError::InvalidTag { tag: tag.to_string(), reason: reason.to_string() });
+    if tag.is_empty() {
+        return bad("empty");
+    }
+    if tag.len() > 200 {
+        return bad("longer than 200 bytes");
+    }
+    if tag.contains('/') || tag.contains('\\') {
+        return bad("contains a path separator; a tag must be one directory name inside the checkpoint directory");
+    }
+    if tag.chars().any(|c| c.is_control()) {
+        return bad("contains a control character");
+    }
+    if tag == "." || tag == ".." || tag.contains("..") {
+        return bad("contains '..'; a tag cannot escape the checkpoint directory");
+    }
+    if tag.starts_with('.') {
+        return bad("starts with '.', reserved for temporary directories");
+    }
+    if Path::new(tag).is_absolute() {
+        return bad("is an absolute path");
+    }
+    if tag == LATEST_FILE {
+        return bad("'latest' is the name of the file that points at the newest checkpoint");
+    }
+    Ok(())
+}
+
+/// A 64-bit fingerprint of a tag (FNV-1a), for validating across ranks that every rank saves
+/// the same tag (DeepSpeed's `checkpoint.tag_validation`): all-reduce it with MIN and MAX and
+/// compare.
+pub fn tag_fingerprint(tag: &str) -> u64 {
+    tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// One parameter of the model: its name, shape, and offset in the flat (unpadded) space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    /// Parameter name (unique).
+    pub name: String,
+    /// Tensor shape.
+    pub shape: Vec<usize>,
+    /// Offset of its first element in the flat fp32 space.
+    pub offset: usize,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Its range in the flat space.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.numel()
+    }
+}
+
+/// Builds [`ParamSpec`]s for parameters laid out back to back, in order, from offset 0
+/// (the layout of ZeRO's flat space).
+pub fn contiguous_params<S: Into<String>>(params: impl IntoIterator<Item = (S, Vec<usize>)>) -> Vec<ParamSpec> {
+    let mut offset = 0;
+    params
+        .into_iter()
+        .map(|(name, shape)| {
+            let p = ParamSpec { name: name.into(), shape, offset };
+            offset += p.numel();
+            p
+        })
+        .collect()
+}
+
+/// Training progress and the state of everything around the optimizer; stored in the manifest.
+///
+/// The JSON values are opaque to this crate: each component serialises its own state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// Optimizer steps taken (DeepSpeed's `global_steps`).
+    pub global_step: u64,
+    /// Steps skipped because of overflow.
+    pub skipped_steps: u64,
+    /// Samples consumed (DeepSpeed's `global_samples`).
+    pub global_samples: u64,
+    /// LR scheduler state.
+    pub lr_scheduler: serde_json::Value,
+    /// Loss scaler state.
+    pub loss_scaler: serde_json::Value,
+    /// RNG state(s).
+    pub rng: serde_json::Value,
+    /// Data sampler position.
+    pub data_sampler: serde_json::Value,
+    /// The user's `client_state`.
+    pub client_state: serde_json::Value,
+}
+
+/// What describes a checkpoint apart from its tensors; identical on every rank of a save.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Number of ranks that saved (number of rank files).
+    pub world_size: usize,
+    /// ZeRO stage of the run that saved (informational: the format is the same for all).
+    pub zero_stage: u8,
+    /// Model dtype of the run that saved, e.g. `"fp32"`, `"bf16"` (informational).
+    pub dtype: String,
+    /// Every parameter, in flat order.
+    pub params: Vec<ParamSpec>,
+    /// Progress, scheduler, scaler, RNG, sampler and client state.
+    pub training: TrainingState,
+}
+
+impl CheckpointMeta {
+    /// Total number of elements of the unpadded flat space (end of the last parameter).
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|p| p.offset + p.numel()).max().unwrap_or(0)
+    }
+
+    /// Checks names are unique and parameters do not overlap.
+    pub fn validate(&self) -> Result<()> {
+        if self.world_size == 0 {
+            return Err(CheckpointError::InvalidInput("world_size is 0".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut ranges: Vec<Range<usize>> = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            if !names.insert(p.name.as_str()) {
+                return Err(CheckpointError::InvalidInput(format!("parameter name {:?} appears twice", p.name)));
+            }
+            ranges.push(p.range());
+        }
+        ranges.sort_by_key(|r| r.start);
+        for w in ranges.windows(2) {
+            if w[0].end > w[1].start {
+                return Err(CheckpointError::InvalidInput(format!("parameters overlap in the flat space: {:?} and {:?}", w[0], w[1])));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rank's part of a save: named flat buffers over `range` of the flat space.
+///
+/// Every buffer has `range.len()` elements; the part of `range` beyond the meta's `numel`
+/// (ZeRO padding) is clipped away on disk. Buffers borrow or own their data ([`Cow`]), so the
+/// same type serves synchronous saves (borrowed) and asynchronous ones (owned copies).
+#[derive(Debug, Clone)]
+pub struct RankShard<'a> {
+    /// Rank index, `< world_size`.
+    pub rank: usize,
+    /// The rank's range of the flat space (may extend past `numel` into padding).
+    pub range: Range<usize>,
+    /// The optimizer's step count on this rank.
+    pub optimizer_step: u64,
+    /// Named flat buffers, e.g. `"master"`, `"exp_avg"`, `"exp_avg_sq"`.
+    pub buffers: Vec<(String, Cow<'a, [f32]>)>,
+}
+
+impl<'a> RankShard<'a> {
+    /// A shard with no buffers yet.
+    pub fn new(rank: usize, range: Range<usize>, optimizer_step: u64) -> Self {
+        RankShard { rank, range, optimizer_step, buffers: Vec::new() }
+    }
+    /// Adds a borrowed buffer (builder style).
+    pub fn with_buffer(mut self, name: impl Into<String>, data: &'a [f32]) -> Self {
+        self.buffers.push((name.into(), Cow::Borrowed(data)));
+        self
+    }
+    /// Copies every buffer, so the shard can outlive the training state (asynchronous save).
+    pub fn into_owned(self) -> RankShard<'static> {
+        RankShard {
+            rank: self.rank,
+            range: self.range,
+            optimizer_step: self.optimizer_step,
+            buffers: self.buffers.into_iter().map(|(n, b)| (n, Cow::Owned(b.into_owned()))).collect(),
+        }
+    }
+}
+
+/// Full model weights by parameter name (shapes come from [`CheckpointMeta::params`]).
+pub type Weights<'a> = Vec<(String, Cow<'a, [f32]>)>;
+
+/// Copies weights into owned buffers.
+pub fn weights_into_owned(w: Weights<'_>) -> Weights<'static> {
+    w.into_iter().map(|(n, b)| (n, Cow::Owned(b.into_owned()))).collect()
+}
+
+/// Everything of one checkpoint, held by one process (all ranks' shards): the input of
+/// [`CheckpointStore::save`].
+#[derive(Debug, Clone)]
+pub struct SaveRequest<'a> {
+    /// Metadata (world size, params, training state).
+    pub meta: CheckpointMeta,
+    /// Full weights for [`MODEL_FILE`]; `None` to write no model file.
+    pub weights: Option<Weights<'a>>,
+    /// One shard per rank, `meta.world_size` of them.
+    pub shards: Vec<RankShard<'a>>,
+    /// Point `latest` at this tag once it is complete.
+    pub save_latest: bool,
+}
+
+impl SaveRequest<'_> {
+    /// Copies every buffer (for [`crate::AsyncSaver`]).
+    pub fn into_owned(self) -> SaveRequest<'static> {
+        SaveRequest {
+            meta: self.meta,
+            weights: self.weights.map(weights_into_owned),
+            shards: self.shards.into_iter().map(RankShard::into_owned).collect(),
+            save_latest: self.save_latest,
+        }
+    }
+}
+
+/// Where one rank's buffers live, as recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankRecord {
+    /// Rank index.
+    pub rank: usize,
+    /// File name inside the tag directory.
+    pub file: String,
+    /// Start of the rank's range in the unpadded flat space.
+    pub start: usize,
+    /// End (exclusive), clipped to `numel`.
+    pub end: usize,
+    /// Names of the flat buffers in the file.
+    pub buffers: Vec<String>,
+    /// The optimizer's step count on that rank.
+    pub optimizer_step: u64,
+}
+
+/// The manifest (`manifest.json`) of one tag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// The tag.
+    pub tag: String,
+    /// Number of elements of the unpadded flat space.
+    pub numel: usize,
+    /// Metadata and training state.
+    pub meta: CheckpointMeta,
+    /// The model-weights file, if written.
+    pub model_file: Option<String>,
+    /// One record per rank.
+    pub ranks: Vec<RankRecord>,
+    /// Size and CRC32 of every tensor file, by file name.
+    pub files: BTreeMap<String, FileRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Receipt {
+    record: RankRecord,
+    file: FileRecord,
+}
+
+/// A store of checkpoints addressed by tag.
+pub trait CheckpointStore {
+    /// Saves a whole checkpoint (every rank's shard) atomically under `tag`.
+    fn save(&self, tag: &str, request: &SaveRequest<'_>) -> Result<()>;
+    /// Opens and verifies checkpoint `tag`, or the one `latest` names when `tag` is `None`.
+    fn load(&self, tag: Option<&str>) -> Result<Checkpoint>;
+    /// The tag `latest` names, `None` when nothing was saved yet.
+    fn latest(&self) -> Result<Option<String>>;
+    /// Tags of the complete checkpoints in the store, sorted.
+    fn list(&self) -> Result<Vec<String>>;
+}
+
+/// A [`CheckpointStore`] in a directory: `<root>/<tag>/{manifest.json, model.safetensors,
+/// rank_00000.safetensors, ...}` and `<root>/latest`.
+///
+/// Saves are atomic: files are written into `<root>/.tmp-<tag>`, fsynced, the directory is
+/// renamed to `<root>/<tag>`, and `latest` is replaced by write-temporary-then-rename, last.
+#[derive(Debug, Clone)]
+pub struct FsCheckpointStore {
+    root: PathBuf,
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn check_shard(meta: &CheckpointMeta, shard: &RankShard<'_>) -> Result<()> {
+    if shard.rank >= meta.world_size {
+        return Err(CheckpointError::InvalidInput(format!("rank {} >= world_size {}", shard.rank, meta.world_size)));
+    }
+    if shard.range.start > shard.range.end {
+        return Err(CheckpointError::InvalidInput(format!("rank {}: empty-reversed range {:?}", shard.rank, shard.range)));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (name, buf) in &shard.buffers {
+        if !names.insert(name.as_str()) {
+            return Err(CheckpointError::InvalidInput(format!("rank {}: buffer {name:?} given twice", shard.rank)));
+        }
+        if buf.len() != shard.range.len() {
+            return Err(CheckpointError::InvalidInput(format!(
+                "rank {}: buffer {name:?} has {} elements, its range {:?} has {}",
+                shard.rank,
+                buf.len(),
+                shard.range,
+                shard.range.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl FsCheckpointStore {
+    /// A store rooted at `root` (created if missing).
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        Ok(FsCheckpointStore { root })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of a complete checkpoint.
+    pub fn tag_dir(&self, tag: &str) -> Result<PathBuf> {
+        validate_tag(tag)?;
+        Ok(self.root.join(tag))
+    }
+
+    fn tmp_dir(&self, tag: &str) -> PathBuf {
+        self.root.join(format!(".tmp-{tag}"))
+    }
+
+    fn old_dir(&self, tag: &str) -> PathBuf {
+        self.root.join(format!(".old-{tag}"))
+    }
+
+    /// Step 1 of a multi-rank save, on rank 0 only: (re)creates the empty temporary directory
+    /// of `tag`. Every rank must wait (barrier) until it returns before [`Self::save_rank`].
+    pub fn prepare(&self, tag: &str) -> Result<()> {
+        validate_tag(tag)?;
+        let tmp = self.tmp_dir(tag);
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        fsync_dir(&self.root)
+    }
+
+    /// Step 2, on every rank: writes this rank's flat buffers (clipped to `meta.numel()`) into
+    /// the temporary directory and fsyncs them. Safe to call from many threads or processes at
+    /// once (each rank writes only its own files). Every rank must then wait (barrier) before
+    /// rank 0 calls [`Self::finalize`].
+    pub fn save_rank(&self, tag: &str, meta: &CheckpointMeta, shard: &RankShard<'_>) -> Result<()> {
+        validate_tag(tag)?;
+        check_shard(meta, shard)?;
+        let tmp = self.tmp_dir(tag);
+        if !tmp.is_dir() {
+            return Err(CheckpointError::IncompleteSave {
+                tag: tag.into(),
+                reason: format!("temporary directory {} does not exist: rank 0 must call prepare() first", tmp.display()),
+            });
+        }
+        let numel = meta.numel();
+        let start = shard.range.start.min(numel);
+        let end = shard.range.end.min(numel);
+        let keep = end - start;
+        let tensors: Vec<TensorOut<'_>> =
+            shard.buffers.iter().map(|(n, b)| TensorOut { name: n, shape: vec![keep], data: &b[..keep] }).collect();
+        let file = rank_file_name(shard.rank);
+        let mut md = BTreeMap::new();
+        md.insert("rank".to_string(), shard.rank.to_string());
+        md.insert("flat_range".to_string(), format!("{start}..{end}"));
+        let rec = write_safetensors(&tmp.join(&file), &tensors, Dtype::F32, &md)?;
+        let receipt = Receipt {
+            record: RankRecord {
+                rank: shard.rank,
+                file,
+                start,
+                end,
+                buffers: shard.buffers.iter().map(|(n, _)| n.clone()).collect(),
+                optimizer_step: shard.optimizer_step,
+            },
+            file: rec,
+        };
+        let bytes = serde_json::to_vec_pretty(&receipt).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+        write_file_synced(&tmp.join(receipt_name(shard.rank)), &bytes)
+    }
+
+    /// Step 3, on rank 0 only, after every rank's [`Self::save_rank`] returned: checks that all
+    /// `world_size` rank files are there, writes the model-weights file (if `weights` is given)
+    /// and the manifest, fsyncs, renames the temporary directory to `<root>/<tag>`, and (if
+    /// `save_latest`) points `latest` at it.
+    pub fn finalize(&self, tag: &str, meta: &CheckpointMeta, weights: Option<&Weights<'_>>, save_latest: bool) -> Result<()> {
+        validate_tag(tag)?;
+        meta.validate()?;
+        let tmp = self.tmp_dir(tag);
+        let numel = meta.numel();
+        let mut ranks = Vec::with_capacity(meta.world_size);
+        let mut files = BTreeMap::new();
+        for r in 0..meta.world_size {
+            let rp = tmp.join(receipt_name(r));
+            let bytes = match fs::read(&rp) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CheckpointError::IncompleteSave {
+                        tag: tag.into(),
+                        reason: format!("rank {r} of {} has not written {} (did every rank call save_rank before finalize?)", meta.world_size, rp.display()),
+                    })
+                }
+                Err(e) => return Err(io_err(&rp)(e)),
+            };
+            let receipt: Receipt = serde_json::from_slice(&bytes)
+                .map_err(|e| CheckpointError::Malformed { path: rp.clone(), reason: e.to_string() })?;
+            files.insert(receipt.record.file.clone(), receipt.file);
+            ranks.push(receipt.record);
+            fs::remove_file(&rp).map_err(io_err(&rp))?;
+        }
+        let model_file = match weights {
+            Some(w) => {
+                let mut tensors = Vec::with_capacity(meta.params.len());
+                for p in &meta.params {
+                    let data = w
+                        .iter()
+                        .find(|(n, _)| n == &p.name)
+                        .map(|(_, d)| d)
+                        .ok_or_else(|| CheckpointError::InvalidInput(format!("weights lack parameter {:?}", p.name)))?;
+                    tensors.push(TensorOut { name: &p.name, shape: p.shape.clone(), data });
+                }
+                if w.len() != meta.params.len() {
+                    return Err(CheckpointError::InvalidInput(format!(
+                        "{} weights given for {} parameters",
+                        w.len(),
+                        meta.params.len()
+                    )));
+                }
+                let rec = write_safetensors(&tmp.join(MODEL_FILE), &tensors, Dtype::F32, &BTreeMap::new())?;
+                files.insert(MODEL_FILE.to_string(), rec);
+                Some(MODEL_FILE.to_string())
+            }
+            None => None,
+        };
+        let manifest = Manifest { format_version: FORMAT_VERSION, tag: tag.into(), numel, meta: meta.clone(), model_file, ranks, files };
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+        write_file_synced(&tmp.join(MANIFEST_FILE), &bytes)?;
+        fsync_dir(&tmp)?;
+        // Move into place. Overwriting an existing tag: move the old one aside first; a crash
+        // in between is recovered by `resolve_dir` (it falls back to `.old-<tag>`).
+        let dst = self.root.join(tag);
+        let old = self.old_dir(tag);
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        if dst.exists() {
+            fs::rename(&dst, &old).map_err(io_err(&dst))?;
+        }
+        fs::rename(&tmp, &dst).map_err(io_err(&tmp))?;
+        fsync_dir(&self.root)?;
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        if save_latest {
+            self.set_latest(tag)?;
+        }
+        Ok(())
+    }
+
+    /// Atomically points `latest` at `tag` (write `.latest.tmp`, fsync, rename, fsync dir).
+    pub fn set_latest(&self, tag: &str) -> Result<()> {
+        validate_tag(tag)?;
+        let tmp = self.root.join(".latest.tmp");
+        write_file_synced(&tmp, tag.as_bytes())?;
+        let dst = self.root.join(LATEST_FILE);
+        fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        fsync_dir(&self.root)
+    }
+
+    /// The whole multi-rank protocol for one rank, given the caller's `barrier` (e.g. a
+    /// closure over a `Communicator`'s barrier): rank 0 prepares, barrier, every rank writes
+    /// its shard, barrier, rank 0 finalizes, barrier. `weights` is used on rank 0 only.
+    ///
+    /// If a step fails on one rank, the others may wait in the barrier; callers that cannot
+    /// tolerate that should all-reduce a success flag instead of a plain barrier.
+    pub fn save_collective(
+        &self,
+        tag: &str,
+        meta: &CheckpointMeta,
+        shard: &RankShard<'_>,
+        weights: Option<&Weights<'_>>,
+        save_latest: bool,
+        barrier: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        validate_tag(tag)?;
+        if shard.rank == 0 {
+            self.prepare(tag)?;
+        }
+        barrier()?;
+        self.save_rank(tag, meta, shard)?;
+        barrier()?;
+        if shard.rank == 0 {
+            self.finalize(tag, meta, weights, save_latest)?;
+        }
+        barrier()
+    }
+
+    fn resolve_dir(&self, tag: &str) -> Result<PathBuf> {
+        let dir = self.tag_dir(tag)?;
+        if dir.join(MANIFEST_FILE).is_file() {
+            return Ok(dir);
+        }
+        let old = self.old_dir(tag);
+        if !dir.exists() && old.join(MANIFEST_FILE).is_file() {
+            return Ok(old);
+        }
+        Err(CheckpointError::TagNotFound { tag: tag.into(), path: dir.join(MANIFEST_FILE) })
+    }
+
+    /// Opens `tag` (or `latest`), checks the manifest's version and every file's size and
+    /// checksum. Convenience for [`CheckpointStore::load`].
+    pub fn open(&self, tag: Option<&str>) -> Result<Checkpoint> {
+        let tag = match tag {
+            Some(t) => t.to_string(),
+            None => self.latest()?.ok_or_else(|| CheckpointError::NoLatest { dir: self.root.clone() })?,
+        };
+        let dir = self.resolve_dir(&tag)?;
+        Checkpoint::open_dir(&dir)
+    }
+}
+
+impl CheckpointStore for FsCheckpointStore {
+    fn save(&self, tag: &str, request: &SaveRequest<'_>) -> Result<()> {
+        validate_tag(tag)?;
+        request.meta.validate()?;
+        if request.shards.len() != request.meta.world_size {
+            return Err(CheckpointError::InvalidInput(format!(
+                "{} shards given for world_size {}",
+                request.shards.len(),
+                request.meta.world_size
+            )));
+        }
+        for s in &request.shards {
+            check_shard(&request.meta, s)?;
+        }
+        self.prepare(tag)?;
+        for s in &request.shards {
+            self.save_rank(tag, &request.meta, s)?;
+        }
+        self.finalize(tag, &request.meta, request.weights.as_ref(), request.save_latest)
+    }
+
+    fn load(&self, tag: Option<&str>) -> Result<Checkpoint> {
+        self.open(tag)
+    }
+
+    fn latest(&self) -> Result<Option<String>> {
+        let p = self.root.join(LATEST_FILE);
+        match fs::read_to_string(&p) {
+            Ok(s) => {
+                let t = s.trim();
+                validate_tag(t).map_err(|e| CheckpointError::Malformed { path: p.clone(), reason: e.to_string() })?;
+                Ok(Some(t.to_string()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&p)(e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<String>> {
+        let mut tags = Vec::new();
+        for e in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let e = e.map_err(io_err(&self.root))?;
+            if let Some(name) = e.file_name().to_str() {
+                if validate_tag(name).is_ok() && e.path().join(MANIFEST_FILE).is_file() {
+                    tags.push(name.to_string());
+                }
+            }
+        }
+        tags.sort();
+        Ok(tags)
+    }
+}
+
+/// An opened, verified checkpoint: every file is memory-mapped and its size and CRC32 match
+/// the manifest. Reads any range of any flat buffer (resharding) and any weight by name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    manifest: Manifest,
+    model: Option<MappedFile>,
+    ranks: Vec<MappedFile>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("dir", &self.dir).field("tag", &self.manifest.tag).finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens a tag directory directly (verifying every file).
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let mpath = dir.join(MANIFEST_FILE);
+        let bytes = match fs::read(&mpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CheckpointError::MissingFile { path: mpath }),
+            Err(e) => return Err(io_err(&mpath)(e)),
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| CheckpointError::Malformed { path: mpath.clone(), reason: format!("not valid JSON: {e}") })?;
+        let found = value.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| CheckpointError::Malformed {
+            path: mpath.clone(),
+            reason: "no integer \"format_version\"".into(),
+        })?;
+        if found != FORMAT_VERSION as u64 {
+            return Err(CheckpointError::VersionMismatch { path: mpath, found: found as u32, expected: FORMAT_VERSION });
+        }
+        let manifest: Manifest = serde_json::from_value(value)
+            .map_err(|e| CheckpointError::Malformed { path: mpath.clone(), reason: e.to_string() })?;
+        let bad = |reason: String| CheckpointError::Malformed { path: mpath.clone(), reason };
+        if manifest.ranks.len() != manifest.meta.world_size {
+            return Err(bad(format!("{} rank records for world_size {}", manifest.ranks.len(), manifest.meta.world_size)));
+        }
+        if manifest.numel != manifest.meta.numel() {
+            return Err(bad(format!("numel {} but the parameters span {}", manifest.numel, manifest.meta.numel())));
+        }
+        let open = |name: &str| -> Result<MappedFile> {
+            if validate_tag(name).is_err() {
+                return Err(bad(format!("unsafe file name {name:?}")));
+            }
+            let rec = manifest.files.get(name).ok_or_else(|| bad(format!("no checksum for file {name:?}")))?;
+            MappedFile::open(&dir.join(name), Some(rec))
+        };
+        let model = manifest.model_file.as_deref().map(open).transpose()?;
+        let mut ranks = Vec::with_capacity(manifest.ranks.len());
+        for (i, r) in manifest.ranks.iter().enumerate() {
+            if r.rank != i || r.start > r.end || r.end > manifest.numel {
+                return Err(bad(format!("rank record {i} is inconsistent: {r:?}")));
+            }
+            let f = open(&r.file)?;
+            for b in &r.buffers {
+                match f.entry(b) {
+                    Some(e) if e.shape == [r.end - r.start] => {}
+                    _ => {
+                        return Err(CheckpointError::Malformed {
+                            path: f.path.clone(),
+                            reason: format!("buffer {b:?} missing or not of {} elements", r.end - r.start),
+                        })
+                    }
+                }
+            }
+            ranks.push(f);
+        }
+        if let Some(m) = &model {
+            for p in &manifest.meta.params {
+                match m.entry(&p.name) {
+                    Some(e) if e.shape == p.shape => {}
+                    _ => {
+                        return Err(CheckpointError::Malformed {
+                            path: m.path.clone(),
+                            reason: format!("parameter {:?} missing or not of shape {:?}", p.name, p.shape),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), manifest, model, ranks })
+    }
+
+    /// The tag.
+    pub fn tag(&self) -> &str {
+        &self.manifest.tag
+    }
+    /// The tag directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The manifest (ranks, files, checksums).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// Metadata: world size, stage, parameters.
+    pub fn meta(&self) -> &CheckpointMeta {
+        &self.manifest.meta
+    }
+    /// Training state: steps, samples, scheduler, scaler, RNG, sampler, client state.
+    pub fn training(&self) -> &TrainingState {
+        &self.manifest.meta.training
+    }
+    /// Number of elements of the unpadded flat space.
+    pub fn numel(&self) -> usize {
+        self.manifest.numel
+    }
+    /// The optimizer step count saved by rank 0.
+    pub fn optimizer_step(&self) -> u64 {
+        self.manifest.ranks.first().map_or(0, |r| r.optimizer_step)
+    }
+    /// Names of the flat buffers saved (union over ranks, sorted).
+    pub fn buffer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.manifest.ranks.iter().flat_map(|r| r.buffers.iter().cloned()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Elements `range` of flat buffer `buffer`, assembled from whichever saved ranks hold
+    /// them: the way a run loads its own shard after changing world size or ZeRO stage.
+    /// Elements at or past `numel` (padding) are zero. Fails if part of the range is held by
+    /// no rank.
+    pub fn load_flat_range(&self, buffer: &str, range: Range<usize>) -> Result<Vec<f32>> {
+        if range.start > range.end {
+            return Err(CheckpointError::InvalidInput(format!("reversed range {range:?}")));
+        }
+        if !self.manifest.ranks.iter().any(|r| r.buffers.iter().any(|b| b == buffer)) {
+            return Err(CheckpointError::NotFound { tag: self.tag().into(), what: format!("flat buffer {buffer:?}") });
+        }
+        let mut out = Vec::with_capacity(range.len());
+        let stop = range.end.min(self.manifest.numel);
+        let mut pos = range.start;
+        while pos < stop {
+            let holders = self.manifest.ranks.iter().zip(&self.ranks).filter(|(r, _)| r.buffers.iter().any(|b| b == buffer));
+            let best = holders.clone().filter(|(r, _)| r.start <= pos && pos < r.end).max_by_key(|(r, _)| r.end);
+            match best {
+                Some((r, f)) => {
+                    let hi = stop.min(r.end);
+                    f.read_f32(buffer, pos - r.start, hi - r.start, &mut out)?;
+                    pos = hi;
+                }
+                None => {
+                    let next = holders.filter(|(r, _)| r.start > pos && r.start < r.end).map(|(r, _)| r.start).min().unwrap_or(stop);
+                    return Err(CheckpointError::RangeNotCovered {
+                        tag: self.tag().into(),
+                        buffer: buffer.into(),
+                        start: pos,
+                        end: next.min(stop),
+                    });
+                }
+            }
+        }
+        out.resize(range.len(), 0.0);
+        Ok(out)
+    }
+
+    /// Parameter `name` as fp32: from the model file when there is one, else from the
+    /// [`MASTER_BUFFER`] flat buffer.
+    pub fn read_weight(&self, name: &str) -> Result<Vec<f32>> {
+        let p = self
+            .manifest
+            .meta
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| CheckpointError::NotFound { tag: self.tag().into(), what: format!("parameter {name:?}") })?;
+        match &self.model {
+            Some(m) => {
+                let mut out = Vec::with_capacity(p.numel());
+                m.read_f32(name, 0, p.numel(), &mut out)?;
+                Ok(out)
+            }
+            None => self.load_flat_range(MASTER_BUFFER, p.range()),
+        }
+    }
+
+    /// Every parameter as `(name, shape, fp32 data)`, in flat order.
+    pub fn read_all_weights(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        self.manifest.meta.params.iter().map(|p| Ok((p.name.clone(), p.shape.clone(), self.read_weight(&p.name)?))).collect()
+    }
+}
