@@ -556,6 +556,30 @@ impl Gpt {
         2 + i * BLOCK_PARAMS
     }
 
+    /// Loads every parameter by name from a safetensors file (PyTorch's `state_dict` names of
+    /// the peer GPT match: `wte.weight`, `blocks.0.qkv.weight`, ...; a tied `head.weight` is
+    /// ignored). Every parameter must be present with its shape; the model's blocks must be
+    /// gathered.
+    pub fn load_safetensors(&self, path: &std::path::Path) -> candle_core::Result<()> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+        for p in self.params() {
+            let Some(t) = tensors.get(&p.name) else {
+                candle_core::bail!("{}: no tensor named `{}`", path.display(), p.name);
+            };
+            if t.dims() != p.var.dims() {
+                candle_core::bail!(
+                    "{}: `{}` has shape {:?}, the model expects {:?}",
+                    path.display(),
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                );
+            }
+            p.var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
     /// Overwrites the values of parameter `index` (which must be present).
     pub fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
         let p = self.params();
@@ -915,6 +939,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn safetensors_round_trip_and_errors() {
+        let a = Gpt::new(tiny(), 1, &Device::Cpu).unwrap();
+        let b = Gpt::new(tiny(), 2, &Device::Cpu).unwrap();
+        let dir = std::env::temp_dir().join(format!("ds-model-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        let map: std::collections::HashMap<String, Tensor> = a
+            .params()
+            .into_iter()
+            .map(|p| (p.name, p.var.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, &path).unwrap();
+        b.load_safetensors(&path).unwrap();
+        for (p, q) in a.params().iter().zip(b.params()) {
+            let x = p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = q.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(x, y, "{}", p.name);
+        }
+        // A model of another shape: a clear error naming the tensor.
+        let c = Gpt::new(
+            ModelShape {
+                hidden: 32,
+                ..tiny()
+            },
+            1,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let msg = c.load_safetensors(&path).unwrap_err().to_string();
+        assert!(msg.contains("wte.weight") && msg.contains("shape"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
