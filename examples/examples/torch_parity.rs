@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         worst = worst.max(rel);
         println!(
             "step {s}: ds {:.7}  torch {:.7}  rel diff {rel:.2e}",
-            r.loss, want[s]
+            r.loss, want_s
         );
     }
     if worst > 1e-4 {
