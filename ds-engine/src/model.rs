@@ -411,7 +411,7 @@ impl GptBlock {
                 .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let att = q.matmul(&k.t()?.contiguous()?)?;
+        let att = q.matmul(&k.t()?)?;
         let att = crate::kernels::causal_softmax(&att, 1.0 / (hd as f64).sqrt())?;
         let y = att
             .matmul(&v)?
