@@ -22,7 +22,9 @@ pub struct AsyncSaver {
 
 impl std::fmt::Debug for AsyncSaver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AsyncSaver").field("in_flight", &self.in_flight).finish()
+        f.debug_struct("AsyncSaver")
+            .field("in_flight", &self.in_flight)
+            .finish()
     }
 }
 
@@ -42,19 +44,31 @@ impl AsyncSaver {
             .spawn(move || {
                 for job in rx {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
-                        .unwrap_or_else(|_| Err(CheckpointError::Async("the writer panicked".into())));
+                        .unwrap_or_else(|_| {
+                            Err(CheckpointError::Async("the writer panicked".into()))
+                        });
                     if done_tx.send(r).is_err() {
                         break;
                     }
                 }
             })
             .ok();
-        AsyncSaver { tx: Some(tx), done, in_flight: false, worker }
+        AsyncSaver {
+            tx: Some(tx),
+            done,
+            in_flight: false,
+            worker,
+        }
     }
 
     /// Copies `request` and saves it to `store` under `tag` in the background. Returns the
     /// error of the previous save, if it failed (this save is then not started).
-    pub fn save(&mut self, store: &FsCheckpointStore, tag: &str, request: SaveRequest<'_>) -> Result<()> {
+    pub fn save(
+        &mut self,
+        store: &FsCheckpointStore,
+        tag: &str,
+        request: SaveRequest<'_>,
+    ) -> Result<()> {
         crate::store::validate_tag(tag)?;
         self.wait()?;
         let owned = request.into_owned();
@@ -67,9 +81,14 @@ impl AsyncSaver {
     /// buffers and a `Send` barrier). Waits for the previous job first and returns its error.
     pub fn submit(&mut self, job: Box<dyn FnOnce() -> Result<()> + Send + 'static>) -> Result<()> {
         self.wait()?;
-        let tx = self.tx.as_ref().ok_or_else(|| CheckpointError::Async("writer stopped".into()))?;
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| CheckpointError::Async("writer stopped".into()))?;
         if self.worker.is_none() || tx.send(job).is_err() {
-            return Err(CheckpointError::Async("the writer thread is not running".into()));
+            return Err(CheckpointError::Async(
+                "the writer thread is not running".into(),
+            ));
         }
         self.in_flight = true;
         Ok(())

@@ -18,7 +18,11 @@ pub fn consolidate(ckpt: &Checkpoint, out: &Path, dtype: Dtype) -> Result<FileRe
     let from_master = ckpt.buffer_names().iter().any(|b| b == MASTER_BUFFER);
     let mut data = Vec::with_capacity(ckpt.meta().params.len());
     for p in &ckpt.meta().params {
-        let v = if from_master { ckpt.load_flat_range(MASTER_BUFFER, p.range())? } else { ckpt.read_weight(&p.name)? };
+        let v = if from_master {
+            ckpt.load_flat_range(MASTER_BUFFER, p.range())?
+        } else {
+            ckpt.read_weight(&p.name)?
+        };
         data.push(v);
     }
     let tensors: Vec<TensorOut<'_>> = ckpt
@@ -26,13 +30,23 @@ pub fn consolidate(ckpt: &Checkpoint, out: &Path, dtype: Dtype) -> Result<FileRe
         .params
         .iter()
         .zip(&data)
-        .map(|(p, d)| TensorOut { name: &p.name, shape: p.shape.clone(), data: d })
+        .map(|(p, d)| TensorOut {
+            name: &p.name,
+            shape: p.shape.clone(),
+            data: d,
+        })
         .collect();
     let mut md = BTreeMap::new();
     md.insert("format".to_string(), "pt".to_string());
     md.insert("source_tag".to_string(), ckpt.tag().to_string());
-    md.insert("global_step".to_string(), ckpt.training().global_step.to_string());
-    let mut tmp_name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    md.insert(
+        "global_step".to_string(),
+        ckpt.training().global_step.to_string(),
+    );
+    let mut tmp_name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     tmp_name.push(".tmp");
     let tmp = out.with_file_name(tmp_name);
     let rec = write_safetensors(&tmp, &tensors, dtype, &md)?;

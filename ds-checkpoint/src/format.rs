@@ -93,7 +93,11 @@ pub(crate) fn write_safetensors(
 ) -> Result<FileRecord> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata)
+                .map_err(|e| CheckpointError::InvalidInput(e.to_string()))?,
+        );
     }
     let mut offset = 0usize;
     for t in tensors {
@@ -108,7 +112,10 @@ pub(crate) fn write_safetensors(
             )));
         }
         if t.name == "__metadata__" || header.contains_key(t.name) {
-            return Err(CheckpointError::InvalidInput(format!("duplicate or reserved tensor name {:?}", t.name)));
+            return Err(CheckpointError::InvalidInput(format!(
+                "duplicate or reserved tensor name {:?}",
+                t.name
+            )));
         }
         let end = offset + numel * dtype.size();
         header.insert(
@@ -117,19 +124,27 @@ pub(crate) fn write_safetensors(
         );
         offset = end;
     }
-    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
     while (8 + hbytes.len()) % 8 != 0 {
         hbytes.push(b' ');
     }
     let file = File::create(path).map_err(io_err(path))?;
-    let mut w = CrcWriter { file, hasher: crc32fast::Hasher::new(), bytes: 0, path: path.to_path_buf() };
+    let mut w = CrcWriter {
+        file,
+        hasher: crc32fast::Hasher::new(),
+        bytes: 0,
+        path: path.to_path_buf(),
+    };
     w.write(&(hbytes.len() as u64).to_le_bytes())?;
     w.write(&hbytes)?;
     let mut conv: Vec<u8> = Vec::new();
     for t in tensors {
         for chunk in t.data.chunks(CHUNK) {
             match dtype {
-                Dtype::F32 if cfg!(target_endian = "little") => w.write(bytemuck::cast_slice(chunk))?,
+                Dtype::F32 if cfg!(target_endian = "little") => {
+                    w.write(bytemuck::cast_slice(chunk))?
+                }
                 Dtype::F32 => {
                     conv.clear();
                     conv.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
@@ -137,19 +152,30 @@ pub(crate) fn write_safetensors(
                 }
                 Dtype::BF16 => {
                     conv.clear();
-                    conv.extend(chunk.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()));
+                    conv.extend(
+                        chunk
+                            .iter()
+                            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()),
+                    );
                     w.write(&conv)?;
                 }
                 Dtype::F16 => {
                     conv.clear();
-                    conv.extend(chunk.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()));
+                    conv.extend(
+                        chunk
+                            .iter()
+                            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes()),
+                    );
                     w.write(&conv)?;
                 }
             }
         }
     }
     w.file.sync_all().map_err(io_err(path))?;
-    Ok(FileRecord { bytes: w.bytes, crc32: w.hasher.finalize() })
+    Ok(FileRecord {
+        bytes: w.bytes,
+        crc32: w.hasher.finalize(),
+    })
 }
 
 /// Location of one tensor inside a mapped file.
@@ -170,7 +196,10 @@ pub(crate) struct MappedFile {
 }
 
 fn malformed(path: &Path, reason: impl Into<String>) -> CheckpointError {
-    CheckpointError::Malformed { path: path.to_path_buf(), reason: reason.into() }
+    CheckpointError::Malformed {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 impl MappedFile {
@@ -179,18 +208,27 @@ impl MappedFile {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CheckpointError::MissingFile { path: path.to_path_buf() })
+                return Err(CheckpointError::MissingFile {
+                    path: path.to_path_buf(),
+                })
             }
             Err(e) => return Err(io_err(path)(e)),
         };
         let len = file.metadata().map_err(io_err(path))?.len();
         if let Some(exp) = expected {
             if exp.bytes != len {
-                return Err(CheckpointError::SizeMismatch { path: path.to_path_buf(), expected: exp.bytes, actual: len });
+                return Err(CheckpointError::SizeMismatch {
+                    path: path.to_path_buf(),
+                    expected: exp.bytes,
+                    actual: len,
+                });
             }
         }
         if len < 8 {
-            return Err(malformed(path, format!("{len} bytes, shorter than the 8-byte safetensors header length")));
+            return Err(malformed(
+                path,
+                format!("{len} bytes, shorter than the 8-byte safetensors header length"),
+            ));
         }
         // SAFETY: the file is opened read-only; checkpoint files are immutable once written
         // (a tag directory is only ever replaced by rename, never modified in place).
@@ -198,18 +236,30 @@ impl MappedFile {
         if let Some(exp) = expected {
             let actual = crc32fast::hash(&mmap);
             if actual != exp.crc32 {
-                return Err(CheckpointError::ChecksumMismatch { path: path.to_path_buf(), expected: exp.crc32, actual });
+                return Err(CheckpointError::ChecksumMismatch {
+                    path: path.to_path_buf(),
+                    expected: exp.crc32,
+                    actual,
+                });
             }
         }
         let mut n = [0u8; 8];
         n.copy_from_slice(&mmap[..8]);
         let hlen = u64::from_le_bytes(n);
         if hlen > len - 8 {
-            return Err(malformed(path, format!("header length {hlen} exceeds the file size {len}")));
+            return Err(malformed(
+                path,
+                format!("header length {hlen} exceeds the file size {len}"),
+            ));
         }
         let data_start = 8 + hlen as usize;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| malformed(path, format!("safetensors header is not a JSON object: {e}")))?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&mmap[8..data_start]).map_err(|e| {
+                malformed(
+                    path,
+                    format!("safetensors header is not a JSON object: {e}"),
+                )
+            })?;
         let data_len = mmap.len() - data_start;
         let mut tensors = BTreeMap::new();
         for (name, v) in header {
@@ -230,16 +280,36 @@ impl MappedFile {
                 .get("data_offsets")
                 .and_then(|s| serde_json::from_value(s.clone()).ok())
                 .ok_or_else(|| bad("data_offsets missing or not [begin, end]"))?;
-            let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or_else(|| bad("shape overflows"))?;
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b))
+                .ok_or_else(|| bad("shape overflows"))?;
             if offs[0] > offs[1] || offs[1] > data_len {
-                return Err(bad(&format!("data_offsets {offs:?} outside the {data_len}-byte data section")));
+                return Err(bad(&format!(
+                    "data_offsets {offs:?} outside the {data_len}-byte data section"
+                )));
             }
             if offs[1] - offs[0] != numel.saturating_mul(dtype.size()) {
-                return Err(bad(&format!("{} bytes for shape {shape:?} of {dtype:?}", offs[1] - offs[0])));
+                return Err(bad(&format!(
+                    "{} bytes for shape {shape:?} of {dtype:?}",
+                    offs[1] - offs[0]
+                )));
             }
-            tensors.insert(name, TensorEntry { dtype, shape, start: data_start + offs[0], end: data_start + offs[1] });
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype,
+                    shape,
+                    start: data_start + offs[0],
+                    end: data_start + offs[1],
+                },
+            );
         }
-        Ok(MappedFile { path: path.to_path_buf(), mmap, tensors })
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+        })
     }
 
     /// The entry for tensor `name`.
@@ -249,23 +319,40 @@ impl MappedFile {
 
     /// Converts elements `[lo, hi)` of tensor `name` to f32 and appends them to `out`.
     pub fn read_f32(&self, name: &str, lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
-        let e = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| malformed(&self.path, format!("tensor {name:?} listed in the manifest is not in the file")))?;
+        let e = self.tensors.get(name).ok_or_else(|| {
+            malformed(
+                &self.path,
+                format!("tensor {name:?} listed in the manifest is not in the file"),
+            )
+        })?;
         let sz = e.dtype.size();
         let numel = (e.end - e.start) / sz;
         if lo > hi || hi > numel {
-            return Err(malformed(&self.path, format!("tensor {name:?} has {numel} elements, [{lo}, {hi}) was asked")));
+            return Err(malformed(
+                &self.path,
+                format!("tensor {name:?} has {numel} elements, [{lo}, {hi}) was asked"),
+            ));
         }
         let bytes = &self.mmap[e.start + lo * sz..e.start + hi * sz];
         match e.dtype {
             Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
                 Ok(s) if cfg!(target_endian = "little") => out.extend_from_slice(s),
-                _ => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                _ => out.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                ),
             },
-            Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-            Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            Dtype::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            Dtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
         }
         Ok(())
     }

@@ -80,7 +80,8 @@ pub use consolidate::consolidate;
 pub use error::{CheckpointError, Result};
 pub use format::{Dtype, FileRecord};
 pub use store::{
-    contiguous_params, rank_file_name, tag_fingerprint, validate_tag, weights_into_owned, Checkpoint, CheckpointMeta,
-    CheckpointStore, FsCheckpointStore, Manifest, ParamSpec, RankRecord, RankShard, SaveRequest, TrainingState,
-    Weights, FORMAT_VERSION, LATEST_FILE, MANIFEST_FILE, MASTER_BUFFER, MODEL_FILE,
+    contiguous_params, rank_file_name, tag_fingerprint, validate_tag, weights_into_owned,
+    Checkpoint, CheckpointMeta, CheckpointStore, FsCheckpointStore, Manifest, ParamSpec,
+    RankRecord, RankShard, SaveRequest, TrainingState, Weights, FORMAT_VERSION, LATEST_FILE,
+    MANIFEST_FILE, MASTER_BUFFER, MODEL_FILE,
 };

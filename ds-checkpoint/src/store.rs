@@ -38,7 +38,12 @@ fn receipt_name(rank: usize) -> String {
 /// most 200 bytes, no `/`, `\`, NUL or other control characters, not `.`/`..`, no leading
 /// `.` (reserved for temporary directories) and not `latest`.
 pub fn validate_tag(tag: &str) -> Result<()> {
-    let bad = |reason: &str| Err(CheckpointError::InvalidTag { tag: tag.to_string(), reason: reason.to_string() });
+    let bad = |reason: &str| {
+        Err(CheckpointError::InvalidTag {
+            tag: tag.to_string(),
+            reason: reason.to_string(),
+        })
+    };
     if tag.is_empty() {
         return bad("empty");
     }
@@ -70,7 +75,9 @@ pub fn validate_tag(tag: &str) -> Result<()> {
 /// the same tag (DeepSpeed's `checkpoint.tag_validation`): all-reduce it with MIN and MAX and
 /// compare.
 pub fn tag_fingerprint(tag: &str) -> u64 {
-    tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// One parameter of the model: its name, shape, and offset in the flat (unpadded) space.
@@ -97,12 +104,18 @@ impl ParamSpec {
 
 /// Builds [`ParamSpec`]s for parameters laid out back to back, in order, from offset 0
 /// (the layout of ZeRO's flat space).
-pub fn contiguous_params<S: Into<String>>(params: impl IntoIterator<Item = (S, Vec<usize>)>) -> Vec<ParamSpec> {
+pub fn contiguous_params<S: Into<String>>(
+    params: impl IntoIterator<Item = (S, Vec<usize>)>,
+) -> Vec<ParamSpec> {
     let mut offset = 0;
     params
         .into_iter()
         .map(|(name, shape)| {
-            let p = ParamSpec { name: name.into(), shape, offset };
+            let p = ParamSpec {
+                name: name.into(),
+                shape,
+                offset,
+            };
             offset += p.numel();
             p
         })
@@ -150,7 +163,11 @@ pub struct CheckpointMeta {
 impl CheckpointMeta {
     /// Total number of elements of the unpadded flat space (end of the last parameter).
     pub fn numel(&self) -> usize {
-        self.params.iter().map(|p| p.offset + p.numel()).max().unwrap_or(0)
+        self.params
+            .iter()
+            .map(|p| p.offset + p.numel())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Checks names are unique and parameters do not overlap.
@@ -162,14 +179,20 @@ impl CheckpointMeta {
         let mut ranges: Vec<Range<usize>> = Vec::with_capacity(self.params.len());
         for p in &self.params {
             if !names.insert(p.name.as_str()) {
-                return Err(CheckpointError::InvalidInput(format!("parameter name {:?} appears twice", p.name)));
+                return Err(CheckpointError::InvalidInput(format!(
+                    "parameter name {:?} appears twice",
+                    p.name
+                )));
             }
             ranges.push(p.range());
         }
         ranges.sort_by_key(|r| r.start);
         for w in ranges.windows(2) {
             if w[0].end > w[1].start {
-                return Err(CheckpointError::InvalidInput(format!("parameters overlap in the flat space: {:?} and {:?}", w[0], w[1])));
+                return Err(CheckpointError::InvalidInput(format!(
+                    "parameters overlap in the flat space: {:?} and {:?}",
+                    w[0], w[1]
+                )));
             }
         }
         Ok(())
@@ -196,7 +219,12 @@ pub struct RankShard<'a> {
 impl<'a> RankShard<'a> {
     /// A shard with no buffers yet.
     pub fn new(rank: usize, range: Range<usize>, optimizer_step: u64) -> Self {
-        RankShard { rank, range, optimizer_step, buffers: Vec::new() }
+        RankShard {
+            rank,
+            range,
+            optimizer_step,
+            buffers: Vec::new(),
+        }
     }
     /// Adds a borrowed buffer (builder style).
     pub fn with_buffer(mut self, name: impl Into<String>, data: &'a [f32]) -> Self {
@@ -209,7 +237,11 @@ impl<'a> RankShard<'a> {
             rank: self.rank,
             range: self.range,
             optimizer_step: self.optimizer_step,
-            buffers: self.buffers.into_iter().map(|(n, b)| (n, Cow::Owned(b.into_owned()))).collect(),
+            buffers: self
+                .buffers
+                .into_iter()
+                .map(|(n, b)| (n, Cow::Owned(b.into_owned())))
+                .collect(),
         }
     }
 }
@@ -219,7 +251,9 @@ pub type Weights<'a> = Vec<(String, Cow<'a, [f32]>)>;
 
 /// Copies weights into owned buffers.
 pub fn weights_into_owned(w: Weights<'_>) -> Weights<'static> {
-    w.into_iter().map(|(n, b)| (n, Cow::Owned(b.into_owned()))).collect()
+    w.into_iter()
+        .map(|(n, b)| (n, Cow::Owned(b.into_owned())))
+        .collect()
 }
 
 /// Everything of one checkpoint, held by one process (all ranks' shards): the input of
@@ -313,7 +347,9 @@ pub struct FsCheckpointStore {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
 }
 
 fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -324,15 +360,24 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn check_shard(meta: &CheckpointMeta, shard: &RankShard<'_>) -> Result<()> {
     if shard.rank >= meta.world_size {
-        return Err(CheckpointError::InvalidInput(format!("rank {} >= world_size {}", shard.rank, meta.world_size)));
+        return Err(CheckpointError::InvalidInput(format!(
+            "rank {} >= world_size {}",
+            shard.rank, meta.world_size
+        )));
     }
     if shard.range.start > shard.range.end {
-        return Err(CheckpointError::InvalidInput(format!("rank {}: empty-reversed range {:?}", shard.rank, shard.range)));
+        return Err(CheckpointError::InvalidInput(format!(
+            "rank {}: empty-reversed range {:?}",
+            shard.rank, shard.range
+        )));
     }
     let mut names = std::collections::HashSet::new();
     for (name, buf) in &shard.buffers {
         if !names.insert(name.as_str()) {
-            return Err(CheckpointError::InvalidInput(format!("rank {}: buffer {name:?} given twice", shard.rank)));
+            return Err(CheckpointError::InvalidInput(format!(
+                "rank {}: buffer {name:?} given twice",
+                shard.rank
+            )));
         }
         if buf.len() != shard.range.len() {
             return Err(CheckpointError::InvalidInput(format!(
@@ -397,15 +442,25 @@ impl FsCheckpointStore {
         if !tmp.is_dir() {
             return Err(CheckpointError::IncompleteSave {
                 tag: tag.into(),
-                reason: format!("temporary directory {} does not exist: rank 0 must call prepare() first", tmp.display()),
+                reason: format!(
+                    "temporary directory {} does not exist: rank 0 must call prepare() first",
+                    tmp.display()
+                ),
             });
         }
         let numel = meta.numel();
         let start = shard.range.start.min(numel);
         let end = shard.range.end.min(numel);
         let keep = end - start;
-        let tensors: Vec<TensorOut<'_>> =
-            shard.buffers.iter().map(|(n, b)| TensorOut { name: n, shape: vec![keep], data: &b[..keep] }).collect();
+        let tensors: Vec<TensorOut<'_>> = shard
+            .buffers
+            .iter()
+            .map(|(n, b)| TensorOut {
+                name: n,
+                shape: vec![keep],
+                data: &b[..keep],
+            })
+            .collect();
         let file = rank_file_name(shard.rank);
         let mut md = BTreeMap::new();
         md.insert("rank".to_string(), shard.rank.to_string());
@@ -422,7 +477,8 @@ impl FsCheckpointStore {
             },
             file: rec,
         };
-        let bytes = serde_json::to_vec_pretty(&receipt).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&receipt)
+            .map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
         write_file_synced(&tmp.join(receipt_name(shard.rank)), &bytes)
     }
 
@@ -430,7 +486,13 @@ impl FsCheckpointStore {
     /// `world_size` rank files are there, writes the model-weights file (if `weights` is given)
     /// and the manifest, fsyncs, renames the temporary directory to `<root>/<tag>`, and (if
     /// `save_latest`) points `latest` at it.
-    pub fn finalize(&self, tag: &str, meta: &CheckpointMeta, weights: Option<&Weights<'_>>, save_latest: bool) -> Result<()> {
+    pub fn finalize(
+        &self,
+        tag: &str,
+        meta: &CheckpointMeta,
+        weights: Option<&Weights<'_>>,
+        save_latest: bool,
+    ) -> Result<()> {
         validate_tag(tag)?;
         meta.validate()?;
         let tmp = self.tmp_dir(tag);
@@ -449,8 +511,11 @@ impl FsCheckpointStore {
                 }
                 Err(e) => return Err(io_err(&rp)(e)),
             };
-            let receipt: Receipt = serde_json::from_slice(&bytes)
-                .map_err(|e| CheckpointError::Malformed { path: rp.clone(), reason: e.to_string() })?;
+            let receipt: Receipt =
+                serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Malformed {
+                    path: rp.clone(),
+                    reason: e.to_string(),
+                })?;
             files.insert(receipt.record.file.clone(), receipt.file);
             ranks.push(receipt.record);
             fs::remove_file(&rp).map_err(io_err(&rp))?;
@@ -463,8 +528,17 @@ impl FsCheckpointStore {
                         .iter()
                         .find(|(n, _)| n == &p.name)
                         .map(|(_, d)| d)
-                        .ok_or_else(|| CheckpointError::InvalidInput(format!("weights lack parameter {:?}", p.name)))?;
-                    tensors.push(TensorOut { name: &p.name, shape: p.shape.clone(), data });
+                        .ok_or_else(|| {
+                            CheckpointError::InvalidInput(format!(
+                                "weights lack parameter {:?}",
+                                p.name
+                            ))
+                        })?;
+                    tensors.push(TensorOut {
+                        name: &p.name,
+                        shape: p.shape.clone(),
+                        data,
+                    });
                 }
                 if w.len() != meta.params.len() {
                     return Err(CheckpointError::InvalidInput(format!(
@@ -473,14 +547,28 @@ impl FsCheckpointStore {
                         meta.params.len()
                     )));
                 }
-                let rec = write_safetensors(&tmp.join(MODEL_FILE), &tensors, Dtype::F32, &BTreeMap::new())?;
+                let rec = write_safetensors(
+                    &tmp.join(MODEL_FILE),
+                    &tensors,
+                    Dtype::F32,
+                    &BTreeMap::new(),
+                )?;
                 files.insert(MODEL_FILE.to_string(), rec);
                 Some(MODEL_FILE.to_string())
             }
             None => None,
         };
-        let manifest = Manifest { format_version: FORMAT_VERSION, tag: tag.into(), numel, meta: meta.clone(), model_file, ranks, files };
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            tag: tag.into(),
+            numel,
+            meta: meta.clone(),
+            model_file,
+            ranks,
+            files,
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
         write_file_synced(&tmp.join(MANIFEST_FILE), &bytes)?;
         fsync_dir(&tmp)?;
         // Move into place. Overwriting an existing tag: move the old one aside first; a crash
@@ -551,7 +639,10 @@ impl FsCheckpointStore {
         if !dir.exists() && old.join(MANIFEST_FILE).is_file() {
             return Ok(old);
         }
-        Err(CheckpointError::TagNotFound { tag: tag.into(), path: dir.join(MANIFEST_FILE) })
+        Err(CheckpointError::TagNotFound {
+            tag: tag.into(),
+            path: dir.join(MANIFEST_FILE),
+        })
     }
 
     /// Opens `tag` (or `latest`), checks the manifest's version and every file's size and
@@ -559,7 +650,9 @@ impl FsCheckpointStore {
     pub fn open(&self, tag: Option<&str>) -> Result<Checkpoint> {
         let tag = match tag {
             Some(t) => t.to_string(),
-            None => self.latest()?.ok_or_else(|| CheckpointError::NoLatest { dir: self.root.clone() })?,
+            None => self.latest()?.ok_or_else(|| CheckpointError::NoLatest {
+                dir: self.root.clone(),
+            })?,
         };
         let dir = self.resolve_dir(&tag)?;
         Checkpoint::open_dir(&dir)
@@ -584,7 +677,12 @@ impl CheckpointStore for FsCheckpointStore {
         for s in &request.shards {
             self.save_rank(tag, &request.meta, s)?;
         }
-        self.finalize(tag, &request.meta, request.weights.as_ref(), request.save_latest)
+        self.finalize(
+            tag,
+            &request.meta,
+            request.weights.as_ref(),
+            request.save_latest,
+        )
     }
 
     fn load(&self, tag: Option<&str>) -> Result<Checkpoint> {
@@ -596,7 +694,10 @@ impl CheckpointStore for FsCheckpointStore {
         match fs::read_to_string(&p) {
             Ok(s) => {
                 let t = s.trim();
-                validate_tag(t).map_err(|e| CheckpointError::Malformed { path: p.clone(), reason: e.to_string() })?;
+                validate_tag(t).map_err(|e| CheckpointError::Malformed {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
                 Ok(Some(t.to_string()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -630,7 +731,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("dir", &self.dir).field("tag", &self.manifest.tag).finish()
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tag", &self.manifest.tag)
+            .finish()
     }
 }
 
@@ -640,32 +744,61 @@ impl Checkpoint {
         let mpath = dir.join(MANIFEST_FILE);
         let bytes = match fs::read(&mpath) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CheckpointError::MissingFile { path: mpath }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::MissingFile { path: mpath })
+            }
             Err(e) => return Err(io_err(&mpath)(e)),
         };
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| CheckpointError::Malformed { path: mpath.clone(), reason: format!("not valid JSON: {e}") })?;
-        let found = value.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| CheckpointError::Malformed {
-            path: mpath.clone(),
-            reason: "no integer \"format_version\"".into(),
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Malformed {
+                path: mpath.clone(),
+                reason: format!("not valid JSON: {e}"),
+            })?;
+        let found = value
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| CheckpointError::Malformed {
+                path: mpath.clone(),
+                reason: "no integer \"format_version\"".into(),
+            })?;
         if found != FORMAT_VERSION as u64 {
-            return Err(CheckpointError::VersionMismatch { path: mpath, found: found as u32, expected: FORMAT_VERSION });
+            return Err(CheckpointError::VersionMismatch {
+                path: mpath,
+                found: found as u32,
+                expected: FORMAT_VERSION,
+            });
         }
-        let manifest: Manifest = serde_json::from_value(value)
-            .map_err(|e| CheckpointError::Malformed { path: mpath.clone(), reason: e.to_string() })?;
-        let bad = |reason: String| CheckpointError::Malformed { path: mpath.clone(), reason };
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| CheckpointError::Malformed {
+                path: mpath.clone(),
+                reason: e.to_string(),
+            })?;
+        let bad = |reason: String| CheckpointError::Malformed {
+            path: mpath.clone(),
+            reason,
+        };
         if manifest.ranks.len() != manifest.meta.world_size {
-            return Err(bad(format!("{} rank records for world_size {}", manifest.ranks.len(), manifest.meta.world_size)));
+            return Err(bad(format!(
+                "{} rank records for world_size {}",
+                manifest.ranks.len(),
+                manifest.meta.world_size
+            )));
         }
         if manifest.numel != manifest.meta.numel() {
-            return Err(bad(format!("numel {} but the parameters span {}", manifest.numel, manifest.meta.numel())));
+            return Err(bad(format!(
+                "numel {} but the parameters span {}",
+                manifest.numel,
+                manifest.meta.numel()
+            )));
         }
         let open = |name: &str| -> Result<MappedFile> {
             if validate_tag(name).is_err() {
                 return Err(bad(format!("unsafe file name {name:?}")));
             }
-            let rec = manifest.files.get(name).ok_or_else(|| bad(format!("no checksum for file {name:?}")))?;
+            let rec = manifest
+                .files
+                .get(name)
+                .ok_or_else(|| bad(format!("no checksum for file {name:?}")))?;
             MappedFile::open(&dir.join(name), Some(rec))
         };
         let model = manifest.model_file.as_deref().map(open).transpose()?;
@@ -681,7 +814,10 @@ impl Checkpoint {
                     _ => {
                         return Err(CheckpointError::Malformed {
                             path: f.path.clone(),
-                            reason: format!("buffer {b:?} missing or not of {} elements", r.end - r.start),
+                            reason: format!(
+                                "buffer {b:?} missing or not of {} elements",
+                                r.end - r.start
+                            ),
                         })
                     }
                 }
@@ -695,13 +831,21 @@ impl Checkpoint {
                     _ => {
                         return Err(CheckpointError::Malformed {
                             path: m.path.clone(),
-                            reason: format!("parameter {:?} missing or not of shape {:?}", p.name, p.shape),
+                            reason: format!(
+                                "parameter {:?} missing or not of shape {:?}",
+                                p.name, p.shape
+                            ),
                         })
                     }
                 }
             }
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), manifest, model, ranks })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            manifest,
+            model,
+            ranks,
+        })
     }
 
     /// The tag.
@@ -734,7 +878,12 @@ impl Checkpoint {
     }
     /// Names of the flat buffers saved (union over ranks, sorted).
     pub fn buffer_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.manifest.ranks.iter().flat_map(|r| r.buffers.iter().cloned()).collect();
+        let mut v: Vec<String> = self
+            .manifest
+            .ranks
+            .iter()
+            .flat_map(|r| r.buffers.iter().cloned())
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -746,17 +895,35 @@ impl Checkpoint {
     /// no rank.
     pub fn load_flat_range(&self, buffer: &str, range: Range<usize>) -> Result<Vec<f32>> {
         if range.start > range.end {
-            return Err(CheckpointError::InvalidInput(format!("reversed range {range:?}")));
+            return Err(CheckpointError::InvalidInput(format!(
+                "reversed range {range:?}"
+            )));
         }
-        if !self.manifest.ranks.iter().any(|r| r.buffers.iter().any(|b| b == buffer)) {
-            return Err(CheckpointError::NotFound { tag: self.tag().into(), what: format!("flat buffer {buffer:?}") });
+        if !self
+            .manifest
+            .ranks
+            .iter()
+            .any(|r| r.buffers.iter().any(|b| b == buffer))
+        {
+            return Err(CheckpointError::NotFound {
+                tag: self.tag().into(),
+                what: format!("flat buffer {buffer:?}"),
+            });
         }
         let mut out = Vec::with_capacity(range.len());
         let stop = range.end.min(self.manifest.numel);
         let mut pos = range.start;
         while pos < stop {
-            let holders = self.manifest.ranks.iter().zip(&self.ranks).filter(|(r, _)| r.buffers.iter().any(|b| b == buffer));
-            let best = holders.clone().filter(|(r, _)| r.start <= pos && pos < r.end).max_by_key(|(r, _)| r.end);
+            let holders = self
+                .manifest
+                .ranks
+                .iter()
+                .zip(&self.ranks)
+                .filter(|(r, _)| r.buffers.iter().any(|b| b == buffer));
+            let best = holders
+                .clone()
+                .filter(|(r, _)| r.start <= pos && pos < r.end)
+                .max_by_key(|(r, _)| r.end);
             match best {
                 Some((r, f)) => {
                     let hi = stop.min(r.end);
@@ -764,7 +931,11 @@ impl Checkpoint {
                     pos = hi;
                 }
                 None => {
-                    let next = holders.filter(|(r, _)| r.start > pos && r.start < r.end).map(|(r, _)| r.start).min().unwrap_or(stop);
+                    let next = holders
+                        .filter(|(r, _)| r.start > pos && r.start < r.end)
+                        .map(|(r, _)| r.start)
+                        .min()
+                        .unwrap_or(stop);
                     return Err(CheckpointError::RangeNotCovered {
                         tag: self.tag().into(),
                         buffer: buffer.into(),
@@ -787,7 +958,10 @@ impl Checkpoint {
             .params
             .iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| CheckpointError::NotFound { tag: self.tag().into(), what: format!("parameter {name:?}") })?;
+            .ok_or_else(|| CheckpointError::NotFound {
+                tag: self.tag().into(),
+                what: format!("parameter {name:?}"),
+            })?;
         match &self.model {
             Some(m) => {
                 let mut out = Vec::with_capacity(p.numel());
@@ -800,6 +974,11 @@ impl Checkpoint {
 
     /// Every parameter as `(name, shape, fp32 data)`, in flat order.
     pub fn read_all_weights(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
-        self.manifest.meta.params.iter().map(|p| Ok((p.name.clone(), p.shape.clone(), self.read_weight(&p.name)?))).collect()
+        self.manifest
+            .meta
+            .params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.shape.clone(), self.read_weight(&p.name)?)))
+            .collect()
     }
 }

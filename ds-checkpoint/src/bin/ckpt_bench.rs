@@ -1,0 +1,171 @@
+//! Save/load throughput of a ~1 GB checkpoint against this disk's plain sequential
+//! write (+fsync) and read bandwidth, measured in the same run.
+//!
+//! `cargo run --release -p ds-checkpoint --features bench --bin ckpt_bench -- [--gb 1.0] [--dir PATH]`
+//! (a feature-gated binary rather than an example, so a release build does not compile the
+//! test-only candle dependency)
+//!
+//! Page cache: after each write the bench drops the written files from the page cache with
+//! `posix_fadvise(DONTNEED)` (no root needed) so the reads come from the disk, for both the
+//! baseline and the checkpoint; "warm" figures re-read from the page cache.
+
+use std::borrow::Cow;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ds_checkpoint::*;
+
+fn drop_cache(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open descriptor.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+}
+
+fn drop_dir(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            drop_cache(&e.path());
+        }
+    }
+}
+
+fn request<'a>(
+    meta: &CheckpointMeta,
+    bufs: &'a [Vec<f32>],
+    ws: usize,
+    half: usize,
+    numel: usize,
+) -> SaveRequest<'a> {
+    let shards = (0..ws)
+        .map(|r| {
+            let range = r * half..if r + 1 == ws { numel } else { (r + 1) * half };
+            let mut s = RankShard::new(r, range.clone(), 1);
+            for (b, name) in [MASTER_BUFFER, "exp_avg", "exp_avg_sq"].iter().enumerate() {
+                s.buffers
+                    .push((name.to_string(), Cow::Borrowed(&bufs[b][range.clone()])));
+            }
+            s
+        })
+        .collect();
+    SaveRequest {
+        meta: meta.clone(),
+        weights: None,
+        shards,
+        save_latest: true,
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let gb: f64 = get("--gb").map(|s| s.parse()).transpose()?.unwrap_or(1.0);
+    let dir = PathBuf::from(get("--dir").unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("ds-ckpt-bench")
+            .display()
+            .to_string()
+    }));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let bytes = (gb * 1e9) as usize;
+    let ws = 2;
+    let nbuf = 3; // master, exp_avg, exp_avg_sq
+    let numel = bytes / 4 / nbuf;
+    let total = (numel * 4 * nbuf) as f64;
+    let half = numel / 2;
+    let params = contiguous_params([("w0", vec![half]), ("w1", vec![numel - half])]);
+    let bufs: Vec<Vec<f32>> = (0..nbuf)
+        .map(|b| (0..numel).map(|i| (i as f32).sin() + b as f32).collect())
+        .collect();
+    let gbps = |secs: f64| total / secs / 1e9;
+
+    // Baseline: one plain file of the same size, write_all + fsync, then cold read.
+    let plain = dir.join("plain.bin");
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(&plain)?;
+        for b in &bufs {
+            f.write_all(bytemuck::cast_slice(b))?;
+        }
+        f.sync_all()?;
+    }
+    let plain_write = t.elapsed().as_secs_f64();
+    drop_cache(&plain);
+    let t = Instant::now();
+    let mut v = Vec::with_capacity(total as usize);
+    std::fs::File::open(&plain)?.read_to_end(&mut v)?;
+    let plain_read = t.elapsed().as_secs_f64();
+    drop(v);
+    let t = Instant::now();
+    let v = std::fs::read(&plain)?;
+    let plain_read_warm = t.elapsed().as_secs_f64();
+    drop(v);
+    std::fs::remove_file(&plain)?;
+
+    let store = FsCheckpointStore::new(dir.join("store"))?;
+    let meta = CheckpointMeta {
+        world_size: ws,
+        zero_stage: 2,
+        dtype: "fp32".into(),
+        params,
+        training: TrainingState::default(),
+    };
+    let t = Instant::now();
+    store.save("step1", &request(&meta, &bufs, ws, half, numel))?;
+    let save = t.elapsed().as_secs_f64();
+    drop_dir(&store.root().join("step1"));
+
+    let load = |cold: bool| -> Result<f64, CheckpointError> {
+        if cold {
+            drop_dir(&store.root().join("step1"));
+        }
+        let t = Instant::now();
+        let ck = store.load(None)?; // maps and verifies every file's CRC32
+        let mut sum = 0.0f32;
+        for name in [MASTER_BUFFER, "exp_avg", "exp_avg_sq"] {
+            let v = ck.load_flat_range(name, 0..numel)?;
+            sum += v[numel / 3];
+        }
+        let dt = t.elapsed().as_secs_f64();
+        assert!(sum.is_finite());
+        Ok(dt)
+    };
+    let load_cold = load(true)?;
+    let load_warm = load(false)?;
+
+    // Async: time until save() returns (copy to host buffers), then the background write.
+    let mut saver = AsyncSaver::new();
+    let t = Instant::now();
+    saver.save(&store, "step2", request(&meta, &bufs, ws, half, numel))?;
+    let async_return = t.elapsed().as_secs_f64();
+    saver.wait()?;
+    let async_total = t.elapsed().as_secs_f64();
+
+    let out = serde_json::json!({
+        "bytes": total as u64,
+        "plain_write_fsync_GBps": gbps(plain_write),
+        "save_GBps": gbps(save),
+        "save_fraction_of_plain_write": plain_write / save,
+        "plain_read_cold_GBps": gbps(plain_read),
+        "load_cold_GBps": gbps(load_cold),
+        "load_cold_fraction_of_plain_read": plain_read / load_cold,
+        "plain_read_warm_GBps": gbps(plain_read_warm),
+        "load_warm_GBps": gbps(load_warm),
+        "async_save_return_s": async_return,
+        "async_save_total_s": async_total,
+        "sync_save_s": save,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
