@@ -81,7 +81,7 @@ pub use error::{CheckpointError, Result};
 pub use format::{Dtype, FileRecord};
 pub use store::{
     contiguous_params, rank_file_name, tag_fingerprint, validate_tag, weights_into_owned,
-    Checkpoint, CheckpointMeta, CheckpointStore, FsCheckpointStore, Manifest, ParamSpec,
-    RankRecord, RankShard, SaveRequest, TrainingState, Weights, FORMAT_VERSION, LATEST_FILE,
-    MANIFEST_FILE, MASTER_BUFFER, MODEL_FILE,
+    Checkpoint, CheckpointMeta, CheckpointStore, FsCheckpointStore, Manifest, NamedWeight,
+    ParamSpec, RankRecord, RankShard, SaveRequest, TrainingState, Weights, FORMAT_VERSION,
+    LATEST_FILE, MANIFEST_FILE, MASTER_BUFFER, MODEL_FILE,
 };

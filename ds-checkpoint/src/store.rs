@@ -246,6 +246,9 @@ impl<'a> RankShard<'a> {
     }
 }
 
+/// A parameter read back: `(name, shape, fp32 data)`.
+pub type NamedWeight = (String, Vec<usize>, Vec<f32>);
+
 /// Full model weights by parameter name (shapes come from [`CheckpointMeta::params`]).
 pub type Weights<'a> = Vec<(String, Cow<'a, [f32]>)>;
 
@@ -973,7 +976,7 @@ impl Checkpoint {
     }
 
     /// Every parameter as `(name, shape, fp32 data)`, in flat order.
-    pub fn read_all_weights(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn read_all_weights(&self) -> Result<Vec<NamedWeight>> {
         self.manifest
             .meta
             .params

@@ -407,7 +407,7 @@ fn path_escaping_tags_are_rejected() {
             matches!(validate_tag(tag), Err(CheckpointError::InvalidTag { .. })),
             "{tag:?}"
         );
-        let e = save_split(&store, tag, &meta(1, 0, 1), &[0..n], false).unwrap_err();
+        let e = save_split(&store, tag, &meta(1, 0, 1), &padded_ranges(n, 1), false).unwrap_err();
         assert!(
             matches!(e, CheckpointError::InvalidTag { .. }),
             "{tag:?}: {e}"

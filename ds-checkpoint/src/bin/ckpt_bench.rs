@@ -89,29 +89,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let gbps = |secs: f64| total / secs / 1e9;
 
-    // Baseline: one plain file of the same size, write_all + fsync, then cold read.
-    let plain = dir.join("plain.bin");
-    let t = Instant::now();
-    {
-        let mut f = std::fs::File::create(&plain)?;
-        for b in &bufs {
-            f.write_all(bytemuck::cast_slice(b))?;
-        }
-        f.sync_all()?;
-    }
-    let plain_write = t.elapsed().as_secs_f64();
-    drop_cache(&plain);
-    let t = Instant::now();
-    let mut v = Vec::with_capacity(total as usize);
-    std::fs::File::open(&plain)?.read_to_end(&mut v)?;
-    let plain_read = t.elapsed().as_secs_f64();
-    drop(v);
-    let t = Instant::now();
-    let v = std::fs::read(&plain)?;
-    let plain_read_warm = t.elapsed().as_secs_f64();
-    drop(v);
-    std::fs::remove_file(&plain)?;
-
     let store = FsCheckpointStore::new(dir.join("store"))?;
     let meta = CheckpointMeta {
         world_size: ws,
@@ -120,50 +97,104 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         params,
         training: TrainingState::default(),
     };
-    let t = Instant::now();
-    store.save("step1", &request(&meta, &bufs, ws, half, numel))?;
-    let save = t.elapsed().as_secs_f64();
-    drop_dir(&store.root().join("step1"));
-
-    let load = |cold: bool| -> Result<f64, CheckpointError> {
-        if cold {
-            drop_dir(&store.root().join("step1"));
-        }
-        let t = Instant::now();
-        let ck = store.load(None)?; // maps and verifies every file's CRC32
-        let mut sum = 0.0f32;
-        for name in [MASTER_BUFFER, "exp_avg", "exp_avg_sq"] {
-            let v = ck.load_flat_range(name, 0..numel)?;
-            sum += v[numel / 3];
-        }
-        let dt = t.elapsed().as_secs_f64();
-        assert!(sum.is_finite());
-        Ok(dt)
-    };
-    let load_cold = load(true)?;
-    let load_warm = load(false)?;
-
-    // Async: time until save() returns (copy to host buffers), then the background write.
     let mut saver = AsyncSaver::new();
-    let t = Instant::now();
-    saver.save(&store, "step2", request(&meta, &bufs, ws, half, numel))?;
-    let async_return = t.elapsed().as_secs_f64();
-    saver.wait()?;
-    let async_total = t.elapsed().as_secs_f64();
+    let rounds: usize = get("--rounds").map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let mut rows = Vec::new();
+    for round in 0..rounds {
+        // Baseline: one plain file of the same size, write_all + fsync, then cold read.
+        let plain = dir.join("plain.bin");
+        let t = Instant::now();
+        {
+            let mut f = std::fs::File::create(&plain)?;
+            for b in &bufs {
+                f.write_all(bytemuck::cast_slice(b))?;
+            }
+            f.sync_all()?;
+        }
+        let plain_write = t.elapsed().as_secs_f64();
+        drop_cache(&plain);
+        let t = Instant::now();
+        let mut v = Vec::with_capacity(total as usize);
+        std::fs::File::open(&plain)?.read_to_end(&mut v)?;
+        let plain_read = t.elapsed().as_secs_f64();
+        drop(v);
+        let t = Instant::now();
+        let v = std::fs::read(&plain)?;
+        let plain_read_warm = t.elapsed().as_secs_f64();
+        drop(v);
+        std::fs::remove_file(&plain)?;
 
+        let t = Instant::now();
+        store.save(
+            &format!("step{round}"),
+            &request(&meta, &bufs, ws, half, numel),
+        )?;
+        let save = t.elapsed().as_secs_f64();
+        drop_dir(&store.root().join(format!("step{round}")));
+
+        let load = |cold: bool| -> Result<f64, CheckpointError> {
+            if cold {
+                drop_dir(&store.root().join(format!("step{round}")));
+            }
+            let t = Instant::now();
+            let ck = store.load(None)?; // maps and verifies every file's CRC32
+            let mut sum = 0.0f32;
+            for name in [MASTER_BUFFER, "exp_avg", "exp_avg_sq"] {
+                let v = ck.load_flat_range(name, 0..numel)?;
+                sum += v[numel / 3];
+            }
+            let dt = t.elapsed().as_secs_f64();
+            assert!(sum.is_finite());
+            Ok(dt)
+        };
+        let load_cold = load(true)?;
+        let load_warm = load(false)?;
+
+        // Async: time until save() returns (copy to host buffers), then the background write.
+        let t = Instant::now();
+        saver.save(
+            &store,
+            &format!("async{round}"),
+            request(&meta, &bufs, ws, half, numel),
+        )?;
+        let async_return = t.elapsed().as_secs_f64();
+        saver.wait()?;
+        let async_total = t.elapsed().as_secs_f64();
+
+        let row = serde_json::json!({
+            "round": round,
+            "plain_write_fsync_GBps": gbps(plain_write),
+            "save_GBps": gbps(save),
+            "plain_read_cold_GBps": gbps(plain_read),
+            "load_cold_GBps": gbps(load_cold),
+            "plain_read_warm_GBps": gbps(plain_read_warm),
+            "load_warm_GBps": gbps(load_warm),
+            "sync_save_s": save,
+            "async_save_return_s": async_return,
+            "async_save_total_s": async_total,
+        });
+        eprintln!("{row}");
+        rows.push(row);
+    }
+    let med = |k: &str| {
+        let mut v: Vec<f64> = rows.iter().filter_map(|r| r[k].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     let out = serde_json::json!({
         "bytes": total as u64,
-        "plain_write_fsync_GBps": gbps(plain_write),
-        "save_GBps": gbps(save),
-        "save_fraction_of_plain_write": plain_write / save,
-        "plain_read_cold_GBps": gbps(plain_read),
-        "load_cold_GBps": gbps(load_cold),
-        "load_cold_fraction_of_plain_read": plain_read / load_cold,
-        "plain_read_warm_GBps": gbps(plain_read_warm),
-        "load_warm_GBps": gbps(load_warm),
-        "async_save_return_s": async_return,
-        "async_save_total_s": async_total,
-        "sync_save_s": save,
+        "rounds": rounds,
+        "median_plain_write_fsync_GBps": med("plain_write_fsync_GBps"),
+        "median_save_GBps": med("save_GBps"),
+        "save_fraction_of_plain_write": med("save_GBps") / med("plain_write_fsync_GBps"),
+        "median_plain_read_cold_GBps": med("plain_read_cold_GBps"),
+        "median_load_cold_GBps": med("load_cold_GBps"),
+        "load_cold_fraction_of_plain_read": med("load_cold_GBps") / med("plain_read_cold_GBps"),
+        "median_plain_read_warm_GBps": med("plain_read_warm_GBps"),
+        "median_load_warm_GBps": med("load_warm_GBps"),
+        "median_async_save_return_s": med("async_save_return_s"),
+        "median_sync_save_s": med("sync_save_s"),
+        "rows": rows,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     std::fs::remove_dir_all(&dir)?;
