@@ -24,7 +24,7 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    fn new(name: &str, type_name: &str, parent: Option<usize>, depth: usize) -> Self {
+    fn new(name: &str, type_name: &str, depth: usize) -> Self {
         Self {
             name: name.to_string(),
             type_name: type_name.to_string(),
@@ -54,7 +54,7 @@ pub(crate) struct State {
 impl State {
     fn new() -> Self {
         Self {
-            nodes: vec![Node::new("", "", None, 0)],
+            nodes: vec![Node::new("", "", 0)],
             stack: Vec::new(),
             fwd_latency: None,
         }
@@ -195,8 +195,7 @@ impl FlopsProfiler {
                     st.nodes[parent].depth + 1
                 };
                 let i = st.nodes.len();
-                st.nodes
-                    .push(Node::new(name, type_name, Some(parent), depth));
+                st.nodes.push(Node::new(name, type_name, depth));
                 st.nodes[parent].children.push(i);
                 i
             }

@@ -143,7 +143,8 @@ fn profile_of(st: &State) -> Profile {
 }
 
 /// DeepSpeed's `number_to_string`: units T/G/M/K/''/m/u, rounded to `precision` decimals,
-/// trailing zeros trimmed (Python's `:g`), then a space and the unit.
+/// trailing zeros trimmed (Python's `:g`), then a space and the unit (so `"156 "` for no unit;
+/// [`params_to_string`] and [`flops_to_string`] trim that space).
 pub fn number_to_string(num: f64, precision: usize) -> String {
     let (mag, unit) = if num >= 1e12 {
         (1e12, "T")
@@ -174,7 +175,10 @@ fn trim_g(v: f64, precision: usize) -> String {
 
 /// Parameters: like [`number_to_string`] with "B" instead of "G" (e.g. `61.71 K`, `1.5 B`).
 pub fn params_to_string(n: u64) -> String {
-    number_to_string(n as f64, 2).replace('G', "B")
+    number_to_string(n as f64, 2)
+        .replace('G', "B")
+        .trim_end()
+        .to_string()
 }
 
 /// MACs, e.g. `426.52 MMACs`.
@@ -184,7 +188,7 @@ pub fn macs_to_string(n: u64) -> String {
 
 /// FLOPs count, e.g. `866.08 M`.
 pub fn flops_to_string(n: f64) -> String {
-    number_to_string(n, 2)
+    number_to_string(n, 2).trim_end().to_string()
 }
 
 /// FLOP rate, e.g. `70.1 GFLOPS`.

@@ -257,7 +257,7 @@ fn report_layout_and_options() -> std::result::Result<(), Box<dyn std::error::Er
     assert!(r.contains("depth 0:"));
     assert!(!r.contains("depth 1:"));
     assert!(!r.contains("Detailed Profile per GPU"));
-    assert!(!r.contains("bwd latency"));
+    assert!(!r.contains("bwd latency:"));
     let tree_d2 = ProfilerOptions {
         module_depth: 2,
         ..Default::default()
