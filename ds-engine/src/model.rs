@@ -759,6 +759,86 @@ impl Gpt {
         })
     }
 
+    /// [`Gpt::logits`] instrumented for the flops profiler with DeepSpeed's module tree and
+    /// counting rules (the peer GPT's module names: `wte`, `wpe`, `blocks.i.{ln1, qkv, proj,
+    /// ln2, fc, fc2}`, `ln_f`, `head`). As in DeepSpeed, operator additions and scalings
+    /// (`x + y`, `* scale`, the mask) are not counted; the tied head's parameters are counted
+    /// once, under `wte`. The training path carries no instrumentation at all.
+    pub fn profile_forward(
+        &self,
+        ids: &Tensor,
+        prof: &ds_profiler::FlopsProfiler,
+    ) -> candle_core::Result<Tensor> {
+        use ds_profiler::Activation;
+        let (b, t) = ids.dims2()?;
+        let d = self.shape.hidden;
+        let linear = |name: &str, l: &Linear, x: &Tensor| -> candle_core::Result<Tensor> {
+            let _g = prof.scope(name, "Linear");
+            prof.set_params(
+                (l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count())) as u64,
+            );
+            prof.record_linear(x.dims(), l.weight.dims()[0]);
+            l.forward(x)
+        };
+        let norm = |name: &str, l: &LayerNorm, x: &Tensor| -> candle_core::Result<Tensor> {
+            let _g = prof.scope(name, "LayerNorm");
+            prof.set_params((l.weight.elem_count() + l.bias.elem_count()) as u64);
+            prof.record_layer_norm(x.dims(), true);
+            l.forward(x)
+        };
+        let _root = prof.scope("model", "GPT");
+        let tok = {
+            let _g = prof.scope("wte", "Embedding");
+            prof.set_params(self.wte.elem_count() as u64);
+            prof.record_embedding(ids.dims());
+            self.wte
+                .embedding(&ids.flatten_all()?)?
+                .reshape((b, t, d))?
+        };
+        let pos = {
+            let _g = prof.scope("wpe", "Embedding");
+            prof.set_params(self.wpe.elem_count() as u64);
+            self.wpe.narrow(0, 0, t)?
+        };
+        let mut x = tok.broadcast_add(&pos)?;
+        {
+            let _list = prof.scope("blocks", "ModuleList");
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let _g = prof.scope(&i.to_string(), "Block");
+                let l = blk.layers.borrow();
+                let h = blk.heads;
+                let hd = d / h;
+                let qkv = linear("qkv", &l.qkv, &norm("ln1", &l.ln1, &x)?)?;
+                let split = |k: usize| -> candle_core::Result<Tensor> {
+                    qkv.narrow(2, k * d, d)?
+                        .reshape((b, t, h, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                prof.record_matmul(&[b, h, t, hd], &[b, h, hd, t]);
+                let att = q.matmul(&k.t()?)?;
+                prof.record_softmax(att.dims());
+                let att = crate::kernels::causal_softmax(&att, 1.0 / (hd as f64).sqrt())?;
+                prof.record_matmul(att.dims(), v.dims());
+                let y = att
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, t, d))?;
+                x = (x + linear("proj", &l.proj, &y)?)?;
+                let hmid = linear("fc", &l.fc, &norm("ln2", &l.ln2, &x)?)?;
+                prof.record_activation(Activation::Gelu, hmid.dims());
+                let m = linear("fc2", &l.fc2, &crate::kernels::gelu(&hmid)?)?;
+                x = (x + m)?;
+            }
+        }
+        let x = norm("ln_f", &self.ln_f, &x)?.reshape((b * t, d))?;
+        let _g = prof.scope("head", "Linear");
+        prof.record_linear(&[b, t, d], self.shape.vocab);
+        x.matmul(&self.wte.t()?)
+    }
+
     /// Logits (B*T, V) of `ids` (B, T).
     pub fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -973,6 +1053,51 @@ mod tests {
         let msg = c.load_safetensors(&path).unwrap_err().to_string();
         assert!(msg.contains("wte.weight") && msg.contains("shape"), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The instrumented forward's totals equal the analytic count of DeepSpeed's rules.
+    #[test]
+    fn profiled_forward_matches_the_analytic_flop_count() {
+        for (s, b) in [
+            (tiny(), 2usize),
+            (
+                ModelShape {
+                    layers: 3,
+                    hidden: 24,
+                    heads: 3,
+                    seq: 5,
+                    vocab: 40,
+                },
+                3,
+            ),
+        ] {
+            let m = Gpt::new(s, 0, &Device::Cpu).unwrap();
+            let prof = ds_profiler::FlopsProfiler::new();
+            prof.start_profile();
+            let ids = Tensor::zeros((b, s.seq), DType::U32, &Device::Cpu).unwrap();
+            let logits = m.profile_forward(&ids, &prof).unwrap();
+            prof.stop_profile();
+            // Same values as the training path.
+            assert_eq!(
+                logits.to_vec2::<f32>().unwrap(),
+                m.logits(&ids).unwrap().to_vec2::<f32>().unwrap()
+            );
+            let (b, t, d, v, h) = (
+                b as u64,
+                s.seq as u64,
+                s.hidden as u64,
+                s.vocab as u64,
+                s.heads as u64,
+            );
+            let per_block = 2 * b * t * 12 * d * d // qkv, proj, fc, fc2 (bias not counted)
+                + 2 * 2 * b * t * t * d            // q k^T and att v
+                + b * h * t * t                    // softmax
+                + 2 * 5 * b * t * d                // two LayerNorms
+                + b * t * 4 * d; // GELU
+            let want = s.layers as u64 * per_block + 5 * b * t * d + 2 * b * t * d * v;
+            assert_eq!(prof.total_flops(), want, "{s:?}");
+            assert_eq!(prof.total_params(), gpt_param_count(&s) as u64);
+        }
     }
 
     #[test]

@@ -477,3 +477,56 @@ fn train_mpi(
     rep.rank = comm.rank();
     Ok(rep)
 }
+
+/// `ds profile`: the flops profile of one forward pass of the GPT at batch `batch` (after one
+/// warm-up pass, as DeepSpeed's `get_model_profile`). Returns the DeepSpeed-style report and
+/// the JSON profile. The config's `flops_profiler` section sets the report's depth, top
+/// modules, detail and output file.
+pub fn profile(
+    config: Option<&std::path::Path>,
+    shape: ModelShape,
+    batch: usize,
+) -> Result<(String, ds_profiler::Profile), EngineError> {
+    let mut opts = ds_profiler::ProfilerOptions {
+        enabled: true,
+        ..Default::default()
+    };
+    if let Some(p) = config {
+        let cfg = DeepSpeedConfig::from_path(p)?.resolve_with(&ResolveOptions {
+            allow_unknown_keys: false,
+            ..ResolveOptions::world_size(1)
+        });
+        // A config whose batch keys do not resolve still carries profiler options.
+        let fp = match cfg {
+            Ok(c) => c.flops_profiler,
+            Err(e) => return Err(e.into()),
+        };
+        opts.recompute_fwd_factor = fp.recompute_fwd_factor;
+        opts.profile_step = fp.profile_step;
+        opts.module_depth = fp.module_depth;
+        opts.top_modules = fp.top_modules as usize;
+        opts.detailed = fp.detailed;
+        opts.output_file = fp.output_file.map(PathBuf::from);
+    }
+    let model = Gpt::new(shape, 0, &Device::Cpu)?;
+    let mut rng = Rng::new(1);
+    let ids: Vec<u32> = (0..batch * shape.seq)
+        .map(|_| (rng.next_u64() % shape.vocab as u64) as u32)
+        .collect();
+    let ids = candle_core::Tensor::from_vec(ids, (batch, shape.seq), &Device::Cpu)?;
+    let prof = ds_profiler::FlopsProfiler::new();
+    model.profile_forward(&ids, &prof)?; // warm-up (disabled: not recorded)
+    prof.start_profile();
+    model.profile_forward(&ids, &prof)?;
+    prof.stop_profile();
+    let ctx = ds_profiler::ReportContext {
+        step: opts.profile_step,
+        world_size: 1,
+        batch_size_per_gpu: Some(batch),
+        ..Default::default()
+    };
+    let report = prof
+        .model_profile_report(&opts, &ctx)
+        .map_err(|e| EngineError::Data(format!("flops profiler: {e}")))?;
+    Ok((report, prof.profile()))
+}

@@ -344,3 +344,34 @@ fn bench_ckpt_act_json_contract_and_ckpt_training_is_identical() {
     assert_eq!(d_plain["losses"], d_ckpt["losses"]);
     assert_ne!(d_plain["losses"], plain["losses"]);
 }
+
+#[test]
+fn profile_json_contract() {
+    let out = ds(&[
+        "profile", "--layers", "2", "--hidden", "16", "--heads", "2", "--seq", "8", "--vocab",
+        "32", "--batch", "2", "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["flops", "macs", "params", "fwd_latency_ms", "modules"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    // DeepSpeed's rules, analytically (see model.rs): b=2, t=8, d=16, v=32, h=2, 2 layers.
+    let (b, t, d, vo, h) = (2u64, 8u64, 16u64, 32u64, 2u64);
+    let per_block =
+        2 * b * t * 12 * d * d + 4 * b * t * t * d + b * h * t * t + 10 * b * t * d + 4 * b * t * d;
+    assert_eq!(
+        v["flops"],
+        2 * per_block + 5 * b * t * d + 2 * b * t * d * vo
+    );
+    assert_eq!(v["modules"][0]["type"], "GPT");
+    let text = ds(&[
+        "profile", "--layers", "1", "--hidden", "16", "--heads", "2", "--seq", "8", "--vocab", "32",
+    ]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("DeepSpeed Flops Profiler"));
+}

@@ -73,6 +73,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The flops profile of the model's forward pass (DeepSpeed's report, or JSON).
+    Profile {
+        /// DeepSpeed config whose `flops_profiler` section sets depth, top modules, detail and
+        /// output file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelFlags,
+        /// Print one JSON document (`flops`, `macs`, `params`, `fwd_latency_ms`, `modules`).
+        #[arg(long)]
+        json: bool,
+    },
     /// ZeRO model-state memory per rank (parameters, gradients, optimizer state).
     EstimateMemory {
         /// Number of model parameters (5e8-style accepted).
@@ -334,6 +346,37 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Profile {
+            config,
+            model,
+            json,
+        } => {
+            if model.heads == 0 || model.hidden % model.heads != 0 {
+                eprintln!(
+                    "error: --hidden {} must be a multiple of --heads {}",
+                    model.hidden, model.heads
+                );
+                return ExitCode::from(2);
+            }
+            let shape = ds_engine::model::ModelShape {
+                layers: model.layers,
+                hidden: model.hidden,
+                heads: model.heads,
+                seq: model.seq,
+                vocab: model.vocab,
+            };
+            match ds_engine::train::profile(config.as_deref(), shape, model.batch.unwrap_or(8)) {
+                Ok((report, _)) if !json => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Ok((_, profile)) => print_json(&profile),
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
