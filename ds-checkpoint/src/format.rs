@@ -233,6 +233,13 @@ impl MappedFile {
         // SAFETY: the file is opened read-only; checkpoint files are immutable once written
         // (a tag directory is only ever replaced by rename, never modified in place).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+        // The checksum pass reads the file front to back: ask for aggressive readahead (a
+        // hint only; failure is harmless).
+        #[cfg(unix)]
+        {
+            let _ = mmap.advise(memmap2::Advice::Sequential);
+            let _ = mmap.advise(memmap2::Advice::WillNeed);
+        }
         if let Some(exp) = expected {
             let actual = crc32fast::hash(&mmap);
             if actual != exp.crc32 {

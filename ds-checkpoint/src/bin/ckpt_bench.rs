@@ -99,38 +99,64 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut saver = AsyncSaver::new();
     let rounds: usize = get("--rounds").map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let pause_s: f64 = get("--pause")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3.0);
     let mut rows = Vec::new();
     for round in 0..rounds {
         // Baseline: one plain file of the same size, write_all + fsync, then cold read.
-        let plain = dir.join("plain.bin");
-        let t = Instant::now();
-        {
-            let mut f = std::fs::File::create(&plain)?;
-            for b in &bufs {
-                f.write_all(bytemuck::cast_slice(b))?;
+        // The order of baseline and checkpoint alternates between rounds, with a pause before
+        // each, because this (virtual) disk absorbs bursts faster than it sustains them.
+        let plain_io = || -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
+            let plain = dir.join("plain.bin");
+            let t = Instant::now();
+            {
+                let mut f = std::fs::File::create(&plain)?;
+                for b in &bufs {
+                    f.write_all(bytemuck::cast_slice(b))?;
+                }
+                f.sync_all()?;
             }
-            f.sync_all()?;
-        }
-        let plain_write = t.elapsed().as_secs_f64();
-        drop_cache(&plain);
-        let t = Instant::now();
-        let mut v = Vec::with_capacity(total as usize);
-        std::fs::File::open(&plain)?.read_to_end(&mut v)?;
-        let plain_read = t.elapsed().as_secs_f64();
-        drop(v);
-        let t = Instant::now();
-        let v = std::fs::read(&plain)?;
-        let plain_read_warm = t.elapsed().as_secs_f64();
-        drop(v);
-        std::fs::remove_file(&plain)?;
+            let plain_write = t.elapsed().as_secs_f64();
+            drop_cache(&plain);
+            let t = Instant::now();
+            let mut v = Vec::with_capacity(total as usize);
+            std::fs::File::open(&plain)?.read_to_end(&mut v)?;
+            let plain_read = t.elapsed().as_secs_f64();
+            drop(v);
+            let t = Instant::now();
+            let v = std::fs::read(&plain)?;
+            let plain_read_warm = t.elapsed().as_secs_f64();
+            drop(v);
+            std::fs::remove_file(&plain)?;
 
-        let t = Instant::now();
-        store.save(
-            &format!("step{round}"),
-            &request(&meta, &bufs, ws, half, numel),
-        )?;
-        let save = t.elapsed().as_secs_f64();
-        drop_dir(&store.root().join(format!("step{round}")));
+            Ok((plain_write, plain_read, plain_read_warm))
+        };
+        let save_io = || -> Result<f64, Box<dyn std::error::Error>> {
+            let t = Instant::now();
+            store.save(
+                &format!("step{round}"),
+                &request(&meta, &bufs, ws, half, numel),
+            )?;
+            let save = t.elapsed().as_secs_f64();
+            drop_dir(&store.root().join(format!("step{round}")));
+
+            Ok(save)
+        };
+        let pause = || std::thread::sleep(std::time::Duration::from_secs_f64(pause_s));
+        let ((plain_write, plain_read, plain_read_warm), save) = if round % 2 == 0 {
+            pause();
+            let p = plain_io()?;
+            pause();
+            (p, save_io()?)
+        } else {
+            pause();
+            let s = save_io()?;
+            pause();
+            (plain_io()?, s)
+        };
+        pause();
 
         let load = |cold: bool| -> Result<f64, CheckpointError> {
             if cold {
@@ -161,6 +187,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         saver.wait()?;
         let async_total = t.elapsed().as_secs_f64();
 
+        if round > 0 {
+            let _ = std::fs::remove_dir_all(store.root().join(format!("step{}", round - 1)));
+            let _ = std::fs::remove_dir_all(store.root().join(format!("async{}", round - 1)));
+        }
         let row = serde_json::json!({
             "round": round,
             "plain_write_fsync_GBps": gbps(plain_write),
