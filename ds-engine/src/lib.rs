@@ -44,4 +44,7 @@ pub enum EngineError {
     /// A collective failed.
     #[error(transparent)]
     Comm(#[from] ds_comm::CommError),
+    /// Saving or loading a checkpoint failed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }

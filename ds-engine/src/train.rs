@@ -50,6 +50,10 @@ pub struct TrainArgs {
     pub ckpt: bool,
     /// Residual dropout probability (0 = off).
     pub dropout: f32,
+    /// Checkpoint directory: a checkpoint is saved there at the end (tag `global_step<N>`).
+    pub out: Option<PathBuf>,
+    /// Resume from the latest checkpoint in `out` before training.
+    pub resume: bool,
 }
 
 /// What `ds train --json` prints (the keys are a contract).
@@ -209,11 +213,40 @@ fn run_rank(
     if args.ckpt {
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
     }
+    let store = match &args.out {
+        Some(dir) => Some(
+            ds_checkpoint::FsCheckpointStore::new(dir)
+                .map_err(|e| EngineError::Checkpoint(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut start = 0u64;
+    if args.resume {
+        let Some(store) = &store else {
+            return Err(EngineError::Config(
+                "--resume needs --out DIR (where the checkpoints are)".into(),
+            ));
+        };
+        let ckpt = store
+            .open(None)
+            .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+        let t = engine.load_checkpoint(&ckpt)?;
+        start = t.global_step;
+        if rank == 0 {
+            eprintln!(
+                "resumed from {} (step {}, saved by {} ranks at ZeRO stage {})",
+                ckpt.dir().display(),
+                t.global_step,
+                ckpt.meta().world_size,
+                ckpt.meta().zero_stage
+            );
+        }
+    }
     let micro = engine.micro_batch_size();
     let mut losses = Vec::new();
     let mut step_ms = Vec::new();
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
-    for step in 0..args.steps {
+    for step in start..start + args.steps {
         let t0 = Instant::now();
         let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -269,6 +302,13 @@ fn run_rank(
     }
     if let Some(m) = csv.as_mut() {
         m.flush()?;
+    }
+    if let Some(store) = &store {
+        let tag = format!("global_step{}", engine.global_steps());
+        engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+        if rank == 0 {
+            eprintln!("saved checkpoint {}", store.root().join(&tag).display());
+        }
     }
     Ok(RankResult {
         losses,
@@ -446,7 +486,7 @@ fn report(
         },
         skipped_steps: r0.skipped,
         peak_bytes_per_rank: peak_rss_bytes() / ranks_in_process.max(1),
-        checkpoint_dir: None,
+        checkpoint_dir: args.out.as_ref().map(|p| p.display().to_string()),
         losses,
         world_size: cfg.world_size,
         zero_stage: cfg.zero_optimization.stage,

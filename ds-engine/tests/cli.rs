@@ -157,7 +157,7 @@ fn train_json_contract() {
     assert!(loss.is_finite() && loss > 0.0 && loss < 5.0, "{loss}");
     // Refusals exit 2 with the reason.
     for args in [
-        vec!["train", "--resume"],
+        vec!["train", "--resume"], // --resume without --out
         vec!["train", "--backend", "mpi", "--steps", "1"],
         vec!["train", "--hidden", "30", "--heads", "4"],
     ] {
@@ -374,4 +374,94 @@ fn profile_json_contract() {
         "profile", "--layers", "1", "--hidden", "16", "--heads", "2", "--seq", "8", "--vocab", "32",
     ]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("DeepSpeed Flops Profiler"));
+}
+
+fn losses(out: &Output) -> Vec<f64> {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// Train N+M == train N, save, resume, train M: bit-identical at the same world size and stage;
+/// within fp32 rounding after resharding to another world size and stage.
+#[test]
+fn train_save_resume_exact_and_resharded() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let model = [
+        "--layers", "1", "--hidden", "16", "--heads", "2", "--seq", "8", "--vocab", "32", "--json",
+    ];
+    let cfg = |stage: u8| {
+        tmp(
+            &format!("resume{stage}.json"),
+            &format!(
+                r#"{{"train_batch_size": 12, "optimizer": {{"type": "AdamW", "params": {{"lr": 0.001}}}},
+                   "scheduler": {{"type": "WarmupDecayLR", "params": {{"warmup_num_steps": 2, "total_num_steps": 10}}}},
+                   "zero_optimization": {{"stage": {stage}}}}}"#
+            ),
+        )
+    };
+    let run = |stage: u8, ws: &str, steps: &str, extra: &[&str]| {
+        let c = cfg(stage);
+        let mut a = vec![
+            "train",
+            "--config",
+            c.to_str().unwrap(),
+            "--world-size",
+            ws,
+            "--steps",
+            steps,
+        ];
+        a.extend_from_slice(&model);
+        a.extend_from_slice(extra);
+        losses(&ds(&a))
+    };
+    let straight = run(2, "2", "6", &[]);
+    let first = run(2, "2", "3", &["--out", d]);
+    assert_eq!(first[..], straight[..3]);
+    let resumed = run(2, "2", "3", &["--out", d, "--resume"]);
+    assert_eq!(
+        resumed[..],
+        straight[3..],
+        "same world size and stage: bit-identical"
+    );
+    assert!(dir.join("latest").exists() && dir.join("global_step6").exists());
+    // Saved by 2 ranks at stage 2 (after step 3), resumed on 3 ranks at stage 1.
+    let _ = std::fs::remove_dir_all(&dir);
+    run(2, "2", "3", &["--out", d]);
+    let straight3 = run(1, "3", "6", &[]);
+    let resharded = run(1, "3", "3", &["--out", d, "--resume"]);
+    for (a, b) in resharded.iter().zip(&straight3[3..]) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "{resharded:?} vs {:?}",
+            &straight3[3..]
+        );
+    }
+    // Nothing to resume: a clear error.
+    let empty = std::env::temp_dir().join(format!("ds-cli-empty-{}", std::process::id()));
+    let mut a = vec![
+        "train",
+        "--steps",
+        "1",
+        "--out",
+        empty.to_str().unwrap(),
+        "--resume",
+    ];
+    a.extend_from_slice(&model);
+    let out = ds(&a);
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&empty);
 }

@@ -596,6 +596,17 @@ impl ZeroOptimizer {
         }
     }
 
+    /// The contiguous range of the flat parameter space this rank's master part covers (stage
+    /// 0: all of it; stages 1-2: its shard, which may run into the padding past `numel`), or
+    /// `None` at stage 3, where a rank holds one chunk of every parameter.
+    pub fn flat_range(&self) -> Option<Range<usize>> {
+        match (&self.s3, self.opts.stage) {
+            (Some(_), _) => None,
+            (None, 0) => Some(0..self.layout.padded),
+            (None, _) => Some(self.layout.shard(self.rank)),
+        }
+    }
+
     /// The optimizer state of this rank's part (for checkpoints).
     pub fn optimizer_state(&self) -> OptimizerState {
         self.opt.state()

@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch: None,
         ckpt: false,
         dropout: 0.0,
+        out: None,
+        resume: false,
     })?;
     println!(
         "loss {:.3} -> {:.3} (data entropy {:.3}), {:.0} tokens/s",

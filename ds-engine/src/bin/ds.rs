@@ -58,10 +58,10 @@ enum Command {
         /// Train on the bytes of this text file instead of the embedded language.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Checkpoint directory (checkpointing is not wired in yet: refused).
+        /// Checkpoint directory: a checkpoint is saved there at the end of the run.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Resume from --out (refused until checkpointing lands).
+        /// Resume from the latest checkpoint in --out (any world size, ZeRO stage 0-2).
         #[arg(long)]
         resume: bool,
         /// Seed of initialisation and data.
@@ -296,8 +296,8 @@ fn main() -> ExitCode {
             model,
             json,
         } => {
-            if out.is_some() || resume {
-                eprintln!("error: --out/--resume: checkpointing is not wired into `ds train` yet (it arrives with ds-checkpoint); run without them");
+            if resume && out.is_none() {
+                eprintln!("error: --resume needs --out DIR (the checkpoint directory)");
                 return ExitCode::from(2);
             }
             if !(0.0..1.0).contains(&model.dropout) {
@@ -328,6 +328,8 @@ fn main() -> ExitCode {
                 batch: model.batch,
                 ckpt: model.ckpt,
                 dropout: model.dropout,
+                out,
+                resume,
             };
             match ds_engine::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
