@@ -296,3 +296,48 @@ fn bad_options_and_states_are_errors() {
     st.cur_scale = -1.0;
     assert!(s.load_state(&st).is_err());
 }
+
+// The `loss_scale_trace` example's logic (compiled from its source file).
+#[allow(dead_code)]
+#[path = "../../examples/examples/loss_scale_trace.rs"]
+mod loss_scale_trace;
+
+#[test]
+fn loss_scale_trace_example() {
+    let a = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    let out = loss_scale_trace::run(&a(
+        "--init-scale-power 8 --window 2 --hysteresis 1 --min-scale 1 --overflows FFFFF",
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["scales"],
+        serde_json::json!([256.0, 256.0, 512.0, 512.0, 1024.0])
+    );
+    assert!(v["error"].is_null());
+    let out = loss_scale_trace::run(&a(
+        "--init-scale-power 4 --window 1000 --hysteresis 2 --min-scale 1 --overflows TTTTTT",
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["scales"], serde_json::json!([16.0, 8.0, 4.0, 2.0, 1.0]));
+    assert!(v["error"].as_str().unwrap().contains("bf16"));
+    let out = loss_scale_trace::run(&a(
+        "--init-scale-power 4 --window 2 --hysteresis 2 --min-scale 1 --no-error-at-min --variant fp16-optimizer --overflows TTTTTTTT",
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["scales"],
+        serde_json::json!([8.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    );
+    for bad in [
+        "--window 0 --overflows F",
+        "--window x --overflows F",
+        "--overflows FXT",
+        "--bogus",
+        "--window 2",
+    ] {
+        assert!(loss_scale_trace::run(&a(bad)).is_err(), "{bad}");
+    }
+}
