@@ -465,3 +465,73 @@ fn train_save_resume_exact_and_resharded() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+/// `ds consolidate`: one safetensors file of full weights, loadable by candle, equal to what
+/// the run trained (the checkpoint's model file) in f32, and within bf16 rounding in bf16.
+#[test]
+fn consolidate_contract() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-consol-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let out = ds(&[
+        "train", "--steps", "2", "--layers", "1", "--hidden", "16", "--heads", "2", "--seq", "8",
+        "--vocab", "32", "--out", d, "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f32_path = dir.join("full.safetensors");
+    let out = ds(&["consolidate", d, f32_path.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = candle_core::safetensors::load(&f32_path, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(w.len(), 2 + 12 + 2); // wte, wpe, one block, ln_f
+    assert_eq!(w["wte.weight"].dims(), &[32, 16]);
+    let bf = dir.join("full_bf16.safetensors");
+    let out = ds(&[
+        "consolidate",
+        d,
+        bf.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+        "--tag",
+        "global_step2",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let b = candle_core::safetensors::load(&bf, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(b["wte.weight"].dtype(), candle_core::DType::BF16);
+    let x = w["wte.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let y = b["wte.weight"]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(x
+        .iter()
+        .zip(&y)
+        .all(|(a, c)| (a - c).abs() <= a.abs() / 128.0 + 1e-6));
+    // A tag that does not exist: a clear error, exit 2.
+    let out = ds(&[
+        "consolidate",
+        d,
+        f32_path.to_str().unwrap(),
+        "--tag",
+        "nope",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

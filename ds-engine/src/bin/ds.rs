@@ -85,6 +85,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Full weights from a sharded checkpoint as one safetensors file (DeepSpeed's zero_to_fp32).
+    Consolidate {
+        /// The checkpoint directory (holding `latest` and the tags).
+        ckpt_dir: PathBuf,
+        /// The safetensors file to write.
+        out: PathBuf,
+        /// Tag to read (default: `latest`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Output dtype.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
+    },
     /// ZeRO model-state memory per rank (parameters, gradients, optimizer state).
     EstimateMemory {
         /// Number of model parameters (5e8-style accepted).
@@ -379,6 +392,36 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok((_, profile)) => print_json(&profile),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Consolidate {
+            ckpt_dir,
+            out,
+            tag,
+            dtype,
+        } => {
+            let dt = match dtype.as_str() {
+                "bf16" => ds_checkpoint::Dtype::BF16,
+                "f16" => ds_checkpoint::Dtype::F16,
+                _ => ds_checkpoint::Dtype::F32,
+            };
+            let result = ds_checkpoint::FsCheckpointStore::new(&ckpt_dir)
+                .and_then(|s| s.open(tag.as_deref()))
+                .and_then(|c| ds_checkpoint::consolidate(&c, &out, dt).map(|_| c));
+            match result {
+                Ok(c) => {
+                    eprintln!(
+                        "wrote {} ({} parameters from tag {}, {dtype})",
+                        out.display(),
+                        c.meta().params.len(),
+                        c.tag()
+                    );
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
