@@ -4,8 +4,10 @@
 //! The kernels work on blocks of [`BLOCK`] elements with [`LANES`] independent `f32`
 //! accumulators (so the compiler vectorises them) and add each block's partial sum into an
 //! `f64` total: the rounding error is that of ~`BLOCK / LANES` f32 additions, not of `n`.
-//! inf/nan are detected with an integer max over `bits & 0x7fff_ffff` (NaN and inf are the
-//! largest patterns), which vectorises and, unlike a float max, never drops a NaN.
+//! inf/nan are detected with an integer compare of `bits & 0x7fff_ffff` against `f32::MAX`'s
+//! pattern (NaN and inf are the larger ones), OR-ed into per-lane flags: it vectorises and,
+//! unlike a float max, never drops a NaN. On x86-64 the f32 kernels are also compiled for
+//! AVX2 and picked at run time when the CPU has it.
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
@@ -20,7 +22,8 @@ pub const BLOCK: usize = 1024;
 pub const CLIP_EPS: f64 = 1e-6;
 
 const ABS_MASK: u32 = 0x7fff_ffff;
-const INF_BITS: u32 = 0x7f80_0000;
+/// `f32::MAX`'s bit pattern: any larger `bits & 0x7fff_ffff` is inf or nan.
+const MAX_FINITE: i32 = 0x7f7f_ffff;
 
 /// What one pass over a gradient buffer found. Merge the stats of several buffers (or ranks)
 /// with [`GradStats::merge`].
@@ -61,7 +64,7 @@ fn block_unscale(block: &mut [f32], inv_scale: f32, mx: &mut [u32; LANES]) -> f6
         if let Ok(c) = <&mut [f32; LANES]>::try_from(c) {
             for i in 0..LANES {
                 let x = c[i];
-                mx[i] = mx[i].max(x.to_bits() & ABS_MASK);
+                mx[i] |= (((x.to_bits() & ABS_MASK) as i32) > MAX_FINITE) as u32;
                 let v = x * inv_scale;
                 c[i] = v;
                 acc[i] += v * v;
@@ -70,7 +73,7 @@ fn block_unscale(block: &mut [f32], inv_scale: f32, mx: &mut [u32; LANES]) -> f6
     }
     let mut tail = 0f64;
     for x in chunks.into_remainder() {
-        mx[0] = mx[0].max(x.to_bits() & ABS_MASK);
+        mx[0] |= (((x.to_bits() & ABS_MASK) as i32) > MAX_FINITE) as u32;
         let v = *x * inv_scale;
         *x = v;
         tail += (v as f64) * (v as f64);
@@ -86,14 +89,14 @@ fn block_check(block: &[f32], mx: &mut [u32; LANES]) -> f64 {
         if let Ok(c) = <&[f32; LANES]>::try_from(c) {
             for i in 0..LANES {
                 let x = c[i];
-                mx[i] = mx[i].max(x.to_bits() & ABS_MASK);
+                mx[i] |= (((x.to_bits() & ABS_MASK) as i32) > MAX_FINITE) as u32;
                 acc[i] += x * x;
             }
         }
     }
     let mut tail = 0f64;
     for &x in chunks.remainder() {
-        mx[0] = mx[0].max(x.to_bits() & ABS_MASK);
+        mx[0] |= (((x.to_bits() & ABS_MASK) as i32) > MAX_FINITE) as u32;
         tail += (x as f64) * (x as f64);
     }
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail
@@ -102,7 +105,7 @@ fn block_check(block: &[f32], mx: &mut [u32; LANES]) -> f64 {
 fn finish(mx: &[u32; LANES], sq_norm: f64, numel: usize) -> GradStats {
     GradStats {
         sq_norm,
-        has_inf_or_nan: mx.iter().any(|&m| m >= INF_BITS),
+        has_inf_or_nan: mx.iter().any(|&m| m != 0),
         numel,
     }
 }
@@ -113,6 +116,22 @@ fn finish(mx: &[u32; LANES], sq_norm: f64, numel: usize) -> GradStats {
 /// `inv_scale` is `1 / scale_used`, the reciprocal of the loss scale used for this step's
 /// backward pass (see the crate docs on DeepSpeed issue #2686).
 pub fn unscale_check_norm_f32(grads: &mut [f32], inv_scale: f32) -> GradStats {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { unscale_check_norm_f32_avx2(grads, inv_scale) };
+    }
+    unscale_check_norm_f32_generic(grads, inv_scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unscale_check_norm_f32_avx2(grads: &mut [f32], inv_scale: f32) -> GradStats {
+    unscale_check_norm_f32_generic(grads, inv_scale)
+}
+
+#[inline(always)]
+fn unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStats {
     let mut mx = [0u32; LANES];
     let mut total = 0f64;
     for block in grads.chunks_mut(BLOCK) {
@@ -124,6 +143,22 @@ pub fn unscale_check_norm_f32(grads: &mut [f32], inv_scale: f32) -> GradStats {
 /// Read-only pass: inf/nan check and squared norm of the values as they are (DeepSpeed's order:
 /// the norm of the still-scaled gradients, then [`deepspeed_combined_scale`]).
 pub fn check_norm_f32(grads: &[f32]) -> GradStats {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { check_norm_f32_avx2(grads) };
+    }
+    check_norm_f32_generic(grads)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn check_norm_f32_avx2(grads: &[f32]) -> GradStats {
+    check_norm_f32_generic(grads)
+}
+
+#[inline(always)]
+fn check_norm_f32_generic(grads: &[f32]) -> GradStats {
     let mut mx = [0u32; LANES];
     let mut total = 0f64;
     for block in grads.chunks(BLOCK) {

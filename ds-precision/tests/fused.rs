@@ -251,7 +251,7 @@ fn policy_validation_and_master_weights() {
     assert_eq!(m.numel(), 7);
     assert_eq!(m.range(1), Some(4..7));
     assert_eq!(m.flat()[5], f16::from_f32(0.2).to_f32());
-    m.flat_mut()[0] = 1.0009765625; // 1 + 2^-10: below bf16 precision
+    m.flat_mut()[0] = 1.0 + 1.0 / 1024.0; // 1 + 2^-10: below bf16 precision
     let va = Var::from_tensor(&a).unwrap();
     let vb = Var::from_tensor(&b).unwrap();
     m.copy_to_vars(&[va.clone(), vb.clone()]).unwrap();
@@ -264,7 +264,7 @@ fn policy_validation_and_master_weights() {
         .to_vec1::<f32>()
         .unwrap();
     assert_eq!(got[0], 1.0); // rounded to bf16, master keeps the fp32 value
-    assert_eq!(m.flat()[0], 1.0009765625);
+    assert_eq!(m.flat()[0], (1.0 + 1.0 / 1024.0));
     assert!(m.copy_to_vars(&[va]).is_err());
     let ts = m.to_model_tensors(DType::F16, &dev).unwrap();
     assert_eq!(ts[0].dims(), &[2, 2]);
