@@ -117,12 +117,6 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "partitioning activations splits them across model-parallel ranks, and this runtime has no model parallelism; set partition_activations and contiguous_memory_optimization false",
         );
     }
-    if ac.profile {
-        return refuse(
-            "activation_checkpointing.profile",
-            "per-segment checkpoint timing is not implemented; set profile false",
-        );
-    }
     Ok(())
 }
 
@@ -179,6 +173,10 @@ pub struct TrainStep {
     pub step_ms: f64,
 }
 
+/// Per-block checkpoint timings of the last micro-batch: (block, forward ms, recompute +
+/// backward ms), for `activation_checkpointing.profile`.
+pub type SegmentTimes = Vec<(usize, f64, f64)>;
+
 /// One rank's training engine.
 pub struct Engine<'c> {
     model: Gpt,
@@ -195,6 +193,7 @@ pub struct Engine<'c> {
     policy: Policy,
     /// `acc` holds stale values: the next micro-batch overwrites instead of accumulating.
     acc_fresh: bool,
+    last_segments: SegmentTimes,
     notes: Vec<String>,
     stage3: bool,
 }
@@ -258,6 +257,7 @@ impl<'c> Engine<'c> {
             skipped_steps: 0,
             micro_steps: 0,
             acc_fresh: true,
+            last_segments: Vec::new(),
             notes: engine_notes(cfg),
             // ZeRO-3 releases a block's parameters after its forward pass, so every block is
             // recomputed in the backward pass (with its parameters gathered again).
@@ -418,6 +418,11 @@ impl<'c> Engine<'c> {
         Ok(t)
     }
 
+    /// Per-block checkpoint timings of the last micro-batch (empty without checkpointing).
+    pub fn segment_times(&self) -> &SegmentTimes {
+        &self.last_segments
+    }
+
     /// Notes about accepted settings that are no-ops here (show them once).
     pub fn notes(&self) -> &[String] {
         &self.notes
@@ -523,6 +528,7 @@ impl<'c> Engine<'c> {
         } else {
             self.model.forward_backward(&x, &y, self.policy)?
         };
+        self.last_segments = fb.segments.clone();
         let t1 = Instant::now();
         let scale = 1.0 / self.gas as f32;
         let mut off = 0;

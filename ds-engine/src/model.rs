@@ -659,6 +659,7 @@ impl Gpt {
                 grads: out,
                 fwd_ms,
                 bwd_ms: t0.elapsed().as_secs_f64() * 1e3 - fwd_ms,
+                segments: Vec::new(),
             });
         }
         // Forward: the embedding keeps its (small) graph; each block either keeps only its
@@ -670,13 +671,17 @@ impl Gpt {
         let x0 = self.embed(ids)?;
         let n = self.blocks.len();
         let mut kept = Vec::with_capacity(n);
+        let mut seg_fwd = vec![0f64; n];
+        let mut segments: Vec<(usize, f64, f64)> = Vec::new();
         let mut x = x0.detach();
         for (i, blk) in self.blocks.iter().enumerate() {
             let key = self.drop_key(i);
             let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
             hook(BlockEvent::Gather(i))?;
             if policy.checkpointed(i, n) {
+                let ts = std::time::Instant::now();
                 let (y, saved) = checkpoint_forward(&seg, &x).map_err(to_candle)?;
+                seg_fwd[i] = ts.elapsed().as_secs_f64() * 1e3;
                 kept.push(Kept::Ckpt(saved));
                 x = y;
                 hook(BlockEvent::Release(i))?;
@@ -720,7 +725,9 @@ impl Gpt {
                     let vars = blk.vars();
                     let refs: Vec<&Var> = vars.iter().collect();
                     let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
+                    let ts = std::time::Instant::now();
                     let sg = recompute_backward(&seg, &saved, &g, &refs).map_err(to_candle)?;
+                    segments.push((i, seg_fwd[i], ts.elapsed().as_secs_f64() * 1e3));
                     for (k, pg) in sg.params.into_iter().enumerate() {
                         if let Some(pg) = pg {
                             add(first + k, pg)?;
@@ -756,6 +763,7 @@ impl Gpt {
             grads: out,
             fwd_ms,
             bwd_ms: t0.elapsed().as_secs_f64() * 1e3 - fwd_ms,
+            segments,
         })
     }
 
@@ -867,6 +875,9 @@ pub struct FwdBwd {
     pub fwd_ms: f64,
     /// Backward milliseconds (with checkpointing: including the recomputation).
     pub bwd_ms: f64,
+    /// Per checkpointed block: (index, forward ms, recompute + backward ms) — what
+    /// `activation_checkpointing.profile` reports.
+    pub segments: Vec<(usize, f64, f64)>,
 }
 
 fn to_candle(e: ds_ckpt_act::CkptError) -> candle_core::Error {

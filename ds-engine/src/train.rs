@@ -276,6 +276,11 @@ fn run_rank(
                 r.step.grad_norm,
                 step_ms[step_ms.len() - 1]
             );
+            if cfg.activation_checkpointing.profile {
+                for (i, f, b) in engine.segment_times() {
+                    eprintln!("checkpoint profile | block {i} | forward: {f:.2} ms | recompute+backward: {b:.2} ms");
+                }
+            }
             if cfg.memory_breakdown {
                 let (cur, peak) = (crate::alloc::current_bytes(), crate::alloc::peak_bytes());
                 let gb = |b: usize| b as f64 / 1e9;

@@ -230,3 +230,47 @@ fn stage3_communication_volume() {
         }
     }
 }
+
+/// `offload_optimizer.device: cpu` runs the same code path on a CPU-only machine (the state is
+/// already in host memory): the training is identical, and the engine says so once.
+/// `activation_checkpointing.profile` reports per-block timings of the checkpointed segments.
+#[test]
+fn cpu_offload_is_the_same_path_and_checkpoint_profile_reports() {
+    let run = |extra: serde_json::Value| -> (Vec<f64>, Vec<String>, usize) {
+        let mut cfg = json!({
+            "train_batch_size": 4,
+            "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+            "zero_optimization": {"stage": 2},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        let cfg = DeepSpeedConfig::from_value(cfg).resolve(1).unwrap();
+        let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+        let comm = LocalComm::create(1).remove(0);
+        let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+        let mut e = Engine::initialize(&cfg, model, &comm).unwrap();
+        let micro = e.micro_batch_size();
+        let losses = (0..3)
+            .map(|s| {
+                e.train_batch(|m| dl.micro_batch(s, m, 0, 1, micro))
+                    .unwrap()
+                    .loss
+            })
+            .collect();
+        (losses, e.notes().to_vec(), e.segment_times().len())
+    };
+    let (plain, _, seg0) = run(json!({}));
+    let (off, notes, _) =
+        run(json!({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}));
+    assert_eq!(plain, off);
+    assert!(
+        notes.iter().any(|n| n.contains("offload_optimizer")),
+        "{notes:?}"
+    );
+    assert_eq!(seg0, 0);
+    let (ck, _, segs) =
+        run(json!({"activation_checkpointing": {"number_checkpoints": 1, "profile": true}}));
+    assert_eq!(ck, plain);
+    assert_eq!(segs, 1);
+}
