@@ -27,7 +27,8 @@ pub struct CkptActBench {
 }
 
 /// Runs `steps` forward+backward passes of the GPT with batch `batch` per policy, measuring the
-/// allocator's peak above the baseline (needs the counting allocator in the binary:
+/// allocator's peak above the baseline (needs a counting allocator such as
+/// `ds_profiler::CountingAlloc` installed in the binary;
 /// `current`/`peak`/`reset` read it).
 pub fn ckpt_act_bench(
     shape: ModelShape,

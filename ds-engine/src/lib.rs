@@ -12,7 +12,6 @@
 
 #![warn(missing_docs)]
 
-pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod data;

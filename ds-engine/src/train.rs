@@ -153,16 +153,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<ResolvedConfig, EngineError> {
 }
 
 fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    ds_profiler::vm_hwm_bytes().unwrap_or(0)
 }
 
 struct RankResult {
@@ -282,13 +273,11 @@ fn run_rank(
                 }
             }
             if cfg.memory_breakdown {
-                let (cur, peak) = (crate::alloc::current_bytes(), crate::alloc::peak_bytes());
-                let gb = |b: usize| b as f64 / 1e9;
+                let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
                 eprintln!(
-                    "MemAllocated={:.3}GB, MaxMemAllocated={:.3}GB, process peak RSS={:.3}GB",
-                    gb(cur),
-                    gb(peak),
-                    peak_rss_bytes() as f64 / 1e9
+                    "MemAllocated (process RSS)={:.3}GB, MaxMemAllocated (peak RSS)={:.3}GB",
+                    gb(ds_profiler::vm_rss_bytes()),
+                    gb(ds_profiler::vm_hwm_bytes())
                 );
             }
             if cfg.wall_clock_breakdown {

@@ -8,7 +8,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 
 #[global_allocator]
-static ALLOC: ds_engine::alloc::CountingAlloc = ds_engine::alloc::CountingAlloc;
+static ALLOC: ds_profiler::CountingAlloc = ds_profiler::CountingAlloc::new();
 
 #[derive(Parser)]
 #[command(
@@ -494,9 +494,9 @@ fn main() -> ExitCode {
                     shape,
                     batch,
                     steps,
-                    ds_engine::alloc::current_bytes,
-                    ds_engine::alloc::peak_bytes,
-                    ds_engine::alloc::reset_peak,
+                    || ALLOC.current(),
+                    || ALLOC.peak(),
+                    || ALLOC.reset_peak(),
                 ) {
                     Ok(r) if json => print_json(&r),
                     Ok(r) => {
