@@ -431,21 +431,9 @@ impl ZeroOptimizer {
             .grads
             .par_chunks(1 << 15)
             .map(|c| {
-                // 16 independent f32 lanes (vectorised), summed in f64 per 32K-element chunk.
-                let mut lanes = [0f32; 16];
-                let mut bad = 0u32;
-                let mut it = c.chunks_exact(16);
-                for w in &mut it {
-                    for (l, &g) in lanes.iter_mut().zip(w) {
-                        *l += g * g;
-                        bad |= u32::from(!g.is_finite());
-                    }
-                }
-                for &g in it.remainder() {
-                    lanes[0] += g * g;
-                    bad |= u32::from(!g.is_finite());
-                }
-                (lanes.iter().map(|&l| f64::from(l)).sum::<f64>(), bad == 0)
+                // ds-precision's fused pass (vectorised, f64 accumulation per block).
+                let st = ds_precision::check_norm_f32(c);
+                (st.sq_norm, !st.has_inf_or_nan)
             })
             .reduce(|| (0.0, true), |a, b| (a.0 + b.0, a.1 && b.1));
         let (sq, finite) = if self.opts.stage == 0 {
