@@ -537,9 +537,8 @@ pub(crate) fn resolve(
         match enabled_at {
             Some(p) => ctx.issue(
                 &p,
-                get(v, &[])
-                    .filter(|_| p == *key)
-                    .unwrap_or(&Value::Bool(true)),
+                // The whole section when it is enabled by being present, else the flag.
+                if p == *key { v } else { &Value::Bool(true) },
                 format!(
                     "{what} is not run by this runtime; allowed: remove the `{key}` section{}",
                     if matches!(mode, Enabled::AnyNested) {

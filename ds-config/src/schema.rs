@@ -410,7 +410,7 @@ pub(crate) static ADAGRAD: &[F] = &[
     f("eps", pos_float(), F(1e-10)),
 ];
 
-/// Optimizers this runtime runs: (canonical name, DeepSpeed's lookup spelling, params).
+/// Optimizers this runtime runs: (canonical name, params). Looked up case-insensitively.
 pub(crate) static OPTIMIZERS: &[(&str, &[F])] = &[
     ("Adam", ADAM),
     ("AdamW", ADAM),

@@ -1,8 +1,11 @@
 //! `ds-engine`: composes the `ds-*` component crates into a training harness, and builds the
 //! `ds` command-line tool.
 //!
-//! So far the engine provides the `ds` binary's configuration front end
-//! ([`cli::check_config`]); the training loop arrives with its own issue.
+//! - [`engine::Engine`]: one rank of a data-parallel run (gradient accumulation, ZeRO through
+//!   `ds-zero`, clipping, LR schedules, activation checkpointing, ZeRO-3 block gathering,
+//!   checkpoints through `ds-checkpoint`);
+//! - [`model`]: the GPT model library, with fused kernels ([`kernels`]);
+//! - [`train`]: the `ds train` / `ds profile` jobs; [`cli`]: `ds check-config`.
 //!
 //! ```
 //! let out = ds_engine::cli::check_config_str(r#"{"train_batch_size": 8}"#, false, 2, &[], false)

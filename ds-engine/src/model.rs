@@ -604,10 +604,15 @@ impl Gpt {
         x.broadcast_add(&self.wpe.narrow(0, 0, t)?)
     }
 
-    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    /// Final LayerNorm and the tied LM head: (B, T, C) -> logits (B*T, V).
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let x = self.ln_f.forward(x)?.reshape((b * t, self.shape.hidden))?;
-        crate::kernels::cross_entropy(&x.matmul(&self.wte.t()?)?, &targets.flatten_all()?)
+        x.matmul(&self.wte.t()?)
+    }
+
+    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        crate::kernels::cross_entropy(&self.head(x)?, &targets.flatten_all()?)
     }
 
     /// The loss and the gradient of every parameter (in [`Gpt::params`] order, detached),
@@ -849,18 +854,11 @@ impl Gpt {
 
     /// Logits (B*T, V) of `ids` (B, T).
     pub fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let x = self
-            .wte
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, self.shape.hidden))?;
-        let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = x.broadcast_add(&pos)?;
+        let mut x = self.embed(ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward_mode(&x, Mode::Tracked, self.drop_key(i))?;
         }
-        let x = self.ln_f.forward(&x)?.reshape((b * t, self.shape.hidden))?;
-        x.matmul(&self.wte.t()?)
+        self.head(&x)
     }
 }
 
@@ -899,9 +897,6 @@ pub fn gpt_param_count(s: &ModelShape) -> usize {
         2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d);
     s.vocab * d + s.seq * d + s.layers * block + 2 * d
 }
-
-/// The dtype of every parameter (f32: the CPU default, see BENCHMARKS.md).
-pub const PARAM_DTYPE: DType = DType::F32;
 
 #[cfg(test)]
 mod tests {
