@@ -9,6 +9,9 @@
 
 use std::cell::RefCell;
 
+#[path = "fast.rs"]
+mod fast;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use ds_ckpt_act::{checkpoint_forward, recompute_backward, Mode, Policy, Saved};
 
@@ -442,6 +445,8 @@ pub struct Gpt {
     dropout: f32,
     dropout_seed: u64,
     step: std::sync::atomic::AtomicU64,
+    threads: usize,
+    fast: bool,
 }
 
 impl Gpt {
@@ -450,6 +455,25 @@ impl Gpt {
     pub fn set_dropout(&mut self, p: f32, seed: u64) {
         self.dropout = p;
         self.dropout_seed = seed;
+    }
+
+    /// Threads the explicit kernels use for this model (default: the machine's cores). Ranks
+    /// that are threads of one process should each get their share (`cores / ranks`), so that
+    /// the kernels never oversubscribe the machine.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The threads the explicit kernels use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Chooses the training path of [`Gpt::forward_backward`]: the explicit kernels of
+    /// `fast.rs` (the default) or candle autograd over the fused custom ops (the reference the
+    /// explicit kernels are tested against).
+    pub fn set_explicit_kernels(&mut self, on: bool) {
+        self.fast = on;
     }
 
     /// Sets the step that keys the dropout masks.
@@ -506,6 +530,8 @@ impl Gpt {
             dropout: 0.0,
             dropout_seed: 0,
             step: std::sync::atomic::AtomicU64::new(0),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            fast: true,
         })
     }
 
@@ -627,10 +653,13 @@ impl Gpt {
         self.forward_backward_hooked(ids, targets, policy, &mut |_| Ok(()))
     }
 
-    /// [`Gpt::forward_backward`] calling `hook` around every block of the checkpointed path:
+    /// [`Gpt::forward_backward`] calling `hook` around every block:
     /// [`BlockEvent::Gather`] before a block runs (forward, and recompute + backward) and
     /// [`BlockEvent::Release`] after, which is where ZeRO-3 all-gathers a block's parameters
-    /// and frees them. The hook is not called with `Policy::None` (the whole graph is kept).
+    /// and frees them. On the explicit kernels (the default) every block is gathered before its
+    /// forward and again before its backward, and released after each, whatever the policy; on
+    /// the candle-autograd path the hook is not called with `Policy::None` (the whole graph is
+    /// kept) and blocks that are not checkpointed are not released.
     pub fn forward_backward_hooked(
         &self,
         ids: &Tensor,
@@ -638,6 +667,9 @@ impl Gpt {
         policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
+        if self.fast && fast::supported(self) {
+            return fast::forward_backward(self, ids, targets, policy, hook);
+        }
         let t0 = std::time::Instant::now();
         let nparams = self.names.len();
         let mut out: Vec<Option<Tensor>> = vec![None; nparams];

@@ -164,6 +164,32 @@ struct RankResult {
     comm_table: Option<String>,
 }
 
+/// Threads for one rank's kernels: `DS_NUM_THREADS` when set, else the machine's cores shared
+/// by the ranks on this machine: the processes a launcher started here
+/// (`OMPI_COMM_WORLD_LOCAL_SIZE`, `MPI_LOCALNRANKS`, `LOCAL_WORLD_SIZE`), or the `ws` threads of
+/// this process.
+pub fn kernel_threads(ws: usize) -> usize {
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    if let Some(n) = env("DS_NUM_THREADS") {
+        return n;
+    }
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "LOCAL_WORLD_SIZE",
+    ]
+    .iter()
+    .find_map(|k| env(k))
+    .unwrap_or(ws.max(1));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / local).max(1)
+}
+
 /// One rank's training loop (any backend).
 fn run_rank(
     comm: &dyn Communicator,
@@ -174,6 +200,7 @@ fn run_rank(
 ) -> Result<RankResult, EngineError> {
     let (shape, ws, rank) = (args.shape, comm.world_size(), comm.rank());
     let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
+    model.set_threads(kernel_threads(ws));
     if args.dropout > 0.0 {
         // Each rank draws its own masks (its own data), reproducibly.
         model.set_dropout(

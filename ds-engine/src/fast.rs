@@ -1,0 +1,1286 @@
+//! Explicit forward and backward kernels for the GPT (the llm.c way): every layer is a
+//! hand-written kernel over flat `f32` buffers with its own backward, matrix products go straight
+//! to `gemm` (AVX-512 where the CPU has it), and the only state kept between the forward and the
+//! backward pass is what each backward needs. Tensors stay candle tensors at the model boundary
+//! (parameters are read in place from their `Var`s, gradients come back as tensors), so ZeRO,
+//! activation checkpointing, the profiler and the checkpoint store are unchanged.
+//!
+//! The candle-autograd forms in `model.rs` (with the custom ops of `kernels.rs`) stay as the
+//! reference these kernels are tested against, and as the path for anything this file does not
+//! cover.
+
+use super::{BlockEvent, FwdBwd, Gpt, GptBlock, BLOCK_PARAMS};
+use candle_core::{CpuStorage, Device, Storage, Tensor, Var};
+use ds_ckpt_act::Policy;
+use rayon::prelude::*;
+use std::time::Instant;
+
+type R<T> = candle_core::Result<T>;
+
+const LN_EPS: f32 = 1e-5;
+const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
+const GELU_K: f32 = 0.044_715;
+
+// ------------------------------------------------------------------ elementwise math
+
+/// `e^x` in f32 without libm: Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial, 2^n
+/// through the exponent bits. Branch-free so that loops over it vectorise; relative error
+/// about 2 ulp on [-87, 88] (tested against f64).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let kf = x * LOG2E + MAGIC;
+    let n = kf - MAGIC;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let r2 = r * r;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1)
+        * r2
+        + r
+        + 1.0;
+    // The low mantissa bits of `kf` hold n (two's complement); 2^n = (n + 127) << 23.
+    let ni = (kf.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    p * f32::from_bits((ni.wrapping_add(127) << 23) as u32)
+}
+
+/// tanh through one exp.
+#[inline(always)]
+fn tanh_f32(u: f32) -> f32 {
+    1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
+}
+
+// ------------------------------------------------------------------ threads and matmul
+
+/// How a rank runs its kernels: `threads` > 1 splits rows over rayon's pool and runs matrix
+/// products with that many threads; 1 runs everything on the calling thread (ranks that are
+/// threads of one process each get their share of the cores: no oversubscription).
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    threads: usize,
+}
+
+impl Ctx {
+    fn par(&self) -> gemm::Parallelism {
+        if self.threads > 1 {
+            gemm::Parallelism::Rayon(self.threads)
+        } else {
+            gemm::Parallelism::None
+        }
+    }
+
+    /// `f(row_index, row)` over the rows of `out` (`cols` wide).
+    fn rows<F>(&self, out: &mut [f32], cols: usize, f: F)
+    where
+        F: Fn(usize, &mut [f32]) + Sync + Send,
+    {
+        if self.threads > 1 && out.len() >= 4096 {
+            out.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(i, r)| f(i, r));
+        } else {
+            out.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
+        }
+    }
+
+    /// `f(i)` for i in 0..n, in parallel when allowed.
+    fn each<F>(&self, n: usize, f: F)
+    where
+        F: Fn(usize) + Sync + Send,
+    {
+        if self.threads > 1 {
+            (0..n).into_par_iter().for_each(f);
+        } else {
+            (0..n).for_each(f);
+        }
+    }
+}
+
+/// A strided matrix operand: element (i, j) at `data[off + i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct M<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+fn m(data: &[f32], off: usize, rs: usize, cs: usize) -> M<'_> {
+    M { data, off, rs, cs }
+}
+
+/// Whether an `rows x cols` operand with these strides stays inside `len` elements.
+fn fits(len: usize, off: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || off + (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+/// `dst[rows m, cols n] (row stride ldd, offset doff) = (acc ? dst : 0) + scale * A[m,k] B[k,n]`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    par: gemm::Parallelism,
+    mm: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    doff: usize,
+    ldd: usize,
+    acc: bool,
+    a: M<'_>,
+    b: M<'_>,
+    scale: f32,
+) {
+    assert!(
+        fits(dst.len(), doff, mm, n, ldd, 1),
+        "matmul: dst out of range"
+    );
+    assert!(
+        fits(a.data.len(), a.off, mm, k, a.rs, a.cs),
+        "matmul: lhs out of range"
+    );
+    assert!(
+        fits(b.data.len(), b.off, k, n, b.rs, b.cs),
+        "matmul: rhs out of range"
+    );
+    if mm == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..mm {
+                dst[doff + r * ldd..doff + r * ldd + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the three operands were checked to lie inside their slices; `dst` is borrowed
+    // mutably and cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            mm,
+            n,
+            k,
+            dst.as_mut_ptr().add(doff),
+            1,
+            ldd as isize,
+            acc,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A raw pointer that may cross threads: each task writes a disjoint region.
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint regions of one buffer to parallel tasks.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+// ------------------------------------------------------------------ layers
+
+/// `y[n, out] = x[n, in] W^T + b` (W is (out, in), row-major).
+fn linear_fwd(
+    cx: Ctx,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; n * dout];
+    for row in y.chunks_mut(dout) {
+        row.copy_from_slice(b);
+    }
+    matmul(
+        cx.par(),
+        n,
+        dout,
+        din,
+        &mut y,
+        0,
+        dout,
+        true,
+        m(x, 0, din, 1),
+        m(w, 0, 1, din),
+        1.0,
+    );
+    y
+}
+
+/// Backward of [`linear_fwd`]: adds into `dx` (when given) and writes `dw`, `db`.
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd(
+    cx: Ctx,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    dx: Option<(&mut [f32], bool)>,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    if let Some((dx, acc)) = dx {
+        matmul(
+            cx.par(),
+            n,
+            din,
+            dout,
+            dx,
+            0,
+            din,
+            acc,
+            m(dy, 0, dout, 1),
+            m(w, 0, din, 1),
+            1.0,
+        );
+    }
+    matmul(
+        cx.par(),
+        dout,
+        din,
+        n,
+        dw,
+        0,
+        din,
+        false,
+        m(dy, 0, 1, dout),
+        m(x, 0, din, 1),
+        1.0,
+    );
+    col_sum(cx, dy, dout, db);
+}
+
+/// `out[j] = sum_i a[i, j]`.
+fn col_sum(cx: Ctx, a: &[f32], cols: usize, out: &mut [f32]) {
+    let rows = a.len() / cols.max(1);
+    let parts = if cx.threads > 1 && rows >= 64 {
+        cx.threads
+    } else {
+        1
+    };
+    let per = rows.div_ceil(parts).max(1);
+    let partial: Vec<Vec<f32>> = if parts > 1 {
+        a.par_chunks(per * cols)
+            .map(|ch| {
+                let mut s = vec![0f32; cols];
+                for r in ch.chunks(cols) {
+                    s.iter_mut().zip(r).for_each(|(s, &v)| *s += v);
+                }
+                s
+            })
+            .collect()
+    } else {
+        let mut s = vec![0f32; cols];
+        for r in a.chunks(cols) {
+            s.iter_mut().zip(r).for_each(|(s, &v)| *s += v);
+        }
+        vec![s]
+    };
+    out.fill(0.0);
+    for p in partial {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+}
+
+/// LayerNorm forward: `y`, and per row the mean and 1/std.
+fn ln_fwd(cx: Ctx, x: &[f32], w: &[f32], b: &[f32], c: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / c;
+    let mut y = vec![0f32; x.len()];
+    let mut stats = vec![0f32; rows * 2];
+    {
+        let sp = SendPtr(stats.as_mut_ptr());
+        cx.rows(&mut y, c, |i, yr| {
+            let xr = &x[i * c..(i + 1) * c];
+            let mean = xr.iter().sum::<f32>() / c as f32;
+            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let rstd = 1.0 / (var + LN_EPS).sqrt();
+            for (((o, &v), &g), &bb) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *o = (v - mean) * rstd * g + bb;
+            }
+            let sp = sp;
+            // SAFETY: row i writes only stats[2i], stats[2i+1].
+            unsafe {
+                *sp.0.add(2 * i) = mean;
+                *sp.0.add(2 * i + 1) = rstd;
+            }
+        });
+    }
+    let mean = stats.iter().step_by(2).copied().collect();
+    let rstd = stats.iter().skip(1).step_by(2).copied().collect();
+    (y, mean, rstd)
+}
+
+/// LayerNorm backward: `dx (+)= ...`, `dw`, `db` written.
+#[allow(clippy::too_many_arguments)]
+fn ln_bwd(
+    cx: Ctx,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+    dx: &mut [f32],
+    acc: bool,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    cx.rows(dx, c, |i, dxr| {
+        let (mu, rs) = (mean[i], rstd[i]);
+        let xr = &x[i * c..(i + 1) * c];
+        let dyr = &dy[i * c..(i + 1) * c];
+        let mut s1 = 0f32;
+        let mut s2 = 0f32;
+        for ((&v, &g), &d) in xr.iter().zip(w).zip(dyr) {
+            let dn = g * d;
+            s1 += dn;
+            s2 += dn * (v - mu) * rs;
+        }
+        let (s1, s2) = (s1 / c as f32, s2 / c as f32);
+        for (((o, &v), &g), &d) in dxr.iter_mut().zip(xr).zip(w).zip(dyr) {
+            let xhat = (v - mu) * rs;
+            let t = (g * d - s1 - xhat * s2) * rs;
+            *o = if acc { *o + t } else { t };
+        }
+    });
+    // dw = sum_i xhat_i * dy_i, db = sum_i dy_i: per-thread partial sums.
+    let rows = x.len() / c;
+    let parts = if cx.threads > 1 && rows >= 64 {
+        cx.threads
+    } else {
+        1
+    };
+    let per = rows.div_ceil(parts).max(1);
+    let partial = |r0: usize| {
+        let mut pw = vec![0f32; c];
+        let mut pb = vec![0f32; c];
+        for i in r0..(r0 + per).min(rows) {
+            let (mu, rs) = (mean[i], rstd[i]);
+            let xr = &x[i * c..(i + 1) * c];
+            let dyr = &dy[i * c..(i + 1) * c];
+            for (((a, bb), &v), &d) in pw.iter_mut().zip(pb.iter_mut()).zip(xr).zip(dyr) {
+                *a += (v - mu) * rs * d;
+                *bb += d;
+            }
+        }
+        (pw, pb)
+    };
+    let starts: Vec<usize> = (0..parts).map(|p| p * per).filter(|&s| s < rows).collect();
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = if starts.len() > 1 {
+        starts.par_iter().map(|&s| partial(s)).collect()
+    } else {
+        starts.iter().map(|&s| partial(s)).collect()
+    };
+    dw.fill(0.0);
+    db.fill(0.0);
+    for (pw, pb) in parts {
+        dw.iter_mut().zip(pw).for_each(|(o, v)| *o += v);
+        db.iter_mut().zip(pb).for_each(|(o, v)| *o += v);
+    }
+}
+
+fn gelu_fwd(cx: Ctx, h: &[f32], cols: usize) -> Vec<f32> {
+    let mut g = vec![0f32; h.len()];
+    cx.rows(&mut g, cols, |i, gr| {
+        let hr = &h[i * cols..(i + 1) * cols];
+        for (o, &v) in gr.iter_mut().zip(hr) {
+            let t = tanh_f32(GELU_C * (v + GELU_K * v * v * v));
+            *o = 0.5 * v * (1.0 + t);
+        }
+    });
+    g
+}
+
+/// `dg <- dg * gelu'(h)` in place.
+fn gelu_bwd(cx: Ctx, h: &[f32], dg: &mut [f32], cols: usize) {
+    cx.rows(dg, cols, |i, dr| {
+        let hr = &h[i * cols..(i + 1) * cols];
+        for (d, &v) in dr.iter_mut().zip(hr) {
+            let u = GELU_C * (v + GELU_K * v * v * v);
+            let t = tanh_f32(u);
+            let du = GELU_C * (1.0 + 3.0 * GELU_K * v * v);
+            *d *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du;
+        }
+    });
+}
+
+/// Causal self-attention over `qkv` (B*T, 3C): returns `y` (B*T, C) and the attention
+/// probabilities (B, H, T, T; zero above the diagonal).
+fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+    let hd = c / h;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut y = vec![0f32; b * t * c];
+    let mut att = vec![0f32; b * h * t * t];
+    let (yp, ap) = (SendPtr(y.as_mut_ptr()), SendPtr(att.as_mut_ptr()));
+    let (ylen, alen) = (y.len(), att.len());
+    cx.each(b * h, |bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let (yp, ap) = (yp, ap);
+        // SAFETY: task (bi, hi) writes only its own T x T probability block and its own
+        // head's columns of y; the slices are rebuilt from pointers of live vectors.
+        let (y, att) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(yp.0, ylen),
+                std::slice::from_raw_parts_mut(ap.0, alen),
+            )
+        };
+        let base = bi * t * 3 * c + hi * hd;
+        let aoff = bh * t * t;
+        let p = &mut att[aoff..aoff + t * t];
+        matmul(
+            gemm::Parallelism::None,
+            t,
+            t,
+            hd,
+            p,
+            0,
+            t,
+            false,
+            m(qkv, base, 3 * c, 1),
+            m(qkv, base + c, 1, 3 * c),
+            scale,
+        );
+        for (r, row) in p.chunks_mut(t).enumerate() {
+            let live = &mut row[..=r];
+            let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let mut s = 0f32;
+            for v in live.iter_mut() {
+                *v = exp_f32(*v - mx);
+                s += *v;
+            }
+            let inv = 1.0 / s;
+            live.iter_mut().for_each(|v| *v *= inv);
+            row[r + 1..].fill(0.0);
+        }
+        let p = &att[aoff..aoff + t * t];
+        matmul(
+            gemm::Parallelism::None,
+            t,
+            hd,
+            t,
+            y,
+            bi * t * c + hi * hd,
+            c,
+            false,
+            m(p, 0, t, 1),
+            m(qkv, base + 2 * c, 3 * c, 1),
+            1.0,
+        );
+    });
+    (y, att)
+}
+
+/// Backward of [`attn_fwd`]: `dqkv` (B*T, 3C) from `dy` (B*T, C).
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd(
+    cx: Ctx,
+    dy: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+) -> Vec<f32> {
+    let hd = c / h;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut dqkv = vec![0f32; b * t * 3 * c];
+    let dp = SendPtr(dqkv.as_mut_ptr());
+    let dlen = dqkv.len();
+    cx.each(b * h, |bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let dp = dp;
+        // SAFETY: task (bi, hi) writes only its own head's columns of its own rows of dqkv.
+        let dqkv = unsafe { std::slice::from_raw_parts_mut(dp.0, dlen) };
+        let base = bi * t * 3 * c + hi * hd;
+        let yoff = bi * t * c + hi * hd;
+        let p = &att[bh * t * t..(bh + 1) * t * t];
+        let mut ds = vec![0f32; t * t];
+        // dP = dy_h v^T
+        matmul(
+            gemm::Parallelism::None,
+            t,
+            t,
+            hd,
+            &mut ds,
+            0,
+            t,
+            false,
+            m(dy, yoff, c, 1),
+            m(qkv, base + 2 * c, 1, 3 * c),
+            1.0,
+        );
+        // dv = P^T dy_h
+        matmul(
+            gemm::Parallelism::None,
+            t,
+            hd,
+            t,
+            dqkv,
+            base + 2 * c,
+            3 * c,
+            false,
+            m(p, 0, 1, t),
+            m(dy, yoff, c, 1),
+            1.0,
+        );
+        // dS = P * (dP - rowdot(P, dP)) * scale
+        for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+            let dot: f32 = drow[..=r].iter().zip(&prow[..=r]).map(|(a, b)| a * b).sum();
+            for (d, &pv) in drow[..=r].iter_mut().zip(&prow[..=r]) {
+                *d = pv * (*d - dot) * scale;
+            }
+            drow[r + 1..].fill(0.0);
+        }
+        // dq = dS k ; dk = dS^T q
+        matmul(
+            gemm::Parallelism::None,
+            t,
+            hd,
+            t,
+            dqkv,
+            base,
+            3 * c,
+            false,
+            m(&ds, 0, t, 1),
+            m(qkv, base + c, 3 * c, 1),
+            1.0,
+        );
+        matmul(
+            gemm::Parallelism::None,
+            t,
+            hd,
+            t,
+            dqkv,
+            base + c,
+            3 * c,
+            false,
+            m(&ds, 0, 1, t),
+            m(qkv, base, 3 * c, 1),
+            1.0,
+        );
+    });
+    dqkv
+}
+
+// ------------------------------------------------------------------ parameters in place
+
+/// Read access to a `Var`'s f32 storage without copying.
+struct View<'a> {
+    guard: Box<dyn std::ops::Deref<Target = Storage> + 'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(v: &'a Var) -> R<Self> {
+        let (guard, layout) = v.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fast path: parameter not contiguous");
+        };
+        if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("fast path: parameters must be f32 on the CPU");
+        }
+        Ok(View {
+            guard: Box::new(guard),
+            start,
+            len: end - start,
+        })
+    }
+
+    fn s(&self) -> &[f32] {
+        match &**self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
+            _ => &[],
+        }
+    }
+}
+
+/// Whether the fast path can run this model: every parameter present is f32 on the CPU.
+pub(super) fn supported(gpt: &Gpt) -> bool {
+    let ok = |v: &Var| v.dtype() == candle_core::DType::F32 && v.device().is_cpu();
+    ok(&gpt.wte)
+        && ok(&gpt.wpe)
+        && ok(&gpt.ln_f.weight)
+        && gpt.blocks.iter().all(|b| b.vars().iter().all(ok))
+}
+
+// ------------------------------------------------------------------ the block
+
+/// What a block's backward needs from its forward.
+struct Acts {
+    xn1: Vec<f32>,
+    mean1: Vec<f32>,
+    rstd1: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    y: Vec<f32>,
+    x1: Vec<f32>,
+    xn2: Vec<f32>,
+    mean2: Vec<f32>,
+    rstd2: Vec<f32>,
+    h: Vec<f32>,
+    g: Vec<f32>,
+}
+
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+}
+
+fn mask(key: Option<super::DropKey>, n: usize, site: u64) -> Option<Vec<f32>> {
+    key.filter(|k| k.p > 0.0)
+        .map(|k| ds_ckpt_act::dropout_mask(n, k.p, k.seed, k.step, k.block * 2 + site))
+}
+
+/// Block forward: the output and the activations its backward needs.
+fn block_fwd(
+    cx: Ctx,
+    blk: &GptBlock,
+    x: &[f32],
+    d: &Dims,
+    key: Option<super::DropKey>,
+) -> R<(Vec<f32>, Acts)> {
+    let vars = blk.vars();
+    let v = vars.iter().map(View::new).collect::<R<Vec<_>>>()?;
+    if v.len() != BLOCK_PARAMS || v[0].len == 0 {
+        candle_core::bail!("fast path: block parameters are not present (ZeRO-3 gather missing)");
+    }
+    let (n, c) = (d.b * d.t, d.c);
+    let (xn1, mean1, rstd1) = ln_fwd(cx, x, v[0].s(), v[1].s(), c);
+    let qkv = linear_fwd(cx, &xn1, v[2].s(), v[3].s(), n, c, 3 * c);
+    let (y, att) = attn_fwd(cx, &qkv, d.b, d.t, c, d.h);
+    let mut a = linear_fwd(cx, &y, v[4].s(), v[5].s(), n, c, c);
+    if let Some(mk) = mask(key, a.len(), 0) {
+        a.iter_mut().zip(mk).for_each(|(a, m)| *a *= m);
+    }
+    let mut x1 = a;
+    x1.iter_mut().zip(x).for_each(|(a, &xv)| *a += xv);
+    let (xn2, mean2, rstd2) = ln_fwd(cx, &x1, v[10].s(), v[11].s(), c);
+    let h = linear_fwd(cx, &xn2, v[6].s(), v[7].s(), n, c, 4 * c);
+    let g = gelu_fwd(cx, &h, 4 * c);
+    let mut out = linear_fwd(cx, &g, v[8].s(), v[9].s(), n, 4 * c, c);
+    if let Some(mk) = mask(key, out.len(), 1) {
+        out.iter_mut().zip(mk).for_each(|(a, m)| *a *= m);
+    }
+    out.iter_mut().zip(&x1).for_each(|(o, &xv)| *o += xv);
+    Ok((
+        out,
+        Acts {
+            xn1,
+            mean1,
+            rstd1,
+            qkv,
+            att,
+            y,
+            x1,
+            xn2,
+            mean2,
+            rstd2,
+            h,
+            g,
+        },
+    ))
+}
+
+/// Block backward: the gradient of the block input, and of its parameters (vars order).
+fn block_bwd(
+    cx: Ctx,
+    blk: &GptBlock,
+    x: &[f32],
+    a: Acts,
+    dout: Vec<f32>,
+    d: &Dims,
+    key: Option<super::DropKey>,
+) -> R<(Vec<f32>, Vec<Vec<f32>>)> {
+    let vars = blk.vars();
+    let v = vars.iter().map(View::new).collect::<R<Vec<_>>>()?;
+    if v.len() != BLOCK_PARAMS || v[0].len == 0 {
+        candle_core::bail!("fast path: block parameters are not present (ZeRO-3 gather missing)");
+    }
+    let (n, c) = (d.b * d.t, d.c);
+    let mut gr: Vec<Vec<f32>> = v.iter().map(|p| vec![0f32; p.len]).collect();
+    let [g_ln1w, g_ln1b, g_qkvw, g_qkvb, g_projw, g_projb, g_fcw, g_fcb, g_fc2w, g_fc2b, g_ln2w, g_ln2b] =
+        &mut gr[..]
+    else {
+        candle_core::bail!("fast path: a block has {BLOCK_PARAMS} parameters");
+    };
+    // MLP branch: out = x1 + drop(fc2(gelu(fc(ln2(x1)))))
+    let mut dm = dout.clone();
+    if let Some(mk) = mask(key, dm.len(), 1) {
+        dm.iter_mut().zip(mk).for_each(|(a, m)| *a *= m);
+    }
+    let mut dg = vec![0f32; n * 4 * c];
+    linear_bwd(
+        cx,
+        &dm,
+        &a.g,
+        v[8].s(),
+        n,
+        4 * c,
+        c,
+        Some((&mut dg, false)),
+        g_fc2w,
+        g_fc2b,
+    );
+    drop(dm);
+    gelu_bwd(cx, &a.h, &mut dg, 4 * c);
+    let mut dxn2 = vec![0f32; n * c];
+    linear_bwd(
+        cx,
+        &dg,
+        &a.xn2,
+        v[6].s(),
+        n,
+        c,
+        4 * c,
+        Some((&mut dxn2, false)),
+        g_fcw,
+        g_fcb,
+    );
+    drop(dg);
+    let mut dx1 = dout;
+    ln_bwd(
+        cx,
+        &dxn2,
+        &a.x1,
+        v[10].s(),
+        &a.mean2,
+        &a.rstd2,
+        c,
+        &mut dx1,
+        true,
+        g_ln2w,
+        g_ln2b,
+    );
+    // Attention branch: x1 = x + drop(proj(attn(qkv(ln1(x)))))
+    let mut da = dx1.clone();
+    if let Some(mk) = mask(key, da.len(), 0) {
+        da.iter_mut().zip(mk).for_each(|(a, m)| *a *= m);
+    }
+    let mut dy = vec![0f32; n * c];
+    linear_bwd(
+        cx,
+        &da,
+        &a.y,
+        v[4].s(),
+        n,
+        c,
+        c,
+        Some((&mut dy, false)),
+        g_projw,
+        g_projb,
+    );
+    drop(da);
+    let dqkv = attn_bwd(cx, &dy, &a.qkv, &a.att, d.b, d.t, c, d.h);
+    drop(dy);
+    let mut dxn1 = dxn2;
+    linear_bwd(
+        cx,
+        &dqkv,
+        &a.xn1,
+        v[2].s(),
+        n,
+        c,
+        3 * c,
+        Some((&mut dxn1, false)),
+        g_qkvw,
+        g_qkvb,
+    );
+    drop(dqkv);
+    let mut dx = dx1;
+    ln_bwd(
+        cx,
+        &dxn1,
+        x,
+        v[0].s(),
+        &a.mean1,
+        &a.rstd1,
+        c,
+        &mut dx,
+        true,
+        g_ln1w,
+        g_ln1b,
+    );
+    Ok((dx, gr))
+}
+
+// ------------------------------------------------------------------ the model
+
+fn u32s(t: &Tensor) -> R<Vec<u32>> {
+    t.flatten_all()?.to_vec1::<u32>()
+}
+
+/// [`Gpt::forward_backward_hooked`] on the explicit kernels: the same loss and gradients
+/// (within f32 rounding), the same hook events (every block gathered before its forward and
+/// again before its backward, released after each), the same checkpointing policy (a
+/// checkpointed block keeps only its input and recomputes its activations before its backward).
+pub(super) fn forward_backward(
+    gpt: &Gpt,
+    ids: &Tensor,
+    targets: &Tensor,
+    policy: Policy,
+    hook: &mut dyn FnMut(BlockEvent) -> R<()>,
+) -> R<FwdBwd> {
+    let t0 = Instant::now();
+    let cx = Ctx {
+        threads: gpt.threads.max(1),
+    };
+    let (b, t) = ids.dims2()?;
+    let s = gpt.shape;
+    let (c, vocab) = (s.hidden, s.vocab);
+    if t > s.seq {
+        candle_core::bail!(
+            "sequence of {t} tokens is longer than the model's {}",
+            s.seq
+        );
+    }
+    let ids = u32s(ids)?;
+    let tg = u32s(targets)?;
+    if tg.len() != ids.len() {
+        candle_core::bail!("{} targets for {} inputs", tg.len(), ids.len());
+    }
+    if let Some(bad) = ids.iter().chain(&tg).find(|&&k| k as usize >= vocab) {
+        candle_core::bail!("token {bad} outside the vocabulary of {vocab}");
+    }
+    let d = Dims {
+        b,
+        t,
+        c,
+        h: s.heads,
+    };
+    let n = b * t;
+    let nblocks = gpt.blocks.len();
+
+    // Embedding.
+    let mut x = vec![0f32; n * c];
+    {
+        let wte = View::new(&gpt.wte)?;
+        let wpe = View::new(&gpt.wpe)?;
+        let (wte, wpe) = (wte.s(), wpe.s());
+        for (i, row) in x.chunks_mut(c).enumerate() {
+            let tok = ids[i] as usize;
+            let pos = i % t;
+            for ((o, &a), &p) in row
+                .iter_mut()
+                .zip(&wte[tok * c..(tok + 1) * c])
+                .zip(&wpe[pos * c..(pos + 1) * c])
+            {
+                *o = a + p;
+            }
+        }
+    }
+
+    // Blocks forward.
+    enum Kept {
+        Input(Vec<f32>),
+        All(Vec<f32>, Acts),
+    }
+    let mut kept: Vec<Kept> = Vec::with_capacity(nblocks);
+    let mut seg_fwd = vec![0f64; nblocks];
+    for (i, blk) in gpt.blocks.iter().enumerate() {
+        let key = gpt.drop_key(i);
+        hook(BlockEvent::Gather(i))?;
+        let ts = Instant::now();
+        let (y, acts) = block_fwd(cx, blk, &x, &d, key)?;
+        let xin = std::mem::replace(&mut x, y);
+        if policy.checkpointed(i, nblocks) {
+            drop(acts);
+            seg_fwd[i] = ts.elapsed().as_secs_f64() * 1e3;
+            kept.push(Kept::Input(xin));
+        } else {
+            kept.push(Kept::All(xin, acts));
+        }
+        hook(BlockEvent::Release(i))?;
+    }
+
+    // Head: final LayerNorm, tied LM head, fused softmax cross-entropy whose probabilities
+    // become the logits' gradient in place.
+    let mut grads: Vec<Option<Tensor>> = vec![None; gpt.names.len()];
+    let (lnw, lnb) = (View::new(&gpt.ln_f.weight)?, View::new(&gpt.ln_f.bias)?);
+    let (xf, meanf, rstdf) = ln_fwd(cx, &x, lnw.s(), lnb.s(), c);
+    let wte_v = View::new(&gpt.wte)?;
+    let wte = wte_v.s();
+    let mut logits = vec![0f32; n * vocab];
+    matmul(
+        cx.par(),
+        n,
+        vocab,
+        c,
+        &mut logits,
+        0,
+        vocab,
+        false,
+        m(&xf, 0, c, 1),
+        m(wte, 0, 1, c),
+        1.0,
+    );
+    let inv_n = 1.0 / n as f32;
+    let mut row_loss = vec![0f64; n];
+    {
+        let lp = SendPtr(row_loss.as_mut_ptr());
+        cx.rows(&mut logits, vocab, |i, row| {
+            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let target = tg[i] as usize;
+            let zt = row[target];
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = exp_f32(*v - mx);
+                sum += *v;
+            }
+            let r = inv_n / sum;
+            row.iter_mut().for_each(|v| *v *= r);
+            row[target] -= inv_n;
+            let lp = lp;
+            // SAFETY: row i writes only row_loss[i].
+            unsafe { *lp.0.add(i) = f64::from(mx) + f64::from(sum).ln() - f64::from(zt) };
+        });
+    }
+    let loss = (row_loss.iter().sum::<f64>() / n as f64) as f32;
+    let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let dlogits = logits;
+    let mut dxf = vec![0f32; n * c];
+    matmul(
+        cx.par(),
+        n,
+        c,
+        vocab,
+        &mut dxf,
+        0,
+        c,
+        false,
+        m(&dlogits, 0, vocab, 1),
+        m(wte, 0, c, 1),
+        1.0,
+    );
+    let mut dwte = vec![0f32; vocab * c];
+    matmul(
+        cx.par(),
+        vocab,
+        c,
+        n,
+        &mut dwte,
+        0,
+        c,
+        false,
+        m(&dlogits, 0, 1, vocab),
+        m(&xf, 0, c, 1),
+        1.0,
+    );
+    drop(dlogits);
+    let mut dx = vec![0f32; n * c];
+    let mut dlnw = vec![0f32; c];
+    let mut dlnb = vec![0f32; c];
+    ln_bwd(
+        cx,
+        &dxf,
+        &x,
+        lnw.s(),
+        &meanf,
+        &rstdf,
+        c,
+        &mut dx,
+        false,
+        &mut dlnw,
+        &mut dlnb,
+    );
+    drop((xf, dxf, lnw, lnb, wte_v));
+    let nparams = gpt.names.len();
+    grads[nparams - 2] = Some(Tensor::from_vec(dlnw, c, &Device::Cpu)?);
+    grads[nparams - 1] = Some(Tensor::from_vec(dlnb, c, &Device::Cpu)?);
+
+    // Blocks backward.
+    let mut segments = Vec::new();
+    for (i, (blk, k)) in gpt.blocks.iter().zip(kept).enumerate().rev() {
+        let key = gpt.drop_key(i);
+        hook(BlockEvent::Gather(i))?;
+        let ts = Instant::now();
+        let (xin, acts, ckpt) = match k {
+            Kept::All(xin, acts) => (xin, acts, false),
+            Kept::Input(xin) => {
+                let (_, acts) = block_fwd(cx, blk, &xin, &d, key)?;
+                (xin, acts, true)
+            }
+        };
+        let (dxin, pg) = block_bwd(cx, blk, &xin, acts, dx, &d, key)?;
+        if ckpt {
+            segments.push((i, seg_fwd[i], ts.elapsed().as_secs_f64() * 1e3));
+        }
+        dx = dxin;
+        let first = Gpt::block_param_start(i);
+        for (j, (g, sh)) in pg.into_iter().zip(blk.param_shapes()).enumerate() {
+            grads[first + j] = Some(Tensor::from_vec(g, sh, &Device::Cpu)?);
+        }
+        hook(BlockEvent::Release(i))?;
+    }
+
+    // Embedding backward: scatter-add into the (tied) token table, sum over the batch for
+    // positions.
+    let mut dwpe = vec![0f32; s.seq * c];
+    for (i, row) in dx.chunks(c).enumerate() {
+        let tok = ids[i] as usize;
+        let pos = i % t;
+        dwte[tok * c..(tok + 1) * c]
+            .iter_mut()
+            .zip(row)
+            .for_each(|(o, &v)| *o += v);
+        dwpe[pos * c..(pos + 1) * c]
+            .iter_mut()
+            .zip(row)
+            .for_each(|(o, &v)| *o += v);
+    }
+    grads[0] = Some(Tensor::from_vec(dwte, (vocab, c), &Device::Cpu)?);
+    grads[1] = Some(Tensor::from_vec(dwpe, (s.seq, c), &Device::Cpu)?);
+    Ok(FwdBwd {
+        loss,
+        grads,
+        fwd_ms,
+        bwd_ms: t0.elapsed().as_secs_f64() * 1e3 - fwd_ms,
+        segments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_tanh_match_f64() {
+        let mut worst_exp = 0f64;
+        let mut worst_tanh = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let e = f64::from(exp_f32(x));
+            let r = f64::from(x).exp();
+            worst_exp = worst_exp.max(((e - r) / r).abs());
+            x += 0.0137;
+        }
+        let mut u = -12.0f32;
+        while u < 12.0 {
+            let e = f64::from(tanh_f32(u));
+            let r = f64::from(u).tanh();
+            worst_tanh = worst_tanh.max((e - r).abs());
+            u += 0.00091;
+        }
+        assert!(worst_exp < 4e-7, "exp relative error {worst_exp}");
+        assert!(worst_tanh < 3e-7, "tanh absolute error {worst_tanh}");
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// f64 reference matmul over strided operands.
+    fn ref_mm(mm: usize, n: usize, k: usize, a: M<'_>, b: M<'_>) -> Vec<f64> {
+        let mut out = vec![0f64; mm * n];
+        for i in 0..mm {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|l| {
+                        f64::from(a.data[a.off + i * a.rs + l * a.cs])
+                            * f64::from(b.data[b.off + l * b.rs + j * b.cs])
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn strided_matmul_matches_f64_on_odd_shapes() {
+        let mut rng = super::super::Rng::new(3);
+        for &(mm, n, k) in &[(1, 1, 1), (7, 5, 3), (33, 17, 65), (64, 130, 9)] {
+            let a = rng.normal_vec(mm * k * 2 + 5, 1.0);
+            let b = rng.normal_vec(k * n * 3 + 2, 1.0);
+            // A transposed with an offset and a padded row stride; B with stride 3 rows.
+            let am = m(&a, 5, 1, mm + 1);
+            let bm = m(&b, 2, 3 * n, 1);
+            let r = ref_mm(mm, n, k, am, bm);
+            for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
+                let mut d = vec![1f32; mm * n];
+                matmul(par, mm, n, k, &mut d, 0, n, true, am, bm, 0.5);
+                for (x, y) in d.iter().zip(&r) {
+                    assert!((f64::from(*x) - (1.0 + 0.5 * y)).abs() < 1e-4 * (1.0 + y.abs()));
+                }
+            }
+        }
+    }
+
+    use super::super::{ModelShape, Rng};
+
+    fn odd_model(seed: u64) -> Gpt {
+        // Odd sizes everywhere: hidden 12 over 3 heads (head dim 4), seq 7, vocab 19.
+        let s = ModelShape {
+            layers: 2,
+            hidden: 12,
+            heads: 3,
+            seq: 7,
+            vocab: 19,
+        };
+        let g = Gpt::new(s, seed, &Device::Cpu).unwrap();
+        // Random values for every parameter (LayerNorm weights away from 1, biases away from 0)
+        // so that no term of any backward hides behind an identity.
+        let mut rng = Rng::new(seed + 100);
+        for (i, p) in g.params().iter().enumerate() {
+            let v = rng.normal_vec(p.var.elem_count(), 0.3);
+            g.set_param(i, &v).unwrap();
+        }
+        g
+    }
+
+    fn batch(g: &Gpt, b: usize, t: usize, seed: u64) -> (Tensor, Tensor) {
+        let v = g.shape().vocab as u64;
+        let mut rng = Rng::new(seed);
+        let mut draw = || -> Vec<u32> { (0..b * t).map(|_| (rng.next_u64() % v) as u32).collect() };
+        let ids = Tensor::from_vec(draw(), (b, t), &Device::Cpu).unwrap();
+        let tg = Tensor::from_vec(draw(), (b, t), &Device::Cpu).unwrap();
+        (ids, tg)
+    }
+
+    fn assert_close(a: &FwdBwd, r: &FwdBwd, names: &[String]) {
+        assert!(
+            (a.loss - r.loss).abs() <= 1e-5 * r.loss.abs(),
+            "loss {} vs reference {}",
+            a.loss,
+            r.loss
+        );
+        for (k, (ga, gr)) in a.grads.iter().zip(&r.grads).enumerate() {
+            let gr = gr
+                .as_ref()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let ga = ga
+                .as_ref()
+                .unwrap_or_else(|| panic!("no gradient for {}", names[k]))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(ga.len(), gr.len(), "{}", names[k]);
+            let scale = gr.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{}: zero reference gradient", names[k]);
+            let worst = ga
+                .iter()
+                .zip(&gr)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst <= 1e-4 * scale,
+                "{}: max |explicit - autograd| = {worst} (max |g| = {scale})",
+                names[k]
+            );
+        }
+    }
+
+    /// The whole GPT on the explicit kernels against candle autograd (over the fused custom
+    /// ops, themselves tested against candle's generic ops): loss and every gradient, for a
+    /// batch shorter than the model's context, with residual dropout and each checkpointing
+    /// policy.
+    #[test]
+    fn explicit_gpt_matches_autograd() {
+        for (policy, dropout) in [
+            (Policy::None, 0.0),
+            (Policy::Every, 0.0),
+            (Policy::Count(1), 0.2),
+            (Policy::None, 0.2),
+        ] {
+            let mut g = odd_model(7);
+            g.set_dropout(dropout, 3);
+            g.set_step(5);
+            let (ids, tg) = batch(&g, 3, 5, 11);
+            let names: Vec<String> = g.params().iter().map(|p| p.name.clone()).collect();
+            for threads in [1, 2] {
+                g.set_threads(threads);
+                g.set_explicit_kernels(true);
+                let fast = g.forward_backward(&ids, &tg, policy).unwrap();
+                g.set_explicit_kernels(false);
+                let reference = g.forward_backward(&ids, &tg, Policy::None).unwrap();
+                assert_close(&fast, &reference, &names);
+                if policy != Policy::None {
+                    let ckpt: Vec<usize> = fast.segments.iter().map(|s| s.0).collect();
+                    assert!(
+                        !ckpt.is_empty(),
+                        "{policy:?}: no checkpointed segment timed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// ZeRO-3's use of the hook: blocks released between uses and gathered back from a copy
+    /// give the same gradients, and the events come in DeepSpeed's order.
+    #[test]
+    fn hook_gathers_every_block_before_each_use() {
+        let g = odd_model(9);
+        let (ids, tg) = batch(&g, 2, 7, 4);
+        let names: Vec<String> = g.params().iter().map(|p| p.name.clone()).collect();
+        let plain = g.forward_backward(&ids, &tg, Policy::None).unwrap();
+        let saved: Vec<Vec<f32>> = g
+            .blocks()
+            .iter()
+            .map(|b| {
+                b.vars()
+                    .iter()
+                    .flat_map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                    .collect()
+            })
+            .collect();
+        for b in g.blocks() {
+            b.release().unwrap();
+        }
+        let mut events = Vec::new();
+        let mut hook = |ev: BlockEvent| -> R<()> {
+            events.push(ev);
+            match ev {
+                BlockEvent::Gather(i) => g.blocks()[i].set_data(&saved[i]),
+                BlockEvent::Release(i) => g.blocks()[i].release(),
+            }
+        };
+        let hooked = g
+            .forward_backward_hooked(&ids, &tg, Policy::None, &mut hook)
+            .unwrap();
+        assert_close(&hooked, &plain, &names);
+        use BlockEvent::{Gather as G, Release as Rl};
+        assert_eq!(
+            events,
+            vec![G(0), Rl(0), G(1), Rl(1), G(1), Rl(1), G(0), Rl(0)]
+        );
+        assert!(g.blocks().iter().all(|b| !b.is_gathered()));
+        // Without the gather the fast path refuses instead of reading empty parameters.
+        let err = g.forward_backward(&ids, &tg, Policy::None).unwrap_err();
+        assert!(err.to_string().contains("not present"), "{err}");
+    }
+
+    #[test]
+    fn out_of_vocabulary_tokens_are_an_error() {
+        let g = odd_model(1);
+        let ids = Tensor::from_vec(vec![0u32, 19], (1, 2), &Device::Cpu).unwrap();
+        let tg = Tensor::from_vec(vec![1u32, 2], (1, 2), &Device::Cpu).unwrap();
+        let err = g.forward_backward(&ids, &tg, Policy::None).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
