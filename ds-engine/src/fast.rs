@@ -54,6 +54,68 @@ fn tanh_f32(u: f32) -> f32 {
     1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
 }
 
+// Reductions in 16 independent lanes: a plain `iter().sum()` over f32 is one serial chain
+// (the compiler may not reassociate it), these vectorise.
+
+#[inline]
+fn sum16(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ch = x.chunks_exact(16);
+    let rem = ch.remainder();
+    for c in ch {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rem.iter().sum::<f32>()
+}
+
+#[inline]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let ch = x.chunks_exact(16);
+    let rem = ch.remainder();
+    for c in ch {
+        for i in 0..16 {
+            if c[i] > acc[i] {
+                acc[i] = c[i];
+            }
+        }
+    }
+    acc.iter()
+        .chain(rem)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `x <- exp(x - shift)` in place; returns the sum of the results.
+#[inline]
+fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = exp_f32(*v - shift);
+    }
+    sum16(x)
+}
+
 // ------------------------------------------------------------------ threads and matmul
 
 /// How a rank runs its kernels: `threads` > 1 splits rows over rayon's pool and runs matrix
@@ -314,8 +376,14 @@ fn ln_fwd(cx: Ctx, x: &[f32], w: &[f32], b: &[f32], c: usize) -> (Vec<f32>, Vec<
         let sp = SendPtr(stats.as_mut_ptr());
         cx.rows(&mut y, c, |i, yr| {
             let xr = &x[i * c..(i + 1) * c];
-            let mean = xr.iter().sum::<f32>() / c as f32;
-            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let mean = sum16(xr) / c as f32;
+            let mut dev = [0f32; 16];
+            for ch in xr.chunks(16) {
+                for (a, &v) in dev.iter_mut().zip(ch) {
+                    *a += (v - mean) * (v - mean);
+                }
+            }
+            let var = dev.iter().sum::<f32>() / c as f32;
             let rstd = 1.0 / (var + LN_EPS).sqrt();
             for (((o, &v), &g), &bb) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                 *o = (v - mean) * rstd * g + bb;
@@ -465,13 +533,8 @@ fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Ve
         );
         for (r, row) in p.chunks_mut(t).enumerate() {
             let live = &mut row[..=r];
-            let mx = live.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            let mut s = 0f32;
-            for v in live.iter_mut() {
-                *v = exp_f32(*v - mx);
-                s += *v;
-            }
-            let inv = 1.0 / s;
+            let mx = max16(live);
+            let inv = 1.0 / exp_shift_sum(live, mx);
             live.iter_mut().for_each(|v| *v *= inv);
             row[r + 1..].fill(0.0);
         }
@@ -549,7 +612,7 @@ fn attn_bwd(
         );
         // dS = P * (dP - rowdot(P, dP)) * scale
         for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-            let dot: f32 = drow[..=r].iter().zip(&prow[..=r]).map(|(a, b)| a * b).sum();
+            let dot = dot16(&drow[..=r], &prow[..=r]);
             for (d, &pv) in drow[..=r].iter_mut().zip(&prow[..=r]) {
                 *d = pv * (*d - dot) * scale;
             }
@@ -832,6 +895,10 @@ fn block_bwd(
 
 // ------------------------------------------------------------------ the model
 
+thread_local! {
+    static LOGITS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn u32s(t: &Tensor) -> R<Vec<u32>> {
     t.flatten_all()?.to_vec1::<u32>()
 }
@@ -926,7 +993,10 @@ pub(super) fn forward_backward(
     let (xf, meanf, rstdf) = ln_fwd(cx, &x, lnw.s(), lnb.s(), c);
     let wte_v = View::new(&gpt.wte)?;
     let wte = wte_v.s();
-    let mut logits = vec![0f32; n * vocab];
+    // The logits are the largest buffer of the step (B*T x V): each rank thread keeps its own
+    // between steps, so that it is not handed back to the kernel and faulted in again.
+    let mut logits = LOGITS.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    logits.resize(n * vocab, 0.0);
     matmul(
         cx.par(),
         n,
@@ -945,14 +1015,10 @@ pub(super) fn forward_backward(
     {
         let lp = SendPtr(row_loss.as_mut_ptr());
         cx.rows(&mut logits, vocab, |i, row| {
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let mx = max16(row);
             let target = tg[i] as usize;
             let zt = row[target];
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                *v = exp_f32(*v - mx);
-                sum += *v;
-            }
+            let sum = exp_shift_sum(row, mx);
             let r = inv_n / sum;
             row.iter_mut().for_each(|v| *v *= r);
             row[target] -= inv_n;
@@ -992,7 +1058,7 @@ pub(super) fn forward_backward(
         m(&xf, 0, c, 1),
         1.0,
     );
-    drop(dlogits);
+    LOGITS.with(|l| *l.borrow_mut() = dlogits);
     let mut dx = vec![0f32; n * c];
     let mut dlnw = vec![0f32; c];
     let mut dlnb = vec![0f32; c];
