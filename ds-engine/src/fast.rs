@@ -39,7 +39,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1)
+        + 0.5)
         * r2
         + r
         + 1.0;
@@ -171,7 +171,7 @@ struct M<'a> {
     cs: usize,
 }
 
-fn m(data: &[f32], off: usize, rs: usize, cs: usize) -> M<'_> {
+fn mat(data: &[f32], off: usize, rs: usize, cs: usize) -> M<'_> {
     M { data, off, rs, cs }
 }
 
@@ -182,7 +182,7 @@ fn fits(len: usize, off: usize, rows: usize, cols: usize, rs: usize, cs: usize) 
 
 /// `dst[rows m, cols n] (row stride ldd, offset doff) = (acc ? dst : 0) + scale * A[m,k] B[k,n]`.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+fn gemm_into(
     par: gemm::Parallelism,
     mm: usize,
     n: usize,
@@ -257,6 +257,12 @@ impl<T> Clone for SendPtr<T> {
     }
 }
 impl<T> Copy for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 // ------------------------------------------------------------------ layers
 
@@ -274,7 +280,7 @@ fn linear_fwd(
     for row in y.chunks_mut(dout) {
         row.copy_from_slice(b);
     }
-    matmul(
+    gemm_into(
         cx.par(),
         n,
         dout,
@@ -283,8 +289,8 @@ fn linear_fwd(
         0,
         dout,
         true,
-        m(x, 0, din, 1),
-        m(w, 0, 1, din),
+        mat(x, 0, din, 1),
+        mat(w, 0, 1, din),
         1.0,
     );
     y
@@ -305,7 +311,7 @@ fn linear_bwd(
     db: &mut [f32],
 ) {
     if let Some((dx, acc)) = dx {
-        matmul(
+        gemm_into(
             cx.par(),
             n,
             din,
@@ -314,12 +320,12 @@ fn linear_bwd(
             0,
             din,
             acc,
-            m(dy, 0, dout, 1),
-            m(w, 0, din, 1),
+            mat(dy, 0, dout, 1),
+            mat(w, 0, din, 1),
             1.0,
         );
     }
-    matmul(
+    gemm_into(
         cx.par(),
         dout,
         din,
@@ -328,8 +334,8 @@ fn linear_bwd(
         0,
         din,
         false,
-        m(dy, 0, 1, dout),
-        m(x, 0, din, 1),
+        mat(dy, 0, 1, dout),
+        mat(x, 0, din, 1),
         1.0,
     );
     col_sum(cx, dy, dout, db);
@@ -388,11 +394,10 @@ fn ln_fwd(cx: Ctx, x: &[f32], w: &[f32], b: &[f32], c: usize) -> (Vec<f32>, Vec<
             for (((o, &v), &g), &bb) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                 *o = (v - mean) * rstd * g + bb;
             }
-            let sp = sp;
             // SAFETY: row i writes only stats[2i], stats[2i+1].
             unsafe {
-                *sp.0.add(2 * i) = mean;
-                *sp.0.add(2 * i + 1) = rstd;
+                *sp.get().add(2 * i) = mean;
+                *sp.get().add(2 * i + 1) = rstd;
             }
         });
     }
@@ -506,19 +511,18 @@ fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Ve
     let (ylen, alen) = (y.len(), att.len());
     cx.each(b * h, |bh| {
         let (bi, hi) = (bh / h, bh % h);
-        let (yp, ap) = (yp, ap);
         // SAFETY: task (bi, hi) writes only its own T x T probability block and its own
         // head's columns of y; the slices are rebuilt from pointers of live vectors.
         let (y, att) = unsafe {
             (
-                std::slice::from_raw_parts_mut(yp.0, ylen),
-                std::slice::from_raw_parts_mut(ap.0, alen),
+                std::slice::from_raw_parts_mut(yp.get(), ylen),
+                std::slice::from_raw_parts_mut(ap.get(), alen),
             )
         };
         let base = bi * t * 3 * c + hi * hd;
         let aoff = bh * t * t;
         let p = &mut att[aoff..aoff + t * t];
-        matmul(
+        gemm_into(
             gemm::Parallelism::None,
             t,
             t,
@@ -527,8 +531,8 @@ fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Ve
             0,
             t,
             false,
-            m(qkv, base, 3 * c, 1),
-            m(qkv, base + c, 1, 3 * c),
+            mat(qkv, base, 3 * c, 1),
+            mat(qkv, base + c, 1, 3 * c),
             scale,
         );
         for (r, row) in p.chunks_mut(t).enumerate() {
@@ -539,7 +543,7 @@ fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Ve
             row[r + 1..].fill(0.0);
         }
         let p = &att[aoff..aoff + t * t];
-        matmul(
+        gemm_into(
             gemm::Parallelism::None,
             t,
             hd,
@@ -548,8 +552,8 @@ fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Ve
             bi * t * c + hi * hd,
             c,
             false,
-            m(p, 0, t, 1),
-            m(qkv, base + 2 * c, 3 * c, 1),
+            mat(p, 0, t, 1),
+            mat(qkv, base + 2 * c, 3 * c, 1),
             1.0,
         );
     });
@@ -575,15 +579,14 @@ fn attn_bwd(
     let dlen = dqkv.len();
     cx.each(b * h, |bh| {
         let (bi, hi) = (bh / h, bh % h);
-        let dp = dp;
         // SAFETY: task (bi, hi) writes only its own head's columns of its own rows of dqkv.
-        let dqkv = unsafe { std::slice::from_raw_parts_mut(dp.0, dlen) };
+        let dqkv = unsafe { std::slice::from_raw_parts_mut(dp.get(), dlen) };
         let base = bi * t * 3 * c + hi * hd;
         let yoff = bi * t * c + hi * hd;
         let p = &att[bh * t * t..(bh + 1) * t * t];
         let mut ds = vec![0f32; t * t];
         // dP = dy_h v^T
-        matmul(
+        gemm_into(
             gemm::Parallelism::None,
             t,
             t,
@@ -592,12 +595,12 @@ fn attn_bwd(
             0,
             t,
             false,
-            m(dy, yoff, c, 1),
-            m(qkv, base + 2 * c, 1, 3 * c),
+            mat(dy, yoff, c, 1),
+            mat(qkv, base + 2 * c, 1, 3 * c),
             1.0,
         );
         // dv = P^T dy_h
-        matmul(
+        gemm_into(
             gemm::Parallelism::None,
             t,
             hd,
@@ -606,8 +609,8 @@ fn attn_bwd(
             base + 2 * c,
             3 * c,
             false,
-            m(p, 0, 1, t),
-            m(dy, yoff, c, 1),
+            mat(p, 0, 1, t),
+            mat(dy, yoff, c, 1),
             1.0,
         );
         // dS = P * (dP - rowdot(P, dP)) * scale
@@ -619,7 +622,7 @@ fn attn_bwd(
             drow[r + 1..].fill(0.0);
         }
         // dq = dS k ; dk = dS^T q
-        matmul(
+        gemm_into(
             gemm::Parallelism::None,
             t,
             hd,
@@ -628,11 +631,11 @@ fn attn_bwd(
             base,
             3 * c,
             false,
-            m(&ds, 0, t, 1),
-            m(qkv, base + c, 3 * c, 1),
+            mat(&ds, 0, t, 1),
+            mat(qkv, base + c, 3 * c, 1),
             1.0,
         );
-        matmul(
+        gemm_into(
             gemm::Parallelism::None,
             t,
             hd,
@@ -641,12 +644,208 @@ fn attn_bwd(
             base + c,
             3 * c,
             false,
-            m(&ds, 0, 1, t),
-            m(qkv, base, 3 * c, 1),
+            mat(&ds, 0, 1, t),
+            mat(qkv, base, 3 * c, 1),
             1.0,
         );
     });
     dqkv
+}
+
+// ------------------------------------------------------------------ public kernel API
+
+/// Threads one rank's explicit kernels may use (1 = the calling thread only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads(pub usize);
+
+impl Threads {
+    fn cx(self) -> Ctx {
+        Ctx {
+            threads: self.0.max(1),
+        }
+    }
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> R<()> {
+    if got != want {
+        candle_core::bail!("{what}: expected {want} values, got {got}");
+    }
+    Ok(())
+}
+
+/// Linear layer `y[n, dout] = x[n, din] W^T + b` with `W` (dout, din) row-major, as PyTorch.
+pub fn linear_forward(
+    th: Threads,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> R<Vec<f32>> {
+    check_len("linear x", x.len(), n * din)?;
+    check_len("linear weight", w.len(), dout * din)?;
+    check_len("linear bias", b.len(), dout)?;
+    Ok(linear_fwd(th.cx(), x, w, b, n, din, dout))
+}
+
+/// Backward of [`linear_forward`]: overwrites `dx` (n, din), `dw` (dout, din), `db` (dout).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    th: Threads,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> R<()> {
+    check_len("linear dy", dy.len(), n * dout)?;
+    check_len("linear x", x.len(), n * din)?;
+    check_len("linear weight", w.len(), dout * din)?;
+    check_len("linear dx", dx.len(), n * din)?;
+    check_len("linear dw", dw.len(), dout * din)?;
+    check_len("linear db", db.len(), dout)?;
+    linear_bwd(th.cx(), dy, x, w, n, din, dout, Some((dx, false)), dw, db);
+    Ok(())
+}
+
+/// LayerNorm over rows of `c` (eps 1e-5): `(y, mean, rstd)`, one mean and 1/std per row.
+pub fn layer_norm_forward(
+    th: Threads,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    c: usize,
+) -> R<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    if c == 0 || x.len() % c != 0 {
+        candle_core::bail!("layer norm: {} values are not rows of {c}", x.len());
+    }
+    check_len("layer norm weight", w.len(), c)?;
+    check_len("layer norm bias", b.len(), c)?;
+    Ok(ln_fwd(th.cx(), x, w, b, c))
+}
+
+/// Backward of [`layer_norm_forward`]: overwrites `dx`, `dw`, `db`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward(
+    th: Threads,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> R<()> {
+    if c == 0 || x.len() % c != 0 {
+        candle_core::bail!("layer norm: {} values are not rows of {c}", x.len());
+    }
+    let rows = x.len() / c;
+    check_len("layer norm dy", dy.len(), x.len())?;
+    check_len("layer norm dx", dx.len(), x.len())?;
+    check_len("layer norm mean", mean.len(), rows)?;
+    check_len("layer norm rstd", rstd.len(), rows)?;
+    for (what, v) in [("weight", w), ("dw", &*dw), ("db", &*db)] {
+        check_len(&format!("layer norm {what}"), v.len(), c)?;
+    }
+    ln_bwd(th.cx(), dy, x, w, mean, rstd, c, dx, false, dw, db);
+    Ok(())
+}
+
+/// GELU, tanh form (PyTorch's `approximate="tanh"`).
+pub fn gelu_forward(th: Threads, h: &[f32]) -> Vec<f32> {
+    gelu_fwd(th.cx(), h, 1024.min(h.len().max(1)))
+}
+
+/// Backward of [`gelu_forward`]: `dg <- dg * gelu'(h)` in place.
+pub fn gelu_backward(th: Threads, h: &[f32], dg: &mut [f32]) -> R<()> {
+    check_len("gelu dg", dg.len(), h.len())?;
+    gelu_bwd(th.cx(), h, dg, 1024.min(h.len().max(1)));
+    Ok(())
+}
+
+fn attn_check(qkv: usize, b: usize, t: usize, c: usize, heads: usize) -> R<()> {
+    if heads == 0 || c % heads != 0 {
+        candle_core::bail!("attention: hidden {c} is not a positive multiple of {heads} heads");
+    }
+    check_len("attention qkv", qkv, b * t * 3 * c)
+}
+
+/// Causal self-attention of `qkv` (B*T, 3C: queries, keys, values): `(y, probs)` with `y`
+/// (B*T, C) and the attention probabilities (B, heads, T, T), zero above the diagonal.
+pub fn attention_forward(
+    th: Threads,
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+) -> R<(Vec<f32>, Vec<f32>)> {
+    attn_check(qkv.len(), b, t, c, heads)?;
+    Ok(attn_fwd(th.cx(), qkv, b, t, c, heads))
+}
+
+/// Backward of [`attention_forward`]: the gradient of `qkv`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    th: Threads,
+    dy: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+) -> R<Vec<f32>> {
+    attn_check(qkv.len(), b, t, c, heads)?;
+    check_len("attention dy", dy.len(), b * t * c)?;
+    check_len("attention probs", probs.len(), b * heads * t * t)?;
+    Ok(attn_bwd(th.cx(), dy, qkv, probs, b, t, c, heads))
+}
+
+/// Mean softmax cross-entropy of `logits` (rows of `vocab`) against `targets`, fused with its
+/// gradient: returns the loss and leaves `d loss / d logits` in `logits` (the probabilities
+/// are never stored twice).
+pub fn softmax_cross_entropy(
+    th: Threads,
+    logits: &mut [f32],
+    targets: &[u32],
+    vocab: usize,
+) -> R<f64> {
+    check_len("cross-entropy logits", logits.len(), targets.len() * vocab)?;
+    if let Some(bad) = targets.iter().find(|&&k| k as usize >= vocab) {
+        candle_core::bail!("target {bad} outside the vocabulary of {vocab}");
+    }
+    Ok(ce_in_place(th.cx(), logits, targets, vocab))
+}
+
+/// `C = A B` for row-major `A` (m, k) and `B` (k, n) through the same GEMM the kernels use:
+/// the practical matrix-product peak of this machine with `th` threads is what a large square
+/// product reaches.
+pub fn matmul(th: Threads, a: &[f32], b: &[f32], mm: usize, k: usize, n: usize) -> R<Vec<f32>> {
+    check_len("matmul a", a.len(), mm * k)?;
+    check_len("matmul b", b.len(), k * n)?;
+    let mut out = vec![0f32; mm * n];
+    gemm_into(
+        th.cx().par(),
+        mm,
+        n,
+        k,
+        &mut out,
+        0,
+        n,
+        false,
+        mat(a, 0, k, 1),
+        mat(b, 0, n, 1),
+        1.0,
+    );
+    Ok(out)
 }
 
 // ------------------------------------------------------------------ parameters in place
@@ -895,6 +1094,26 @@ fn block_bwd(
 
 // ------------------------------------------------------------------ the model
 
+/// Softmax cross-entropy per row, mean over rows; the logits become the gradient in place.
+fn ce_in_place(cx: Ctx, logits: &mut [f32], tg: &[u32], vocab: usize) -> f64 {
+    let n = tg.len();
+    let inv_n = 1.0 / n as f32;
+    let mut row_loss = vec![0f64; n];
+    let lp = SendPtr(row_loss.as_mut_ptr());
+    cx.rows(logits, vocab, |i, row| {
+        let mx = max16(row);
+        let target = tg[i] as usize;
+        let zt = row[target];
+        let sum = exp_shift_sum(row, mx);
+        let r = inv_n / sum;
+        row.iter_mut().for_each(|v| *v *= r);
+        row[target] -= inv_n;
+        // SAFETY: row i writes only row_loss[i].
+        unsafe { *lp.get().add(i) = f64::from(mx) + f64::from(sum).ln() - f64::from(zt) };
+    });
+    row_loss.iter().sum::<f64>() / n as f64
+}
+
 thread_local! {
     static LOGITS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -966,7 +1185,7 @@ pub(super) fn forward_backward(
     // Blocks forward.
     enum Kept {
         Input(Vec<f32>),
-        All(Vec<f32>, Acts),
+        All(Vec<f32>, Box<Acts>),
     }
     let mut kept: Vec<Kept> = Vec::with_capacity(nblocks);
     let mut seg_fwd = vec![0f64; nblocks];
@@ -981,7 +1200,7 @@ pub(super) fn forward_backward(
             seg_fwd[i] = ts.elapsed().as_secs_f64() * 1e3;
             kept.push(Kept::Input(xin));
         } else {
-            kept.push(Kept::All(xin, acts));
+            kept.push(Kept::All(xin, Box::new(acts)));
         }
         hook(BlockEvent::Release(i))?;
     }
@@ -997,7 +1216,7 @@ pub(super) fn forward_backward(
     // between steps, so that it is not handed back to the kernel and faulted in again.
     let mut logits = LOGITS.with(|l| std::mem::take(&mut *l.borrow_mut()));
     logits.resize(n * vocab, 0.0);
-    matmul(
+    gemm_into(
         cx.par(),
         n,
         vocab,
@@ -1006,32 +1225,15 @@ pub(super) fn forward_backward(
         0,
         vocab,
         false,
-        m(&xf, 0, c, 1),
-        m(wte, 0, 1, c),
+        mat(&xf, 0, c, 1),
+        mat(wte, 0, 1, c),
         1.0,
     );
-    let inv_n = 1.0 / n as f32;
-    let mut row_loss = vec![0f64; n];
-    {
-        let lp = SendPtr(row_loss.as_mut_ptr());
-        cx.rows(&mut logits, vocab, |i, row| {
-            let mx = max16(row);
-            let target = tg[i] as usize;
-            let zt = row[target];
-            let sum = exp_shift_sum(row, mx);
-            let r = inv_n / sum;
-            row.iter_mut().for_each(|v| *v *= r);
-            row[target] -= inv_n;
-            let lp = lp;
-            // SAFETY: row i writes only row_loss[i].
-            unsafe { *lp.0.add(i) = f64::from(mx) + f64::from(sum).ln() - f64::from(zt) };
-        });
-    }
-    let loss = (row_loss.iter().sum::<f64>() / n as f64) as f32;
+    let loss = ce_in_place(cx, &mut logits, &tg, vocab) as f32;
     let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
     let dlogits = logits;
     let mut dxf = vec![0f32; n * c];
-    matmul(
+    gemm_into(
         cx.par(),
         n,
         c,
@@ -1040,12 +1242,12 @@ pub(super) fn forward_backward(
         0,
         c,
         false,
-        m(&dlogits, 0, vocab, 1),
-        m(wte, 0, c, 1),
+        mat(&dlogits, 0, vocab, 1),
+        mat(wte, 0, c, 1),
         1.0,
     );
     let mut dwte = vec![0f32; vocab * c];
-    matmul(
+    gemm_into(
         cx.par(),
         vocab,
         c,
@@ -1054,8 +1256,8 @@ pub(super) fn forward_backward(
         0,
         c,
         false,
-        m(&dlogits, 0, 1, vocab),
-        m(&xf, 0, c, 1),
+        mat(&dlogits, 0, 1, vocab),
+        mat(&xf, 0, c, 1),
         1.0,
     );
     LOGITS.with(|l| *l.borrow_mut() = dlogits);
@@ -1087,7 +1289,7 @@ pub(super) fn forward_backward(
         hook(BlockEvent::Gather(i))?;
         let ts = Instant::now();
         let (xin, acts, ckpt) = match k {
-            Kept::All(xin, acts) => (xin, acts, false),
+            Kept::All(xin, acts) => (xin, *acts, false),
             Kept::Input(xin) => {
                 let (_, acts) = block_fwd(cx, blk, &xin, &d, key)?;
                 (xin, acts, true)
@@ -1181,12 +1383,12 @@ mod tests {
             let a = rng.normal_vec(mm * k * 2 + 5, 1.0);
             let b = rng.normal_vec(k * n * 3 + 2, 1.0);
             // A transposed with an offset and a padded row stride; B with stride 3 rows.
-            let am = m(&a, 5, 1, mm + 1);
-            let bm = m(&b, 2, 3 * n, 1);
+            let am = mat(&a, 5, 1, mm + 1);
+            let bm = mat(&b, 2, 3 * n, 1);
             let r = ref_mm(mm, n, k, am, bm);
             for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
                 let mut d = vec![1f32; mm * n];
-                matmul(par, mm, n, k, &mut d, 0, n, true, am, bm, 0.5);
+                gemm_into(par, mm, n, k, &mut d, 0, n, true, am, bm, 0.5);
                 for (x, y) in d.iter().zip(&r) {
                     assert!((f64::from(*x) - (1.0 + 0.5 * y)).abs() < 1e-4 * (1.0 + y.abs()));
                 }
@@ -1348,5 +1550,125 @@ mod tests {
         let tg = Tensor::from_vec(vec![1u32, 2], (1, 2), &Device::Cpu).unwrap();
         let err = g.forward_backward(&ids, &tg, Policy::None).unwrap_err();
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+
+    /// Central differences of `f` at `x` against `g` on a sample of coordinates: catches a
+    /// wrong formula (the forward is f32, so the tolerance is loose but far below any error a
+    /// wrong term makes).
+    fn fd_check(what: &str, f: &dyn Fn(&[f32]) -> f64, x: &[f32], g: &[f32]) {
+        let scale = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        assert!(scale > 0.0, "{what}: zero gradient");
+        let mut rng = Rng::new(17);
+        for _ in 0..24 {
+            let i = (rng.next_u64() % x.len() as u64) as usize;
+            let e = 1e-2f32;
+            let (mut a, mut b) = (x.to_vec(), x.to_vec());
+            a[i] += e;
+            b[i] -= e;
+            let num = (f(&a) - f(&b)) / (2.0 * f64::from(e));
+            let err = (num - f64::from(g[i])).abs();
+            assert!(
+                err <= 2e-2 * scale,
+                "{what}[{i}]: numeric {num} vs analytic {}",
+                g[i]
+            );
+        }
+    }
+
+    fn weighted(out: &[f32], r: &[f32]) -> f64 {
+        out.iter()
+            .zip(r)
+            .map(|(&o, &w)| f64::from(o) * f64::from(w))
+            .sum()
+    }
+
+    #[test]
+    fn public_kernels_match_central_differences() {
+        let th = Threads(1);
+        let mut rng = Rng::new(5);
+        // Attention: B 2, T 5, C 6 over 2 heads.
+        let (b, t, c, h) = (2, 5, 6, 2);
+        let qkv = rng.normal_vec(b * t * 3 * c, 1.0);
+        let r = rng.normal_vec(b * t * c, 1.0);
+        let (_, probs) = attention_forward(th, &qkv, b, t, c, h).unwrap();
+        let g = attention_backward(th, &r, &qkv, &probs, b, t, c, h).unwrap();
+        let f = |x: &[f32]| weighted(&attention_forward(th, x, b, t, c, h).unwrap().0, &r);
+        fd_check("attention", &f, &qkv, &g);
+        // Causality: a later token's query/key/value never changes an earlier output.
+        let mut q2 = qkv.clone();
+        for v in &mut q2[(t - 1) * 3 * c..t * 3 * c] {
+            *v += 1.0;
+        }
+        let (y1, _) = attention_forward(th, &qkv, b, t, c, h).unwrap();
+        let (y2, _) = attention_forward(th, &q2, b, t, c, h).unwrap();
+        assert_eq!(y1[..(t - 1) * c], y2[..(t - 1) * c]);
+
+        // LayerNorm: rows of 7.
+        let c = 7;
+        let x = rng.normal_vec(3 * c, 2.0);
+        let w = rng.normal_vec(c, 1.0);
+        let bias = rng.normal_vec(c, 1.0);
+        let r = rng.normal_vec(3 * c, 1.0);
+        let (_, mean, rstd) = layer_norm_forward(th, &x, &w, &bias, c).unwrap();
+        let (mut dx, mut dw, mut db) = (vec![0f32; 3 * c], vec![0f32; c], vec![0f32; c]);
+        layer_norm_backward(th, &r, &x, &w, &mean, &rstd, c, &mut dx, &mut dw, &mut db).unwrap();
+        let f = |x: &[f32]| weighted(&layer_norm_forward(th, x, &w, &bias, c).unwrap().0, &r);
+        fd_check("layer norm x", &f, &x, &dx);
+        let f = |w: &[f32]| weighted(&layer_norm_forward(th, &x, w, &bias, c).unwrap().0, &r);
+        fd_check("layer norm w", &f, &w, &dw);
+
+        // GELU.
+        let hv = rng.normal_vec(37, 2.0);
+        let r = rng.normal_vec(37, 1.0);
+        let mut dg = r.clone();
+        gelu_backward(th, &hv, &mut dg).unwrap();
+        let f = |x: &[f32]| weighted(&gelu_forward(th, x), &r);
+        fd_check("gelu", &f, &hv, &dg);
+
+        // Cross-entropy: 4 rows over a vocabulary of 11; the loss against f64.
+        let v = 11;
+        let z = rng.normal_vec(4 * v, 3.0);
+        let tg = [0u32, 10, 3, 3];
+        let mut d = z.clone();
+        let loss = softmax_cross_entropy(th, &mut d, &tg, v).unwrap();
+        let exact: f64 = z
+            .chunks(v)
+            .zip(&tg)
+            .map(|(row, &k)| {
+                let s: f64 = row.iter().map(|&q| f64::from(q).exp()).sum();
+                s.ln() - f64::from(row[k as usize])
+            })
+            .sum::<f64>()
+            / 4.0;
+        assert!(
+            (loss - exact).abs() < 1e-5 * exact.abs(),
+            "{loss} vs {exact}"
+        );
+        let f = |x: &[f32]| {
+            let mut y = x.to_vec();
+            softmax_cross_entropy(th, &mut y, &tg, v).unwrap()
+        };
+        fd_check("cross-entropy", &f, &z, &d);
+        assert!(softmax_cross_entropy(th, &mut d, &[11, 0, 0, 0], v).is_err());
+
+        // Linear.
+        let (n, din, dout) = (3, 5, 4);
+        let x = rng.normal_vec(n * din, 1.0);
+        let w = rng.normal_vec(dout * din, 1.0);
+        let bias = rng.normal_vec(dout, 1.0);
+        let r = rng.normal_vec(n * dout, 1.0);
+        let (mut dx, mut dw, mut db) = (
+            vec![0f32; n * din],
+            vec![0f32; dout * din],
+            vec![0f32; dout],
+        );
+        linear_backward(th, &r, &x, &w, n, din, dout, &mut dx, &mut dw, &mut db).unwrap();
+        let f = |x: &[f32]| weighted(&linear_forward(th, x, &w, &bias, n, din, dout).unwrap(), &r);
+        fd_check("linear x", &f, &x, &dx);
+        let f = |w: &[f32]| weighted(&linear_forward(th, &x, w, &bias, n, din, dout).unwrap(), &r);
+        fd_check("linear w", &f, &w, &dw);
+        let f = |b: &[f32]| weighted(&linear_forward(th, &x, &w, b, n, din, dout).unwrap(), &r);
+        fd_check("linear b", &f, &bias, &db);
+        assert!(linear_forward(th, &x, &w, &bias, n, din + 1, dout).is_err());
     }
 }

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 
 #[path = "fast.rs"]
-mod fast;
+pub mod fast;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use ds_ckpt_act::{checkpoint_forward, recompute_backward, Mode, Policy, Saved};
