@@ -76,3 +76,230 @@ pub fn ckpt_act_bench(
         time_ratio: tc / tw,
     })
 }
+
+// ------------------------------------------------------------------ `ds bench kernels`
+
+/// One kernel's figures in [`KernelBench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelResult {
+    /// Kernel and direction, e.g. `linear fc forward`.
+    pub kernel: String,
+    /// Operand shape in words.
+    pub shape: String,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    /// GFLOP/s for compute-bound kernels (matrix products inside), else `None`.
+    pub gflops: Option<f64>,
+    /// GB/s of the bytes the kernel must move, for memory-bound kernels, else `None`.
+    pub gbps: Option<f64>,
+    /// `gflops / matmul_peak_gflops` or `gbps / memcpy_GBps`.
+    pub fraction: f64,
+}
+
+/// Result of [`kernels_bench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelBench {
+    /// Threads the kernels ran with.
+    pub threads: usize,
+    /// A 1024^3 matrix product through the same GEMM and threads: this machine's practical peak.
+    pub matmul_peak_gflops: f64,
+    /// memcpy bandwidth of 64 MiB, measured in the same run (read + write bytes per second).
+    #[serde(rename = "memcpy_GBps")]
+    pub memcpy_gbps: f64,
+    /// Per kernel.
+    pub results: Vec<KernelResult>,
+}
+
+fn median_ms(
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), EngineError>,
+) -> Result<f64, EngineError> {
+    f()?;
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+/// Times every explicit kernel of the GPT at `shape` with `batch` sequences on `threads`
+/// threads, against this machine's matrix-product peak and memory bandwidth measured in the
+/// same run.
+pub fn kernels_bench(
+    shape: ModelShape,
+    batch: usize,
+    threads: usize,
+    reps: usize,
+) -> Result<KernelBench, EngineError> {
+    use crate::model::fast::{self, Threads};
+    let th = Threads(threads.max(1));
+    let reps = reps.max(1);
+    let (b, t, c, h, v) = (batch, shape.seq, shape.hidden, shape.heads, shape.vocab);
+    let n = b * t;
+    let mut rng = Rng::new(1);
+    let mut results = Vec::new();
+    let mut push = |kernel: &str, shape: String, ms: f64, flops: f64, bytes: f64| {
+        results.push((kernel.to_string(), shape, ms, flops, bytes));
+    };
+    // Matrix-product peak.
+    let pk = 1024;
+    let a = rng.normal_vec(pk * pk, 1.0);
+    let bm = rng.normal_vec(pk * pk, 1.0);
+    let peak_ms = median_ms(reps, || {
+        fast::matmul(th, &a, &bm, pk, pk, pk)?;
+        Ok(())
+    })?;
+    let matmul_peak_gflops = 2.0 * (pk as f64).powi(3) / (peak_ms * 1e6);
+    let memcpy_gbps = 2.0 * ds_comm::bench::measure_memcpy(64 << 20);
+    // Linear layers of a block and the head.
+    for (name, din, dout) in [
+        ("qkv", c, 3 * c),
+        ("proj", c, c),
+        ("fc", c, 4 * c),
+        ("fc2", 4 * c, c),
+        ("head (tied wte)", c, v),
+    ] {
+        let x = rng.normal_vec(n * din, 1.0);
+        let w = rng.normal_vec(dout * din, 0.02);
+        let bias = vec![0f32; dout];
+        let dy = rng.normal_vec(n * dout, 1.0);
+        let (mut dx, mut dw, mut db) = (
+            vec![0f32; n * din],
+            vec![0f32; dout * din],
+            vec![0f32; dout],
+        );
+        let f = 2.0 * (n * din * dout) as f64;
+        let sh = format!("({n} x {din}) W^T ({dout} x {din})");
+        let mut y = vec![0f32; n * dout];
+        let ms = median_ms(reps, || {
+            Ok(fast::linear_forward_into(
+                th, &x, &w, &bias, n, din, dout, &mut y,
+            )?)
+        })?;
+        push(&format!("linear {name} forward"), sh.clone(), ms, f, 0.0);
+        let ms = median_ms(reps, || {
+            Ok(fast::linear_backward(
+                th, &dy, &x, &w, n, din, dout, &mut dx, &mut dw, &mut db,
+            )?)
+        })?;
+        push(&format!("linear {name} backward"), sh, ms, 2.0 * f, 0.0);
+    }
+    // Attention.
+    let qkv = rng.normal_vec(n * 3 * c, 1.0);
+    let dy = rng.normal_vec(n * c, 1.0);
+    let hd = c / h.max(1);
+    let f_att = 4.0 * (b * h * t * t * hd) as f64;
+    let sh = format!("B {b}, heads {h}, T {t}, head dim {hd}");
+    let (_, probs) = fast::attention_forward(th, &qkv, b, t, c, h)?;
+    let ms = median_ms(reps, || {
+        fast::attention_forward(th, &qkv, b, t, c, h)?;
+        Ok(())
+    })?;
+    push("causal attention forward", sh.clone(), ms, f_att, 0.0);
+    let ms = median_ms(reps, || {
+        fast::attention_backward(th, &dy, &qkv, &probs, b, t, c, h)?;
+        Ok(())
+    })?;
+    push("causal attention backward", sh, ms, 2.0 * f_att, 0.0);
+    // LayerNorm.
+    let x = rng.normal_vec(n * c, 1.0);
+    let w = vec![1f32; c];
+    let bias = vec![0f32; c];
+    let (_, mean, rstd) = fast::layer_norm_forward(th, &x, &w, &bias, c)?;
+    let (mut dx, mut dw, mut db) = (vec![0f32; n * c], vec![0f32; c], vec![0f32; c]);
+    let bytes = (n * c * 4) as f64;
+    let ms = median_ms(reps, || {
+        fast::layer_norm_forward(th, &x, &w, &bias, c)?;
+        Ok(())
+    })?;
+    push(
+        "layer norm forward",
+        format!("{n} x {c}"),
+        ms,
+        0.0,
+        2.0 * bytes,
+    );
+    let dyl = rng.normal_vec(n * c, 1.0);
+    let ms = median_ms(reps, || {
+        Ok(fast::layer_norm_backward(
+            th, &dyl, &x, &w, &mean, &rstd, c, &mut dx, &mut dw, &mut db,
+        )?)
+    })?;
+    push(
+        "layer norm backward",
+        format!("{n} x {c}"),
+        ms,
+        0.0,
+        3.0 * bytes,
+    );
+    // GELU.
+    let hv = rng.normal_vec(n * 4 * c, 1.0);
+    let mut dg = rng.normal_vec(n * 4 * c, 1.0);
+    let bytes = (n * 4 * c * 4) as f64;
+    let ms = median_ms(reps, || {
+        fast::gelu_forward(th, &hv);
+        Ok(())
+    })?;
+    push(
+        "gelu forward",
+        format!("{n} x {}", 4 * c),
+        ms,
+        0.0,
+        2.0 * bytes,
+    );
+    let ms = median_ms(reps, || Ok(fast::gelu_backward(th, &hv, &mut dg)?))?;
+    push(
+        "gelu backward",
+        format!("{n} x {}", 4 * c),
+        ms,
+        0.0,
+        3.0 * bytes,
+    );
+    // Softmax cross-entropy (in place; re-filled each call is not needed: the gradient is a
+    // valid input row too).
+    let mut logits = rng.normal_vec(n * v, 1.0);
+    let tg: Vec<u32> = (0..n).map(|i| (i % v) as u32).collect();
+    let ms = median_ms(reps, || {
+        fast::softmax_cross_entropy(th, &mut logits, &tg, v)?;
+        Ok(())
+    })?;
+    push(
+        "softmax cross-entropy (+grad)",
+        format!("{n} x {v}"),
+        ms,
+        0.0,
+        2.0 * (n * v * 4) as f64,
+    );
+    let results = results
+        .into_iter()
+        .map(|(kernel, shape, ms, flops, bytes)| {
+            let (gflops, gbps) = if flops > 0.0 {
+                (Some(flops / (ms * 1e6)), None)
+            } else {
+                (None, Some(bytes / (ms * 1e6)))
+            };
+            let fraction = match (gflops, gbps) {
+                (Some(g), _) => g / matmul_peak_gflops,
+                (_, Some(g)) => g / memcpy_gbps,
+                _ => 0.0,
+            };
+            KernelResult {
+                kernel,
+                shape,
+                ms,
+                gflops,
+                gbps,
+                fraction,
+            }
+        })
+        .collect();
+    Ok(KernelBench {
+        threads: th.0,
+        matmul_peak_gflops,
+        memcpy_gbps,
+        results,
+    })
+}

@@ -57,8 +57,8 @@ fn tanh_f32(u: f32) -> f32 {
 // Reductions in 16 independent lanes: a plain `iter().sum()` over f32 is one serial chain
 // (the compiler may not reassociate it), these vectorise.
 
-#[inline]
-fn sum16(x: &[f32]) -> f32 {
+#[inline(always)]
+fn sum16_body(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let ch = x.chunks_exact(16);
     let rem = ch.remainder();
@@ -70,8 +70,8 @@ fn sum16(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rem.iter().sum::<f32>()
 }
 
-#[inline]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot16_body(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; 16];
@@ -90,8 +90,8 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[inline]
-fn max16(x: &[f32]) -> f32 {
+#[inline(always)]
+fn max16_body(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let ch = x.chunks_exact(16);
     let rem = ch.remainder();
@@ -108,12 +108,86 @@ fn max16(x: &[f32]) -> f32 {
 }
 
 /// `x <- exp(x - shift)` in place; returns the sum of the results.
-#[inline]
-fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
+#[inline(always)]
+fn exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32 {
     for v in x.iter_mut() {
         *v = exp_f32(*v - shift);
     }
-    sum16(x)
+    sum16_body(x)
+}
+
+/// Defines `$name` calling the `#[inline(always)]` body `$body` compiled for AVX-512 or
+/// AVX2+FMA when the CPU has them (detected at run time, cached by std), portable otherwise:
+/// the crate is built for baseline x86-64, where loops vectorise to 4-lane SSE only.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* fn $name:ident => $body:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn v4($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `v3` is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+simd_dispatch!(
+    /// Sum of `x` (16 lanes).
+    fn sum16 => sum16_body(x: &[f32]) -> f32
+);
+simd_dispatch!(
+    /// Dot product (16 lanes).
+    fn dot16 => dot16_body(a: &[f32], b: &[f32]) -> f32
+);
+simd_dispatch!(
+    /// Maximum of `x` (16 lanes).
+    fn max16 => max16_body(x: &[f32]) -> f32
+);
+simd_dispatch!(
+    /// `x <- exp(x - shift)` in place; returns the sum of the results.
+    fn exp_shift_sum => exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32
+);
+simd_dispatch!(
+    /// GELU of a row.
+    fn gelu_row => gelu_row_body(h: &[f32], out: &mut [f32])
+);
+simd_dispatch!(
+    /// `d <- d * gelu'(h)` over a row.
+    fn gelu_grad_row => gelu_grad_row_body(h: &[f32], d: &mut [f32])
+);
+
+#[inline(always)]
+fn gelu_row_body(h: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(h) {
+        let t = tanh_f32(GELU_C * (v + GELU_K * v * v * v));
+        *o = 0.5 * v * (1.0 + t);
+    }
+}
+
+#[inline(always)]
+fn gelu_grad_row_body(h: &[f32], d: &mut [f32]) {
+    for (d, &v) in d.iter_mut().zip(h) {
+        let u = GELU_C * (v + GELU_K * v * v * v);
+        let t = tanh_f32(u);
+        let du = GELU_C * (1.0 + 3.0 * GELU_K * v * v);
+        *d *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du;
+    }
 }
 
 // ------------------------------------------------------------------ threads and matmul
@@ -277,6 +351,21 @@ fn linear_fwd(
     dout: usize,
 ) -> Vec<f32> {
     let mut y = vec![0f32; n * dout];
+    linear_fwd_into(cx, x, w, b, n, din, dout, &mut y);
+    y
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_fwd_into(
+    cx: Ctx,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    y: &mut [f32],
+) {
     for row in y.chunks_mut(dout) {
         row.copy_from_slice(b);
     }
@@ -285,7 +374,7 @@ fn linear_fwd(
         n,
         dout,
         din,
-        &mut y,
+        y,
         0,
         dout,
         true,
@@ -293,7 +382,6 @@ fn linear_fwd(
         mat(w, 0, 1, din),
         1.0,
     );
-    y
 }
 
 /// Backward of [`linear_fwd`]: adds into `dx` (when given) and writes `dw`, `db`.
@@ -478,11 +566,7 @@ fn ln_bwd(
 fn gelu_fwd(cx: Ctx, h: &[f32], cols: usize) -> Vec<f32> {
     let mut g = vec![0f32; h.len()];
     cx.rows(&mut g, cols, |i, gr| {
-        let hr = &h[i * cols..(i + 1) * cols];
-        for (o, &v) in gr.iter_mut().zip(hr) {
-            let t = tanh_f32(GELU_C * (v + GELU_K * v * v * v));
-            *o = 0.5 * v * (1.0 + t);
-        }
+        gelu_row(&h[i * cols..(i + 1) * cols], gr);
     });
     g
 }
@@ -490,13 +574,7 @@ fn gelu_fwd(cx: Ctx, h: &[f32], cols: usize) -> Vec<f32> {
 /// `dg <- dg * gelu'(h)` in place.
 fn gelu_bwd(cx: Ctx, h: &[f32], dg: &mut [f32], cols: usize) {
     cx.rows(dg, cols, |i, dr| {
-        let hr = &h[i * cols..(i + 1) * cols];
-        for (d, &v) in dr.iter_mut().zip(hr) {
-            let u = GELU_C * (v + GELU_K * v * v * v);
-            let t = tanh_f32(u);
-            let du = GELU_C * (1.0 + 3.0 * GELU_K * v * v);
-            *d *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du;
-        }
+        gelu_grad_row(&h[i * cols..(i + 1) * cols], dr);
     });
 }
 
@@ -687,6 +765,26 @@ pub fn linear_forward(
     check_len("linear weight", w.len(), dout * din)?;
     check_len("linear bias", b.len(), dout)?;
     Ok(linear_fwd(th.cx(), x, w, b, n, din, dout))
+}
+
+/// [`linear_forward`] into a caller's buffer `y` (n, dout): no allocation.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward_into(
+    th: Threads,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    y: &mut [f32],
+) -> R<()> {
+    check_len("linear x", x.len(), n * din)?;
+    check_len("linear weight", w.len(), dout * din)?;
+    check_len("linear bias", b.len(), dout)?;
+    check_len("linear y", y.len(), n * dout)?;
+    linear_fwd_into(th.cx(), x, w, b, n, din, dout, y);
+    Ok(())
 }
 
 /// Backward of [`linear_forward`]: overwrites `dx` (n, din), `dw` (dout, din), `db` (dout).

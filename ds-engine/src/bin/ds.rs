@@ -203,6 +203,34 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The GPT's explicit kernels one by one (forward and backward): GFLOP/s against this
+    /// machine's matrix-product peak, GB/s against its memcpy bandwidth, measured in one run.
+    Kernels {
+        /// Hidden width.
+        #[arg(long, default_value_t = 256)]
+        hidden: usize,
+        /// Attention heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Sequence length.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Vocabulary.
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        /// Threads (default: the machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed calls per kernel (median reported).
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fused AdamW throughput against this machine's memory bandwidth.
     Adamw {
         /// Elements (5e8-style accepted).
@@ -548,6 +576,65 @@ fn main() -> ExitCode {
                     Ok(r) if json => print_json(&r),
                     Ok(r) => {
                         println!("{}", r.to_table());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
+            BenchCommand::Kernels {
+                hidden,
+                heads,
+                seq,
+                batch,
+                vocab,
+                threads,
+                reps,
+                json,
+            } => {
+                if heads == 0
+                    || hidden == 0
+                    || hidden % heads != 0
+                    || seq == 0
+                    || batch == 0
+                    || vocab == 0
+                {
+                    eprintln!("error: --hidden must be a positive multiple of --heads, and --seq, --batch, --vocab positive");
+                    return ExitCode::from(2);
+                }
+                let shape = ds_engine::model::ModelShape {
+                    layers: 1,
+                    hidden,
+                    heads,
+                    seq,
+                    vocab,
+                };
+                let threads = threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                match ds_engine::bench::kernels_bench(shape, batch, threads, reps) {
+                    Ok(r) if json => print_json(&r),
+                    Ok(r) => {
+                        println!(
+                            "explicit kernels, {} threads: matmul peak {:.1} GFLOP/s (1024^3), memcpy {:.1} GB/s (read + write)",
+                            r.threads, r.matmul_peak_gflops, r.memcpy_gbps
+                        );
+                        println!(
+                            "{:<34} {:<36} {:>9} {:>12} {:>9}",
+                            "kernel", "shape", "ms", "rate", "fraction"
+                        );
+                        for k in &r.results {
+                            let rate = match (k.gflops, k.gbps) {
+                                (Some(g), _) => format!("{g:.1} GFLOP/s"),
+                                (_, Some(g)) => format!("{g:.1} GB/s"),
+                                _ => String::new(),
+                            };
+                            println!(
+                                "{:<34} {:<36} {:>9.3} {:>12} {:>9.2}",
+                                k.kernel, k.shape, k.ms, rate, k.fraction
+                            );
+                        }
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
