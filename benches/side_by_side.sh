@@ -20,6 +20,9 @@ echo "== collectives, 2 ranks"
 $DS bench comm --world-size 2 --sizes 1M,16M,64M,256M
 [ -x "$PY" ] && $PY $SH/bench_allreduce_gloo.py
 
+echo "== explicit kernels, reference shape (batch 8, seq 128, hidden 256, 4 heads, vocab 8192)"
+$DS bench kernels
+
 echo "== GPT training step, reference shape (4 x 256, seq 128, batch 8, vocab 8192), 1 rank, fp32"
 cat > /tmp/ds_ref_step.json <<'JSON'
 {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "steps_per_print": null,
@@ -35,6 +38,14 @@ for st in 0 1 2 3; do
   sed "s/\"stage\": 0/\"stage\": $st/" /tmp/ds_ref_step.json > /tmp/ds_ref_stage.json
   echo "stage $st:"; $DS train --config /tmp/ds_ref_stage.json --world-size 2 --steps 8 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json | grep -E '"(median_step_ms|model_state_bytes_per_rank|final_loss)"'
 done
+
+if [ -x "$PY" ]; then
+  echo "== DeepSpeed ZeRO stages on 2 ranks (torchrun, gloo, 1 thread per rank, micro-batch 8 per rank)"
+  for st in 0 1 2 3; do
+    PATH=$PEER/bin:$PATH DS_ACCELERATOR=cpu timeout 600 $PEER/bin/torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29600 \
+      $SH/ds_train.py --stage $st --steps 8 2>/dev/null | grep -E "step_ms median|losses"
+  done
+fi
 
 echo "== activation checkpointing (8 x 256, seq 256, batch 8)"
 $DS bench ckpt-act --json
