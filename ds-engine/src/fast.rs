@@ -1238,6 +1238,9 @@ pub(super) fn forward_backward(
     let (b, t) = ids.dims2()?;
     let s = gpt.shape;
     let (c, vocab) = (s.hidden, s.vocab);
+    if b == 0 || t == 0 {
+        candle_core::bail!("an empty batch ({b} x {t} tokens) has no loss");
+    }
     if t > s.seq {
         candle_core::bail!(
             "sequence of {t} tokens is longer than the model's {}",
