@@ -47,7 +47,7 @@ if [ "${NGPU:-0}" -ge 2 ]; then
   done
   for p in "${pids[@]}"; do wait "$p" || status=$?; done
 else
-  echo "(one GPU: NCCL does not put two ranks on one device, so world size > 1 is not run)"
+  echo "(${NGPU:-0} GPU(s): NCCL does not put two ranks on one device, so world size > 1 is not run)"
 fi
 echo "== done: status $status; log in $LOG"
 exit $status
