@@ -88,12 +88,6 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "sparse gradient all-reduce is not implemented (the model library has no sparse embeddings); set false",
         );
     }
-    if cfg.tensorboard.enabled {
-        return refuse(
-            "tensorboard.enabled",
-            "TensorBoard event files are not written; use csv_monitor",
-        );
-    }
     if cfg.grad_accum_dtype.as_deref().is_some_and(|d| d != "fp32") {
         return refuse(
             "data_types.grad_accum_dtype",

@@ -23,6 +23,7 @@ pub mod kernels;
 pub mod lr;
 pub mod model;
 pub mod monitor;
+pub mod plot;
 pub mod train;
 
 /// Errors of the engine.

@@ -1,5 +1,6 @@
 //! `ds train`: the main job. Resolves a DeepSpeed config (or the embedded default), starts the
-//! ranks, trains the GPT on the embedded data (or a byte-level text file) and reports.
+//! ranks, trains the GPT on the embedded addition task (or the bigram language, a byte-level
+//! text file, or a nanoGPT token directory), evaluates it on held-out data and reports.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,7 +11,7 @@ use ds_config::{DeepSpeedConfig, ResolveOptions, ResolvedConfig};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::data::{BigramLanguage, DataLoader};
+use crate::data::{AdditionTask, BigramLanguage, DataLoader, TokenDataset};
 use crate::engine::Engine;
 use crate::model::{gpt_param_count, Gpt, ModelShape, Rng};
 use crate::EngineError;
@@ -18,7 +19,8 @@ use crate::EngineError;
 /// The embedded default configuration (`examples/configs/gpt_zero2.json`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../examples/configs/gpt_zero2.json");
 
-/// The main job's defaults: a small GPT that trains in about a minute on 2 cores.
+/// The main job's defaults: a small GPT that learns 3-digit addition in about two minutes on 2
+/// cores.
 pub const DEFAULT_SHAPE: ModelShape = ModelShape {
     layers: 2,
     hidden: 128,
@@ -27,9 +29,39 @@ pub const DEFAULT_SHAPE: ModelShape = ModelShape {
     vocab: 512,
 };
 
+/// The embedded data of `ds train` when no `--data` is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Multi-digit addition ([`AdditionTask`]) with operands of this many digits; evaluated
+    /// by exact-match accuracy on held-out problems.
+    Addition {
+        /// Digits per operand.
+        digits: usize,
+    },
+    /// The seeded sparse bigram language ([`BigramLanguage`]); its entropy is the loss floor.
+    Bigram,
+}
+
+/// Held-out sequences evaluated at the end of `ds train` (addition: 5 problems each at the
+/// default shape; token files: windows of `val.bin`).
+pub const EVAL_SEQUENCES: usize = 128;
+
+/// The default embedded task: 3-digit addition.
+pub const DEFAULT_TASK: Task = Task::Addition { digits: 3 };
+
+/// Optimizer steps of `ds train` with no `--steps`.
+pub const DEFAULT_STEPS: u64 = 3000;
+
 /// Options of `ds train`.
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
+    /// Embedded data when `data` is `None`.
+    pub task: Task,
+    /// Show a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+    /// Where to write the loss-curve PNG (`None`: `<out>/loss_curve.png` with `--out`, else
+    /// no plot).
+    pub plot: Option<PathBuf>,
     /// DeepSpeed config file (JSON or TOML); `None` = the embedded default.
     pub config: Option<PathBuf>,
     /// Data-parallel ranks.
@@ -38,7 +70,8 @@ pub struct TrainArgs {
     pub backend: String,
     /// Optimizer steps.
     pub steps: u64,
-    /// Byte-level text file to train on instead of the embedded language.
+    /// Training data instead of the embedded task: a byte-level text file, or a nanoGPT
+    /// directory holding `train.bin` and `val.bin` (uint16 little-endian tokens).
     pub data: Option<PathBuf>,
     /// Seed of initialisation and data.
     pub seed: u64,
@@ -54,6 +87,29 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     /// Resume from the latest checkpoint in `out` before training.
     pub resume: bool,
+}
+
+impl Default for TrainArgs {
+    /// `ds train` with no flags: the embedded config, 2 ranks, the addition task.
+    fn default() -> Self {
+        TrainArgs {
+            task: DEFAULT_TASK,
+            progress: false,
+            plot: None,
+            config: None,
+            world_size: 2,
+            backend: "local".into(),
+            steps: DEFAULT_STEPS,
+            data: None,
+            seed: 0,
+            shape: DEFAULT_SHAPE,
+            batch: None,
+            ckpt: false,
+            dropout: 0.0,
+            out: None,
+            resume: false,
+        }
+    }
 }
 
 /// What `ds train --json` prints (the keys are a contract).
@@ -86,12 +142,31 @@ pub struct TrainReport {
     pub model_state_bytes_per_rank: usize,
     /// Best achievable loss on the embedded data (entropy rate), if that is the data.
     pub data_entropy: Option<f64>,
+    /// The data: `addition`, `bigram`, `bytes` or `tokens`.
+    pub task: String,
+    /// Mean next-token loss on held-out data (addition: held-out problems; token files:
+    /// `val.bin`), `null` for data without a held-out part.
+    pub val_loss: Option<f64>,
+    /// Addition: the fraction of held-out problems whose answer digits are all predicted
+    /// (argmax, teacher-forced; equal to greedy decoding's exact match).
+    pub val_accuracy: Option<f64>,
+    /// Addition: the held-out problems evaluated.
+    pub val_problems: Option<usize>,
+    /// The loss-curve PNG written, if any.
+    pub loss_curve_png: Option<String>,
+    /// The TensorBoard event file written, if any.
+    pub tensorboard_file: Option<String>,
     /// The rank that made this report (only rank 0 prints it).
     #[serde(skip)]
     pub rank: usize,
+    /// Steps done before this run (a resumed run's starting step).
+    #[serde(skip)]
+    pub steps_before: u64,
 }
 
 enum Source {
+    Addition(AdditionTask),
+    Tokens(TokenDataset),
     Bigram(DataLoader),
     Bytes {
         toks: Vec<u32>,
@@ -111,6 +186,8 @@ impl Source {
     ) -> (Vec<u32>, Vec<u32>) {
         match self {
             Source::Bigram(dl) => dl.micro_batch(step, m, rank, ws, micro),
+            Source::Addition(t) => t.micro_batch(step, m, rank, ws, micro),
+            Source::Tokens(t) => t.micro_batch(step, m, rank, ws, micro),
             &Source::Bytes {
                 ref toks,
                 seed,
@@ -156,7 +233,84 @@ fn peak_rss_bytes() -> u64 {
     ds_profiler::vm_hwm_bytes().unwrap_or(0)
 }
 
+/// Held-out evaluation of `model` on `inputs`/`targets` (whole sequences of the model's
+/// `seq`): the mean next-token loss, and with `answers` (groups of target indices) the
+/// fraction of groups whose every position's argmax equals its target.
+pub fn evaluate(
+    model: &Gpt,
+    inputs: &[u32],
+    targets: &[u32],
+    answers: &[Vec<usize>],
+) -> Result<(f64, Option<f64>), EngineError> {
+    let seq = model.shape().seq;
+    if inputs.len() != targets.len() || inputs.is_empty() || inputs.len() % seq != 0 {
+        return Err(EngineError::Data(format!(
+            "evaluation needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
+            inputs.len(),
+            targets.len()
+        )));
+    }
+    let n = inputs.len() / seq;
+    let chunk = 16;
+    let mut loss = 0.0;
+    let mut preds = Vec::with_capacity(targets.len());
+    for c in (0..n).step_by(chunk) {
+        let b = chunk.min(n - c);
+        let x = candle_core::Tensor::from_slice(
+            &inputs[c * seq..(c + b) * seq],
+            (b, seq),
+            &Device::Cpu,
+        )?;
+        let y = candle_core::Tensor::from_slice(
+            &targets[c * seq..(c + b) * seq],
+            b * seq,
+            &Device::Cpu,
+        )?;
+        let logits = model.logits(&x)?.detach();
+        let l = crate::kernels::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+        loss += f64::from(l) * b as f64;
+        preds.extend(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+    }
+    let mut right = 0usize;
+    for a in answers {
+        if a.iter().any(|&i| i >= preds.len()) {
+            return Err(EngineError::Data(
+                "an answer index is outside the evaluated targets".into(),
+            ));
+        }
+        right += usize::from(a.iter().all(|&i| preds[i] == targets[i]));
+    }
+    let acc = (!answers.is_empty()).then(|| right as f64 / answers.len() as f64);
+    Ok((loss / n as f64, acc))
+}
+
+/// Held-out data of a source: (inputs, targets, answer groups).
+fn eval_data(source: &Source) -> Option<(Vec<u32>, Vec<u32>, Vec<Vec<usize>>)> {
+    match source {
+        Source::Addition(t) => {
+            let e = t.eval_batch(EVAL_SEQUENCES);
+            Some((e.inputs, e.targets, e.answers))
+        }
+        Source::Tokens(t) => {
+            let (x, y) = t.val_batch(EVAL_SEQUENCES);
+            Some((x, y, Vec::new()))
+        }
+        Source::Bigram(_) | Source::Bytes { .. } => None,
+    }
+}
+
+/// Held-out results of rank 0.
+#[derive(Debug, Clone, Default)]
+struct EvalResult {
+    loss: Option<f64>,
+    accuracy: Option<f64>,
+    problems: Option<usize>,
+}
+
 struct RankResult {
+    start: u64,
+    eval: EvalResult,
+    tensorboard: Option<String>,
     losses: Vec<f64>,
     step_ms: Vec<f64>,
     skipped: u64,
@@ -228,6 +382,14 @@ fn run_rank(
     } else {
         None
     };
+    let mut tb = if rank == 0 && cfg.tensorboard.enabled {
+        Some(crate::monitor::TensorBoardMonitor::new(
+            &cfg.tensorboard.output_path,
+            &cfg.tensorboard.job_name,
+        )?)
+    } else {
+        None
+    };
     if args.ckpt {
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
     }
@@ -261,6 +423,30 @@ fn run_rank(
         }
     }
     let micro = engine.micro_batch_size();
+    let bar = (rank == 0 && args.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| {
+            let b = indicatif::ProgressBar::new(args.steps);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            ) {
+                b.set_style(style);
+            }
+            b
+        });
+    // Log lines go around the progress bar (stderr either way).
+    let say = |line: String| match &bar {
+        Some(b) => b.suspend(|| eprintln!("{line}")),
+        None => eprintln!("{line}"),
+    };
+    // Held-out accuracy in the progress lines: rank 0 holds the whole model at stages 0-2
+    // (without dropout the forward is the deterministic one).
+    let periodic = (rank == 0
+        && cfg.zero_optimization.stage < 3
+        && args.dropout == 0.0
+        && matches!(source, Source::Addition(_)))
+    .then(|| eval_data(source))
+    .flatten()
+    .filter(|(_, _, a)| !a.is_empty());
     let mut losses = Vec::new();
     let mut step_ms = Vec::new();
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
@@ -274,54 +460,111 @@ fn run_rank(
             m.write_event("Train/Samples/train_loss", r.loss, samples)?;
             m.write_event("Train/Samples/lr", r.lr, samples)?;
         }
+        if let Some(m) = tb.as_mut() {
+            let samples = (step + 1) * cfg.train_batch_size;
+            m.write_event("Train/Samples/train_loss", r.loss, samples)?;
+            m.write_event("Train/Samples/lr", r.lr, samples)?;
+        }
+        if let Some(b) = &bar {
+            b.inc(1);
+            b.set_message(format!("loss {:.4}", r.loss));
+        }
         f_acc += r.fwd_ms;
         b_acc += r.bwd_ms;
         s_acc += r.step_ms;
         if r.step.overflow && rank == 0 {
-            eprintln!(
+            say(format!(
                 "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
                 step + 1,
                 engine.skipped_steps()
-            );
+            ));
         }
         if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
-            eprintln!(
-                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}, step_ms={:.1}",
+            let val = match &periodic {
+                Some((x, y, a)) => {
+                    let (_, acc) = evaluate(engine.model(), x, y, a)?;
+                    format!(", val_acc={:.3}", acc.unwrap_or(0.0))
+                }
+                None => String::new(),
+            };
+            say(format!(
+                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}, step_ms={:.1}{val}",
                 step + 1,
                 engine.skipped_steps(),
                 r.lr,
                 r.loss,
                 r.step.grad_norm,
                 step_ms[step_ms.len() - 1]
-            );
+            ));
             if cfg.activation_checkpointing.profile {
                 for (i, f, b) in engine.segment_times() {
-                    eprintln!("checkpoint profile | block {i} | forward: {f:.2} ms | recompute+backward: {b:.2} ms");
+                    say(format!("checkpoint profile | block {i} | forward: {f:.2} ms | recompute+backward: {b:.2} ms"));
                 }
             }
             if cfg.memory_breakdown {
                 let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
-                eprintln!(
+                say(format!(
                     "MemAllocated (process RSS)={:.3}GB, MaxMemAllocated (peak RSS)={:.3}GB",
                     gb(ds_profiler::vm_rss_bytes()),
                     gb(ds_profiler::vm_hwm_bytes())
-                );
+                ));
             }
             if cfg.wall_clock_breakdown {
                 let k = log_every as f64;
-                eprintln!(
+                say(format!(
                     "time (ms) | fwd: {:.2} | bwd: {:.2} | step: {:.2}",
                     f_acc / k,
                     b_acc / k,
                     s_acc / k
-                );
+                ));
             }
             f_acc = 0.0;
             b_acc = 0.0;
             s_acc = 0.0;
         }
     }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
+    // collective at every stage).
+    let mut eval = EvalResult::default();
+    if let Some((x, y, answers)) = eval_data(source) {
+        let full = engine.gather_full_params()?;
+        if rank == 0 {
+            let model = Gpt::new(shape, 0, &Device::Cpu)?;
+            let mut off = 0;
+            for (i, p) in model.params().iter().enumerate() {
+                let n = p.var.elem_count();
+                model.set_param(i, &full[off..off + n])?;
+                off += n;
+            }
+            let (loss, acc) = evaluate(&model, &x, &y, &answers)?;
+            eval = EvalResult {
+                loss: Some(loss),
+                accuracy: acc,
+                problems: (!answers.is_empty()).then_some(answers.len()),
+            };
+            let samples = (start + args.steps) * cfg.train_batch_size;
+            for (name, v) in [
+                ("Eval/Samples/val_loss", Some(loss)),
+                ("Eval/Samples/val_accuracy", acc),
+            ] {
+                if let Some(v) = v {
+                    if let Some(m) = csv.as_mut() {
+                        m.write_event(name, v, samples)?;
+                    }
+                    if let Some(m) = tb.as_mut() {
+                        m.write_event(name, v, samples)?;
+                    }
+                }
+            }
+        }
+    }
     if let Some(m) = csv.as_mut() {
+        m.flush()?;
+    }
+    if let Some(m) = tb.as_mut() {
         m.flush()?;
     }
     if let Some(store) = &store {
@@ -332,6 +575,9 @@ fn run_rank(
         }
     }
     Ok(RankResult {
+        start,
+        eval,
+        tensorboard: tb.map(|m| m.path().display().to_string()),
         losses,
         step_ms,
         skipped: engine.skipped_steps(),
@@ -378,15 +624,42 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         eprintln!("warning: {w}");
     }
     let shape = args.shape;
-    let (source, entropy) = match &args.data {
-        None => {
-            let lang = BigramLanguage::new(shape.vocab, args.seed);
-            let h = lang.entropy();
-            (
-                Source::Bigram(DataLoader::new(lang, args.seed, shape.seq)),
-                Some(h),
-            )
-        }
+    let (source, entropy, task) = match &args.data {
+        None => match args.task {
+            Task::Bigram => {
+                let lang = BigramLanguage::new(shape.vocab, args.seed);
+                let h = lang.entropy();
+                (
+                    Source::Bigram(DataLoader::new(lang, args.seed, shape.seq)),
+                    Some(h),
+                    "bigram",
+                )
+            }
+            Task::Addition { digits } => {
+                if shape.vocab < crate::data::ADD_VOCAB {
+                    return Err(EngineError::Data(format!(
+                        "the addition task needs --vocab >= {} (digits, +, =, ;), got {}",
+                        crate::data::ADD_VOCAB,
+                        shape.vocab
+                    )));
+                }
+                let t = AdditionTask::new(digits, args.seed, shape.seq)?;
+                if t.problems_per_sequence() == 0 {
+                    eprintln!(
+                        "note: --seq {} holds no complete addition problem ({} tokens each): no held-out accuracy",
+                        shape.seq,
+                        t.problem_len()
+                    );
+                }
+                let h = t.loss_floor();
+                (Source::Addition(t), Some(h), "addition")
+            }
+        },
+        Some(p) if p.is_dir() => (
+            Source::Tokens(TokenDataset::open(p, shape.vocab, shape.seq, args.seed)?),
+            None,
+            "tokens",
+        ),
         Some(p) => {
             let bytes = std::fs::read(p).map_err(|e| {
                 EngineError::Data(format!("cannot read --data {}: {e}", p.display()))
@@ -412,6 +685,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                     seq: shape.seq,
                 },
                 None,
+                "bytes",
             )
         }
     };
@@ -429,7 +703,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     );
     #[cfg(feature = "mpi")]
     if let Some(comm) = &mpi {
-        return train_mpi(comm, &cfg, &source, args, log_every, entropy);
+        return train_mpi(comm, &cfg, &source, args, log_every, entropy, task);
     }
     let comms = LocalComm::create(ws);
     let results: Vec<Result<RankResult, EngineError>> = std::thread::scope(|scope| {
@@ -469,7 +743,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     let losses: Vec<f64> = (0..steps)
         .map(|i| ranks.iter().map(|r| r.losses[i]).sum::<f64>() / ws as f64)
         .collect();
-    Ok(report(
+    let r = report(
         args,
         &cfg,
         &ranks[0],
@@ -477,7 +751,25 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         ranks.iter().map(|r| r.state_bytes).max().unwrap_or(0),
         ws as u64,
         entropy,
-    ))
+        task,
+    )?;
+    plot(args, r)
+}
+
+/// Writes the loss-curve PNG (`--plot`, or `<out>/loss_curve.png` with `--out`).
+fn plot(args: &TrainArgs, mut r: TrainReport) -> Result<TrainReport, EngineError> {
+    let path = args
+        .plot
+        .clone()
+        .or_else(|| args.out.as_ref().map(|d| d.join("loss_curve.png")));
+    if let Some(p) = path {
+        if r.rank == 0 {
+            let first = r.steps_before + 1;
+            crate::plot::write_loss_curve(&p, &r.losses, first)?;
+        }
+        r.loss_curve_png = Some(p.display().to_string());
+    }
+    Ok(r)
 }
 
 /// The report from rank 0's timings and the rank-mean losses; `ranks_in_process` divides the
@@ -490,13 +782,14 @@ fn report(
     state_bytes: usize,
     ranks_in_process: u64,
     entropy: Option<f64>,
-) -> TrainReport {
+    task: &str,
+) -> Result<TrainReport, EngineError> {
     let shape = args.shape;
     let mut times = r0.step_ms.clone();
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
     let tokens = cfg.train_batch_size as f64 * shape.seq as f64;
-    TrainReport {
+    Ok(TrainReport {
         steps: args.steps,
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         median_step_ms: median,
@@ -514,8 +807,15 @@ fn report(
         params: gpt_param_count(&shape),
         model_state_bytes_per_rank: state_bytes,
         data_entropy: entropy,
+        task: task.to_string(),
+        val_loss: r0.eval.loss,
+        val_accuracy: r0.eval.accuracy,
+        val_problems: r0.eval.problems,
+        loss_curve_png: None,
+        tensorboard_file: r0.tensorboard.clone(),
+        steps_before: r0.start,
         rank: 0,
-    }
+    })
 }
 
 /// One process of an `mpirun` job: trains its rank, averages the losses over ranks.
@@ -527,6 +827,7 @@ fn train_mpi(
     args: &TrainArgs,
     log_every: u64,
     entropy: Option<f64>,
+    task: &str,
 ) -> Result<TrainReport, EngineError> {
     let r = run_rank(comm, cfg, source, args, log_every)?;
     let n = r.losses.len();
@@ -534,9 +835,9 @@ fn train_mpi(
     let losses = comm
         .all_reduce(&t, ds_comm::ReduceOp::Avg)?
         .to_vec1::<f64>()?;
-    let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, entropy);
+    let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, entropy, task)?;
     rep.rank = comm.rank();
-    Ok(rep)
+    plot(args, rep)
 }
 
 /// `ds profile`: the flops profile of one forward pass of the GPT at batch `batch` (after one

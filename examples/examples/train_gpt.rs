@@ -25,12 +25,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dropout: 0.0,
         out: None,
         resume: false,
+        ..TrainArgs::default() // the addition task, no progress bar, no plot
     })?;
     println!(
-        "loss {:.3} -> {:.3} (data entropy {:.3}), {:.0} tokens/s",
+        "loss {:.3} -> {:.3} (loss floor {:.3}), held-out accuracy {:.1}%, {:.0} tokens/s",
         report.losses[0],
         report.final_loss,
         report.data_entropy.unwrap_or(f64::NAN),
+        100.0 * report.val_accuracy.unwrap_or(f64::NAN),
         report.tokens_per_s
     );
     Ok(())

@@ -53,11 +53,22 @@ enum Command {
         #[arg(long, default_value = "local", value_parser = ["local", "mpi", "nccl"])]
         backend: String,
         /// Optimizer steps.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = ds_engine::train::DEFAULT_STEPS)]
         steps: u64,
-        /// Train on the bytes of this text file instead of the embedded language.
+        /// Training data instead of the embedded task: a nanoGPT directory with train.bin and
+        /// val.bin (uint16 little-endian tokens), or any other file as bytes.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Embedded data when no --data is given: `addition` (held-out accuracy reported) or
+        /// `bigram` (a synthetic language with a known entropy).
+        #[arg(long, value_parser = ["addition", "bigram"])]
+        task: Option<String>,
+        /// Operand digits of the addition task (1-6).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=6).map(|v| v as usize))]
+        digits: usize,
+        /// Write the loss curve as a PNG here (default with --out: OUT/loss_curve.png).
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// Checkpoint directory: a checkpoint is saved there at the end of the run.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -331,12 +342,21 @@ fn main() -> ExitCode {
             backend,
             steps,
             data,
+            task,
+            digits,
+            plot,
             out,
             resume,
             seed,
             model,
             json,
         } => {
+            if data.is_some() && task.is_some() {
+                eprintln!(
+                    "error: --task picks the embedded data; it cannot be combined with --data"
+                );
+                return ExitCode::from(2);
+            }
             if resume && out.is_none() {
                 eprintln!("error: --resume needs --out DIR (the checkpoint directory)");
                 return ExitCode::from(2);
@@ -353,6 +373,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let args = ds_engine::train::TrainArgs {
+                task: match task.as_deref() {
+                    Some("bigram") => ds_engine::train::Task::Bigram,
+                    _ => ds_engine::train::Task::Addition { digits },
+                },
+                progress: !json,
+                plot,
                 config,
                 world_size: world_size as usize,
                 backend,
@@ -381,12 +407,25 @@ fn main() -> ExitCode {
                         "trained {} steps: final loss {:.4}{}, median step {:.1} ms, {:.0} tokens/s, {} skipped, peak {:.1} MiB per rank",
                         r.steps,
                         r.final_loss,
-                        r.data_entropy.map(|h| format!(" (data entropy {h:.4})")).unwrap_or_default(),
+                        r.data_entropy.map(|h| format!(" (loss floor {h:.4})")).unwrap_or_default(),
                         r.median_step_ms,
                         r.tokens_per_s,
                         r.skipped_steps,
                         r.peak_bytes_per_rank as f64 / (1u64 << 20) as f64
                     );
+                    if let Some(l) = r.val_loss {
+                        print!("held-out ({}): loss {l:.4}", r.task);
+                        if let (Some(a), Some(n)) = (r.val_accuracy, r.val_problems) {
+                            print!(", exact-match accuracy {:.1}% of {n} problems", 100.0 * a);
+                        }
+                        println!();
+                    }
+                    if let Some(p) = &r.loss_curve_png {
+                        println!("loss curve: {p}");
+                    }
+                    if let Some(p) = &r.tensorboard_file {
+                        println!("tensorboard events: {p}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
