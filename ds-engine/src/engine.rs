@@ -184,6 +184,8 @@ pub struct Engine<'c> {
     global_steps: u64,
     skipped_steps: u64,
     micro_steps: u64,
+    /// Micro-batches accumulated since the last optimizer step.
+    pending: usize,
     policy: Policy,
     /// `acc` holds stale values: the next micro-batch overwrites instead of accumulating.
     acc_fresh: bool,
@@ -250,6 +252,7 @@ impl<'c> Engine<'c> {
             global_steps: 0,
             skipped_steps: 0,
             micro_steps: 0,
+            pending: 0,
             acc_fresh: true,
             last_segments: Vec::new(),
             notes: engine_notes(cfg),
@@ -409,6 +412,7 @@ impl<'c> Engine<'c> {
             .unwrap_or(t.global_step as i64 - 1);
         self.sched.set_last_batch_iteration(last);
         self.acc_fresh = true;
+        self.pending = 0;
         Ok(t)
     }
 
@@ -503,6 +507,7 @@ impl<'c> Engine<'c> {
         // Dropout masks are keyed by the micro-step (identical in a checkpoint recompute).
         self.model.set_step(self.micro_steps);
         self.micro_steps += 1;
+        self.pending += 1;
         let fb = if self.stage3 {
             let (model, zero, comm) = (&self.model, &self.zero, self.comm);
             let mut hook = |ev: BlockEvent| -> candle_core::Result<()> {
@@ -552,8 +557,37 @@ impl<'c> Engine<'c> {
         Ok((f64::from(fb.loss), fb.fwd_ms, fb.bwd_ms + copy_ms))
     }
 
-    /// The accumulation boundary: reduce, clip, step, all-gather, schedule.
+    /// Whether the micro-batches accumulated since the last optimizer step complete a global
+    /// batch (`gradient_accumulation_steps` of them), i.e. whether [`Engine::step_micro`]
+    /// will update the parameters now (DeepSpeed's `is_gradient_accumulation_boundary()`,
+    /// asked after the backward pass).
+    pub fn is_gradient_accumulation_boundary(&self) -> bool {
+        self.pending > 0 && self.pending % self.gas == 0
+    }
+
+    /// DeepSpeed's `engine.step()` for custom loops: call it after every micro-batch's
+    /// [`Engine::forward_backward`]. Between boundaries it only counts (the gradients stay in
+    /// the accumulation buffer) and returns `None`; at the boundary it runs [`Engine::step`]
+    /// and returns its report.
+    pub fn step_micro(&mut self) -> Result<Option<StepReport>, EngineError> {
+        if self.pending == 0 {
+            return Err(EngineError::Data(
+                "step_micro without a forward_backward since the last step: nothing to accumulate"
+                    .into(),
+            ));
+        }
+        if self.is_gradient_accumulation_boundary() {
+            self.step().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The accumulation boundary: reduce, clip, step, all-gather, schedule. Gradients are
+    /// accumulated divided by `gradient_accumulation_steps`, so call it after that many
+    /// micro-batches ([`Engine::train_batch`] and [`Engine::step_micro`] do).
     pub fn step(&mut self) -> Result<StepReport, EngineError> {
+        self.pending = 0;
         let lr = self.sched.current_lr();
         self.zero.reduce_gradients_swap(&mut self.acc, self.comm)?;
         // The next micro-batch writes its gradients instead of adding them: no zeroing pass.

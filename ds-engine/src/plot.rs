@@ -120,8 +120,10 @@ pub fn render(values: &[f64], first_step: u64) -> (usize, usize, Vec<u8>) {
         let v = lo + (hi - lo) * k as f64 / 4.0;
         let y = px_y(v);
         cv.line((x0 - 5, y), (x0, y), black);
-        for x in (x0 + 1..x1).step_by(4) {
-            cv.set(x, y, [220; 3]);
+        if k > 0 {
+            for x in (x0 + 1..x1).step_by(4) {
+                cv.set(x, y, [220; 3]);
+            }
         }
         let s = format!("{v:.3}");
         cv.text(x0 - 8 - text_width(&s), y - 5, &s);

@@ -535,3 +535,103 @@ fn consolidate_contract() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// nanoGPT token directory, TensorBoard monitor and loss-curve PNG in one small run; the
+/// default addition task reports held-out accuracy keys.
+#[test]
+fn train_tokens_tensorboard_and_plot() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toks: Vec<u8> = (0..4000u16).flat_map(|i| (i % 50).to_le_bytes()).collect();
+    std::fs::write(dir.join("train.bin"), &toks).unwrap();
+    std::fs::write(dir.join("val.bin"), &toks[..800]).unwrap();
+    let cfg = tmp(
+        "tb.json",
+        &format!(
+            r#"{{"train_batch_size": 4, "optimizer": {{"type": "AdamW", "params": {{"lr": 0.001}}}},
+               "tensorboard": {{"enabled": true, "output_path": "{}", "job_name": "tbjob"}}}}"#,
+            dir.join("tb").display()
+        ),
+    );
+    let png = dir.join("loss.png");
+    let small = [
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--world-size",
+        "2",
+    ];
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        dir.to_str().unwrap(),
+        "--vocab",
+        "64",
+        "--steps",
+        "3",
+        "--plot",
+        png.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend(small);
+    let out = ds(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["task"], "tokens");
+    let val = v["val_loss"].as_f64().unwrap();
+    assert!(val.is_finite() && val > 0.0, "{v}");
+    assert!(v["val_accuracy"].is_null());
+    assert_eq!(v["loss_curve_png"], png.to_str().unwrap());
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    let tb = v["tensorboard_file"].as_str().unwrap();
+    assert!(tb.contains("tbjob/events.out.tfevents."), "{tb}");
+    assert!(std::fs::metadata(tb).unwrap().len() > 100);
+    // Tokens >= vocab and odd lengths are refused with the file named.
+    let mut bad = args.clone();
+    bad[6] = "40";
+    let out = ds(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("train.bin"));
+    std::fs::write(dir.join("val.bin"), [0u8; 5]).unwrap();
+    let out = ds(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("odd length"));
+    // The default task: addition, with held-out accuracy keys.
+    let mut add = vec![
+        "train", "--steps", "2", "--seq", "32", "--vocab", "16", "--json",
+    ];
+    add.extend(&small[..6]);
+    let out = ds(&add);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["task"], "addition");
+    assert_eq!(v["val_problems"], 256); // 2 complete problems per 32-token sequence, 128 sequences
+    let acc = v["val_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    let floor = v["data_entropy"].as_f64().unwrap();
+    assert!(floor > 0.5 && floor < 1.5, "{floor}");
+    // --task and --data together are refused; the addition task needs 13 tokens.
+    let out = ds(&["train", "--task", "bigram", "--data", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = ds(&["train", "--vocab", "8", "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vocab >= 13"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

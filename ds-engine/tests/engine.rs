@@ -274,3 +274,43 @@ fn cpu_offload_is_the_same_path_and_checkpoint_profile_reports() {
     assert_eq!(ck, plain);
     assert_eq!(segs, 1);
 }
+
+/// DeepSpeed's custom loop (`forward`, `backward`, `step` every micro-batch): the update
+/// happens at the accumulation boundary only, and equals `train_batch` on the same data.
+#[test]
+fn custom_loop_steps_at_the_accumulation_boundary() {
+    let adamw = json!({"type": "AdamW", "params": {"lr": 0.01}});
+    let cfg = config(2, 1, 4, adamw, 1.0);
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let comm = LocalComm::create(1).remove(0);
+    let mut a = Engine::initialize(&cfg, Gpt::new(SHAPE, 7, &Device::Cpu).unwrap(), &comm).unwrap();
+    let mut b = Engine::initialize(&cfg, Gpt::new(SHAPE, 7, &Device::Cpu).unwrap(), &comm).unwrap();
+    assert_eq!(a.gradient_accumulation_steps(), 4);
+    assert!(
+        a.step_micro().is_err(),
+        "a step with nothing accumulated is refused"
+    );
+    let micro = a.micro_batch_size();
+    for step in 0..2u64 {
+        let before = a.gather_full_params().unwrap();
+        for m in 0..4 {
+            let (x, y) = dl.micro_batch(step, m, 0, 1, micro);
+            a.forward_backward(&x, &y).unwrap();
+            assert_eq!(a.is_gradient_accumulation_boundary(), m == 3);
+            let r = a.step_micro().unwrap();
+            assert_eq!(r.is_some(), m == 3, "micro-batch {m}");
+            if m < 3 {
+                // No update between boundaries.
+                assert_eq!(a.gather_full_params().unwrap(), before);
+                assert_eq!(a.global_steps(), step);
+            }
+        }
+        assert_eq!(a.global_steps(), step + 1);
+        b.train_batch(|m| dl.micro_batch(step, m, 0, 1, micro))
+            .unwrap();
+    }
+    assert_eq!(
+        a.gather_full_params().unwrap(),
+        b.gather_full_params().unwrap()
+    );
+}
