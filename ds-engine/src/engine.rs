@@ -18,7 +18,8 @@ use ds_zero::optim::{AdamParams, LambParams, LionParams, OptimizerSpec, SgdParam
 use ds_zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
 
 use crate::lr::{LrSchedule, LrScheduler};
-use crate::model::{BlockEvent, Gpt, BLOCK_PARAMS};
+use crate::model::{BlockEvent, Gpt};
+use crate::traits::Model;
 use crate::EngineError;
 use ds_ckpt_act::Policy;
 
@@ -149,6 +150,25 @@ fn engine_notes(cfg: &ResolvedConfig) -> Vec<String> {
     notes
 }
 
+/// The parameter index ranges outside every block (in order, non-empty).
+fn persistent_ranges(
+    nparams: usize,
+    blocks: &[std::ops::Range<usize>],
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for b in blocks {
+        if b.start > start {
+            out.push(start..b.start);
+        }
+        start = start.max(b.end);
+    }
+    if nparams > start {
+        out.push(start..nparams);
+    }
+    out
+}
+
 /// What one optimizer step (one global batch) did on this rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainStep {
@@ -171,9 +191,9 @@ pub struct TrainStep {
 /// backward ms), for `activation_checkpointing.profile`.
 pub type SegmentTimes = Vec<(usize, f64, f64)>;
 
-/// One rank's training engine.
-pub struct Engine<'c> {
-    model: Gpt,
+/// One rank's training engine, for any [`Model`] (the GPT by default).
+pub struct Engine<'c, M: Model = Gpt> {
+    model: M,
     comm: &'c dyn Communicator,
     zero: ZeroOptimizer,
     sched: LrScheduler,
@@ -194,15 +214,22 @@ pub struct Engine<'c> {
     stage3: bool,
 }
 
-impl<'c> Engine<'c> {
+impl<'c, M: Model> Engine<'c, M> {
     /// Builds the engine for a resolved config, a model (identically initialised on every
     /// rank) and this rank's communicator.
     pub fn initialize(
         cfg: &ResolvedConfig,
-        model: Gpt,
+        model: M,
         comm: &'c dyn Communicator,
     ) -> Result<Self, EngineError> {
         check_supported(cfg)?;
+        if !model.supports_checkpointing()
+            && cfg.activation_checkpointing.number_checkpoints.is_some()
+        {
+            return Err(EngineError::Config(
+                "activation_checkpointing.number_checkpoints: this model does not implement activation checkpointing (Model::supports_checkpointing is false); remove the key".into(),
+            ));
+        }
         if cfg.world_size != comm.world_size() {
             return Err(EngineError::Config(format!(
                 "the config was resolved for world size {} but the communicator has {} ranks",
@@ -231,8 +258,8 @@ impl<'c> Engine<'c> {
         if stage3 {
             // ZeRO-3: block parameters live in the optimizer's shards; the model holds them only
             // while a block runs (gathered before, released after).
-            for b in model.blocks() {
-                b.release()?;
+            for i in 0..model.block_param_ranges().len() {
+                model.release_block(i)?;
             }
         }
         let sched = LrScheduler::new(LrSchedule::from_config(
@@ -240,6 +267,7 @@ impl<'c> Engine<'c> {
             cfg.optimizer.as_ref(),
         )?);
         let n = init.len();
+        let ckpt_ok = model.supports_checkpointing();
         Ok(Engine {
             model,
             comm,
@@ -258,7 +286,7 @@ impl<'c> Engine<'c> {
             notes: engine_notes(cfg),
             // ZeRO-3 releases a block's parameters after its forward pass, so every block is
             // recomputed in the backward pass (with its parameters gathered again).
-            policy: if stage3 {
+            policy: if stage3 && ckpt_ok {
                 Policy::Every
             } else {
                 match cfg.activation_checkpointing.number_checkpoints {
@@ -272,11 +300,19 @@ impl<'c> Engine<'c> {
 
     /// Which blocks are checkpointed (from `activation_checkpointing.number_checkpoints`, or set
     /// here, e.g. [`Policy::Every`]).
-    pub fn set_checkpoint_policy(&mut self, policy: Policy) {
+    /// Refused for a model without activation checkpointing
+    /// ([`Model::supports_checkpointing`]).
+    pub fn set_checkpoint_policy(&mut self, policy: Policy) -> Result<(), EngineError> {
+        if !self.model.supports_checkpointing() && policy != Policy::None {
+            return Err(EngineError::Config(
+                "this model does not implement activation checkpointing".into(),
+            ));
+        }
         // ZeRO-3 needs every block recomputed (its parameters are released after the forward).
         if !self.stage3 {
             self.policy = policy;
         }
+        Ok(())
     }
 
     /// All parameters' current values, flat in [`Gpt::params`] order, at every stage (a
@@ -432,7 +468,7 @@ impl<'c> Engine<'c> {
     }
 
     /// The model.
-    pub fn model(&self) -> &Gpt {
+    pub fn model(&self) -> &M {
         &self.model
     }
 
@@ -492,7 +528,7 @@ impl<'c> Engine<'c> {
         ids: &[u32],
         targets: &[u32],
     ) -> Result<(f64, f64, f64), EngineError> {
-        let seq = self.model.shape().seq;
+        let seq = self.model.seq_len();
         if ids.len() != targets.len() || ids.is_empty() || ids.len() % seq != 0 {
             return Err(EngineError::Data(format!(
                 "a micro-batch needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
@@ -510,22 +546,26 @@ impl<'c> Engine<'c> {
         self.pending += 1;
         let fb = if self.stage3 {
             let (model, zero, comm) = (&self.model, &self.zero, self.comm);
+            let ranges = model.block_param_ranges();
             let mut hook = |ev: BlockEvent| -> candle_core::Result<()> {
                 match ev {
                     BlockEvent::Gather(i) => {
-                        let first = Gpt::block_param_start(i);
+                        let Some(r) = ranges.get(i) else {
+                            candle_core::bail!("no block {i}");
+                        };
                         let data = zero
-                            .gather_param_range(first..first + BLOCK_PARAMS, comm)
+                            .gather_param_range(r.clone(), comm)
                             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                        model.blocks()[i].set_data(&data)
+                        model.gather_block(i, &data)
                     }
-                    BlockEvent::Release(i) => model.blocks()[i].release(),
+                    BlockEvent::Release(i) => model.release_block(i),
                 }
             };
             self.model
                 .forward_backward_hooked(&x, &y, self.policy, &mut hook)?
         } else {
-            self.model.forward_backward(&x, &y, self.policy)?
+            self.model
+                .forward_backward_hooked(&x, &y, self.policy, &mut |_| Ok(()))?
         };
         self.last_segments = fb.segments.clone();
         let t1 = Instant::now();
@@ -595,10 +635,9 @@ impl<'c> Engine<'c> {
         let report = self.zero.step(lr, self.comm)?;
         if report.applied {
             if self.stage3 {
-                // Only the persistent parameters (embeddings, final LayerNorm) are refreshed;
-                // blocks are gathered when they next run.
-                let np = self.sizes.len();
-                for range in [0..2, np - 2..np] {
+                // Only the persistent parameters (outside every block: the GPT's embeddings
+                // and final LayerNorm) are refreshed; blocks are gathered when they next run.
+                for range in persistent_ranges(self.sizes.len(), &self.model.block_param_ranges()) {
                     let data = self.zero.gather_param_range(range.clone(), self.comm)?;
                     let mut off = 0;
                     for i in range {

@@ -25,6 +25,7 @@ pub mod model;
 pub mod monitor;
 pub mod plot;
 pub mod train;
+pub mod traits;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

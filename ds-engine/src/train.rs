@@ -391,7 +391,7 @@ fn run_rank(
         None
     };
     if args.ckpt {
-        engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
+        engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every)?;
     }
     let store = match &args.out {
         Some(dir) => Some(

@@ -314,3 +314,75 @@ fn custom_loop_steps_at_the_accumulation_boundary() {
         b.gather_full_params().unwrap()
     );
 }
+
+/// The engine is generic over `Model`: the MLP trained on 2 ranks at ZeRO stage 3 (blocks
+/// gathered around each pass) ends with the parameters of 1-rank stage-0 training on the same
+/// global batch, and checkpointing is refused for a model that does not implement it.
+#[test]
+fn mlp_trains_through_the_engine_at_every_stage() {
+    use ds_engine::traits::{Mlp, MlpShape, Model};
+    let shape = MlpShape {
+        layers: 2,
+        hidden: 16,
+        seq: SHAPE.seq,
+        vocab: SHAPE.vocab,
+    };
+    let adamw = json!({"type": "AdamW", "params": {"lr": 0.01}});
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let train = |stage: u8, ws: usize| -> (Vec<f32>, f64, f64) {
+        let cfg = config(stage, ws, 2, adamw.clone(), 1.0);
+        let mut out = std::thread::scope(|s| {
+            LocalComm::create(ws)
+                .into_iter()
+                .map(|comm| {
+                    let (cfg, dl) = (&cfg, &dl);
+                    s.spawn(move || {
+                        let mut e =
+                            Engine::initialize(cfg, Mlp::new(shape, 3).unwrap(), &comm).unwrap();
+                        let micro = e.micro_batch_size();
+                        let mut losses = vec![];
+                        for step in 0..20 {
+                            let r = e
+                                .train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                                .unwrap();
+                            losses.push(r.loss);
+                        }
+                        if stage == 3 {
+                            // Blocks are released between passes.
+                            assert_eq!(e.model().params()[1].var.elem_count(), 0);
+                        }
+                        (e.gather_full_params().unwrap(), losses[0], losses[19])
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        out.remove(0)
+    };
+    let (want, first, last) = train(0, 1);
+    assert!(last < first - 0.5, "loss {first} -> {last}");
+    for (stage, ws) in [(2, 2), (3, 2)] {
+        let (got, _, _) = train(stage, ws);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-5 * scale, "stage {stage} ws {ws}: max diff {d:e}");
+    }
+    let cfg = DeepSpeedConfig::from_value(json!({
+        "train_batch_size": 4, "optimizer": adamw,
+        "activation_checkpointing": {"number_checkpoints": 1},
+    }))
+    .resolve(1)
+    .unwrap();
+    let comm = LocalComm::create(1).remove(0);
+    let err = Engine::initialize(&cfg, Mlp::new(shape, 3).unwrap(), &comm)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("number_checkpoints"), "{err}");
+}
