@@ -679,10 +679,7 @@ mod tests {
         assert_eq!(x, [r0, r1].concat());
         let (vx, vy) = ds.val_batch(4);
         assert_eq!(vx.len(), 64);
-        assert_eq!(
-            vx[..16].iter().copied().collect::<Vec<_>>(),
-            (0..16).collect::<Vec<u32>>()
-        );
+        assert_eq!(vx[..16].to_vec(), (0..16).collect::<Vec<u32>>());
         assert_eq!(vy[0], 1);
         // Errors name the file and the problem.
         let e = TokenDataset::open(&dir, 400, 16, 0)

@@ -11,7 +11,7 @@ use ds_config::{DeepSpeedConfig, ResolveOptions, ResolvedConfig};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::data::{AdditionTask, BigramLanguage, DataLoader, TokenDataset};
+use crate::data::{AdditionTask, BigramLanguage, DataLoader, EvalBatch, TokenDataset};
 use crate::engine::Engine;
 use crate::model::{gpt_param_count, Gpt, ModelShape, Rng};
 use crate::EngineError;
@@ -285,15 +285,16 @@ pub fn evaluate(
 }
 
 /// Held-out data of a source: (inputs, targets, answer groups).
-fn eval_data(source: &Source) -> Option<(Vec<u32>, Vec<u32>, Vec<Vec<usize>>)> {
+fn eval_data(source: &Source) -> Option<EvalBatch> {
     match source {
-        Source::Addition(t) => {
-            let e = t.eval_batch(EVAL_SEQUENCES);
-            Some((e.inputs, e.targets, e.answers))
-        }
+        Source::Addition(t) => Some(t.eval_batch(EVAL_SEQUENCES)),
         Source::Tokens(t) => {
-            let (x, y) = t.val_batch(EVAL_SEQUENCES);
-            Some((x, y, Vec::new()))
+            let (inputs, targets) = t.val_batch(EVAL_SEQUENCES);
+            Some(EvalBatch {
+                inputs,
+                targets,
+                answers: Vec::new(),
+            })
         }
         Source::Bigram(_) | Source::Bytes { .. } => None,
     }
@@ -446,7 +447,7 @@ fn run_rank(
         && matches!(source, Source::Addition(_)))
     .then(|| eval_data(source))
     .flatten()
-    .filter(|(_, _, a)| !a.is_empty());
+    .filter(|e| !e.answers.is_empty());
     let mut losses = Vec::new();
     let mut step_ms = Vec::new();
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
@@ -481,8 +482,8 @@ fn run_rank(
         }
         if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
             let val = match &periodic {
-                Some((x, y, a)) => {
-                    let (_, acc) = evaluate(engine.model(), x, y, a)?;
+                Some(e) => {
+                    let (_, acc) = evaluate(engine.model(), &e.inputs, &e.targets, &e.answers)?;
                     format!(", val_acc={:.3}", acc.unwrap_or(0.0))
                 }
                 None => String::new(),
@@ -529,7 +530,12 @@ fn run_rank(
     // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
     // collective at every stage).
     let mut eval = EvalResult::default();
-    if let Some((x, y, answers)) = eval_data(source) {
+    if let Some(EvalBatch {
+        inputs: x,
+        targets: y,
+        answers,
+    }) = eval_data(source)
+    {
         let full = engine.gather_full_params()?;
         if rank == 0 {
             let model = Gpt::new(shape, 0, &Device::Cpu)?;
@@ -750,8 +756,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         losses,
         ranks.iter().map(|r| r.state_bytes).max().unwrap_or(0),
         ws as u64,
-        entropy,
-        task,
+        (entropy, task),
     )?;
     plot(args, r)
 }
@@ -781,8 +786,7 @@ fn report(
     losses: Vec<f64>,
     state_bytes: usize,
     ranks_in_process: u64,
-    entropy: Option<f64>,
-    task: &str,
+    (entropy, task): (Option<f64>, &str),
 ) -> Result<TrainReport, EngineError> {
     let shape = args.shape;
     let mut times = r0.step_ms.clone();
@@ -835,7 +839,7 @@ fn train_mpi(
     let losses = comm
         .all_reduce(&t, ds_comm::ReduceOp::Avg)?
         .to_vec1::<f64>()?;
-    let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, entropy, task)?;
+    let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, (entropy, task))?;
     rep.rank = comm.rank();
     plot(args, rep)
 }

@@ -78,7 +78,8 @@ impl Model for GatedLm {
         vec![vec![v, h], vec![h, h], vec![h, h], vec![v, h]]
     }
     fn block_param_ranges(&self) -> Vec<Range<usize>> {
-        vec![1..3]
+        // One block: parameters 1 and 2 (gate, weight); `emb` and `head` stay whole.
+        std::iter::once(1..3).collect()
     }
     fn gather_block(&self, _i: usize, flat: &[f32]) -> candle_core::Result<()> {
         let n = self.hidden * self.hidden;
