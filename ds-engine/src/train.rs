@@ -19,7 +19,7 @@ use crate::EngineError;
 /// The embedded default configuration (`examples/configs/gpt_zero2.json`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../examples/configs/gpt_zero2.json");
 
-/// The main job's defaults: a small GPT that learns 3-digit addition in about two minutes on 2
+/// The main job's defaults: a small GPT that learns 3-digit addition in about a minute on 2
 /// cores.
 pub const DEFAULT_SHAPE: ModelShape = ModelShape {
     layers: 2,
@@ -50,7 +50,7 @@ pub const EVAL_SEQUENCES: usize = 128;
 pub const DEFAULT_TASK: Task = Task::Addition { digits: 3 };
 
 /// Optimizer steps of `ds train` with no `--steps`.
-pub const DEFAULT_STEPS: u64 = 3000;
+pub const DEFAULT_STEPS: u64 = 6000;
 
 /// Options of `ds train`.
 #[derive(Debug, Clone)]
