@@ -204,7 +204,7 @@ impl AdditionTask {
     /// Whether the pair `(a, b)` is held out (about one pair in ten).
     pub fn held_out(&self, a: u64, b: u64) -> bool {
         let mut r = Rng::new(self.seed ^ 0xADD0 ^ (a * self.max + b).wrapping_mul(0x2545_F491));
-        r.next_u64() % 10 == 0
+        r.next_u64().is_multiple_of(10)
     }
 
     /// The tokens of one problem.

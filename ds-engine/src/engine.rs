@@ -529,7 +529,7 @@ impl<'c, M: Model> Engine<'c, M> {
         targets: &[u32],
     ) -> Result<(f64, f64, f64), EngineError> {
         let seq = self.model.seq_len();
-        if ids.len() != targets.len() || ids.is_empty() || ids.len() % seq != 0 {
+        if ids.len() != targets.len() || ids.is_empty() || !ids.len().is_multiple_of(seq) {
             return Err(EngineError::Data(format!(
                 "a micro-batch needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
                 ids.len(),
@@ -602,7 +602,7 @@ impl<'c, M: Model> Engine<'c, M> {
     /// will update the parameters now (DeepSpeed's `is_gradient_accumulation_boundary()`,
     /// asked after the backward pass).
     pub fn is_gradient_accumulation_boundary(&self) -> bool {
-        self.pending > 0 && self.pending % self.gas == 0
+        self.pending > 0 && self.pending.is_multiple_of(self.gas)
     }
 
     /// DeepSpeed's `engine.step()` for custom loops: call it after every micro-batch's

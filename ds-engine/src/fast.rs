@@ -819,7 +819,7 @@ pub fn layer_norm_forward(
     b: &[f32],
     c: usize,
 ) -> R<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    if c == 0 || x.len() % c != 0 {
+    if c == 0 || !x.len().is_multiple_of(c) {
         candle_core::bail!("layer norm: {} values are not rows of {c}", x.len());
     }
     check_len("layer norm weight", w.len(), c)?;
@@ -841,7 +841,7 @@ pub fn layer_norm_backward(
     dw: &mut [f32],
     db: &mut [f32],
 ) -> R<()> {
-    if c == 0 || x.len() % c != 0 {
+    if c == 0 || !x.len().is_multiple_of(c) {
         candle_core::bail!("layer norm: {} values are not rows of {c}", x.len());
     }
     let rows = x.len() / c;
@@ -869,7 +869,7 @@ pub fn gelu_backward(th: Threads, h: &[f32], dg: &mut [f32]) -> R<()> {
 }
 
 fn attn_check(qkv: usize, b: usize, t: usize, c: usize, heads: usize) -> R<()> {
-    if heads == 0 || c % heads != 0 {
+    if heads == 0 || !c.is_multiple_of(heads) {
         candle_core::bail!("attention: hidden {c} is not a positive multiple of {heads} heads");
     }
     check_len("attention qkv", qkv, b * t * 3 * c)

@@ -492,7 +492,7 @@ impl Gpt {
 
     /// Builds the model with GPT-2 initialisation from `seed`.
     pub fn new(shape: ModelShape, seed: u64, dev: &Device) -> candle_core::Result<Self> {
-        if shape.heads == 0 || shape.hidden % shape.heads != 0 {
+        if shape.heads == 0 || !shape.hidden.is_multiple_of(shape.heads) {
             candle_core::bail!(
                 "hidden ({}) must be a positive multiple of heads ({})",
                 shape.hidden,

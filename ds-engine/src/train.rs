@@ -243,7 +243,7 @@ pub fn evaluate(
     answers: &[Vec<usize>],
 ) -> Result<(f64, Option<f64>), EngineError> {
     let seq = model.shape().seq;
-    if inputs.len() != targets.len() || inputs.is_empty() || inputs.len() % seq != 0 {
+    if inputs.len() != targets.len() || inputs.is_empty() || !inputs.len().is_multiple_of(seq) {
         return Err(EngineError::Data(format!(
             "evaluation needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
             inputs.len(),

@@ -325,7 +325,7 @@ impl LossScaler for DynamicLossScaler {
                 self.cur_hysteresis = o.hysteresis;
             }
             let stable = self.cur_iter as i64 - self.last_overflow_iter - 1;
-            if stable > 0 && (stable as u64) % o.window == 0 {
+            if stable > 0 && (stable as u64).is_multiple_of(o.window) {
                 if zero && !o.consecutive_hysteresis {
                     self.cur_hysteresis = o.hysteresis;
                 }

@@ -272,7 +272,7 @@ impl ThroughputTimer {
         }
         self.last_step_elapsed = self.step_elapsed;
         self.step_elapsed = Duration::ZERO;
-        if report_speed && self.global_step_count % self.steps_per_output == 0 {
+        if report_speed && self.global_step_count.is_multiple_of(self.steps_per_output) {
             Some(self.progress_line())
         } else {
             None

@@ -231,7 +231,7 @@ impl ZeroOptimizer {
                 opts.stage
             )));
         }
-        if opts.allgather_bucket_size % 2 != 0 {
+        if !opts.allgather_bucket_size.is_multiple_of(2) {
             return Err(ZeroError::Option(format!(
                 "allgather_bucket_size ({}) must be a multiple of 2 (the partition alignment factor)",
                 opts.allgather_bucket_size
