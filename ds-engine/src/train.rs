@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::data::{AdditionTask, BigramLanguage, DataLoader, EvalBatch, TokenDataset};
 use crate::engine::Engine;
 use crate::model::{gpt_param_count, Gpt, ModelShape, Rng};
+use crate::traits::{Mlp, MlpShape, Model};
 use crate::EngineError;
 
 /// The embedded default configuration (`examples/configs/gpt_zero2.json`).
@@ -52,9 +53,20 @@ pub const DEFAULT_TASK: Task = Task::Addition { digits: 3 };
 /// Optimizer steps of `ds train` with no `--steps`.
 pub const DEFAULT_STEPS: u64 = 6000;
 
+/// The model `ds train` builds from the model flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// The GPT ([`Gpt`]).
+    Gpt,
+    /// The token-wise MLP ([`Mlp`]; `--heads` unused, no activation checkpointing or dropout).
+    Mlp,
+}
+
 /// Options of `ds train`.
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
+    /// The model family.
+    pub model: ModelKind,
     /// Embedded data when `data` is `None`.
     pub task: Task,
     /// Show a progress bar (only when stderr is a terminal).
@@ -93,6 +105,7 @@ impl Default for TrainArgs {
     /// `ds train` with no flags: the embedded config, 2 ranks, the addition task.
     fn default() -> Self {
         TrainArgs {
+            model: ModelKind::Gpt,
             task: DEFAULT_TASK,
             progress: false,
             plot: None,
@@ -236,13 +249,13 @@ fn peak_rss_bytes() -> u64 {
 /// Held-out evaluation of `model` on `inputs`/`targets` (whole sequences of the model's
 /// `seq`): the mean next-token loss, and with `answers` (groups of target indices) the
 /// fraction of groups whose every position's argmax equals its target.
-pub fn evaluate(
-    model: &Gpt,
+pub fn evaluate<M: Model + ?Sized>(
+    model: &M,
     inputs: &[u32],
     targets: &[u32],
     answers: &[Vec<usize>],
 ) -> Result<(f64, Option<f64>), EngineError> {
-    let seq = model.shape().seq;
+    let seq = model.seq_len();
     if inputs.len() != targets.len() || inputs.is_empty() || !inputs.len().is_multiple_of(seq) {
         return Err(EngineError::Data(format!(
             "evaluation needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
@@ -353,6 +366,9 @@ fn run_rank(
     args: &TrainArgs,
     log_every: u64,
 ) -> Result<RankResult, EngineError> {
+    if args.model == ModelKind::Mlp {
+        return run_rank_mlp(comm, cfg, source, args, log_every);
+    }
     let (shape, ws, rank) = (args.shape, comm.world_size(), comm.rank());
     let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
     model.set_threads(kernel_threads(ws));
@@ -363,7 +379,55 @@ fn run_rank(
             args.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9),
         );
     }
-    let mut engine = Engine::initialize(cfg, model, comm)?;
+    let engine = Engine::initialize(cfg, model, comm)?;
+    let fresh = || Ok(Gpt::new(shape, 0, &Device::Cpu)?);
+    drive(engine, &fresh, comm, cfg, source, args, log_every)
+}
+
+/// The MLP's shape from the model flags.
+pub fn mlp_shape(s: &ModelShape) -> MlpShape {
+    MlpShape {
+        layers: s.layers,
+        hidden: s.hidden,
+        seq: s.seq,
+        vocab: s.vocab,
+    }
+}
+
+/// Parameters of the model `ds train` builds.
+pub fn param_count(kind: ModelKind, s: &ModelShape) -> usize {
+    match kind {
+        ModelKind::Gpt => gpt_param_count(s),
+        ModelKind::Mlp => Mlp::param_count(&mlp_shape(s)),
+    }
+}
+
+/// One rank's MLP run.
+fn run_rank_mlp(
+    comm: &dyn Communicator,
+    cfg: &ResolvedConfig,
+    source: &Source,
+    args: &TrainArgs,
+    log_every: u64,
+) -> Result<RankResult, EngineError> {
+    let shape = mlp_shape(&args.shape);
+    let fresh = || Ok(Mlp::new(shape, args.seed)?);
+    let engine = Engine::initialize(cfg, fresh()?, comm)?;
+    drive(engine, &fresh, comm, cfg, source, args, log_every)
+}
+
+/// The training loop over an initialised engine; `fresh` builds a model of the same kind for
+/// the final evaluation.
+fn drive<M: Model>(
+    mut engine: Engine<'_, M>,
+    fresh: &dyn Fn() -> Result<M, EngineError>,
+    comm: &dyn Communicator,
+    cfg: &ResolvedConfig,
+    source: &Source,
+    args: &TrainArgs,
+    log_every: u64,
+) -> Result<RankResult, EngineError> {
+    let (ws, rank) = (comm.world_size(), comm.rank());
     if rank == 0 {
         for n in engine.notes() {
             eprintln!("note: {n}");
@@ -538,7 +602,7 @@ fn run_rank(
     {
         let full = engine.gather_full_params()?;
         if rank == 0 {
-            let model = Gpt::new(shape, 0, &Device::Cpu)?;
+            let model = fresh()?;
             let mut off = 0;
             for (i, p) in model.params().iter().enumerate() {
                 let n = p.var.elem_count();
@@ -625,6 +689,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             )))
         }
     }
+    if args.model == ModelKind::Mlp && args.dropout > 0.0 {
+        return Err(EngineError::Config(
+            "--dropout: the MLP has no dropout; use --model gpt or drop the flag".into(),
+        ));
+    }
     let cfg = resolve_config(args)?;
     for w in &cfg.warnings {
         eprintln!("warning: {w}");
@@ -698,10 +767,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     let ws = args.world_size;
     let log_every = cfg.steps_per_print.unwrap_or(0);
     eprintln!(
-        "ds train: GPT {} layers x {} hidden ({} params), ZeRO stage {}, world size {ws}, micro-batch {} x {} accumulation, {} steps",
+        "ds train: {} {} layers x {} hidden ({} params), ZeRO stage {}, world size {ws}, micro-batch {} x {} accumulation, {} steps",
+        if args.model == ModelKind::Mlp { "MLP" } else { "GPT" },
         shape.layers,
         shape.hidden,
-        gpt_param_count(&shape),
+        param_count(args.model, &shape),
         cfg.zero_optimization.stage,
         cfg.train_micro_batch_size_per_gpu,
         cfg.gradient_accumulation_steps,
@@ -808,7 +878,7 @@ fn report(
         losses,
         world_size: cfg.world_size,
         zero_stage: cfg.zero_optimization.stage,
-        params: gpt_param_count(&shape),
+        params: param_count(args.model, &shape),
         model_state_bytes_per_rank: state_bytes,
         data_entropy: entropy,
         task: task.to_string(),

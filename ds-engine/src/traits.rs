@@ -45,6 +45,12 @@ pub trait Model {
         false
     }
 
+    /// Logits (B*T, V) of `ids` (B, T) for evaluation (greedy accuracy, held-out loss); by
+    /// default an error (a model need not provide them to be trained).
+    fn logits(&self, _ids: &Tensor) -> candle_core::Result<Tensor> {
+        candle_core::bail!("this model does not provide logits for evaluation")
+    }
+
     /// Sets the micro-step that keys random masks (dropout); nothing by default.
     fn set_step(&self, _step: u64) {}
 
@@ -103,6 +109,9 @@ impl Model for Gpt {
     }
     fn set_step(&self, step: u64) {
         Gpt::set_step(self, step)
+    }
+    fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        Gpt::logits(self, ids)
     }
     fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
         Gpt::set_param(self, index, data)
@@ -177,15 +186,24 @@ impl Mlp {
         self.shape
     }
 
-    /// Mean next-token cross-entropy of `ids` against `targets` (autograd graph kept).
-    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    /// Logits (B*T, V) of `ids` (B, T) (autograd graph kept).
+    pub fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = self.wte.embedding(&ids.flatten_all()?)?;
         for b in &self.blocks {
             let [w, bias] = &*b.borrow();
             x = (&x + x.matmul(&w.t()?)?.broadcast_add(bias)?.tanh()?)?;
         }
-        let logits = x.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)?;
-        crate::kernels::cross_entropy(&logits, &targets.flatten_all()?)
+        x.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)
+    }
+
+    /// Mean next-token cross-entropy of `ids` against `targets` (autograd graph kept).
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        crate::kernels::cross_entropy(&self.logits(ids)?, &targets.flatten_all()?)
+    }
+
+    /// Parameter count of an MLP of this shape.
+    pub fn param_count(s: &MlpShape) -> usize {
+        2 * s.vocab * s.hidden + s.layers * (s.hidden * s.hidden + s.hidden) + s.vocab
     }
 }
 
@@ -255,6 +273,9 @@ impl Model for Mlp {
     }
     fn seq_len(&self) -> usize {
         self.shape.seq
+    }
+    fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        Mlp::logits(self, ids)
     }
     fn forward_backward_hooked(
         &self,
@@ -378,6 +399,8 @@ mod tests {
         )
         .unwrap();
         check_all_grads(&mlp, 32, 8);
+        let n: usize = Model::params(&mlp).iter().map(|p| p.var.elem_count()).sum();
+        assert_eq!(n, Mlp::param_count(&mlp.shape()));
     }
 
     #[test]

@@ -635,3 +635,60 @@ fn train_tokens_tensorboard_and_plot() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vocab >= 13"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--model mlp` trains the library's MLP through the same engine (ZeRO-3 here) and refuses
+/// what it does not have.
+#[test]
+fn train_mlp_model() {
+    let base = [
+        "train",
+        "--model",
+        "mlp",
+        "--task",
+        "bigram",
+        "--steps",
+        "30",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--seq",
+        "16",
+        "--vocab",
+        "32",
+        "--world-size",
+        "2",
+    ];
+    let cfg = tmp(
+        "mlp.json",
+        r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+           "zero_optimization": {"stage": 3}}"#,
+    );
+    let mut args = base.to_vec();
+    args.extend(["--config", cfg.to_str().unwrap(), "--json"]);
+    let out = ds(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 2 * V * H + L * (H * H + H) + V parameters.
+    assert_eq!(v["params"], 2 * 32 * 32 + (32 * 32 + 32) + 32);
+    let losses: Vec<f64> = serde_json::from_value(v["losses"].clone()).unwrap();
+    assert!(
+        losses[29] < losses[0] - 0.5,
+        "{} -> {}",
+        losses[0],
+        losses[29]
+    );
+    for extra in [vec!["--ckpt"], vec!["--dropout", "0.1"]] {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let out = ds(&a);
+        assert_eq!(out.status.code(), Some(2));
+    }
+    let out = ds(&["profile", "--model", "mlp"]);
+    assert_eq!(out.status.code(), Some(2));
+}

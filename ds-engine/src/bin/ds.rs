@@ -137,8 +137,9 @@ enum Command {
 /// Model flags shared by train, profile and the benches.
 #[derive(clap::Args, Debug, Clone)]
 struct ModelFlags {
-    /// Model family.
-    #[arg(long, default_value = "gpt", value_parser = ["gpt"])]
+    /// Model family: `gpt`, or `mlp` (`ds train` only: a token-wise MLP trained by candle
+    /// autograd; --layers and --hidden apply, --heads does not).
+    #[arg(long, default_value = "gpt", value_parser = ["gpt", "mlp"])]
     model: String,
     /// Transformer blocks.
     #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.layers)]
@@ -373,6 +374,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let args = ds_engine::train::TrainArgs {
+                model: if model.model == "mlp" {
+                    ds_engine::train::ModelKind::Mlp
+                } else {
+                    ds_engine::train::ModelKind::Gpt
+                },
                 task: match task.as_deref() {
                     Some("bigram") => ds_engine::train::Task::Bigram,
                     _ => ds_engine::train::Task::Addition { digits },
@@ -439,6 +445,13 @@ fn main() -> ExitCode {
             model,
             json,
         } => {
+            if model.model != "gpt" {
+                eprintln!(
+                    "error: --model {}: `ds profile` profiles the GPT only",
+                    model.model
+                );
+                return ExitCode::from(2);
+            }
             if model.heads == 0 || model.hidden % model.heads != 0 {
                 eprintln!(
                     "error: --hidden {} must be a multiple of --heads {}",
