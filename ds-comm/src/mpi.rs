@@ -234,7 +234,7 @@ impl MpiComm {
                 Err(r) => req = r,
             }
             polls = polls.wrapping_add(1);
-            if polls % 64 == 0 {
+            if polls.is_multiple_of(64) {
                 if let Some(d) = deadline {
                     if Instant::now() >= d {
                         std::mem::forget(req);
