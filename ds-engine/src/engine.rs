@@ -80,9 +80,6 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "mixed-precision training is not wired into the engine yet (f32 is the CPU default); set enabled false",
         );
     }
-    if cfg.flops_profiler.enabled {
-        return refuse("flops_profiler.enabled", "the flops profiler is not wired into the engine yet; use `ds profile` when it lands, or set enabled false");
-    }
     if cfg.json()["sparse_gradients"] == serde_json::Value::Bool(true) {
         return refuse(
             "sparse_gradients",

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::data::{AdditionTask, BigramLanguage, DataLoader, EvalBatch, TokenDataset};
-use crate::engine::Engine;
+use crate::engine::{Engine, TrainStep};
 use crate::model::{gpt_param_count, Gpt, ModelShape, Rng};
 use crate::traits::{Mlp, MlpShape, Model};
 use crate::EngineError;
@@ -99,6 +99,9 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     /// Resume from the latest checkpoint in `out` before training.
     pub resume: bool,
+    /// Print DeepSpeed's flops profile of step 2 (as `flops_profiler.enabled` with
+    /// `profile_step: 2`, without the detailed tree), whatever the config says.
+    pub flops_profile: bool,
 }
 
 impl Default for TrainArgs {
@@ -121,6 +124,7 @@ impl Default for TrainArgs {
             dropout: 0.0,
             out: None,
             resume: false,
+            flops_profile: false,
         }
     }
 }
@@ -358,6 +362,53 @@ pub fn kernel_threads(ws: usize) -> usize {
     (cores / local).max(1)
 }
 
+/// Prints the flops profile of one training step (`flops_profiler`).
+type FlopsReport<'a> = dyn Fn(&TrainStep) -> Result<String, EngineError> + 'a;
+
+/// DeepSpeed's flops-profiler report for a training step of the GPT (`flops_profiler.enabled`,
+/// printed once at `profile_step`): the module tree's FLOPs, MACs and parameters come from an
+/// instrumented forward pass of a GPT of the same shape (they depend on the shape only, not on
+/// the weights); the summary's forward, backward and optimizer-step latencies (and so its
+/// FLOPS) are those of the profiled training step itself, while the module tree shows the
+/// instrumented pass's per-module latencies.
+fn flops_report(
+    cfg: &ResolvedConfig,
+    shape: ModelShape,
+    micro: usize,
+    ws: usize,
+    r: &TrainStep,
+) -> Result<String, EngineError> {
+    let fp = &cfg.flops_profiler;
+    let opts = ds_profiler::ProfilerOptions {
+        enabled: true,
+        recompute_fwd_factor: fp.recompute_fwd_factor,
+        profile_step: fp.profile_step,
+        module_depth: fp.module_depth,
+        top_modules: fp.top_modules as usize,
+        detailed: fp.detailed,
+        output_file: fp.output_file.clone().map(PathBuf::from),
+    };
+    let model = Gpt::new(shape, 0, &Device::Cpu)?;
+    let ids =
+        candle_core::Tensor::zeros((micro, shape.seq), candle_core::DType::U32, &Device::Cpu)?;
+    let prof = ds_profiler::FlopsProfiler::new();
+    prof.start_profile();
+    model.profile_forward(&ids, &prof)?;
+    prof.stop_profile();
+    let ms = |v: f64| std::time::Duration::from_secs_f64(v.max(0.0) / 1e3);
+    let ctx = ds_profiler::ReportContext {
+        step: fp.profile_step,
+        world_size: ws,
+        batch_size_per_gpu: Some(micro),
+        fwd_latency: Some(ms(r.fwd_ms)),
+        bwd_latency: Some(ms(r.bwd_ms)),
+        step_latency: Some(ms(r.step_ms)),
+        ..Default::default()
+    };
+    prof.model_profile_report(&opts, &ctx)
+        .map_err(|e| EngineError::Data(format!("flops profiler: {e}")))
+}
+
 /// One rank's training loop (any backend).
 fn run_rank(
     comm: &dyn Communicator,
@@ -381,7 +432,18 @@ fn run_rank(
     }
     let engine = Engine::initialize(cfg, model, comm)?;
     let fresh = || Ok(Gpt::new(shape, 0, &Device::Cpu)?);
-    drive(engine, &fresh, comm, cfg, source, args, log_every)
+    let micro = cfg.train_micro_batch_size_per_gpu as usize;
+    let flops = |r: &TrainStep| flops_report(cfg, shape, micro, ws, r);
+    drive(
+        engine,
+        &fresh,
+        Some(&flops),
+        comm,
+        cfg,
+        source,
+        args,
+        log_every,
+    )
 }
 
 /// The MLP's shape from the model flags.
@@ -412,15 +474,22 @@ fn run_rank_mlp(
 ) -> Result<RankResult, EngineError> {
     let shape = mlp_shape(&args.shape);
     let fresh = || Ok(Mlp::new(shape, args.seed)?);
+    if cfg.flops_profiler.enabled {
+        return Err(EngineError::Config(
+            "flops_profiler.enabled: the flops profiler counts the GPT's modules; the MLP has no profile (set enabled false)".into(),
+        ));
+    }
     let engine = Engine::initialize(cfg, fresh()?, comm)?;
-    drive(engine, &fresh, comm, cfg, source, args, log_every)
+    drive(engine, &fresh, None, comm, cfg, source, args, log_every)
 }
 
 /// The training loop over an initialised engine; `fresh` builds a model of the same kind for
 /// the final evaluation.
+#[allow(clippy::too_many_arguments)]
 fn drive<M: Model>(
     mut engine: Engine<'_, M>,
     fresh: &dyn Fn() -> Result<M, EngineError>,
+    flops: Option<&FlopsReport<'_>>,
     comm: &dyn Communicator,
     cfg: &ResolvedConfig,
     source: &Source,
@@ -533,6 +602,13 @@ fn drive<M: Model>(
         if let Some(b) = &bar {
             b.inc(1);
             b.set_message(format!("loss {:.4}", r.loss));
+        }
+        if let Some(f) = flops.filter(|_| {
+            rank == 0
+                && cfg.flops_profiler.enabled
+                && step + 1 == cfg.flops_profiler.profile_step.max(1)
+        }) {
+            say(f(&r)?);
         }
         f_acc += r.fwd_ms;
         b_acc += r.bwd_ms;
@@ -694,7 +770,13 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             "--dropout: the MLP has no dropout; use --model gpt or drop the flag".into(),
         ));
     }
-    let cfg = resolve_config(args)?;
+    let mut cfg = resolve_config(args)?;
+    if args.flops_profile {
+        cfg.flops_profiler.enabled = true;
+        cfg.flops_profiler.profile_step = 2;
+        cfg.flops_profiler.detailed = false;
+        cfg.flops_profiler.module_depth = 1;
+    }
     for w in &cfg.warnings {
         eprintln!("warning: {w}");
     }

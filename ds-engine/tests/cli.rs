@@ -692,3 +692,78 @@ fn train_mlp_model() {
     let out = ds(&["profile", "--model", "mlp"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `flops_profiler` during training: DeepSpeed's report once, at `profile_step`, with the same
+/// forward FLOPs `ds profile` counts for the shape; refused for the MLP (no module tree).
+#[test]
+fn train_prints_the_flops_profile_once() {
+    let shape = [
+        "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "64",
+    ];
+    let cfg = tmp(
+        "flops.json",
+        r#"{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": 0.001}},
+           "flops_profiler": {"enabled": true, "profile_step": 3, "detailed": false}}"#,
+    );
+    let mut args = vec![
+        "train",
+        "--task",
+        "bigram",
+        "--steps",
+        "4",
+        "--world-size",
+        "2",
+    ];
+    args.extend(shape);
+    args.extend(["--config", cfg.to_str().unwrap(), "--json"]);
+    let out = ds(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(err.matches("Profile Summary at step 3").count(), 1, "{err}");
+    assert!(
+        err.contains("bwd latency:") && err.contains("step latency:"),
+        "{err}"
+    );
+    // The forward FLOPs equal `ds profile`'s for the same shape and micro-batch.
+    let mut p = vec!["profile", "--batch", "4", "--json"];
+    p.extend(shape);
+    let prof: serde_json::Value = serde_json::from_slice(&ds(&p).stdout).unwrap();
+    let flops = prof["flops"].as_f64().unwrap();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("fwd flops per GPU:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let shown = line.split(':').nth(1).unwrap().trim();
+    let (num, unit) = shown.split_once(' ').unwrap();
+    let scale = match unit {
+        "G" => 1e9,
+        "M" => 1e6,
+        "K" => 1e3,
+        _ => 1.0,
+    };
+    let v: f64 = num.parse::<f64>().unwrap() * scale;
+    assert!((v - flops).abs() <= 0.01 * flops, "{shown} vs {flops}");
+    // The MLP has no module tree: refused, not ignored.
+    let out = ds(&[
+        "train",
+        "--model",
+        "mlp",
+        "--task",
+        "bigram",
+        "--steps",
+        "2",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--seq",
+        "8",
+        "--vocab",
+        "16",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flops_profiler"));
+}

@@ -64,6 +64,10 @@ pub struct ReportContext {
     pub model_parallel_size: usize,
     /// Micro-batch size per GPU, if known.
     pub batch_size_per_gpu: Option<usize>,
+    /// Forward latency of the real step from the wall-clock timers; when set it replaces the
+    /// profiled pass's own latency in the summary (an instrumented forward can be slower than
+    /// the training path; the module tree keeps the profiled latencies).
+    pub fwd_latency: Option<Duration>,
     /// Backward latency from the wall-clock timers.
     pub bwd_latency: Option<Duration>,
     /// Optimizer step latency from the wall-clock timers.
@@ -354,7 +358,9 @@ pub fn render(p: &Profile, opts: &ProfilerOptions, ctx: &ReportContext) -> Strin
     };
     let mp = ctx.model_parallel_size.max(1);
     let r = opts.recompute_fwd_factor;
-    let fwd = Duration::from_secs_f64(p.fwd_latency_ms.max(0.0) / 1e3);
+    let fwd = ctx
+        .fwd_latency
+        .unwrap_or_else(|| Duration::from_secs_f64(p.fwd_latency_ms.max(0.0) / 1e3));
     let flops = p.flops as f64;
     let _ = writeln!(
         o,

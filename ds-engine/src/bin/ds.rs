@@ -78,6 +78,9 @@ enum Command {
         /// Seed of initialisation and data.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Print DeepSpeed's flops profile of step 2 (module depth 1, no detailed tree).
+        #[arg(long)]
+        flops_profile: bool,
         #[command(flatten)]
         model: ModelFlags,
         /// Print one JSON document with the results.
@@ -166,6 +169,9 @@ struct ModelFlags {
     #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
     vocab: usize,
 }
+
+/// Where `ds train` with no arguments writes its checkpoint and loss curve.
+const DEMO_OUT: &str = "ds-train-out";
 
 #[derive(Subcommand)]
 enum BenchCommand {
@@ -349,9 +355,17 @@ fn main() -> ExitCode {
             out,
             resume,
             seed,
-            model,
+            flops_profile,
+            mut model,
             json,
         } => {
+            // `ds train` with no arguments at all is the demonstration run: activation
+            // checkpointing, the flops profile printed once, a checkpoint and the loss-curve PNG
+            // in ./ds-train-out.
+            let demo = std::env::args_os().count() == 2;
+            let out = out.or_else(|| demo.then(|| PathBuf::from(DEMO_OUT)));
+            let flops_profile = flops_profile || demo;
+            model.ckpt |= demo;
             if data.is_some() && task.is_some() {
                 eprintln!(
                     "error: --task picks the embedded data; it cannot be combined with --data"
@@ -373,6 +387,14 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+            let is_mlp = model.model == "mlp";
+            let shape = ds_engine::model::ModelShape {
+                layers: model.layers,
+                hidden: model.hidden,
+                heads: model.heads,
+                seq: model.seq,
+                vocab: model.vocab,
+            };
             let args = ds_engine::train::TrainArgs {
                 model: if model.model == "mlp" {
                     ds_engine::train::ModelKind::Mlp
@@ -403,6 +425,7 @@ fn main() -> ExitCode {
                 dropout: model.dropout,
                 out,
                 resume,
+                flops_profile,
             };
             match ds_engine::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
@@ -425,6 +448,25 @@ fn main() -> ExitCode {
                             print!(", exact-match accuracy {:.1}% of {n} problems", 100.0 * a);
                         }
                         println!();
+                    }
+                    if !is_mlp {
+                        // Model FLOPs (DeepSpeed's matmul count: 3 x forward per token, the
+                        // recompute of checkpointed blocks excluded), per rank.
+                        let (l, c, v, t) = (
+                            shape.layers as f64,
+                            shape.hidden as f64,
+                            shape.vocab as f64,
+                            shape.seq as f64,
+                        );
+                        let fwd_per_token = 2.0 * (12.0 * l * c * c + v * c) + 4.0 * l * t * c;
+                        println!(
+                            "achieved {:.1} GFLOP/s per rank (model FLOPs: 3 x {:.2} MFLOP forward per token)",
+                            3.0 * fwd_per_token * r.tokens_per_s / r.world_size.max(1) as f64 / 1e9,
+                            fwd_per_token / 1e6
+                        );
+                    }
+                    if let Some(p) = &r.checkpoint_dir {
+                        println!("checkpoint: {p} (ds consolidate {p} weights.safetensors)");
                     }
                     if let Some(p) = &r.loss_curve_png {
                         println!("loss curve: {p}");
