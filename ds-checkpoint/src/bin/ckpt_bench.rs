@@ -163,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 drop_dir(&store.root().join(format!("step{round}")));
             }
             let t = Instant::now();
-            let ck = store.load(None)?; // maps and verifies every file's CRC32
+            let ck = store.load(None)?; // opens, checks sizes and headers; reads verify block CRCs
             let mut sum = 0.0f32;
             for name in [MASTER_BUFFER, "exp_avg", "exp_avg_sq"] {
                 let v = ck.load_flat_range(name, 0..numel)?;
