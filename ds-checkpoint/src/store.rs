@@ -955,7 +955,9 @@ impl Checkpoint {
             if r.rank != i
                 || r.start > r.end
                 || r.end > manifest.numel
-                || segs.iter().any(|s| s.start > s.end || s.end > manifest.numel)
+                || segs
+                    .iter()
+                    .any(|s| s.start > s.end || s.end > manifest.numel)
             {
                 return Err(bad(format!("rank record {i} is inconsistent: {r:?}")));
             }

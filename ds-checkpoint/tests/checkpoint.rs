@@ -596,11 +596,22 @@ fn block_checksums_catch_corruption_where_it_is_read() {
     let ck = store.load(None).unwrap();
     let rec = &ck.manifest().files[&rank_file_name(0)];
     assert_eq!(rec.block_bytes, BLOCK_BYTES);
-    assert_eq!(rec.block_crc32.len() as u64, rec.bytes.div_ceil(BLOCK_BYTES));
+    assert_eq!(
+        rec.block_crc32.len() as u64,
+        rec.bytes.div_ceil(BLOCK_BYTES)
+    );
     // Every partial/whole block split reads back exactly.
-    for r in [0..numel, 3..numel - 5, 1_000_000..1_048_577, numel - 3..numel + 4] {
+    for r in [
+        0..numel,
+        3..numel - 5,
+        1_000_000..1_048_577,
+        numel - 3..numel + 4,
+    ] {
         let got = ck.load_flat_range(MASTER_BUFFER, r.clone()).unwrap();
-        let want: Vec<f32> = r.clone().map(|i| master.get(i).copied().unwrap_or(0.0)).collect();
+        let want: Vec<f32> = r
+            .clone()
+            .map(|i| master.get(i).copied().unwrap_or(0.0))
+            .collect();
         assert_eq!(got, want, "{r:?}");
     }
     ck.verify().unwrap();
@@ -625,9 +636,14 @@ fn block_checksums_catch_corruption_where_it_is_read() {
     }
     // A range inside the bad block but not covering it whole is also refused.
     let elem = (at - 200) / 4; // roughly, the data starts after a short header
-    let e = ck.load_flat_range(MASTER_BUFFER, elem..elem + 1).unwrap_err();
+    let e = ck
+        .load_flat_range(MASTER_BUFFER, elem..elem + 1)
+        .unwrap_err();
     assert!(matches!(e, CheckpointError::ChecksumMismatch { .. }), "{e}");
-    assert!(matches!(ck.verify().unwrap_err(), CheckpointError::ChecksumMismatch { .. }));
+    assert!(matches!(
+        ck.verify().unwrap_err(),
+        CheckpointError::ChecksumMismatch { .. }
+    ));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -664,7 +680,12 @@ fn format_version_1_checkpoints_still_load_and_are_verified_whole() {
 
 /// ZeRO-3 layout: parameter i of n_i elements cut into ceil(n_i/ws) chunks, rank r's buffer
 /// is its chunk of every parameter, padded.
-fn stage3_shard(params: &[ParamSpec], ws: usize, r: usize, full: &[f32]) -> (Vec<f32>, Vec<Segment>) {
+fn stage3_shard(
+    params: &[ParamSpec],
+    ws: usize,
+    r: usize,
+    full: &[f32],
+) -> (Vec<f32>, Vec<Segment>) {
     let mut buf = Vec::new();
     let mut segs = Vec::new();
     for p in params {
@@ -701,7 +722,12 @@ fn segmented_stage3_shards_reshard_into_any_range() {
             training: TrainingState::default(),
         };
         let bufs: Vec<_> = (0..ws)
-            .map(|r| (stage3_shard(&params, ws, r, &full), stage3_shard(&params, ws, r, &avg).0))
+            .map(|r| {
+                (
+                    stage3_shard(&params, ws, r, &full),
+                    stage3_shard(&params, ws, r, &avg).0,
+                )
+            })
             .collect();
         let shards = bufs
             .iter()
@@ -713,19 +739,32 @@ fn segmented_stage3_shards_reshard_into_any_range() {
             })
             .collect();
         store
-            .save("s3", &SaveRequest { meta: m, weights: None, shards, save_latest: true })
+            .save(
+                "s3",
+                &SaveRequest {
+                    meta: m,
+                    weights: None,
+                    shards,
+                    save_latest: true,
+                },
+            )
             .unwrap();
         let ck = store.load(None).unwrap();
         assert_eq!(ck.meta().zero_stage, 3);
         // Every range, including padding past numel, reads back (flat or another stage-3 ws).
         for lo in 0..numel {
             for hi in [lo, lo + 1, (lo + 9).min(numel), numel, numel + 3] {
-                let want: Vec<f32> = (lo..hi).map(|i| full.get(i).copied().unwrap_or(0.0)).collect();
+                let want: Vec<f32> = (lo..hi)
+                    .map(|i| full.get(i).copied().unwrap_or(0.0))
+                    .collect();
                 assert_eq!(ck.load_flat_range(MASTER_BUFFER, lo..hi).unwrap(), want);
             }
         }
         assert_eq!(ck.load_flat_range("exp_avg", 0..numel).unwrap(), avg);
-        assert_eq!(ck.read_weight("h0.fc.weight").unwrap(), full[23..48].to_vec());
+        assert_eq!(
+            ck.read_weight("h0.fc.weight").unwrap(),
+            full[23..48].to_vec()
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }
@@ -738,12 +777,31 @@ fn segments_that_overlap_or_overflow_are_refused() {
     store.prepare("x").unwrap();
     let b = vec![0f32; 10];
     for segs in [
-        vec![Segment { buffer_offset: 0, flat: 0..5 }, Segment { buffer_offset: 4, flat: 10..12 }],
-        vec![Segment { buffer_offset: 8, flat: 0..5 }],
-        vec![Segment { buffer_offset: 0, flat: 50..60 }],
+        vec![
+            Segment {
+                buffer_offset: 0,
+                flat: 0..5,
+            },
+            Segment {
+                buffer_offset: 4,
+                flat: 10..12,
+            },
+        ],
+        vec![Segment {
+            buffer_offset: 8,
+            flat: 0..5,
+        }],
+        vec![Segment {
+            buffer_offset: 0,
+            flat: 50..60,
+        }],
     ] {
         let e = store
-            .save_rank("x", &m, &RankShard::segmented(0, 10, segs, 1).with_buffer(MASTER_BUFFER, &b))
+            .save_rank(
+                "x",
+                &m,
+                &RankShard::segmented(0, 10, segs, 1).with_buffer(MASTER_BUFFER, &b),
+            )
             .unwrap_err();
         assert!(matches!(e, CheckpointError::InvalidInput(_)), "{e}");
     }
