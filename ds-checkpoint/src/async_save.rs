@@ -17,6 +17,9 @@ pub struct AsyncSaver {
     tx: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Result<()>>,
     in_flight: bool,
+    /// The result of the last job, taken by [`AsyncSaver::poll`] and not yet returned by
+    /// [`AsyncSaver::wait`].
+    finished: Option<Result<()>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -57,6 +60,7 @@ impl AsyncSaver {
             tx: Some(tx),
             done,
             in_flight: false,
+            finished: None,
             worker,
         }
     }
@@ -94,9 +98,29 @@ impl AsyncSaver {
         Ok(())
     }
 
-    /// Whether a save is still being written.
+    /// Whether a save is still being written (as of the last [`AsyncSaver::poll`] or
+    /// [`AsyncSaver::wait`]).
     pub fn in_flight(&self) -> bool {
-        self.in_flight
+        self.in_flight && self.finished.is_none()
+    }
+
+    /// Without blocking: `true` when no job is running (the last one's result is kept for the
+    /// next [`AsyncSaver::wait`], so an error is never lost), `false` while one is.
+    pub fn poll(&mut self) -> bool {
+        if !self.in_flight || self.finished.is_some() {
+            return true;
+        }
+        match self.done.try_recv() {
+            Ok(r) => {
+                self.finished = Some(r);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                self.finished = Some(Err(CheckpointError::Async("the writer thread died".into())));
+                true
+            }
+        }
     }
 
     /// Blocks until the in-flight save (if any) is on disk; returns its error.
@@ -105,6 +129,9 @@ impl AsyncSaver {
             return Ok(());
         }
         self.in_flight = false;
+        if let Some(r) = self.finished.take() {
+            return r;
+        }
         match self.done.recv() {
             Ok(r) => r,
             Err(_) => Err(CheckpointError::Async("the writer thread died".into())),

@@ -54,6 +54,8 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     /// Resume from the latest checkpoint in `out` before training.
     pub resume: bool,
+    /// Also save a checkpoint every this many steps (needs `out`; `None`: only at the end).
+    pub save_interval: Option<u64>,
 }
 
 /// What `ds train --json` prints (the keys are a contract).
@@ -86,6 +88,12 @@ pub struct TrainReport {
     pub model_state_bytes_per_rank: usize,
     /// Best achievable loss on the embedded data (entropy rate), if that is the data.
     pub data_entropy: Option<f64>,
+    /// Median wall time of the steps that ran while a decoupled checkpoint was being written
+    /// (`null` when none did).
+    pub median_step_ms_during_save: Option<f64>,
+    /// Median wall time of the `save_checkpoint` calls (with a decoupled writer: the copy to
+    /// host buffers and the collectives; else the whole save), `null` without saves.
+    pub median_save_call_ms: Option<f64>,
     /// The rank that made this report (only rank 0 prints it).
     #[serde(skip)]
     pub rank: usize,
@@ -159,6 +167,8 @@ fn peak_rss_bytes() -> u64 {
 struct RankResult {
     losses: Vec<f64>,
     step_ms: Vec<f64>,
+    step_ms_during_save: Vec<f64>,
+    save_ms: Vec<f64>,
     skipped: u64,
     state_bytes: usize,
     comm_table: Option<String>,
@@ -263,11 +273,35 @@ fn run_rank(
     let micro = engine.micro_batch_size();
     let mut losses = Vec::new();
     let mut step_ms = Vec::new();
+    let (mut step_ms_during_save, mut save_ms) = (Vec::new(), Vec::new());
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
+    if args.save_interval == Some(0) {
+        return Err(EngineError::Config("--save-interval must be >= 1".into()));
+    }
+    if args.save_interval.is_some() && store.is_none() {
+        return Err(EngineError::Config(
+            "--save-interval needs --out DIR (where the checkpoints go)".into(),
+        ));
+    }
+    let mut saved_at = None;
     for step in start..start + args.steps {
+        let writing = engine.checkpoint_pending();
         let t0 = Instant::now();
         let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
-        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        step_ms.push(ms);
+        if writing {
+            step_ms_during_save.push(ms);
+        }
+        if let (Some(k), Some(store)) = (args.save_interval, &store) {
+            if engine.global_steps() % k == 0 && step + 1 < start + args.steps {
+                let tag = format!("global_step{}", engine.global_steps());
+                let t = Instant::now();
+                engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+                save_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                saved_at = Some(engine.global_steps());
+            }
+        }
         losses.push(r.loss);
         if let Some(m) = csv.as_mut() {
             let samples = (step + 1) * cfg.train_batch_size;
@@ -326,7 +360,12 @@ fn run_rank(
     }
     if let Some(store) = &store {
         let tag = format!("global_step{}", engine.global_steps());
-        engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+        if saved_at != Some(engine.global_steps()) {
+            let t = Instant::now();
+            engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+            save_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        engine.wait_checkpoint()?;
         if rank == 0 {
             eprintln!("saved checkpoint {}", store.root().join(&tag).display());
         }
@@ -334,6 +373,8 @@ fn run_rank(
     Ok(RankResult {
         losses,
         step_ms,
+        step_ms_during_save,
+        save_ms,
         skipped: engine.skipped_steps(),
         state_bytes: {
             let m = engine.memory();
@@ -492,9 +533,12 @@ fn report(
     entropy: Option<f64>,
 ) -> TrainReport {
     let shape = args.shape;
-    let mut times = r0.step_ms.clone();
-    times.sort_by(f64::total_cmp);
-    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let med = |v: &[f64]| {
+        let mut t = v.to_vec();
+        t.sort_by(f64::total_cmp);
+        t.get(t.len() / 2).copied()
+    };
+    let median = med(&r0.step_ms).unwrap_or(0.0);
     let tokens = cfg.train_batch_size as f64 * shape.seq as f64;
     TrainReport {
         steps: args.steps,
@@ -514,6 +558,8 @@ fn report(
         params: gpt_param_count(&shape),
         model_state_bytes_per_rank: state_bytes,
         data_entropy: entropy,
+        median_step_ms_during_save: med(&r0.step_ms_during_save),
+        median_save_call_ms: med(&r0.save_ms),
         rank: 0,
     }
 }

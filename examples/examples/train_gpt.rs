@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dropout: 0.0,
         out: None,
         resume: false,
+        save_interval: None,
     })?;
     println!(
         "loss {:.3} -> {:.3} (data entropy {:.3}), {:.0} tokens/s",
