@@ -8,6 +8,18 @@ use crate::store::{CheckpointStore, FsCheckpointStore, SaveRequest};
 
 type Job = Box<dyn FnOnce() -> Result<()> + Send + 'static>;
 
+/// Lowers the calling thread's scheduling priority (Linux: nice +10 for this thread only),
+/// so a background write takes CPU time the training threads leave idle rather than theirs.
+/// Best effort: failure changes nothing.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id; no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// A background writer: [`AsyncSaver::save`] copies the state into owned host buffers and
 /// returns; a worker thread writes it while training continues.
 ///
@@ -45,6 +57,7 @@ impl AsyncSaver {
         let worker = std::thread::Builder::new()
             .name("ds-checkpoint-writer".into())
             .spawn(move || {
+                lower_priority();
                 for job in rx {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
                         .unwrap_or_else(|_| {
