@@ -8,6 +8,18 @@ use crate::store::{CheckpointStore, FsCheckpointStore, SaveRequest};
 
 type Job = Box<dyn FnOnce() -> Result<()> + Send + 'static>;
 
+/// Lowers the calling thread's scheduling priority (Linux: nice +10 for this thread only),
+/// so a background write takes CPU time the training threads leave idle rather than theirs.
+/// Best effort: failure changes nothing.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id; no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// A background writer: [`AsyncSaver::save`] copies the state into owned host buffers and
 /// returns; a worker thread writes it while training continues.
 ///
@@ -17,6 +29,9 @@ pub struct AsyncSaver {
     tx: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Result<()>>,
     in_flight: bool,
+    /// The result of the last job, taken by [`AsyncSaver::poll`] and not yet returned by
+    /// [`AsyncSaver::wait`].
+    finished: Option<Result<()>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -42,6 +57,7 @@ impl AsyncSaver {
         let worker = std::thread::Builder::new()
             .name("ds-checkpoint-writer".into())
             .spawn(move || {
+                lower_priority();
                 for job in rx {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
                         .unwrap_or_else(|_| {
@@ -57,6 +73,7 @@ impl AsyncSaver {
             tx: Some(tx),
             done,
             in_flight: false,
+            finished: None,
             worker,
         }
     }
@@ -94,9 +111,29 @@ impl AsyncSaver {
         Ok(())
     }
 
-    /// Whether a save is still being written.
+    /// Whether a save is still being written (as of the last [`AsyncSaver::poll`] or
+    /// [`AsyncSaver::wait`]).
     pub fn in_flight(&self) -> bool {
-        self.in_flight
+        self.in_flight && self.finished.is_none()
+    }
+
+    /// Without blocking: `true` when no job is running (the last one's result is kept for the
+    /// next [`AsyncSaver::wait`], so an error is never lost), `false` while one is.
+    pub fn poll(&mut self) -> bool {
+        if !self.in_flight || self.finished.is_some() {
+            return true;
+        }
+        match self.done.try_recv() {
+            Ok(r) => {
+                self.finished = Some(r);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                self.finished = Some(Err(CheckpointError::Async("the writer thread died".into())));
+                true
+            }
+        }
     }
 
     /// Blocks until the in-flight save (if any) is on disk; returns its error.
@@ -105,6 +142,9 @@ impl AsyncSaver {
             return Ok(());
         }
         self.in_flight = false;
+        if let Some(r) = self.finished.take() {
+            return r;
+        }
         match self.done.recv() {
             Ok(r) => r,
             Err(_) => Err(CheckpointError::Async("the writer thread died".into())),

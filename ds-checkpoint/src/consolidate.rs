@@ -33,7 +33,7 @@ pub fn consolidate(ckpt: &Checkpoint, out: &Path, dtype: Dtype) -> Result<FileRe
         .map(|(p, d)| TensorOut {
             name: &p.name,
             shape: p.shape.clone(),
-            data: d,
+            parts: vec![d],
         })
         .collect();
     let mut md = BTreeMap::new();

@@ -55,10 +55,12 @@ pub enum CheckpointError {
         actual: u64,
     },
     /// A file's checksum differs from the manifest (corrupt).
-    #[error("checkpoint file {path} is corrupt: crc32 {actual:08x}, the manifest expects {expected:08x}")]
+    #[error("checkpoint file {path} is corrupt: {region} has crc32 {actual:08x}, the manifest expects {expected:08x}")]
     ChecksumMismatch {
         /// The file.
         path: PathBuf,
+        /// Which part of the file (`whole file`, or a block and its byte range).
+        region: String,
         /// Checksum recorded in the manifest.
         expected: u32,
         /// Checksum of the bytes on disk.

@@ -1,8 +1,13 @@
-//! Minimal, validating safetensors writer and memory-mapped reader.
+//! Minimal, validating safetensors writer and reader.
 //!
-//! The writer streams tensors straight to disk while computing the file's CRC32, so a
-//! checkpoint is written in one pass; the reader maps the file with memmap2, checks size
-//! and checksum against the manifest, and validates the header (offsets, dtypes, sizes).
+//! The writer streams tensors straight to disk while computing the CRC32 of every
+//! [`BLOCK_BYTES`] block of the file (and of the whole file, combined from the blocks), so a
+//! checkpoint is written in one pass. The reader checks the size against the manifest,
+//! verifies the header's blocks and validates the header (offsets, dtypes, sizes) when it
+//! opens a file; tensor data is read with positioned `read`s straight into the caller's
+//! buffer, each block checksummed right after it arrives (while it is still in the CPU cache),
+//! so a load makes one pass over the bytes and never returns a byte that was not verified.
+//! Files recorded without block checksums (format version 1) are verified whole when opened.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -50,41 +55,84 @@ impl Dtype {
     }
 }
 
-/// Size and CRC32 of one written file, as recorded in the manifest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Size of the checksummed blocks of a file written by this library (4 MiB).
+pub const BLOCK_BYTES: u64 = 4 << 20;
+
+/// Size and checksums of one written file, as recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
     /// File size in bytes.
     pub bytes: u64,
     /// CRC32 (IEEE) of the whole file.
     pub crc32: u32,
+    /// Size of the checksummed blocks (format version 2; 0 = no block checksums, as in
+    /// version 1 manifests).
+    #[serde(default)]
+    pub block_bytes: u64,
+    /// CRC32 of each `block_bytes` block of the file, in order (the last block may be
+    /// shorter); empty when `block_bytes` is 0.
+    #[serde(default)]
+    pub block_crc32: Vec<u32>,
 }
 
-/// One tensor to write: fp32 data, written as `dtype`.
+/// One tensor to write: fp32 data (the concatenation of `parts`), written as `dtype`.
 pub(crate) struct TensorOut<'a> {
     pub name: &'a str,
     pub shape: Vec<usize>,
-    pub data: &'a [f32],
+    pub parts: Vec<&'a [f32]>,
 }
 
 const CHUNK: usize = 4 << 20; // elements per conversion/write chunk (16 MiB of f32)
 
 struct CrcWriter {
     file: File,
+    /// Hash of the whole file up to the current block.
     hasher: crc32fast::Hasher,
+    /// Hash of the current block.
+    block: crc32fast::Hasher,
+    blocks: Vec<u32>,
     bytes: u64,
     path: PathBuf,
 }
 
 impl CrcWriter {
-    fn write(&mut self, buf: &[u8]) -> Result<()> {
-        self.hasher.update(buf);
-        self.bytes += buf.len() as u64;
-        self.file.write_all(buf).map_err(io_err(&self.path))
+    fn write(&mut self, mut buf: &[u8]) -> Result<()> {
+        self.file.write_all(buf).map_err(io_err(&self.path))?;
+        while !buf.is_empty() {
+            let room = (BLOCK_BYTES - self.bytes % BLOCK_BYTES) as usize;
+            let n = room.min(buf.len());
+            self.block.update(&buf[..n]);
+            self.bytes += n as u64;
+            buf = &buf[n..];
+            if self.bytes.is_multiple_of(BLOCK_BYTES) {
+                self.end_block();
+            }
+        }
+        Ok(())
+    }
+
+    fn end_block(&mut self) {
+        let b = std::mem::take(&mut self.block);
+        self.hasher.combine(&b);
+        self.blocks.push(b.finalize());
+    }
+
+    fn finish(mut self) -> Result<FileRecord> {
+        if !self.bytes.is_multiple_of(BLOCK_BYTES) {
+            self.end_block();
+        }
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        Ok(FileRecord {
+            bytes: self.bytes,
+            crc32: self.hasher.finalize(),
+            block_bytes: BLOCK_BYTES,
+            block_crc32: self.blocks,
+        })
     }
 }
 
 /// Writes `tensors` (in order) as a safetensors file cast to `dtype`, fsyncs it, and
-/// returns its size and checksum.
+/// returns its size and checksums.
 pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &[TensorOut<'_>],
@@ -102,13 +150,11 @@ pub(crate) fn write_safetensors(
     let mut offset = 0usize;
     for t in tensors {
         let numel: usize = t.shape.iter().product();
-        if numel != t.data.len() {
+        let given: usize = t.parts.iter().map(|p| p.len()).sum();
+        if numel != given {
             return Err(CheckpointError::InvalidInput(format!(
                 "tensor {:?}: shape {:?} has {} elements but {} were given",
-                t.name,
-                t.shape,
-                numel,
-                t.data.len()
+                t.name, t.shape, numel, given
             )));
         }
         if t.name == "__metadata__" || header.contains_key(t.name) {
@@ -133,6 +179,8 @@ pub(crate) fn write_safetensors(
     let mut w = CrcWriter {
         file,
         hasher: crc32fast::Hasher::new(),
+        block: crc32fast::Hasher::new(),
+        blocks: Vec::new(),
         bytes: 0,
         path: path.to_path_buf(),
     };
@@ -140,7 +188,7 @@ pub(crate) fn write_safetensors(
     w.write(&hbytes)?;
     let mut conv: Vec<u8> = Vec::new();
     for t in tensors {
-        for chunk in t.data.chunks(CHUNK) {
+        for chunk in t.parts.iter().flat_map(|p| p.chunks(CHUNK)) {
             match dtype {
                 Dtype::F32 if cfg!(target_endian = "little") => {
                     w.write(bytemuck::cast_slice(chunk))?
@@ -171,27 +219,36 @@ pub(crate) fn write_safetensors(
             }
         }
     }
-    w.file.sync_all().map_err(io_err(path))?;
-    Ok(FileRecord {
-        bytes: w.bytes,
-        crc32: w.hasher.finalize(),
-    })
+    w.finish()
 }
 
-/// Location of one tensor inside a mapped file.
+/// Location of one tensor inside a file.
 #[derive(Debug, Clone)]
 pub(crate) struct TensorEntry {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     /// Absolute byte range inside the file.
-    pub start: usize,
-    pub end: usize,
+    pub start: u64,
+    pub end: u64,
 }
 
-/// A verified, memory-mapped safetensors file.
-pub(crate) struct MappedFile {
+/// Bytes per conversion piece and per whole-file checksum read.
+const READ_PIECE: usize = 1 << 20;
+/// Most bytes of whole blocks read by one request: large enough to keep the disk busy,
+/// small enough that the blocks are still in the last-level cache when they are checksummed.
+const READ_GROUP: u64 = 16 << 20;
+/// Bytes the kernel is asked to read ahead of the reads (a window of outstanding I/O).
+const READ_AHEAD: u64 = 64 << 20;
+
+/// An opened safetensors file whose size and header were checked against the manifest; data
+/// reads verify the block checksums of what they read.
+pub(crate) struct TensorFile {
     pub path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: File,
+    len: u64,
+    /// Block size and checksums; `None` when the file was verified whole at open (format
+    /// version 1) or nothing is known about it.
+    blocks: Option<(u64, Vec<u32>)>,
     pub tensors: BTreeMap<String, TensorEntry>,
 }
 
@@ -202,8 +259,36 @@ fn malformed(path: &Path, reason: impl Into<String>) -> CheckpointError {
     }
 }
 
-impl MappedFile {
-    /// Maps `path`, checks it against `expected` (size, then CRC32) and parses the header.
+/// Positioned read of exactly `buf.len()` bytes at `offset`; a short file is reported as
+/// truncated (naming the file).
+fn read_exact_at(file: &File, path: &Path, mut buf: &mut [u8], mut offset: u64) -> Result<()> {
+    while !buf.is_empty() {
+        #[cfg(unix)]
+        let r = std::os::unix::fs::FileExt::read_at(file, buf, offset);
+        #[cfg(windows)]
+        let r = std::os::windows::fs::FileExt::seek_read(file, buf, offset);
+        match r {
+            Ok(0) => {
+                return Err(malformed(
+                    path,
+                    format!("file ended at byte {offset} (truncated while being read?)"),
+                ))
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    Ok(())
+}
+
+impl TensorFile {
+    /// Opens `path`, checks it against `expected` (size; then the checksums of the blocks
+    /// holding the header, or of the whole file for records without block checksums) and
+    /// parses the header.
     pub fn open(path: &Path, expected: Option<&FileRecord>) -> Result<Self> {
         let file = match File::open(path) {
             Ok(f) => f,
@@ -230,28 +315,44 @@ impl MappedFile {
                 format!("{len} bytes, shorter than the 8-byte safetensors header length"),
             ));
         }
-        // SAFETY: the file is opened read-only; checkpoint files are immutable once written
-        // (a tag directory is only ever replaced by rename, never modified in place).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        // The checksum pass reads the file front to back: ask for aggressive readahead (a
-        // hint only; failure is harmless).
-        #[cfg(unix)]
-        {
-            let _ = mmap.advise(memmap2::Advice::Sequential);
-            let _ = mmap.advise(memmap2::Advice::WillNeed);
-        }
-        if let Some(exp) = expected {
-            let actual = crc32fast::hash(&mmap);
+        let blocks = match expected {
+            Some(exp) if exp.block_bytes > 0 => {
+                let n = len.div_ceil(exp.block_bytes);
+                if exp.block_crc32.len() as u64 != n {
+                    return Err(malformed(
+                        path,
+                        format!(
+                            "the manifest lists {} block checksums for {n} blocks of {} bytes",
+                            exp.block_crc32.len(),
+                            exp.block_bytes
+                        ),
+                    ));
+                }
+                Some((exp.block_bytes, exp.block_crc32.clone()))
+            }
+            _ => None,
+        };
+        let mut f = TensorFile {
+            path: path.to_path_buf(),
+            file,
+            len,
+            blocks,
+            tensors: BTreeMap::new(),
+        };
+        if let (Some(exp), None) = (expected, &f.blocks) {
+            // No block checksums (format version 1): verify the whole file now.
+            let actual = f.crc_whole()?;
             if actual != exp.crc32 {
                 return Err(CheckpointError::ChecksumMismatch {
                     path: path.to_path_buf(),
                     expected: exp.crc32,
                     actual,
+                    region: "whole file".into(),
                 });
             }
         }
         let mut n = [0u8; 8];
-        n.copy_from_slice(&mmap[..8]);
+        f.read_verified(0, &mut n)?;
         let hlen = u64::from_le_bytes(n);
         if hlen > len - 8 {
             return Err(malformed(
@@ -259,16 +360,17 @@ impl MappedFile {
                 format!("header length {hlen} exceeds the file size {len}"),
             ));
         }
-        let data_start = 8 + hlen as usize;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&mmap[8..data_start]).map_err(|e| {
+        let mut hbytes = vec![0u8; hlen as usize];
+        f.read_verified(8, &mut hbytes)?;
+        let data_start = 8 + hlen;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&hbytes)
+            .map_err(|e| {
                 malformed(
                     path,
                     format!("safetensors header is not a JSON object: {e}"),
                 )
             })?;
-        let data_len = mmap.len() - data_start;
-        let mut tensors = BTreeMap::new();
+        let data_len = len - data_start;
         for (name, v) in header {
             if name == "__metadata__" {
                 continue;
@@ -283,7 +385,7 @@ impl MappedFile {
                 .get("shape")
                 .and_then(|s| serde_json::from_value(s.clone()).ok())
                 .ok_or_else(|| bad("shape missing or not a list of sizes"))?;
-            let offs: [usize; 2] = v
+            let offs: [u64; 2] = v
                 .get("data_offsets")
                 .and_then(|s| serde_json::from_value(s.clone()).ok())
                 .ok_or_else(|| bad("data_offsets missing or not [begin, end]"))?;
@@ -296,13 +398,13 @@ impl MappedFile {
                     "data_offsets {offs:?} outside the {data_len}-byte data section"
                 )));
             }
-            if offs[1] - offs[0] != numel.saturating_mul(dtype.size()) {
+            if (offs[1] - offs[0]) as u128 != numel as u128 * dtype.size() as u128 {
                 return Err(bad(&format!(
                     "{} bytes for shape {shape:?} of {dtype:?}",
                     offs[1] - offs[0]
                 )));
             }
-            tensors.insert(
+            f.tensors.insert(
                 name,
                 TensorEntry {
                     dtype,
@@ -312,11 +414,128 @@ impl MappedFile {
                 },
             );
         }
-        Ok(MappedFile {
-            path: path.to_path_buf(),
-            mmap,
-            tensors,
-        })
+        Ok(f)
+    }
+
+    /// CRC32 of the whole file, read in pieces.
+    fn crc_whole(&self) -> Result<u32> {
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; READ_PIECE.min(self.len as usize)];
+        let mut off = 0u64;
+        while off < self.len {
+            let n = buf.len().min((self.len - off) as usize);
+            read_exact_at(&self.file, &self.path, &mut buf[..n], off)?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(h.finalize())
+    }
+
+    /// Reads `dst.len()` bytes at `offset` into `dst`, checking the checksum of every block
+    /// they touch. Whole blocks are read straight into `dst` in cache-sized pieces, each
+    /// checksummed right after it arrives; the partial blocks at either end are read whole
+    /// into a scratch buffer, verified, and the needed part copied.
+    pub fn read_verified(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let end = offset + dst.len() as u64;
+        if end > self.len {
+            return Err(malformed(
+                &self.path,
+                format!("bytes {offset}..{end} asked of a {}-byte file", self.len),
+            ));
+        }
+        let Some((bs, _)) = &self.blocks else {
+            return read_exact_at(&self.file, &self.path, dst, offset);
+        };
+        let bs = *bs;
+        let mut scratch = Vec::new();
+        let mut pos = offset;
+        let mut advised = offset;
+        while pos < end {
+            // Keep the disk busy: ask the kernel to read a window ahead of the synchronous,
+            // cache-sized reads below (many requests in flight instead of one).
+            if advised < end && advised < pos + READ_AHEAD / 2 {
+                let to = (pos + READ_AHEAD).min(end);
+                self.will_need(advised, to);
+                advised = to;
+            }
+            let k = pos / bs;
+            let (blo, bhi) = (k * bs, ((k + 1) * bs).min(self.len));
+            if pos == blo && bhi <= end {
+                // A run of whole blocks (up to READ_GROUP bytes) straight into `dst` with one
+                // read (large requests keep the disk busy), then each block checksummed while
+                // it is still in the last-level cache.
+                let mut ghi = bhi;
+                while ghi < end && ghi - blo < READ_GROUP && (ghi + bs).min(self.len) <= end {
+                    ghi = (ghi + bs).min(self.len);
+                }
+                let d = &mut dst[(pos - offset) as usize..(ghi - offset) as usize];
+                read_exact_at(&self.file, &self.path, d, blo)?;
+                for (i, block) in d.chunks(bs as usize).enumerate() {
+                    self.check_block(k + i as u64, block)?;
+                }
+                pos = ghi;
+            } else {
+                scratch.resize((bhi - blo) as usize, 0u8);
+                read_exact_at(&self.file, &self.path, &mut scratch, blo)?;
+                self.check_block(k, &scratch)?;
+                let hi = bhi.min(end);
+                dst[(pos - offset) as usize..(hi - offset) as usize]
+                    .copy_from_slice(&scratch[(pos - blo) as usize..(hi - blo) as usize]);
+                pos = hi;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the CRC32 of block `k` (`bytes`, already read) against the manifest.
+    fn check_block(&self, k: u64, bytes: &[u8]) -> Result<()> {
+        let Some((bs, crcs)) = &self.blocks else {
+            return Ok(());
+        };
+        let actual = crc32fast::hash(bytes);
+        let expected = crcs[k as usize];
+        if actual != expected {
+            let blo = k * bs;
+            return Err(CheckpointError::ChecksumMismatch {
+                path: self.path.clone(),
+                expected,
+                actual,
+                region: format!("block {k} (bytes {blo}..{})", blo + bytes.len() as u64),
+            });
+        }
+        Ok(())
+    }
+
+    /// Hints that bytes `from..to` will be read soon (asynchronous readahead; a hint only).
+    fn will_need(&self, from: u64, to: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on a descriptor this struct owns; it has no memory
+            // effects and its failure is harmless.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    from as libc::off_t,
+                    (to - from) as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (from, to);
+    }
+
+    /// Reads every byte once, verifying every checksum.
+    pub fn verify_all(&self) -> Result<()> {
+        let mut buf = vec![0u8; (4 * BLOCK_BYTES).min(self.len) as usize];
+        let mut off = 0u64;
+        while off < self.len {
+            let n = buf.len().min((self.len - off) as usize);
+            self.read_verified(off, &mut buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
     }
 
     /// The entry for tensor `name`.
@@ -324,8 +543,8 @@ impl MappedFile {
         self.tensors.get(name)
     }
 
-    /// Converts elements `[lo, hi)` of tensor `name` to f32 and appends them to `out`.
-    pub fn read_f32(&self, name: &str, lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
+    /// Converts elements `[lo, lo + out.len())` of tensor `name` to f32 into `out`.
+    pub fn read_f32_into(&self, name: &str, lo: usize, out: &mut [f32]) -> Result<()> {
         let e = self.tensors.get(name).ok_or_else(|| {
             malformed(
                 &self.path,
@@ -333,34 +552,38 @@ impl MappedFile {
             )
         })?;
         let sz = e.dtype.size();
-        let numel = (e.end - e.start) / sz;
-        if lo > hi || hi > numel {
+        let numel = ((e.end - e.start) / sz as u64) as usize;
+        let hi = lo + out.len();
+        if hi > numel {
             return Err(malformed(
                 &self.path,
                 format!("tensor {name:?} has {numel} elements, [{lo}, {hi}) was asked"),
             ));
         }
-        let bytes = &self.mmap[e.start + lo * sz..e.start + hi * sz];
+        let start = e.start + (lo * sz) as u64;
         match e.dtype {
-            Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-                Ok(s) if cfg!(target_endian = "little") => out.extend_from_slice(s),
-                _ => out.extend(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                ),
-            },
-            Dtype::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-            Dtype::F16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
+            Dtype::F32 if cfg!(target_endian = "little") => {
+                self.read_verified(start, bytemuck::cast_slice_mut(out))
+            }
+            dtype => {
+                // Convert through a scratch buffer, a cache-sized piece at a time.
+                let per = READ_PIECE / sz;
+                let mut raw = vec![0u8; per.min(out.len()) * sz];
+                let mut at = start;
+                for chunk in out.chunks_mut(per) {
+                    let bytes = &mut raw[..chunk.len() * sz];
+                    self.read_verified(at, bytes)?;
+                    at += bytes.len() as u64;
+                    for (o, c) in chunk.iter_mut().zip(bytes.chunks_exact(sz)) {
+                        *o = match dtype {
+                            Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                            Dtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                            Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                        };
+                    }
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 }

@@ -78,10 +78,10 @@ mod store;
 pub use async_save::AsyncSaver;
 pub use consolidate::consolidate;
 pub use error::{CheckpointError, Result};
-pub use format::{Dtype, FileRecord};
+pub use format::{Dtype, FileRecord, BLOCK_BYTES};
 pub use store::{
     contiguous_params, rank_file_name, tag_fingerprint, validate_tag, weights_into_owned,
     Checkpoint, CheckpointMeta, CheckpointStore, FsCheckpointStore, Manifest, NamedWeight,
-    ParamSpec, RankRecord, RankShard, SaveRequest, TrainingState, Weights, FORMAT_VERSION,
-    LATEST_FILE, MANIFEST_FILE, MASTER_BUFFER, MODEL_FILE,
+    ParamSpec, RankRecord, RankShard, SaveRequest, Segment, TrainingState, Weights, FORMAT_VERSION,
+    LATEST_FILE, MANIFEST_FILE, MASTER_BUFFER, MIN_FORMAT_VERSION, MODEL_FILE,
 };

@@ -10,11 +10,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io_err, CheckpointError, Result};
-use crate::format::{write_safetensors, Dtype, FileRecord, MappedFile, TensorOut};
+use crate::format::{write_safetensors, Dtype, FileRecord, TensorFile, TensorOut};
 
-/// Version of the on-disk format written by this library; loading any other version fails
-/// with [`CheckpointError::VersionMismatch`].
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk format written by this library. Version 2 added per-block checksums
+/// (verified as data is read) and segmented rank files (ZeRO-3); version 1 checkpoints are
+/// still read (verified whole when opened). Loading any other version fails with
+/// [`CheckpointError::VersionMismatch`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this library reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Name of the manifest inside a tag directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Name of the full-weights file inside a tag directory (written by rank 0 when given).
@@ -199,21 +203,39 @@ impl CheckpointMeta {
     }
 }
 
-/// One rank's part of a save: named flat buffers over `range` of the flat space.
+/// A run of a rank's buffers that holds a contiguous range of the flat space (ZeRO-3: this
+/// rank's chunk of one parameter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// Offset of the run inside each of the rank's buffers.
+    pub buffer_offset: usize,
+    /// The flat elements it holds (`flat.len()` elements from `buffer_offset`).
+    pub flat: Range<usize>,
+}
+
+/// One rank's part of a save: named flat buffers over `range` of the flat space (ZeRO stages
+/// 0-2), or over a list of [`Segment`]s (ZeRO-3's per-parameter chunks).
 ///
-/// Every buffer has `range.len()` elements; the part of `range` beyond the meta's `numel`
-/// (ZeRO padding) is clipped away on disk. Buffers borrow or own their data ([`Cow`]), so the
-/// same type serves synchronous saves (borrowed) and asynchronous ones (owned copies).
+/// Contiguous shards: every buffer has `range.len()` elements; the part of `range` beyond the
+/// meta's `numel` (ZeRO padding) is clipped away on disk. Segmented shards
+/// ([`RankShard::segmented`]): every buffer has `range.len()` elements (`range` is then
+/// `0..len`, positions in the buffer), and only the segments' elements are written (padding
+/// between them is dropped). Buffers borrow or own their data ([`Cow`]), so the same type
+/// serves synchronous saves (borrowed) and asynchronous ones (owned copies).
 #[derive(Debug, Clone)]
 pub struct RankShard<'a> {
     /// Rank index, `< world_size`.
     pub rank: usize,
-    /// The rank's range of the flat space (may extend past `numel` into padding).
+    /// The rank's range of the flat space (may extend past `numel` into padding); for a
+    /// segmented shard `0..buffer length`.
     pub range: Range<usize>,
     /// The optimizer's step count on this rank.
     pub optimizer_step: u64,
     /// Named flat buffers, e.g. `"master"`, `"exp_avg"`, `"exp_avg_sq"`.
     pub buffers: Vec<(String, Cow<'a, [f32]>)>,
+    /// Empty for a contiguous shard; else where each run of the buffers lies in the flat space
+    /// (increasing, non-overlapping buffer offsets).
+    pub segments: Vec<Segment>,
 }
 
 impl<'a> RankShard<'a> {
@@ -224,6 +246,32 @@ impl<'a> RankShard<'a> {
             range,
             optimizer_step,
             buffers: Vec::new(),
+            segments: Vec::new(),
+        }
+    }
+    /// A shard whose buffers (each `len` elements) hold the flat ranges of `segments`, e.g.
+    /// ZeRO-3's chunk of every parameter, padding between them.
+    pub fn segmented(rank: usize, len: usize, segments: Vec<Segment>, optimizer_step: u64) -> Self {
+        RankShard {
+            rank,
+            range: 0..len,
+            optimizer_step,
+            buffers: Vec::new(),
+            segments,
+        }
+    }
+    /// The flat ranges this shard saves, in buffer order, each with its buffer offset
+    /// (contiguous shards: `range` clipped to `numel`).
+    fn saved_segments(&self, numel: usize) -> Vec<Segment> {
+        if self.segments.is_empty() {
+            let start = self.range.start.min(numel);
+            let end = self.range.end.min(numel);
+            vec![Segment {
+                buffer_offset: 0,
+                flat: start..end,
+            }]
+        } else {
+            self.segments.clone()
         }
     }
     /// Adds a borrowed buffer (builder style).
@@ -242,6 +290,7 @@ impl<'a> RankShard<'a> {
                 .into_iter()
                 .map(|(n, b)| (n, Cow::Owned(b.into_owned())))
                 .collect(),
+            segments: self.segments,
         }
     }
 }
@@ -292,14 +341,33 @@ pub struct RankRecord {
     pub rank: usize,
     /// File name inside the tag directory.
     pub file: String,
-    /// Start of the rank's range in the unpadded flat space.
+    /// Start of the rank's range in the unpadded flat space (segmented: of its first segment).
     pub start: usize,
-    /// End (exclusive), clipped to `numel`.
+    /// End (exclusive), clipped to `numel` (segmented: of its last segment).
     pub end: usize,
     /// Names of the flat buffers in the file.
     pub buffers: Vec<String>,
     /// The optimizer's step count on that rank.
     pub optimizer_step: u64,
+    /// Flat ranges `[start, end)` held by each buffer in the file, back to back in this order
+    /// (ZeRO-3: one per parameter chunk). Empty: the buffer holds `start..end`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<[usize; 2]>,
+}
+
+impl RankRecord {
+    /// The flat ranges held by each buffer, in file order.
+    pub fn flat_segments(&self) -> Vec<Range<usize>> {
+        if self.segments.is_empty() {
+            std::iter::once(self.start..self.end).collect()
+        } else {
+            self.segments.iter().map(|s| s[0]..s[1]).collect()
+        }
+    }
+    /// Elements of each buffer in the file.
+    pub fn held(&self) -> usize {
+        self.flat_segments().iter().map(|r| r.len()).sum()
+    }
 }
 
 /// The manifest (`manifest.json`) of one tag.
@@ -373,6 +441,22 @@ fn check_shard(meta: &CheckpointMeta, shard: &RankShard<'_>) -> Result<()> {
             "rank {}: empty-reversed range {:?}",
             shard.rank, shard.range
         )));
+    }
+    let mut next = 0usize;
+    for s in &shard.segments {
+        if s.flat.start > s.flat.end
+            || s.buffer_offset < next
+            || s.buffer_offset + s.flat.len() > shard.range.len()
+            || s.flat.end > meta.numel()
+        {
+            return Err(CheckpointError::InvalidInput(format!(
+                "rank {}: segment {s:?} is reversed, overlaps the previous one, runs past the buffers' {} elements or past the {} parameters' elements",
+                shard.rank,
+                shard.range.len(),
+                meta.numel()
+            )));
+        }
+        next = s.buffer_offset + s.flat.len();
     }
     let mut names = std::collections::HashSet::new();
     for (name, buf) in &shard.buffers {
@@ -452,18 +536,22 @@ impl FsCheckpointStore {
             });
         }
         let numel = meta.numel();
-        let start = shard.range.start.min(numel);
-        let end = shard.range.end.min(numel);
-        let keep = end - start;
+        let segs = shard.saved_segments(numel);
+        let keep: usize = segs.iter().map(|s| s.flat.len()).sum();
         let tensors: Vec<TensorOut<'_>> = shard
             .buffers
             .iter()
             .map(|(n, b)| TensorOut {
                 name: n,
                 shape: vec![keep],
-                data: &b[..keep],
+                parts: segs
+                    .iter()
+                    .map(|s| &b[s.buffer_offset..s.buffer_offset + s.flat.len()])
+                    .collect(),
             })
             .collect();
+        let start = segs.first().map_or(0, |s| s.flat.start);
+        let end = segs.last().map_or(0, |s| s.flat.end).max(start);
         let file = rank_file_name(shard.rank);
         let mut md = BTreeMap::new();
         md.insert("rank".to_string(), shard.rank.to_string());
@@ -477,6 +565,11 @@ impl FsCheckpointStore {
                 end,
                 buffers: shard.buffers.iter().map(|(n, _)| n.clone()).collect(),
                 optimizer_step: shard.optimizer_step,
+                segments: if shard.segments.is_empty() {
+                    Vec::new()
+                } else {
+                    segs.iter().map(|s| [s.flat.start, s.flat.end]).collect()
+                },
             },
             file: rec,
         };
@@ -540,7 +633,7 @@ impl FsCheckpointStore {
                     tensors.push(TensorOut {
                         name: &p.name,
                         shape: p.shape.clone(),
-                        data,
+                        parts: vec![data],
                     });
                 }
                 if w.len() != meta.params.len() {
@@ -723,13 +816,63 @@ impl CheckpointStore for FsCheckpointStore {
     }
 }
 
-/// An opened, verified checkpoint: every file is memory-mapped and its size and CRC32 match
-/// the manifest. Reads any range of any flat buffer (resharding) and any weight by name.
+/// One run of a flat buffer held by a saved rank: flat `start..end` at element `at` of the
+/// rank file's tensor.
+#[derive(Debug, Clone, Copy)]
+struct HeldRun {
+    start: usize,
+    end: usize,
+    rank: usize,
+    at: usize,
+}
+
+/// Where every element of one flat buffer lives: runs sorted by start, and for each prefix
+/// the index of the run reaching furthest (so the run covering a position that extends
+/// furthest is found by one binary search).
+#[derive(Debug, Default)]
+struct BufferIndex {
+    runs: Vec<HeldRun>,
+    furthest: Vec<usize>,
+}
+
+impl BufferIndex {
+    fn new(mut runs: Vec<HeldRun>) -> Self {
+        runs.retain(|r| r.start < r.end);
+        runs.sort_by_key(|r| (r.start, std::cmp::Reverse(r.end)));
+        let mut furthest = Vec::with_capacity(runs.len());
+        let mut best = 0usize;
+        for (i, r) in runs.iter().enumerate() {
+            if i == 0 || r.end > runs[best].end {
+                best = i;
+            }
+            furthest.push(best);
+        }
+        BufferIndex { runs, furthest }
+    }
+
+    /// The run covering `pos` that extends furthest, or the start of the next run.
+    fn find(&self, pos: usize) -> Result<HeldRun, Option<usize>> {
+        let p = self.runs.partition_point(|r| r.start <= pos);
+        if p > 0 {
+            let r = self.runs[self.furthest[p - 1]];
+            if r.end > pos {
+                return Ok(r);
+            }
+        }
+        Err(self.runs.get(p).map(|r| r.start))
+    }
+}
+
+/// An opened checkpoint: the manifest is parsed, every file's size and header (with its
+/// checksums) checked. Tensor data is verified against the per-block checksums as it is read:
+/// no byte that fails its checksum is ever returned ([`Checkpoint::verify`] checks everything
+/// at once). Reads any range of any flat buffer (resharding) and any weight by name.
 pub struct Checkpoint {
     dir: PathBuf,
     manifest: Manifest,
-    model: Option<MappedFile>,
-    ranks: Vec<MappedFile>,
+    model: Option<TensorFile>,
+    ranks: Vec<TensorFile>,
+    index: BTreeMap<String, BufferIndex>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -764,7 +907,7 @@ impl Checkpoint {
                 path: mpath.clone(),
                 reason: "no integer \"format_version\"".into(),
             })?;
-        if found != FORMAT_VERSION as u64 {
+        if !(MIN_FORMAT_VERSION as u64..=FORMAT_VERSION as u64).contains(&found) {
             return Err(CheckpointError::VersionMismatch {
                 path: mpath,
                 found: found as u32,
@@ -794,7 +937,7 @@ impl Checkpoint {
                 manifest.meta.numel()
             )));
         }
-        let open = |name: &str| -> Result<MappedFile> {
+        let open = |name: &str| -> Result<TensorFile> {
             if validate_tag(name).is_err() {
                 return Err(bad(format!("unsafe file name {name:?}")));
             }
@@ -802,31 +945,52 @@ impl Checkpoint {
                 .files
                 .get(name)
                 .ok_or_else(|| bad(format!("no checksum for file {name:?}")))?;
-            MappedFile::open(&dir.join(name), Some(rec))
+            TensorFile::open(&dir.join(name), Some(rec))
         };
         let model = manifest.model_file.as_deref().map(open).transpose()?;
         let mut ranks = Vec::with_capacity(manifest.ranks.len());
+        let mut runs: BTreeMap<String, Vec<HeldRun>> = BTreeMap::new();
         for (i, r) in manifest.ranks.iter().enumerate() {
-            if r.rank != i || r.start > r.end || r.end > manifest.numel {
+            let segs = r.flat_segments();
+            if r.rank != i
+                || r.start > r.end
+                || r.end > manifest.numel
+                || segs
+                    .iter()
+                    .any(|s| s.start > s.end || s.end > manifest.numel)
+            {
                 return Err(bad(format!("rank record {i} is inconsistent: {r:?}")));
             }
             let f = open(&r.file)?;
+            let held = r.held();
             for b in &r.buffers {
                 match f.entry(b) {
-                    Some(e) if e.shape == [r.end - r.start] => {}
+                    Some(e) if e.shape == [held] => {}
                     _ => {
                         return Err(CheckpointError::Malformed {
                             path: f.path.clone(),
-                            reason: format!(
-                                "buffer {b:?} missing or not of {} elements",
-                                r.end - r.start
-                            ),
+                            reason: format!("buffer {b:?} missing or not of {held} elements"),
                         })
                     }
+                }
+                let list = runs.entry(b.clone()).or_default();
+                let mut at = 0;
+                for s in &segs {
+                    list.push(HeldRun {
+                        start: s.start,
+                        end: s.end,
+                        rank: i,
+                        at,
+                    });
+                    at += s.len();
                 }
             }
             ranks.push(f);
         }
+        let index = runs
+            .into_iter()
+            .map(|(b, r)| (b, BufferIndex::new(r)))
+            .collect();
         if let Some(m) = &model {
             for p in &manifest.meta.params {
                 match m.entry(&p.name) {
@@ -848,7 +1012,17 @@ impl Checkpoint {
             manifest,
             model,
             ranks,
+            index,
         })
+    }
+
+    /// Reads every file completely, checking every checksum (a load checks only what it
+    /// reads, as it reads it).
+    pub fn verify(&self) -> Result<()> {
+        for f in self.model.iter().chain(&self.ranks) {
+            f.verify_all()?;
+        }
+        Ok(())
     }
 
     /// The tag.
@@ -902,54 +1076,48 @@ impl Checkpoint {
                 "reversed range {range:?}"
             )));
         }
-        if !self
-            .manifest
-            .ranks
-            .iter()
-            .any(|r| r.buffers.iter().any(|b| b == buffer))
-        {
+        // Zeroed by the allocator (fresh pages), so padding costs nothing and the reads go
+        // straight into the result.
+        let mut out = vec![0f32; range.len()];
+        self.load_flat_range_into(buffer, range.start, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Checkpoint::load_flat_range`] into a caller's buffer: elements `start..start +
+    /// out.len()` of flat buffer `buffer` (padding past `numel` is set to zero).
+    pub fn load_flat_range_into(&self, buffer: &str, start: usize, out: &mut [f32]) -> Result<()> {
+        let Some(index) = self.index.get(buffer) else {
             return Err(CheckpointError::NotFound {
                 tag: self.tag().into(),
                 what: format!("flat buffer {buffer:?}"),
             });
-        }
-        let mut out = Vec::with_capacity(range.len());
-        let stop = range.end.min(self.manifest.numel);
-        let mut pos = range.start;
+        };
+        let end = start + out.len();
+        let stop = end.min(self.manifest.numel).max(start);
+        let mut pos = start;
         while pos < stop {
-            let holders = self
-                .manifest
-                .ranks
-                .iter()
-                .zip(&self.ranks)
-                .filter(|(r, _)| r.buffers.iter().any(|b| b == buffer));
-            let best = holders
-                .clone()
-                .filter(|(r, _)| r.start <= pos && pos < r.end)
-                .max_by_key(|(r, _)| r.end);
-            match best {
-                Some((r, f)) => {
-                    let hi = stop.min(r.end);
-                    f.read_f32(buffer, pos - r.start, hi - r.start, &mut out)?;
+            match index.find(pos) {
+                Ok(run) => {
+                    let hi = stop.min(run.end);
+                    self.ranks[run.rank].read_f32_into(
+                        buffer,
+                        run.at + (pos - run.start),
+                        &mut out[pos - start..hi - start],
+                    )?;
                     pos = hi;
                 }
-                None => {
-                    let next = holders
-                        .filter(|(r, _)| r.start > pos && r.start < r.end)
-                        .map(|(r, _)| r.start)
-                        .min()
-                        .unwrap_or(stop);
+                Err(next) => {
                     return Err(CheckpointError::RangeNotCovered {
                         tag: self.tag().into(),
                         buffer: buffer.into(),
                         start: pos,
-                        end: next.min(stop),
+                        end: next.unwrap_or(stop).min(stop),
                     });
                 }
             }
         }
-        out.resize(range.len(), 0.0);
-        Ok(out)
+        out[stop - start..].fill(0.0);
+        Ok(())
     }
 
     /// Parameter `name` as fp32: from the model file when there is one, else from the
@@ -967,8 +1135,8 @@ impl Checkpoint {
             })?;
         match &self.model {
             Some(m) => {
-                let mut out = Vec::with_capacity(p.numel());
-                m.read_f32(name, 0, p.numel(), &mut out)?;
+                let mut out = vec![0f32; p.numel()];
+                m.read_f32_into(name, 0, &mut out)?;
                 Ok(out)
             }
             None => self.load_flat_range(MASTER_BUFFER, p.range()),

@@ -310,6 +310,22 @@ pub(crate) static COMET: &[F] = &[
 
 pub(crate) static PARALLEL_WRITE: &[F] = &[f("pipeline_stage", Bool, B(false))];
 
+/// `checkpoint.writer` (DeepSpeed's `model_checkpointing` writer config; `decoupled` selects
+/// the asynchronous DecoupledCheckpointEngine).
+pub(crate) static CHECKPOINT_WRITER: &[F] = &[
+    f("type", Ty::EnumCi(&["mock", "python", "fast"]), S("fast")),
+    f("io_buffer_size", int(1), I(64 * 1024 * 1024)),
+    f("io_buffer_double", Bool, B(true)),
+    f("show_statistics", Bool, B(false)),
+    n(
+        "data_parallel",
+        Ty::EnumCi(&["replica", "socket", "machine"]),
+        Null,
+    ),
+    f("decoupled", Bool, B(false)),
+    f("io_multiplier", int(1), I(1)),
+];
+
 pub(crate) static CHECKPOINT: &[F] = &[
     f(
         "tag_validation",
@@ -319,6 +335,8 @@ pub(crate) static CHECKPOINT: &[F] = &[
     f("load_universal", Bool, B(false)),
     f("use_node_local_storage", Bool, B(false)),
     f("parallel_write", Ty::Obj(PARALLEL_WRITE), Obj),
+    f("checkpoint_serialization", Bool, B(true)),
+    n("writer", Ty::Obj(CHECKPOINT_WRITER), Null),
 ];
 
 pub(crate) static DATA_TYPES: &[F] = &[n(

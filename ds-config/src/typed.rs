@@ -256,6 +256,20 @@ pub struct CheckpointConfig {
     pub tag_validation: String,
     /// Each node writes to its local storage.
     pub use_node_local_storage: bool,
+    /// The checkpoint writer (`null`: DeepSpeed's default torch engine).
+    pub writer: Option<CheckpointWriterConfig>,
+}
+
+/// `checkpoint.writer`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CheckpointWriterConfig {
+    /// `mock`, `python` or `fast`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Asynchronous (decoupled) saving: training continues while the checkpoint is written.
+    pub decoupled: bool,
+    /// I/O buffer bytes of DeepSpeed's fast writer.
+    pub io_buffer_size: u64,
 }
 
 /// `tensorboard` / `csv_monitor`.

@@ -23,6 +23,9 @@ use crate::traits::Model;
 use crate::EngineError;
 use ds_ckpt_act::Policy;
 
+mod ckpt;
+pub use ckpt::{validate_tag_across_ranks, TagValidation};
+
 /// Maps the config's optimizer section onto a fused optimizer.
 pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError> {
     let Some(o) = &cfg.optimizer else {
@@ -209,6 +212,8 @@ pub struct Engine<'c, M: Model = Gpt> {
     last_segments: SegmentTimes,
     notes: Vec<String>,
     stage3: bool,
+    /// Checkpoint settings and the decoupled save in flight.
+    ckpt: ckpt::CkptState,
 }
 
 impl<'c, M: Model> Engine<'c, M> {
@@ -265,6 +270,9 @@ impl<'c, M: Model> Engine<'c, M> {
         )?);
         let n = init.len();
         let ckpt_ok = model.supports_checkpointing();
+        let ckpt = ckpt::CkptState::from_config(cfg)?;
+        let mut notes = engine_notes(cfg);
+        notes.extend(ckpt::CkptState::notes(cfg));
         Ok(Engine {
             model,
             comm,
@@ -280,7 +288,7 @@ impl<'c, M: Model> Engine<'c, M> {
             pending: 0,
             acc_fresh: true,
             last_segments: Vec::new(),
-            notes: engine_notes(cfg),
+            notes,
             // ZeRO-3 releases a block's parameters after its forward pass, so every block is
             // recomputed in the backward pass (with its parameters gathered again).
             policy: if stage3 && ckpt_ok {
@@ -292,6 +300,7 @@ impl<'c, M: Model> Engine<'c, M> {
                 }
             },
             stage3,
+            ckpt,
         })
     }
 
@@ -317,136 +326,6 @@ impl<'c, M: Model> Engine<'c, M> {
     /// `stage3_gather_16bit_weights_on_model_save` as one explicit call that always works.
     pub fn gather_full_params(&self) -> Result<Vec<f32>, EngineError> {
         Ok(self.zero.gather_params(self.comm)?)
-    }
-
-    /// Saves a checkpoint (a collective: every rank calls it with the same tag): each rank its
-    /// fp32 master part and optimizer state over its range of the flat parameter space, rank 0
-    /// the full weights, the manifest and `latest` (atomic, `ds-checkpoint`'s protocol).
-    pub fn save_checkpoint(
-        &self,
-        store: &ds_checkpoint::FsCheckpointStore,
-        tag: &str,
-        samples_per_step: u64,
-    ) -> Result<(), EngineError> {
-        let Some(range) = self.zero.flat_range() else {
-            return Err(EngineError::Config(
-                "checkpointing a ZeRO stage-3 run is not wired in yet (its shards are per-parameter chunks); use stage 0-2".into(),
-            ));
-        };
-        let params = self.model.params();
-        let shapes = self.model.param_shapes();
-        let meta = ds_checkpoint::CheckpointMeta {
-            world_size: self.comm.world_size(),
-            zero_stage: self.zero.options().stage,
-            dtype: "fp32".into(),
-            params: ds_checkpoint::contiguous_params(
-                params.iter().map(|p| p.name.clone()).zip(shapes),
-            ),
-            training: ds_checkpoint::TrainingState {
-                global_step: self.global_steps,
-                skipped_steps: self.skipped_steps,
-                global_samples: self.global_steps * samples_per_step,
-                lr_scheduler: serde_json::json!({"last_batch_iteration": self.sched.last_batch_iteration()}),
-                data_sampler: serde_json::json!({"next_step": self.global_steps}),
-                ..Default::default()
-            },
-        };
-        let state = self.zero.optimizer_state();
-        let mut shard = ds_checkpoint::RankShard::new(self.comm.rank(), range, state.step)
-            .with_buffer(ds_checkpoint::MASTER_BUFFER, self.zero.master());
-        for (name, buf) in &state.buffers {
-            shard = shard.with_buffer(name.clone(), buf);
-        }
-        // Rank 0 holds the full model at stages 0-2.
-        let weights: Option<ds_checkpoint::Weights<'static>> = if self.comm.rank() == 0 {
-            let mut w = Vec::with_capacity(params.len());
-            for p in &params {
-                let v = p.var.flatten_all()?.to_vec1::<f32>()?;
-                w.push((p.name.clone(), std::borrow::Cow::Owned(v)));
-            }
-            Some(w)
-        } else {
-            None
-        };
-        let comm = self.comm;
-        let mut barrier = || {
-            comm.barrier()
-                .map_err(|e| ds_checkpoint::CheckpointError::InvalidInput(format!("barrier: {e}")))
-        };
-        store
-            .save_collective(tag, &meta, &shard, weights.as_ref(), true, &mut barrier)
-            .map_err(|e| EngineError::Checkpoint(e.to_string()))
-    }
-
-    /// Loads a checkpoint saved at any world size and ZeRO stage 0-2 into this rank: its master
-    /// part and optimizer state are resliced from the saved ranks' files, the model weights
-    /// rebuilt from them, and the step counters and LR schedule restored. Returns the saved
-    /// training state.
-    pub fn load_checkpoint(
-        &mut self,
-        ckpt: &ds_checkpoint::Checkpoint,
-    ) -> Result<ds_checkpoint::TrainingState, EngineError> {
-        let ck = |e: ds_checkpoint::CheckpointError| EngineError::Checkpoint(e.to_string());
-        let Some(range) = self.zero.flat_range() else {
-            return Err(EngineError::Config(
-                "resuming into a ZeRO stage-3 run is not wired in yet; use stage 0-2".into(),
-            ));
-        };
-        let params = self.model.params();
-        let shapes = self.model.param_shapes();
-        let saved = &ckpt.meta().params;
-        if saved.len() != params.len()
-            || saved
-                .iter()
-                .zip(params.iter().zip(&shapes))
-                .any(|(s, (p, sh))| s.name != p.name || &s.shape != sh)
-        {
-            return Err(EngineError::Checkpoint(format!(
-                "checkpoint {} holds a different model (parameter names or shapes differ)",
-                ckpt.dir().display()
-            )));
-        }
-        let master = ckpt
-            .load_flat_range(ds_checkpoint::MASTER_BUFFER, range.clone())
-            .map_err(ck)?;
-        let names: Vec<String> = self
-            .zero
-            .optimizer()
-            .spec()
-            .state_names()
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let mut buffers = Vec::with_capacity(names.len());
-        for n in names {
-            let b = ckpt.load_flat_range(&n, range.clone()).map_err(ck)?;
-            buffers.push((n, b));
-        }
-        let t = ckpt.training().clone();
-        let state = ds_zero::optim::OptimizerState {
-            step: t.global_step.saturating_sub(t.skipped_steps),
-            buffers,
-        };
-        self.zero.load_state(&master, &state)?;
-        let full = self.zero.gather_params(self.comm)?;
-        let mut off = 0;
-        for (p, &n) in self.model.params().iter().zip(&self.sizes) {
-            p.var.set(&Tensor::from_slice(
-                &full[off..off + n],
-                p.var.shape(),
-                &Device::Cpu,
-            )?)?;
-            off += n;
-        }
-        self.global_steps = t.global_step;
-        self.skipped_steps = t.skipped_steps;
-        let last = t.lr_scheduler["last_batch_iteration"]
-            .as_i64()
-            .unwrap_or(t.global_step as i64 - 1);
-        self.sched.set_last_batch_iteration(last);
-        self.acc_fresh = true;
-        self.pending = 0;
-        Ok(t)
     }
 
     /// Per-block checkpoint timings of the last micro-batch (empty without checkpointing).
@@ -657,6 +536,8 @@ impl<'c, M: Model> Engine<'c, M> {
             self.skipped_steps += 1;
         }
         self.global_steps += 1;
+        // A decoupled checkpoint is committed at the first boundary after it is written.
+        self.poll_checkpoint()?;
         Ok(report)
     }
 

@@ -99,6 +99,8 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     /// Resume from the latest checkpoint in `out` before training.
     pub resume: bool,
+    /// Also save a checkpoint every this many steps (needs `out`; `None`: only at the end).
+    pub save_interval: Option<u64>,
     /// Print DeepSpeed's flops profile of step 2 (as `flops_profiler.enabled` with
     /// `profile_step: 2`, without the detailed tree), whatever the config says.
     pub flops_profile: bool,
@@ -124,6 +126,7 @@ impl Default for TrainArgs {
             dropout: 0.0,
             out: None,
             resume: false,
+            save_interval: None,
             flops_profile: false,
         }
     }
@@ -173,6 +176,12 @@ pub struct TrainReport {
     pub loss_curve_png: Option<String>,
     /// The TensorBoard event file written, if any.
     pub tensorboard_file: Option<String>,
+    /// Median wall time of the steps that ran while a decoupled checkpoint was being written
+    /// (`null` when none did).
+    pub median_step_ms_during_save: Option<f64>,
+    /// Median wall time of the `save_checkpoint` calls (with a decoupled writer: the copy to
+    /// host buffers and the collectives; else the whole save), `null` without saves.
+    pub median_save_call_ms: Option<f64>,
     /// The rank that made this report (only rank 0 prints it).
     #[serde(skip)]
     pub rank: usize,
@@ -331,6 +340,8 @@ struct RankResult {
     tensorboard: Option<String>,
     losses: Vec<f64>,
     step_ms: Vec<f64>,
+    step_ms_during_save: Vec<f64>,
+    save_ms: Vec<f64>,
     skipped: u64,
     state_bytes: usize,
     comm_table: Option<String>,
@@ -583,11 +594,35 @@ fn drive<M: Model>(
     .filter(|e| !e.answers.is_empty());
     let mut losses = Vec::new();
     let mut step_ms = Vec::new();
+    let (mut step_ms_during_save, mut save_ms) = (Vec::new(), Vec::new());
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
+    if args.save_interval == Some(0) {
+        return Err(EngineError::Config("--save-interval must be >= 1".into()));
+    }
+    if args.save_interval.is_some() && store.is_none() {
+        return Err(EngineError::Config(
+            "--save-interval needs --out DIR (where the checkpoints go)".into(),
+        ));
+    }
+    let mut saved_at = None;
     for step in start..start + args.steps {
+        let writing = engine.checkpoint_pending();
         let t0 = Instant::now();
         let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
-        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        step_ms.push(ms);
+        if writing {
+            step_ms_during_save.push(ms);
+        }
+        if let (Some(k), Some(store)) = (args.save_interval, &store) {
+            if engine.global_steps().is_multiple_of(k) && step + 1 < start + args.steps {
+                let tag = format!("global_step{}", engine.global_steps());
+                let t = Instant::now();
+                engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+                save_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                saved_at = Some(engine.global_steps());
+            }
+        }
         losses.push(r.loss);
         if let Some(m) = csv.as_mut() {
             let samples = (step + 1) * cfg.train_batch_size;
@@ -715,7 +750,12 @@ fn drive<M: Model>(
     }
     if let Some(store) = &store {
         let tag = format!("global_step{}", engine.global_steps());
-        engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+        if saved_at != Some(engine.global_steps()) {
+            let t = Instant::now();
+            engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+            save_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        engine.wait_checkpoint()?;
         if rank == 0 {
             eprintln!("saved checkpoint {}", store.root().join(&tag).display());
         }
@@ -726,6 +766,8 @@ fn drive<M: Model>(
         tensorboard: tb.map(|m| m.path().display().to_string()),
         losses,
         step_ms,
+        step_ms_during_save,
+        save_ms,
         skipped: engine.skipped_steps(),
         state_bytes: {
             let m = engine.memory();
@@ -941,9 +983,12 @@ fn report(
     (entropy, task): (Option<f64>, &str),
 ) -> Result<TrainReport, EngineError> {
     let shape = args.shape;
-    let mut times = r0.step_ms.clone();
-    times.sort_by(f64::total_cmp);
-    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let med = |v: &[f64]| {
+        let mut t = v.to_vec();
+        t.sort_by(f64::total_cmp);
+        t.get(t.len() / 2).copied()
+    };
+    let median = med(&r0.step_ms).unwrap_or(0.0);
     let tokens = cfg.train_batch_size as f64 * shape.seq as f64;
     Ok(TrainReport {
         steps: args.steps,
@@ -970,6 +1015,8 @@ fn report(
         loss_curve_png: None,
         tensorboard_file: r0.tensorboard.clone(),
         steps_before: r0.start,
+        median_step_ms_during_save: med(&r0.step_ms_during_save),
+        median_save_call_ms: med(&r0.save_ms),
         rank: 0,
     })
 }

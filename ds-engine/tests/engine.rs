@@ -140,10 +140,6 @@ fn unsupported_settings_are_refused_by_name() {
             json!({"train_batch_size": 4, "optimizer": {"type": "Adam"}, "bf16": {"enabled": true}}),
             "bf16.enabled",
         ),
-        (
-            json!({"train_batch_size": 4, "optimizer": {"type": "Adam"}, "flops_profiler": {"enabled": true}}),
-            "flops_profiler",
-        ),
         (json!({"train_batch_size": 4}), "optimizer"),
     ] {
         let r = DeepSpeedConfig::from_value(cfg).resolve(1).unwrap();
@@ -385,4 +381,55 @@ fn mlp_trains_through_the_engine_at_every_stage() {
         .expect("refused")
         .to_string();
     assert!(err.contains("number_checkpoints"), "{err}");
+}
+
+/// `checkpoint.tag_validation` across LocalComm ranks: equal tags pass in every mode; when
+/// rank 2 passes another tag, Fail errors on every rank (naming both tags), Warn returns rank
+/// 0's tag on every rank, Ignore returns each rank's own tag without a collective.
+#[test]
+fn tag_validation_across_ranks() {
+    use ds_engine::engine::{validate_tag_across_ranks, TagValidation};
+    let run = |tags: [&'static str; 3], mode: TagValidation| {
+        let comms = ds_comm::LocalComm::create(3);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .zip(tags)
+                .map(|(c, t)| s.spawn(move || validate_tag_across_ranks(&c, t, mode)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    for mode in [
+        TagValidation::Ignore,
+        TagValidation::Warn,
+        TagValidation::Fail,
+    ] {
+        let r = run(["step5", "step5", "step5"], mode);
+        assert!(
+            r.iter().all(|t| t.as_deref().ok() == Some("step5")),
+            "{mode:?}"
+        );
+    }
+    let bad = ["step5", "step5", "step6"];
+    for (rank, r) in run(bad, TagValidation::Fail).into_iter().enumerate() {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("differ") && e.contains("step5"),
+            "rank {rank}: {e}"
+        );
+        if rank == 2 {
+            assert!(e.contains("step6"), "{e}");
+        }
+    }
+    let warned = run(bad, TagValidation::Warn);
+    assert!(warned.iter().all(|t| t.as_deref().ok() == Some("step5")));
+    let ignored: Vec<String> = run(bad, TagValidation::Ignore)
+        .into_iter()
+        .map(|t| t.unwrap())
+        .collect();
+    assert_eq!(ignored, ["step5", "step5", "step6"]);
+    assert!(TagValidation::parse("FAIL").is_ok() && TagValidation::parse("nope").is_err());
 }

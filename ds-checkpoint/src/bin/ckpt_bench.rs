@@ -5,9 +5,12 @@
 //! (a feature-gated binary rather than an example, so a release build does not compile the
 //! test-only candle dependency)
 //!
-//! Page cache: after each write the bench drops the written files from the page cache with
+//! Page cache: before each cold read the bench drops the files from the page cache with
 //! `posix_fadvise(DONTNEED)` (no root needed) so the reads come from the disk, for both the
-//! baseline and the checkpoint; "warm" figures re-read from the page cache.
+//! baseline and the checkpoint; "warm" figures re-read from the page cache. The load baseline
+//! is a plain `read_to_end` of the checkpoint's own files, timed next to each load (order
+//! alternating); `median_paired_*` are medians of the per-round ratios (robust to a shared,
+//! noisy machine), the other fractions ratios of medians.
 
 use std::borrow::Cow;
 use std::io::{Read, Write};
@@ -145,7 +148,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(save)
         };
         let pause = || std::thread::sleep(std::time::Duration::from_secs_f64(pause_s));
-        let ((plain_write, plain_read, plain_read_warm), save) = if round % 2 == 0 {
+        let ((plain_write, plain_read_file, plain_read_file_warm), save) = if round % 2 == 0 {
             pause();
             let p = plain_io()?;
             pause();
@@ -158,12 +161,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         pause();
 
+        let tag_dir = store.root().join(format!("step{round}"));
         let load = |cold: bool| -> Result<f64, CheckpointError> {
             if cold {
-                drop_dir(&store.root().join(format!("step{round}")));
+                drop_dir(&tag_dir);
             }
             let t = Instant::now();
-            let ck = store.load(None)?; // maps and verifies every file's CRC32
+            let ck = store.load(None)?; // opens, checks sizes and headers; reads verify block CRCs
             let mut sum = 0.0f32;
             for name in [MASTER_BUFFER, "exp_avg", "exp_avg_sq"] {
                 let v = ck.load_flat_range(name, 0..numel)?;
@@ -173,8 +177,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             assert!(sum.is_finite());
             Ok(dt)
         };
-        let load_cold = load(true)?;
-        let load_warm = load(false)?;
+        // The baseline for loads: a plain sequential read of the same files (every byte of
+        // the checkpoint) into fresh buffers, right next to the load, order alternating.
+        let plain_read_ckpt = |cold: bool| -> Result<f64, Box<dyn std::error::Error>> {
+            if cold {
+                drop_dir(&tag_dir);
+            }
+            let t = Instant::now();
+            let mut n = 0usize;
+            let mut files: Vec<_> = std::fs::read_dir(&tag_dir)?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            files.sort();
+            for f in files {
+                let mut file = std::fs::File::open(&f)?;
+                let mut v = Vec::with_capacity(file.metadata()?.len() as usize);
+                file.read_to_end(&mut v)?;
+                n += v.len();
+            }
+            assert!(n as f64 >= total);
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let (plain_read, load_cold) = if round % 2 == 0 {
+            let p = plain_read_ckpt(true)?;
+            (p, load(true)?)
+        } else {
+            let l = load(true)?;
+            (plain_read_ckpt(true)?, l)
+        };
+        let (plain_read_warm, load_warm) = (plain_read_ckpt(false)?, load(false)?);
+        let _ = (plain_read_file, plain_read_file_warm);
 
         // Async: time until save() returns (copy to host buffers), then the background write.
         let t = Instant::now();
@@ -199,6 +232,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "load_cold_GBps": gbps(load_cold),
             "plain_read_warm_GBps": gbps(plain_read_warm),
             "load_warm_GBps": gbps(load_warm),
+            "save_over_plain": plain_write / save,
+            "load_cold_over_plain": plain_read / load_cold,
+            "load_warm_over_plain": plain_read_warm / load_warm,
             "sync_save_s": save,
             "async_save_return_s": async_return,
             "async_save_total_s": async_total,
@@ -217,6 +253,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "median_plain_write_fsync_GBps": med("plain_write_fsync_GBps"),
         "median_save_GBps": med("save_GBps"),
         "save_fraction_of_plain_write": med("save_GBps") / med("plain_write_fsync_GBps"),
+        "median_paired_save_fraction": med("save_over_plain"),
+        "median_paired_load_cold_fraction": med("load_cold_over_plain"),
+        "median_paired_load_warm_fraction": med("load_warm_over_plain"),
         "median_plain_read_cold_GBps": med("plain_read_cold_GBps"),
         "median_load_cold_GBps": med("load_cold_GBps"),
         "load_cold_fraction_of_plain_read": med("load_cold_GBps") / med("plain_read_cold_GBps"),

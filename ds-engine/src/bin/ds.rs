@@ -72,9 +72,13 @@ enum Command {
         /// Checkpoint directory: a checkpoint is saved there at the end of the run.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Resume from the latest checkpoint in --out (any world size, ZeRO stage 0-2).
+        /// Resume from the latest checkpoint in --out (any world size, any ZeRO stage).
         #[arg(long)]
         resume: bool,
+        /// Also save a checkpoint into --out every N steps (decoupled, i.e. in the background,
+        /// with the config's `checkpoint.writer.decoupled: true`).
+        #[arg(long)]
+        save_interval: Option<u64>,
         /// Seed of initialisation and data.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -354,6 +358,7 @@ fn main() -> ExitCode {
             plot,
             out,
             resume,
+            save_interval,
             seed,
             flops_profile,
             mut model,
@@ -426,6 +431,7 @@ fn main() -> ExitCode {
                 out,
                 resume,
                 flops_profile,
+                save_interval,
             };
             match ds_engine::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
