@@ -134,6 +134,25 @@ pub trait Communicator {
     /// partitions of `ceil(L / n)` with the last ones shorter or empty.
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor>;
 
+    /// Reduces `tensor` element-wise over all ranks onto rank `root` only (as
+    /// `torch.distributed.reduce`, and what DeepSpeed's ZeRO-2 uses to hand each gradient
+    /// bucket's pieces to the ranks that own them): `root` gets `Some(result)` (same shape), the
+    /// others `None`. The default implementation all-reduces (twice the traffic of a reduce);
+    /// backends override it. A `root` outside the group is an error on every rank.
+    fn reduce(&self, tensor: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        if root >= self.world_size() {
+            return Err(CommError::invalid(
+                "reduce",
+                format!(
+                    "root {root} is not a rank of a group of {}",
+                    self.world_size()
+                ),
+            ));
+        }
+        let r = self.all_reduce(tensor, op)?;
+        Ok((self.rank() == root).then_some(r))
+    }
+
     /// [`Communicator::reduce_scatter`] into an existing tensor (as `reduce_scatter_tensor`):
     /// `output` must be a contiguous tensor of the input's dtype with exactly this rank's
     /// partition length, and must not overlap the input. Avoids allocating the result. A wrong
@@ -227,6 +246,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
         (**self).reduce_scatter_into(tensor, output, op)
+    }
+    fn reduce(&self, tensor: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        (**self).reduce(tensor, op, root)
     }
     fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
         (**self).all_gather_into(tensor, output)

@@ -309,6 +309,11 @@ impl<C: Communicator> Communicator for CommsLogger<C> {
             self.inner.reduce_scatter(tensor, op)
         })
     }
+    fn reduce(&self, tensor: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        self.timed("reduce", bytes_of(tensor), || {
+            self.inner.reduce(tensor, op, root)
+        })
+    }
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
         self.timed("all_gather", bytes_of(tensor), || {
             self.inner.all_gather(tensor)
