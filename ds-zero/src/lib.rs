@@ -27,8 +27,10 @@ pub mod bench;
 pub mod estimate;
 pub mod optim;
 pub mod partition;
+pub mod stream;
 pub mod zero;
 
+pub use stream::GradPiece;
 pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
 
 /// Errors of the ZeRO crate.

@@ -92,18 +92,18 @@ pub struct MemoryReport {
 /// ZeRO over a flat fp32 parameter group.
 #[derive(Debug)]
 pub struct ZeroOptimizer {
-    opts: ZeroOptions,
-    layout: FlatLayout,
-    rank: usize,
+    pub(crate) opts: ZeroOptions,
+    pub(crate) layout: FlatLayout,
+    pub(crate) rank: usize,
     /// fp32 master weights: the whole padded buffer (stage 0) or this rank's shard.
-    master: Vec<f32>,
+    pub(crate) master: Vec<f32>,
     /// Reduced gradients matching `master`.
-    grads: Vec<f32>,
+    pub(crate) grads: Vec<f32>,
     /// Factor still to apply to `grads` (the post-reduction averaging), fused into the step.
-    grad_scale: f32,
-    opt: FlatOptimizer,
+    pub(crate) grad_scale: f32,
+    pub(crate) opt: FlatOptimizer,
     /// Stage 3: DeepSpeed's per-parameter partition.
-    s3: Option<Stage3Layout>,
+    pub(crate) s3: Option<Stage3Layout>,
 }
 
 /// Stage 3 partitions every parameter on its own (DeepSpeed's `partition_parameters.py`):
@@ -112,14 +112,14 @@ pub struct ZeroOptimizer {
 /// concatenation of its chunk of every parameter. Gathering any run of parameters (a block's)
 /// is one all-gather of equal-length pieces.
 #[derive(Debug, Clone)]
-struct Stage3Layout {
+pub(crate) struct Stage3Layout {
     /// `c_i` per parameter.
-    chunks: Vec<usize>,
+    pub(crate) chunks: Vec<usize>,
     /// Offset of each parameter's chunk in the shard (prefix sums of `chunks`).
-    offsets: Vec<usize>,
+    pub(crate) offsets: Vec<usize>,
     /// Shard length (sum of `chunks`).
-    shard: usize,
-    ws: usize,
+    pub(crate) shard: usize,
+    pub(crate) ws: usize,
 }
 
 impl Stage3Layout {
@@ -206,12 +206,12 @@ impl Stage3Layout {
     }
 }
 
-fn to_tensor(v: Vec<f32>) -> Result<Tensor, ZeroError> {
+pub(crate) fn to_tensor(v: Vec<f32>) -> Result<Tensor, ZeroError> {
     let n = v.len();
     Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
 }
 
-fn to_vec(t: &Tensor) -> Result<Vec<f32>, ZeroError> {
+pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>, ZeroError> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
@@ -326,7 +326,7 @@ impl ZeroOptimizer {
         }
     }
 
-    fn pre_scale(&self, ws: usize) -> (f32, f32) {
+    pub(crate) fn pre_scale(&self, ws: usize) -> (f32, f32) {
         // (factor before the reduction, factor after), as DeepSpeed's allreduce_bucket.
         let ws = ws as f64;
         if self.opts.prescale_gradients {
@@ -653,7 +653,7 @@ fn bucketed_all_reduce(
 /// Reduce-scatter (sum) of a padded buffer of `n * shard` elements: rank r receives elements
 /// `r*shard .. (r+1)*shard` summed over ranks. Each bucket carries a `c`-element piece of every
 /// rank's shard, so shards stay contiguous whatever the bucket size.
-fn bucketed_reduce_scatter(
+pub(crate) fn bucketed_reduce_scatter(
     buf: &[f32],
     shard: usize,
     bucket: usize,
