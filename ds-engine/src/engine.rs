@@ -15,10 +15,10 @@ use candle_core::{Device, Tensor};
 use ds_comm::Communicator;
 use ds_config::ResolvedConfig;
 use ds_zero::optim::{AdamParams, LambParams, LionParams, OptimizerSpec, SgdParams};
-use ds_zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
+use ds_zero::{GradPiece, MemoryReport, StepReport, ZeroError, ZeroOptimizer, ZeroOptions};
 
 use crate::lr::{LrSchedule, LrScheduler};
-use crate::model::{BlockEvent, Gpt};
+use crate::model::{BlockEvent, FwdBwd, Gpt};
 use crate::traits::Model;
 use crate::EngineError;
 use ds_ckpt_act::Policy;
@@ -116,7 +116,7 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
 }
 
 /// Accepted settings that do nothing on this machine, said once.
-fn engine_notes(cfg: &ResolvedConfig) -> Vec<String> {
+fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool) -> Vec<String> {
     let ac = &cfg.activation_checkpointing;
     let mut notes = Vec::new();
     if ac.cpu_checkpointing {
@@ -126,8 +126,11 @@ fn engine_notes(cfg: &ResolvedConfig) -> Vec<String> {
         notes.push("activation_checkpointing.synchronize_checkpoint_boundary: there is no device stream to synchronise on the CPU (no-op)".to_string());
     }
     let z = &cfg.zero_optimization;
-    if z.overlap_comm && z.stage < 3 {
-        notes.push("zero_optimization.overlap_comm: gradients are reduced after the backward pass, not overlapped with it (no effect yet)".to_string());
+    if z.overlap_comm && z.stage < 2 {
+        notes.push(format!("zero_optimization.overlap_comm: at stage {} gradients are reduced once per accumulation step, after the backward pass (DeepSpeed overlaps only stages 2-3's per-bucket reductions; no effect)", z.stage));
+    }
+    if z.overlap_comm && z.stage >= 2 && !comm_thread {
+        notes.push("zero_optimization.overlap_comm: no second communicator was given for a communication thread (Engine::initialize_overlapped; `ds train` gives one to local ranks, not under MPI), so gradient buckets are reduced on the compute thread during the backward pass, not overlapped".to_string());
     }
     if z.round_robin_gradients {
         notes.push(
@@ -139,7 +142,14 @@ fn engine_notes(cfg: &ResolvedConfig) -> Vec<String> {
         notes.push("zero_optimization.offload_optimizer.device = cpu: on a CPU-only run the optimizer state and master weights already live in host memory (the same code path)".to_string());
     }
     if z.stage == 3 {
-        notes.push("zero_optimization stage 3: every transformer block is gathered before use and released after (blocks are the gather granularity; stage3_prefetch_bucket_size, stage3_max_live_parameters and stage3_param_persistence_threshold have no effect: embeddings and the final LayerNorm stay whole, one block is live at a time, nothing is prefetched)".to_string());
+        let prefetch = if comm_thread && z.stage3_prefetch_bucket_size > 0 {
+            "the next block is all-gathered on the communication thread while the current one computes when it has at most stage3_prefetch_bucket_size elements and both fit in stage3_max_live_parameters (two blocks live at a time)"
+        } else if comm_thread {
+            "stage3_prefetch_bucket_size is 0: no prefetch, one block live at a time"
+        } else {
+            "no second communicator was given (Engine::initialize_overlapped), so nothing is prefetched: one block live at a time"
+        };
+        notes.push(format!("zero_optimization stage 3: every transformer block is gathered before use and released after (blocks are the gather granularity; stage3_param_persistence_threshold has no effect: the parameters outside the blocks — embeddings, final LayerNorm — stay whole); {prefetch}"));
     }
     if cfg.json()["dataloader_drop_last"] == serde_json::Value::Bool(true) {
         notes.push(
@@ -169,6 +179,87 @@ fn persistent_ranges(
     out
 }
 
+/// A job for the communication thread (run in issue order, identically on every rank).
+enum Job {
+    /// Reduce the gradients of these parameters (flat), times the factor.
+    Reduce(std::ops::Range<usize>, Vec<f32>, f32),
+    /// All-gather these parameters and send them back.
+    Gather(
+        std::ops::Range<usize>,
+        crossbeam::channel::Sender<Result<Vec<f32>, ZeroError>>,
+    ),
+}
+
+/// Gradient groups waiting for their reduction, in the order the backward pass produced them
+/// (descending, contiguous).
+#[derive(Default)]
+struct GradBucket {
+    groups: Vec<(std::ops::Range<usize>, Vec<f32>)>,
+    elems: usize,
+}
+
+impl GradBucket {
+    fn len(&self) -> usize {
+        self.elems
+    }
+    /// First parameter index covered (the last group pushed).
+    fn start(&self) -> usize {
+        self.groups.last().map_or(0, |g| g.0.start)
+    }
+    fn push(&mut self, params: std::ops::Range<usize>, data: Vec<f32>) {
+        self.elems += data.len();
+        self.groups.push((params, data));
+    }
+    /// The whole bucket as one parameter range and its flat gradients (ascending).
+    fn take(&mut self) -> Option<(std::ops::Range<usize>, Vec<f32>)> {
+        self.elems = 0;
+        match self.groups.len() {
+            0 => None,
+            1 => self.groups.pop(),
+            _ => {
+                let lo = self.groups.last().map_or(0, |g| g.0.start);
+                let hi = self.groups[0].0.end;
+                let mut flat = Vec::with_capacity(self.groups.iter().map(|g| g.1.len()).sum());
+                for (_, d) in self.groups.drain(..).rev() {
+                    flat.extend_from_slice(&d);
+                }
+                Some((lo..hi, flat))
+            }
+        }
+    }
+}
+
+/// `dst = s * g` (or `dst += s * g`), reading the gradient tensor's storage in place when it is
+/// a contiguous f32 CPU tensor (the explicit kernels' gradients are).
+fn copy_grad(g: &Tensor, dst: &mut [f32], s: f32, accumulate: bool) -> Result<(), EngineError> {
+    if g.elem_count() != dst.len() {
+        return Err(EngineError::Data(format!(
+            "a gradient of {} elements for a parameter of {}",
+            g.elem_count(),
+            dst.len()
+        )));
+    }
+    let apply = |src: &[f32], dst: &mut [f32]| match (accumulate, s == 1.0) {
+        (false, true) => dst.copy_from_slice(src),
+        (false, false) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * s),
+        (true, _) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s),
+    };
+    let (storage, layout) = g.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        apply(&v[a..b], dst);
+        return Ok(());
+    }
+    drop(storage);
+    let v = g
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    apply(&v, dst);
+    Ok(())
+}
+
 /// What one optimizer step (one global batch) did on this rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainStep {
@@ -195,6 +286,15 @@ pub type SegmentTimes = Vec<(usize, f64, f64)>;
 pub struct Engine<'c, M: Model = Gpt> {
     model: M,
     comm: &'c dyn Communicator,
+    /// A second communicator of the same ranks for the communication thread.
+    comm2: Option<&'c (dyn Communicator + Sync)>,
+    /// `overlap_comm` in effect (stages 2-3 with a second communicator).
+    overlap: bool,
+    /// Stage-3 prefetch limits (`stage3_prefetch_bucket_size`, `stage3_max_live_parameters`)
+    /// when the prefetch is on.
+    prefetch: Option<(usize, usize)>,
+    /// Flat offset of each parameter (prefix sums of `sizes`).
+    offsets: Vec<usize>,
     zero: ZeroOptimizer,
     sched: LrScheduler,
     gas: usize,
@@ -223,6 +323,40 @@ impl<'c, M: Model> Engine<'c, M> {
         cfg: &ResolvedConfig,
         model: M,
         comm: &'c dyn Communicator,
+    ) -> Result<Self, EngineError> {
+        Self::build(cfg, model, comm, None)
+    }
+
+    /// [`Engine::initialize`] with a second communicator over the same ranks (e.g. another
+    /// [`ds_comm::LocalComm`] group, or a `split` of the first) for a communication thread:
+    /// with `overlap_comm` at stages 2-3 the gradient buckets are reduced on it while the
+    /// backward pass goes on, and at stage 3 the next block's parameters are all-gathered on it
+    /// while the current block computes (`stage3_prefetch_bucket_size`,
+    /// `stage3_max_live_parameters`). `comm2` must have the same ranks in the same order and
+    /// must not be used by anything else during training.
+    pub fn initialize_overlapped(
+        cfg: &ResolvedConfig,
+        model: M,
+        comm: &'c dyn Communicator,
+        comm2: &'c (dyn Communicator + Sync),
+    ) -> Result<Self, EngineError> {
+        if comm2.world_size() != comm.world_size() || comm2.rank() != comm.rank() {
+            return Err(EngineError::Config(format!(
+                "the second communicator is rank {} of {} but the first is rank {} of {}: they must cover the same ranks in the same order",
+                comm2.rank(),
+                comm2.world_size(),
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        Self::build(cfg, model, comm, Some(comm2))
+    }
+
+    fn build(
+        cfg: &ResolvedConfig,
+        model: M,
+        comm: &'c dyn Communicator,
+        comm2: Option<&'c (dyn Communicator + Sync)>,
     ) -> Result<Self, EngineError> {
         check_supported(cfg)?;
         if !model.supports_checkpointing()
@@ -271,17 +405,41 @@ impl<'c, M: Model> Engine<'c, M> {
         let n = init.len();
         let ckpt_ok = model.supports_checkpointing();
         let ckpt = ckpt::CkptState::from_config(cfg)?;
-        let mut notes = engine_notes(cfg);
+        let mut notes = engine_notes(cfg, comm2.is_some());
         notes.extend(ckpt::CkptState::notes(cfg));
+        let mut offsets = Vec::with_capacity(sizes.len() + 1);
+        offsets.push(0);
+        for &s in &sizes {
+            offsets.push(offsets[offsets.len() - 1] + s);
+        }
+        let overlap = z.overlap_comm && z.stage >= 2 && comm2.is_some();
+        let prefetch =
+            (stage3 && comm2.is_some() && z.stage3_prefetch_bucket_size > 0).then(|| {
+                (
+                    usize::try_from(z.stage3_prefetch_bucket_size).unwrap_or(usize::MAX),
+                    usize::try_from(z.stage3_max_live_parameters).unwrap_or(usize::MAX),
+                )
+            });
+        // Stages 2-3 reduce gradients during the backward pass into the optimizer's shard: no
+        // full-size accumulation buffer.
+        let acc = if zero.partitions_gradients() {
+            Vec::new()
+        } else {
+            vec![0.0; n]
+        };
         Ok(Engine {
             model,
             comm,
+            comm2,
+            overlap,
+            prefetch,
+            offsets,
             zero,
             sched,
             gas: cfg.gradient_accumulation_steps as usize,
             micro: cfg.train_micro_batch_size_per_gpu as usize,
             sizes,
-            acc: vec![0.0; n],
+            acc,
             global_steps: 0,
             skipped_steps: 0,
             micro_steps: 0,
@@ -374,6 +532,8 @@ impl<'c, M: Model> Engine<'c, M> {
     /// size at every stage) plus the optimizer's reduced-gradient part, and the optimizer's
     /// fp32 master part plus its state.
     pub fn memory(&self) -> MemoryReport {
+        // Stages 0-1: the full accumulation buffer; stages 2-3: none (gradients are reduced
+        // into the shard during the backward pass).
         let full = 4 * self.acc.len();
         let part = 4 * self.zero.master().len();
         // At stage 3 the model holds only its persistent parameters between passes (plus one
@@ -396,9 +556,14 @@ impl<'c, M: Model> Engine<'c, M> {
         self.sched.current_lr()
     }
 
-    /// Forward and backward of one micro-batch (`ids`, `targets`: `micro * seq` tokens each);
-    /// the gradients are added into the accumulation buffer. Returns the loss and the
-    /// (forward, backward) milliseconds.
+    /// Forward and backward of one micro-batch (`ids`, `targets`: `micro * seq` tokens each).
+    /// At stages 0 and 1 the gradients are added into the accumulation buffer as the model
+    /// hands them over; at stages 2 and 3 they are reduced during the backward pass, bucket by
+    /// bucket (`reduce_bucket_size`), each rank keeping only its gradient shard — on the
+    /// communication thread when `overlap_comm` is on and a second communicator was given
+    /// ([`Engine::initialize_overlapped`]). At stage 3 with a second communicator the next
+    /// block's parameters are all-gathered while the current block computes (prefetch). Returns
+    /// the loss and the (forward, backward) milliseconds.
     pub fn forward_backward(
         &mut self,
         ids: &[u32],
@@ -413,64 +578,214 @@ impl<'c, M: Model> Engine<'c, M> {
             )));
         }
         let b = ids.len() / seq;
-        let t0 = Instant::now();
         let x = Tensor::from_slice(ids, (b, seq), &Device::Cpu)?;
         let y = Tensor::from_slice(targets, (b, seq), &Device::Cpu)?;
         // Dropout masks are keyed by the micro-step (identical in a checkpoint recompute).
         self.model.set_step(self.micro_steps);
         self.micro_steps += 1;
         self.pending += 1;
-        let fb = if self.stage3 {
-            let (model, zero, comm) = (&self.model, &self.zero, self.comm);
-            let ranges = model.block_param_ranges();
+        let fresh = std::mem::replace(&mut self.acc_fresh, false);
+        let stream = self.zero.partitions_gradients();
+        if stream {
+            self.zero.begin_streamed(fresh, self.comm.world_size())?;
+        }
+        let scale = 1.0 / self.gas as f32;
+        let loss_scale = 1.0f32;
+        let (policy, stage3) = (self.policy, self.stage3);
+        let (model, zero, comm, comm2) = (&self.model, &self.zero, self.comm, self.comm2);
+        let (offsets, acc) = (&self.offsets, &mut self.acc);
+        let bucket_cap = zero.options().reduce_bucket_size.max(1);
+        let ranges = model.block_param_ranges();
+        let overlap = self.overlap && stream;
+        let prefetch = self.prefetch;
+        // The communication thread runs when something is overlapped (gradient reduction with
+        // overlap_comm, or the stage-3 prefetch): it executes jobs in the order the pass issues
+        // them, identical on every rank, over the second communicator.
+        let use_thread = comm2.is_some() && (overlap || (stage3 && prefetch.is_some()));
+        let mut run = |jobs: Option<&crossbeam::channel::Sender<Job>>| -> Result<(FwdBwd, Vec<GradPiece>), EngineError> {
+            let mut pieces: Vec<GradPiece> = Vec::new();
+            let mut bucket = GradBucket::default();
+            let mut first_err: Option<EngineError> = None;
+            // Sends a full bucket to the reduction (here, or on the communication thread).
+            let flush = |bucket: &mut GradBucket,
+                             pieces: &mut Vec<GradPiece>|
+             -> Result<(), EngineError> {
+                let Some((range, data)) = bucket.take() else {
+                    return Ok(());
+                };
+                match (overlap, jobs) {
+                    (true, Some(tx)) => tx
+                        .send(Job::Reduce(range, data, scale))
+                        .map_err(|_| EngineError::Data("the communication thread stopped".into())),
+                    _ => {
+                        pieces.extend(zero.reduce_grad_range(range, &data, scale, comm)?);
+                        Ok(())
+                    }
+                }
+            };
+            let mut sink = |params: std::ops::Range<usize>,
+                            grads: Vec<Option<Tensor>>|
+             -> candle_core::Result<()> {
+                if first_err.is_some() {
+                    return Ok(());
+                }
+                let r: Result<(), EngineError> = (|| {
+                    if stream {
+                        if bucket.len() > 0 && bucket.start() != params.end {
+                            flush(&mut bucket, &mut pieces)?;
+                        }
+                        let mut flat = vec![0f32; offsets[params.end] - offsets[params.start]];
+                        for (i, g) in params.clone().zip(&grads) {
+                            if let Some(g) = g {
+                                copy_grad(g, &mut flat[offsets[i] - offsets[params.start]..offsets[i + 1] - offsets[params.start]], 1.0, false)?;
+                            }
+                        }
+                        bucket.push(params, flat);
+                        if bucket.len() >= bucket_cap {
+                            flush(&mut bucket, &mut pieces)?;
+                        }
+                    } else {
+                        for (i, g) in params.zip(&grads) {
+                            let dst = &mut acc[offsets[i]..offsets[i + 1]];
+                            match g {
+                                Some(g) => copy_grad(g, dst, scale, !fresh)?,
+                                None if fresh => dst.iter_mut().for_each(|a| *a = 0.0),
+                                None => {}
+                            }
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    let msg = e.to_string();
+                    first_err = Some(e);
+                    candle_core::bail!("{msg}");
+                }
+                Ok(())
+            };
+            // ZeRO-3: gather each block before it runs (from the prefetch when it was
+            // predicted), release it after; other stages keep every block present.
+            let mut gathers = 0usize;
+            let mut pending: Option<(usize, crossbeam::channel::Receiver<Result<Vec<f32>, ZeroError>>)> = None;
+            let nblocks = ranges.len();
             let mut hook = |ev: BlockEvent| -> candle_core::Result<()> {
+                if !stage3 {
+                    return Ok(());
+                }
+                let err = |e: String| candle_core::Error::Msg(e);
                 match ev {
                     BlockEvent::Gather(i) => {
                         let Some(r) = ranges.get(i) else {
                             candle_core::bail!("no block {i}");
                         };
-                        let data = zero
-                            .gather_param_range(r.clone(), comm)
-                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                        model.gather_block(i, &data)
+                        let data = match (jobs, prefetch) {
+                            (Some(tx), Some(_)) => {
+                                let hit = match pending.take() {
+                                    Some((j, rx)) => {
+                                        let got = rx.recv().map_err(|_| err("the communication thread stopped".into()))?;
+                                        (j == i).then_some(got)
+                                    }
+                                    None => None,
+                                };
+                                let got = match hit {
+                                    Some(g) => g,
+                                    None => {
+                                        let (ttx, trx) = crossbeam::channel::bounded(1);
+                                        tx.send(Job::Gather(r.clone(), ttx)).map_err(|_| err("the communication thread stopped".into()))?;
+                                        trx.recv().map_err(|_| err("the communication thread stopped".into()))?
+                                    }
+                                };
+                                got.map_err(|e| err(e.to_string()))?
+                            }
+                            _ => zero
+                                .gather_param_range(r.clone(), comm)
+                                .map_err(|e| err(e.to_string()))?,
+                        };
+                        model.gather_block(i, &data)?;
+                        // Predict the next block: forward 0..n, then backward n-1..0.
+                        gathers += 1;
+                        if let (Some(tx), Some((max_bucket, max_live))) = (jobs, prefetch) {
+                            let next = if gathers < nblocks {
+                                Some(gathers)
+                            } else {
+                                (2 * nblocks).checked_sub(gathers + 1)
+                            };
+                            if let Some(nx) = next.filter(|&nx| nx < nblocks) {
+                                let nr = &ranges[nx];
+                                let size = offsets[nr.end] - offsets[nr.start];
+                                let live = offsets[r.end] - offsets[r.start] + size;
+                                if size <= max_bucket && live <= max_live {
+                                    let (ttx, trx) = crossbeam::channel::bounded(1);
+                                    tx.send(Job::Gather(nr.clone(), ttx)).map_err(|_| err("the communication thread stopped".into()))?;
+                                    pending = Some((nx, trx));
+                                }
+                            }
+                        }
+                        Ok(())
                     }
                     BlockEvent::Release(i) => model.release_block(i),
                 }
             };
-            self.model
-                .forward_backward_hooked(&x, &y, self.policy, &mut hook)?
-        } else {
-            self.model
-                .forward_backward_hooked(&x, &y, self.policy, &mut |_| Ok(()))?
+            let fb = model.forward_backward_streamed(&x, &y, policy, loss_scale, &mut hook, &mut sink);
+            drop(hook);
+            drop(sink);
+            // A prefetch nobody asked for (a model whose order differs) is drained.
+            if let Some((_, rx)) = pending.take() {
+                let _ = rx.recv();
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            let fb = fb?;
+            flush(&mut bucket, &mut pieces)?;
+            Ok((fb, pieces))
         };
-        self.last_segments = fb.segments.clone();
-        let t1 = Instant::now();
-        let scale = 1.0 / self.gas as f32;
-        let mut off = 0;
-        let fresh = std::mem::replace(&mut self.acc_fresh, false);
-        for (g, &n) in fb.grads.into_iter().zip(&self.sizes) {
-            let dst = &mut self.acc[off..off + n];
-            match g {
-                Some(g) => {
-                    let g = g.flatten_all()?.to_vec1::<f32>()?;
-                    if fresh {
-                        for (a, v) in dst.iter_mut().zip(g) {
-                            *a = v * scale;
-                        }
-                    } else {
-                        for (a, v) in dst.iter_mut().zip(g) {
-                            *a += v * scale;
+        let (fb, mut pieces) = if use_thread {
+            let comm2 =
+                comm2.ok_or_else(|| EngineError::Config("no second communicator".into()))?;
+            std::thread::scope(|sc| -> Result<(FwdBwd, Vec<GradPiece>), EngineError> {
+                let (tx, rx) = crossbeam::channel::unbounded::<Job>();
+                let worker = sc.spawn(move || -> Result<Vec<GradPiece>, EngineError> {
+                    let mut out = Vec::new();
+                    let mut failed: Option<EngineError> = None;
+                    for job in rx {
+                        match job {
+                            Job::Reduce(range, data, s) => {
+                                if failed.is_none() {
+                                    match zero.reduce_grad_range(range, &data, s, comm2) {
+                                        Ok(p) => out.extend(p),
+                                        Err(e) => failed = Some(e.into()),
+                                    }
+                                }
+                            }
+                            Job::Gather(range, reply) => {
+                                let _ = reply.send(zero.gather_param_range(range, comm2));
+                            }
                         }
                     }
-                }
-                None if fresh => dst.iter_mut().for_each(|a| *a = 0.0),
-                None => {}
-            }
-            off += n;
+                    match failed {
+                        Some(e) => Err(e),
+                        None => Ok(out),
+                    }
+                });
+                let main = run(Some(&tx));
+                drop(tx);
+                let reduced = worker
+                    .join()
+                    .map_err(|_| EngineError::Data("the communication thread panicked".into()))?;
+                let (fb, mut pieces) = main?;
+                pieces.extend(reduced?);
+                Ok((fb, pieces))
+            })?
+        } else {
+            run(None)?
+        };
+        if stream {
+            self.zero.add_grad_pieces(&pieces)?;
+            pieces.clear();
         }
-        let copy_ms = t1.elapsed().as_secs_f64() * 1e3;
-        let _ = t0;
-        Ok((f64::from(fb.loss), fb.fwd_ms, fb.bwd_ms + copy_ms))
+        self.last_segments = fb.segments.clone();
+        Ok((f64::from(fb.loss), fb.fwd_ms, fb.bwd_ms))
     }
 
     /// Whether the micro-batches accumulated since the last optimizer step complete a global
@@ -505,32 +820,14 @@ impl<'c, M: Model> Engine<'c, M> {
     pub fn step(&mut self) -> Result<StepReport, EngineError> {
         self.pending = 0;
         let lr = self.sched.current_lr();
-        self.zero.reduce_gradients_swap(&mut self.acc, self.comm)?;
+        if !self.zero.partitions_gradients() {
+            self.zero.reduce_gradients_swap(&mut self.acc, self.comm)?;
+        }
         // The next micro-batch writes its gradients instead of adding them: no zeroing pass.
         self.acc_fresh = true;
         let report = self.zero.step(lr, self.comm)?;
         if report.applied {
-            if self.stage3 {
-                // Only the persistent parameters (outside every block: the GPT's embeddings
-                // and final LayerNorm) are refreshed; blocks are gathered when they next run.
-                for range in persistent_ranges(self.sizes.len(), &self.model.block_param_ranges()) {
-                    let data = self.zero.gather_param_range(range.clone(), self.comm)?;
-                    let mut off = 0;
-                    for i in range {
-                        let n = self.sizes[i];
-                        self.model.set_param(i, &data[off..off + n])?;
-                        off += n;
-                    }
-                }
-            } else {
-                let full = self.zero.gather_params(self.comm)?;
-                let mut off = 0;
-                for (p, &n) in self.model.params().iter().zip(&self.sizes) {
-                    let t = Tensor::from_slice(&full[off..off + n], p.var.shape(), &Device::Cpu)?;
-                    p.var.set(&t)?;
-                    off += n;
-                }
-            }
+            self.refresh_model_params()?;
             self.sched.step();
         } else {
             self.skipped_steps += 1;

@@ -1229,7 +1229,9 @@ pub(super) fn forward_backward(
     ids: &Tensor,
     targets: &Tensor,
     policy: Policy,
+    loss_scale: f32,
     hook: &mut dyn FnMut(BlockEvent) -> R<()>,
+    mut sink: Option<&mut crate::traits::GradSink<'_>>,
 ) -> R<FwdBwd> {
     let t0 = Instant::now();
     let cx = Ctx {
@@ -1332,6 +1334,10 @@ pub(super) fn forward_backward(
     );
     let loss = ce_in_place(cx, &mut logits, &tg, vocab) as f32;
     let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if loss_scale != 1.0 {
+        // fp16 loss scaling: d(loss * s)/dlogits.
+        logits.iter_mut().for_each(|g| *g *= loss_scale);
+    }
     let dlogits = logits;
     let mut dxf = vec![0f32; n * c];
     gemm_into(
@@ -1382,6 +1388,10 @@ pub(super) fn forward_backward(
     let nparams = gpt.names.len();
     grads[nparams - 2] = Some(Tensor::from_vec(dlnw, c, &Device::Cpu)?);
     grads[nparams - 1] = Some(Tensor::from_vec(dlnb, c, &Device::Cpu)?);
+    if let Some(sink) = sink.as_deref_mut() {
+        let g = vec![grads[nparams - 2].take(), grads[nparams - 1].take()];
+        sink(nparams - 2..nparams, g)?;
+    }
 
     // Blocks backward.
     let mut segments = Vec::new();
@@ -1405,6 +1415,14 @@ pub(super) fn forward_backward(
         for (j, (g, sh)) in pg.into_iter().zip(blk.param_shapes()).enumerate() {
             grads[first + j] = Some(Tensor::from_vec(g, sh, &Device::Cpu)?);
         }
+        if let Some(sink) = sink.as_deref_mut() {
+            let np = blk.param_shapes().len();
+            let g = grads[first..first + np]
+                .iter_mut()
+                .map(Option::take)
+                .collect();
+            sink(first..first + np, g)?;
+        }
         hook(BlockEvent::Release(i))?;
     }
 
@@ -1425,6 +1443,13 @@ pub(super) fn forward_backward(
     }
     grads[0] = Some(Tensor::from_vec(dwte, (vocab, c), &Device::Cpu)?);
     grads[1] = Some(Tensor::from_vec(dwpe, (s.seq, c), &Device::Cpu)?);
+    let grads = match sink {
+        Some(sink) => {
+            sink(0..2, vec![grads[0].take(), grads[1].take()])?;
+            Vec::new()
+        }
+        None => grads,
+    };
     Ok(FwdBwd {
         loss,
         grads,

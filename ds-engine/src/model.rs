@@ -653,6 +653,44 @@ impl Gpt {
         self.forward_backward_hooked(ids, targets, policy, &mut |_| Ok(()))
     }
 
+    /// [`crate::traits::Model::forward_backward_streamed`] for the GPT: on the explicit kernels
+    /// the final LayerNorm's gradients are handed to `sink` after the head's backward, each
+    /// block's right after its backward (last block first), and the embeddings' at the end;
+    /// the gradients are those of `loss * loss_scale` (the logits' gradient is scaled before
+    /// the backward pass, as scaling the loss does). On the candle-autograd path they are
+    /// handed over after the pass.
+    pub fn forward_backward_streamed(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f32,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+        sink: &mut crate::traits::GradSink<'_>,
+    ) -> candle_core::Result<FwdBwd> {
+        if self.fast && fast::supported(self) {
+            return fast::forward_backward(
+                self,
+                ids,
+                targets,
+                policy,
+                loss_scale,
+                hook,
+                Some(sink),
+            );
+        }
+        let mut fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
+        let mut grads = std::mem::take(&mut fb.grads);
+        if loss_scale != 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = g.affine(f64::from(loss_scale), 0.0)?;
+            }
+        }
+        let n = grads.len();
+        sink(0..n, grads)?;
+        Ok(fb)
+    }
+
     /// [`Gpt::forward_backward`] calling `hook` around every block:
     /// [`BlockEvent::Gather`] before a block runs (forward, and recompute + backward) and
     /// [`BlockEvent::Release`] after, which is where ZeRO-3 all-gathers a block's parameters
@@ -668,7 +706,7 @@ impl Gpt {
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
         if self.fast && fast::supported(self) {
-            return fast::forward_backward(self, ids, targets, policy, hook);
+            return fast::forward_backward(self, ids, targets, policy, 1.0, hook, None);
         }
         let t0 = std::time::Instant::now();
         let nparams = self.names.len();

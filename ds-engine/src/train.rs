@@ -423,13 +423,14 @@ fn flops_report(
 /// One rank's training loop (any backend).
 fn run_rank(
     comm: &dyn Communicator,
+    comm2: Option<&(dyn Communicator + Sync)>,
     cfg: &ResolvedConfig,
     source: &Source,
     args: &TrainArgs,
     log_every: u64,
 ) -> Result<RankResult, EngineError> {
     if args.model == ModelKind::Mlp {
-        return run_rank_mlp(comm, cfg, source, args, log_every);
+        return run_rank_mlp(comm, comm2, cfg, source, args, log_every);
     }
     let (shape, ws, rank) = (args.shape, comm.world_size(), comm.rank());
     let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
@@ -441,7 +442,10 @@ fn run_rank(
             args.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9),
         );
     }
-    let engine = Engine::initialize(cfg, model, comm)?;
+    let engine = match comm2 {
+        Some(c2) => Engine::initialize_overlapped(cfg, model, comm, c2)?,
+        None => Engine::initialize(cfg, model, comm)?,
+    };
     let fresh = || Ok(Gpt::new(shape, 0, &Device::Cpu)?);
     let micro = cfg.train_micro_batch_size_per_gpu as usize;
     let flops = |r: &TrainStep| flops_report(cfg, shape, micro, ws, r);
@@ -478,6 +482,7 @@ pub fn param_count(kind: ModelKind, s: &ModelShape) -> usize {
 /// One rank's MLP run.
 fn run_rank_mlp(
     comm: &dyn Communicator,
+    comm2: Option<&(dyn Communicator + Sync)>,
     cfg: &ResolvedConfig,
     source: &Source,
     args: &TrainArgs,
@@ -490,7 +495,10 @@ fn run_rank_mlp(
             "flops_profiler.enabled: the flops profiler counts the GPT's modules; the MLP has no profile (set enabled false)".into(),
         ));
     }
-    let engine = Engine::initialize(cfg, fresh()?, comm)?;
+    let engine = match comm2 {
+        Some(c2) => Engine::initialize_overlapped(cfg, fresh()?, comm, c2)?,
+        None => Engine::initialize(cfg, fresh()?, comm)?,
+    };
     drive(engine, &fresh, None, comm, cfg, source, args, log_every)
 }
 
@@ -906,20 +914,40 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         return train_mpi(comm, &cfg, &source, args, log_every, entropy, task);
     }
     let comms = LocalComm::create(ws);
+    // A second group of the same ranks for the engine's communication thread (overlap_comm
+    // at stages 2-3, the stage-3 prefetch).
+    let z = &cfg.zero_optimization;
+    let want2 = ws > 1 && z.stage >= 2 && (z.overlap_comm || z.stage == 3);
+    let mut comms2: Vec<Option<LocalComm>> = if want2 {
+        LocalComm::create(ws).into_iter().map(Some).collect()
+    } else {
+        (0..ws).map(|_| None).collect()
+    };
     let results: Vec<Result<RankResult, EngineError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
-            .map(|c| {
+            .zip(comms2.drain(..))
+            .map(|(c, c2)| {
                 let cfg = &cfg;
                 let source = &source;
                 scope.spawn(move || -> Result<RankResult, EngineError> {
                     if cfg.comms_logger.enabled {
                         let logger = CommsLogger::new(c);
-                        let mut r = run_rank(&logger, cfg, source, args, log_every)?;
-                        r.comm_table = Some(logger.summary_table());
+                        let logger2 = c2.map(CommsLogger::new);
+                        let l2 = logger2.as_ref().map(|l| l as &(dyn Communicator + Sync));
+                        let mut r = run_rank(&logger, l2, cfg, source, args, log_every)?;
+                        let mut table = logger.summary_table();
+                        if let Some(l) = &logger2 {
+                            table.push_str(
+                                "\ncommunication thread (overlap_comm / stage-3 prefetch):\n",
+                            );
+                            table.push_str(&l.summary_table());
+                        }
+                        r.comm_table = Some(table);
                         Ok(r)
                     } else {
-                        run_rank(&c, cfg, source, args, log_every)
+                        let l2 = c2.as_ref().map(|l| l as &(dyn Communicator + Sync));
+                        run_rank(&c, l2, cfg, source, args, log_every)
                     }
                 })
             })
@@ -1032,7 +1060,7 @@ fn train_mpi(
     entropy: Option<f64>,
     task: &str,
 ) -> Result<TrainReport, EngineError> {
-    let r = run_rank(comm, cfg, source, args, log_every)?;
+    let r = run_rank(comm, None, cfg, source, args, log_every)?;
     let n = r.losses.len();
     let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
     let losses = comm

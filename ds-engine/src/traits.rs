@@ -75,7 +75,45 @@ pub trait Model {
         policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd>;
+
+    /// [`Model::forward_backward_hooked`] handing the gradients to `sink` as they are produced
+    /// (the engine's ZeRO-2/3 reduces them bucket by bucket during the backward pass) instead
+    /// of returning them: `sink(params, grads)` gets the gradients of the parameter indices
+    /// `params` in order (`None` = no gradient, i.e. zero). Every parameter is handed over
+    /// exactly once; giving the groups last-first and contiguous (each group ending where the
+    /// previous one started, as a backward pass produces them) lets the engine fill its
+    /// buckets without gaps. The gradients are those of `loss * loss_scale` (fp16 loss
+    /// scaling). The returned [`FwdBwd::grads`] is empty.
+    ///
+    /// The default runs [`Model::forward_backward_hooked`], scales and hands all gradients
+    /// over at once after the pass; a model that can do better overrides it (the [`Gpt`] hands
+    /// over each block's gradients right after that block's backward).
+    fn forward_backward_streamed(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f32,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+        sink: &mut GradSink<'_>,
+    ) -> candle_core::Result<FwdBwd> {
+        let mut fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
+        let mut grads = std::mem::take(&mut fb.grads);
+        if loss_scale != 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = g.affine(f64::from(loss_scale), 0.0)?;
+            }
+        }
+        let n = grads.len();
+        sink(0..n, grads)?;
+        Ok(fb)
+    }
 }
+
+/// Where [`Model::forward_backward_streamed`] hands gradients: (parameter indices, their
+/// gradients in order; `None` = zero).
+pub type GradSink<'a> =
+    dyn FnMut(Range<usize>, Vec<Option<Tensor>>) -> candle_core::Result<()> + 'a;
 
 impl Model for Gpt {
     fn params(&self) -> Vec<NamedParam> {
@@ -124,6 +162,17 @@ impl Model for Gpt {
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
         Gpt::forward_backward_hooked(self, ids, targets, policy, hook)
+    }
+    fn forward_backward_streamed(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f32,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+        sink: &mut GradSink<'_>,
+    ) -> candle_core::Result<FwdBwd> {
+        Gpt::forward_backward_streamed(self, ids, targets, policy, loss_scale, hook, sink)
     }
 }
 

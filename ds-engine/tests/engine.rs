@@ -44,16 +44,63 @@ fn run(
     clip: f64,
     steps: u64,
 ) -> Vec<(Vec<f32>, Vec<f64>)> {
-    let cfg = config(stage, ws, gas, opt, clip);
+    run_overlapped(stage, ws, gas, opt, clip, steps, false)
+}
+
+/// [`run`], with `overlap`: `overlap_comm` on and a second communicator group for the
+/// engine's communication thread (gradient buckets reduced on it, stage-3 prefetch).
+fn run_overlapped(
+    stage: u8,
+    ws: usize,
+    gas: u64,
+    opt: serde_json::Value,
+    clip: f64,
+    steps: u64,
+    overlap: bool,
+) -> Vec<(Vec<f32>, Vec<f64>)> {
+    let cfg = DeepSpeedConfig::from_value(json!({
+        "train_batch_size": 4,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "optimizer": opt,
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": 3000,
+            "allgather_bucket_size": 3000,
+            "overlap_comm": overlap,
+            "stage3_prefetch_bucket_size": if overlap { 100_000 } else { 0 },
+        },
+    }))
+    .resolve(ws)
+    .unwrap();
     let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let comms2: Vec<Option<LocalComm>> = if overlap {
+        LocalComm::create(ws).into_iter().map(Some).collect()
+    } else {
+        (0..ws).map(|_| None).collect()
+    };
     std::thread::scope(|s| {
         LocalComm::create(ws)
             .into_iter()
-            .map(|comm| {
+            .zip(comms2)
+            .map(|(comm, comm2)| {
                 let (cfg, dl) = (&cfg, &dl);
                 s.spawn(move || {
                     let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
-                    let mut e = Engine::initialize(cfg, model, &comm).unwrap();
+                    let mut e = match &comm2 {
+                        Some(c2) => Engine::initialize_overlapped(cfg, model, &comm, c2).unwrap(),
+                        None => Engine::initialize(cfg, model, &comm).unwrap(),
+                    };
+                    if overlap {
+                        // The engine says what the communication thread does, not that it is off.
+                        assert!(
+                            e.notes()
+                                .iter()
+                                .all(|n| !n.contains("no second communicator")),
+                            "{:?}",
+                            e.notes()
+                        );
+                    }
                     let micro = e.micro_batch_size();
                     let mut losses = vec![];
                     for step in 0..steps {
@@ -93,8 +140,16 @@ fn stages_and_world_sizes_match_single_rank_training() {
     let (want, _) = run(0, 1, 4, sgd.clone(), 1.0, 3).remove(0);
     let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
     for (ws, gas) in [(1usize, 1u64), (2, 1), (2, 2), (4, 1)] {
-        for stage in 0..=3u8 {
-            for (r, (got, _)) in run(stage, ws, gas, sgd.clone(), 1.0, 3).iter().enumerate() {
+        for (stage, overlap) in [
+            (0u8, false),
+            (1, false),
+            (2, false),
+            (3, false),
+            (2, true),
+            (3, true),
+        ] {
+            let runs = run_overlapped(stage, ws, gas, sgd.clone(), 1.0, 3, overlap);
+            for (r, (got, _)) in runs.iter().enumerate() {
                 let d = got
                     .iter()
                     .zip(&want)
@@ -102,7 +157,7 @@ fn stages_and_world_sizes_match_single_rank_training() {
                     .fold(0f32, f32::max);
                 assert!(
                     d <= 1e-5 * scale,
-                    "ws={ws} gas={gas} stage={stage} rank={r}: max diff {d:e} (scale {scale})"
+                    "ws={ws} gas={gas} stage={stage} overlap={overlap} rank={r}: max diff {d:e} (scale {scale})"
                 );
             }
         }
@@ -175,39 +230,60 @@ fn stage3_communication_volume() {
     };
     let np = shapes.len();
     let (psi_p, psi_b) = (numel(0..2) + numel(np - 2..np), numel(2..np - 2));
-    for (stage, want) in [(2u8, 2.0 * (psi_p + psi_b)), (3, 3.0 * psi_b + 2.0 * psi_p)] {
-        let cfg = config(
-            stage,
-            ws,
-            1,
-            json!({"type": "SGD", "params": {"lr": 0.1}}),
-            0.0,
-        );
+    for (stage, want, overlap) in [
+        (2u8, 2.0 * (psi_p + psi_b), false),
+        (3, 3.0 * psi_b + 2.0 * psi_p, false),
+        (2, 2.0 * (psi_p + psi_b), true),
+        (3, 3.0 * psi_b + 2.0 * psi_p, true),
+    ] {
+        let cfg = DeepSpeedConfig::from_value(json!({
+            "train_batch_size": 4,
+            "gradient_clipping": 0.0,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+            "zero_optimization": {
+                "stage": stage,
+                "reduce_bucket_size": 3000,
+                "allgather_bucket_size": 3000,
+                "overlap_comm": overlap,
+                "stage3_prefetch_bucket_size": if overlap { 100_000 } else { 0 },
+            },
+        }))
+        .resolve(ws)
+        .unwrap();
         let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
-        let vols: Vec<f64> = std::thread::scope(|s| {
+        let volume = |comm: &CommsLogger<LocalComm>| -> f64 {
+            comm.summary()
+                .iter()
+                .map(|o| {
+                    let b = o.msg_size as f64 * o.count as f64;
+                    match o.op.as_str() {
+                        "all_reduce" => 2.0 * b,
+                        "reduce_scatter" | "all_gather" => b * ws as f64,
+                        _ => b,
+                    }
+                })
+                .sum()
+        };
+        let vols: Vec<(f64, f64)> = std::thread::scope(|s| {
             LocalComm::create(ws)
                 .into_iter()
-                .map(|c| {
-                    let (cfg, dl) = (&cfg, &dl);
+                .zip(LocalComm::create(ws))
+                .map(|(c, c2)| {
+                    let (cfg, dl, volume) = (&cfg, &dl, &volume);
                     s.spawn(move || {
                         let comm = CommsLogger::new(c);
+                        let comm2 = CommsLogger::new(c2);
                         let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
-                        let mut e = Engine::initialize(cfg, model, &comm).unwrap();
+                        let mut e = if overlap {
+                            Engine::initialize_overlapped(cfg, model, &comm, &comm2).unwrap()
+                        } else {
+                            Engine::initialize(cfg, model, &comm).unwrap()
+                        };
                         let micro = e.micro_batch_size();
                         comm.reset();
                         e.train_batch(|m| dl.micro_batch(0, m, comm.rank(), ws, micro))
                             .unwrap();
-                        comm.summary()
-                            .iter()
-                            .map(|o| {
-                                let b = o.msg_size as f64 * o.count as f64;
-                                match o.op.as_str() {
-                                    "all_reduce" => 2.0 * b,
-                                    "reduce_scatter" | "all_gather" => b * ws as f64,
-                                    _ => b,
-                                }
-                            })
-                            .sum()
+                        (volume(&comm), volume(&comm2))
                     })
                 })
                 .collect::<Vec<_>>()
@@ -215,12 +291,21 @@ fn stage3_communication_volume() {
                 .map(|h| h.join().unwrap())
                 .collect()
         });
-        for v in vols {
+        for (v1, v2) in vols {
+            let v = v1 + v2;
+            if overlap {
+                // The communication thread carried the gradient reduction (and at stage 3 the
+                // prefetched block gathers): more than a third of the traffic.
+                assert!(v2 > v / 3.0, "stage {stage}: thread moved {v2} of {v}");
+            } else {
+                assert_eq!(v2, 0.0);
+            }
+            // A correctly predicted prefetch moves nothing extra.
             let ratio = v / (4.0 * want);
             // Padding of each parameter to a multiple of the world size, and the norm reduction.
             assert!(
                 (1.0..1.01).contains(&ratio),
-                "stage {stage}: moved {v} bytes, expected {} ({ratio:.4})",
+                "stage {stage} overlap {overlap}: moved {v} bytes, expected {} ({ratio:.4})",
                 4.0 * want
             );
         }
@@ -432,4 +517,58 @@ fn tag_validation_across_ranks() {
         .collect();
     assert_eq!(ignored, ["step5", "step5", "step6"]);
     assert!(TagValidation::parse("FAIL").is_ok() && TagValidation::parse("nope").is_err());
+}
+
+/// Stages 2-3 reduce gradients into the shard during the backward pass: the engine holds no
+/// full-size gradient buffer (only the optimizer's shard), where stages 0-1 hold one.
+#[test]
+fn partitioned_gradients_hold_only_the_shard() {
+    let ws = 2;
+    let n = ds_engine::model::gpt_param_count(&SHAPE);
+    for stage in 0..=3u8 {
+        let cfg = config(
+            stage,
+            ws,
+            1,
+            json!({"type": "SGD", "params": {"lr": 0.1}}),
+            0.0,
+        );
+        let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+        let grads: Vec<usize> = std::thread::scope(|s| {
+            LocalComm::create(ws)
+                .into_iter()
+                .map(|c| {
+                    let (cfg, dl) = (&cfg, &dl);
+                    s.spawn(move || {
+                        let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                        let mut e = Engine::initialize(cfg, model, &c).unwrap();
+                        let micro = e.micro_batch_size();
+                        e.train_batch(|m| dl.micro_batch(0, m, c.rank(), ws, micro))
+                            .unwrap();
+                        e.memory().grads_bytes
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        for g in grads {
+            let elems = g / 4;
+            match stage {
+                // Full reduced gradient + the accumulation buffer.
+                0 => assert!(elems >= 2 * n, "stage 0: {elems}"),
+                // The accumulation buffer + the reduced shard.
+                1 => assert!(
+                    elems >= n + n / ws && elems < n + n / ws + 64,
+                    "stage 1: {elems}"
+                ),
+                // Only the shard (padding: a few elements per parameter at stage 3).
+                _ => assert!(
+                    elems >= n / ws && elems < n / ws + 64,
+                    "stage {stage}: {elems}"
+                ),
+            }
+        }
+    }
 }

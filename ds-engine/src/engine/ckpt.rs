@@ -443,10 +443,10 @@ impl<M: crate::traits::Model> Engine<'_, M> {
     /// Copies the optimizer's current parameters into the model: all of them at stages 0-2;
     /// at stage 3 the persistent ones (embeddings, final LayerNorm), blocks being gathered
     /// when they run.
-    fn refresh_model_params(&mut self) -> Result<(), EngineError> {
+    pub(super) fn refresh_model_params(&mut self) -> Result<(), EngineError> {
         if self.stage3 {
             let np = self.sizes.len();
-            for range in [0..2, np - 2..np] {
+            for range in super::persistent_ranges(np, &self.model.block_param_ranges()) {
                 let data = self.zero.gather_param_range(range.clone(), self.comm)?;
                 let mut off = 0;
                 for i in range {
