@@ -390,6 +390,97 @@ mod tests {
         )
     }
 
+    /// The streamed pass hands every parameter's gradient over exactly once, equal to the
+    /// returned gradients times the loss scale: the GPT on the explicit kernels (groups last
+    /// first and contiguous: final LayerNorm, blocks n-1..0, embeddings) and on candle autograd,
+    /// and the MLP through the default implementation.
+    #[test]
+    fn streamed_gradients_equal_returned_gradients_times_the_loss_scale() {
+        let s = ModelShape {
+            layers: 2,
+            hidden: 16,
+            heads: 2,
+            seq: 8,
+            vocab: 32,
+        };
+        let mut explicit = Gpt::new(s, 3, &Device::Cpu).unwrap();
+        explicit.set_explicit_kernels(true);
+        let mut autograd = Gpt::new(s, 3, &Device::Cpu).unwrap();
+        autograd.set_explicit_kernels(false);
+        let mlp = Mlp::new(
+            MlpShape {
+                layers: 2,
+                hidden: 16,
+                seq: 8,
+                vocab: 32,
+            },
+            3,
+        )
+        .unwrap();
+        let models: [(&str, &dyn Model, bool); 3] = [
+            ("gpt explicit", &explicit, true),
+            ("gpt autograd", &autograd, false),
+            ("mlp", &mlp, false),
+        ];
+        let (ids, tg) = batch(32, 2, 8);
+        for (name, m, streams) in models {
+            let want = m
+                .forward_backward_hooked(&ids, &tg, Policy::None, &mut |_| Ok(()))
+                .unwrap();
+            let n = m.params().len();
+            let mut got: Vec<Option<Vec<f32>>> = vec![None; n];
+            let mut groups = Vec::new();
+            let fb = m
+                .forward_backward_streamed(
+                    &ids,
+                    &tg,
+                    Policy::None,
+                    8.0,
+                    &mut |_| Ok(()),
+                    &mut |r, g| {
+                        assert_eq!(r.len(), g.len());
+                        groups.push(r.clone());
+                        for (i, g) in r.zip(g) {
+                            assert!(got[i].is_none(), "{name}: parameter {i} handed over twice");
+                            got[i] = Some(g.unwrap().flatten_all()?.to_vec1::<f32>()?);
+                        }
+                        Ok(())
+                    },
+                )
+                .unwrap();
+            assert!(fb.grads.is_empty(), "{name}");
+            assert!(
+                (fb.loss - want.loss).abs() <= 1e-6 * want.loss.abs(),
+                "{name}"
+            );
+            if streams {
+                assert_eq!(groups.len(), s.layers + 2, "{name}: {groups:?}");
+                for w in groups.windows(2) {
+                    assert_eq!(w[0].start, w[1].end, "{name}: {groups:?}");
+                }
+            }
+            for (i, (g, w)) in got.iter().zip(&want.grads).enumerate() {
+                let g = g
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: parameter {i} missing"));
+                let w = w
+                    .as_ref()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let scale = w.iter().fold(0f32, |a, b| a.max(b.abs())).max(1e-12);
+                for (a, b) in g.iter().zip(&w) {
+                    assert!(
+                        (a - 8.0 * b).abs() <= 1e-5 * 8.0 * scale,
+                        "{name} param {i}: {a} vs 8 x {b}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Every parameter of every model in the library receives a non-zero gradient, and the
     /// shapes and block ranges agree with the parameters.
     fn check_all_grads(m: &dyn Model, vocab: u32, seq: usize) {
