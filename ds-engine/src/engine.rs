@@ -229,6 +229,22 @@ impl GradBucket {
     }
 }
 
+/// Adds the time from its creation to its drop to a millisecond counter.
+struct CallbackTimer<'a>(&'a std::cell::Cell<f64>, Instant);
+
+impl<'a> CallbackTimer<'a> {
+    fn start(c: &'a std::cell::Cell<f64>) -> Self {
+        CallbackTimer(c, Instant::now())
+    }
+}
+
+impl Drop for CallbackTimer<'_> {
+    fn drop(&mut self) {
+        self.0
+            .set(self.0.get() + self.1.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
 /// `dst = s * g` (or `dst += s * g`), reading the gradient tensor's storage in place when it is
 /// a contiguous f32 CPU tensor (the explicit kernels' gradients are).
 fn copy_grad(g: &Tensor, dst: &mut [f32], s: f32, accumulate: bool) -> Result<(), EngineError> {
@@ -276,6 +292,12 @@ pub struct TrainStep {
     pub bwd_ms: f64,
     /// Reduction + optimizer + all-gather milliseconds.
     pub step_ms: f64,
+    /// The model's own forward + backward compute, ms (its pass minus the time the engine's
+    /// callbacks took inside it: gradient hand-over, reductions, ZeRO-3 gathers).
+    pub model_ms: f64,
+    /// The optimizer step (global norm, clipping, the fused update on this rank's part;
+    /// at stages 1-3 including the norm's all-reduce), ms.
+    pub optimizer_ms: f64,
 }
 
 /// Per-block checkpoint timings of the last micro-batch: (block, forward ms, recompute +
@@ -314,6 +336,10 @@ pub struct Engine<'c, M: Model = Gpt> {
     stage3: bool,
     /// Checkpoint settings and the decoupled save in flight.
     ckpt: ckpt::CkptState,
+    /// The model's compute in the last micro-batch (its pass minus the engine's callbacks).
+    last_model_ms: f64,
+    /// The fused optimizer step's time in the last [`Engine::step`].
+    last_optimizer_ms: f64,
 }
 
 impl<'c, M: Model> Engine<'c, M> {
@@ -459,6 +485,8 @@ impl<'c, M: Model> Engine<'c, M> {
             },
             stage3,
             ckpt,
+            last_model_ms: 0.0,
+            last_optimizer_ms: 0.0,
         })
     }
 
@@ -602,9 +630,11 @@ impl<'c, M: Model> Engine<'c, M> {
         // overlap_comm, or the stage-3 prefetch): it executes jobs in the order the pass issues
         // them, identical on every rank, over the second communicator.
         let use_thread = comm2.is_some() && (overlap || (stage3 && prefetch.is_some()));
-        let mut run = |jobs: Option<&crossbeam::channel::Sender<Job>>| -> Result<(FwdBwd, Vec<GradPiece>), EngineError> {
+        let mut run = |jobs: Option<&crossbeam::channel::Sender<Job>>| -> Result<(FwdBwd, Vec<GradPiece>, f64), EngineError> {
             let mut pieces: Vec<GradPiece> = Vec::new();
             let mut bucket = GradBucket::default();
+            // Milliseconds spent in the engine's callbacks inside the model's pass.
+            let cb_ms = std::cell::Cell::new(0f64);
             let mut first_err: Option<EngineError> = None;
             // Sends a full bucket to the reduction (here, or on the communication thread).
             let flush = |bucket: &mut GradBucket,
@@ -629,6 +659,7 @@ impl<'c, M: Model> Engine<'c, M> {
                 if first_err.is_some() {
                     return Ok(());
                 }
+                let _t = CallbackTimer::start(&cb_ms);
                 let r: Result<(), EngineError> = (|| {
                     if stream {
                         if bucket.len() > 0 && bucket.start() != params.end {
@@ -672,6 +703,7 @@ impl<'c, M: Model> Engine<'c, M> {
                 if !stage3 {
                     return Ok(());
                 }
+                let _t = CallbackTimer::start(&cb_ms);
                 let err = |e: String| candle_core::Error::Msg(e);
                 match ev {
                     BlockEvent::Gather(i) => {
@@ -738,12 +770,14 @@ impl<'c, M: Model> Engine<'c, M> {
             }
             let fb = fb?;
             flush(&mut bucket, &mut pieces)?;
-            Ok((fb, pieces))
+            // The model's own compute: its pass minus the time in the engine's callbacks.
+            let model_ms = (fb.fwd_ms + fb.bwd_ms - cb_ms.get()).max(0.0);
+            Ok((fb, pieces, model_ms))
         };
-        let (fb, mut pieces) = if use_thread {
+        let (fb, mut pieces, model_ms) = if use_thread {
             let comm2 =
                 comm2.ok_or_else(|| EngineError::Config("no second communicator".into()))?;
-            std::thread::scope(|sc| -> Result<(FwdBwd, Vec<GradPiece>), EngineError> {
+            std::thread::scope(|sc| -> Result<(FwdBwd, Vec<GradPiece>, f64), EngineError> {
                 let (tx, rx) = crossbeam::channel::unbounded::<Job>();
                 let worker = sc.spawn(move || -> Result<Vec<GradPiece>, EngineError> {
                     let mut out = Vec::new();
@@ -773,9 +807,9 @@ impl<'c, M: Model> Engine<'c, M> {
                 let reduced = worker
                     .join()
                     .map_err(|_| EngineError::Data("the communication thread panicked".into()))?;
-                let (fb, mut pieces) = main?;
+                let (fb, mut pieces, model_ms) = main?;
                 pieces.extend(reduced?);
-                Ok((fb, pieces))
+                Ok((fb, pieces, model_ms))
             })?
         } else {
             run(None)?
@@ -784,7 +818,8 @@ impl<'c, M: Model> Engine<'c, M> {
             self.zero.add_grad_pieces(&pieces)?;
             pieces.clear();
         }
-        self.last_segments = fb.segments.clone();
+        self.last_model_ms = model_ms;
+        self.last_segments = fb.segments;
         Ok((f64::from(fb.loss), fb.fwd_ms, fb.bwd_ms))
     }
 
@@ -825,7 +860,9 @@ impl<'c, M: Model> Engine<'c, M> {
         }
         // The next micro-batch writes its gradients instead of adding them: no zeroing pass.
         self.acc_fresh = true;
+        let t = Instant::now();
         let report = self.zero.step(lr, self.comm)?;
+        self.last_optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
         if report.applied {
             self.refresh_model_params()?;
             self.sched.step();
@@ -844,13 +881,14 @@ impl<'c, M: Model> Engine<'c, M> {
         mut batch: impl FnMut(usize) -> (Vec<u32>, Vec<u32>),
     ) -> Result<TrainStep, EngineError> {
         let lr = self.sched.current_lr();
-        let (mut loss, mut fwd, mut bwd) = (0.0, 0.0, 0.0);
+        let (mut loss, mut fwd, mut bwd, mut model_ms) = (0.0, 0.0, 0.0, 0.0);
         for m in 0..self.gas {
             let (x, y) = batch(m);
             let (l, f, b) = self.forward_backward(&x, &y)?;
             loss += l / self.gas as f64;
             fwd += f;
             bwd += b;
+            model_ms += self.last_model_ms;
         }
         let t = Instant::now();
         let step = self.step()?;
@@ -861,6 +899,8 @@ impl<'c, M: Model> Engine<'c, M> {
             fwd_ms: fwd,
             bwd_ms: bwd,
             step_ms: t.elapsed().as_secs_f64() * 1e3,
+            model_ms,
+            optimizer_ms: self.last_optimizer_ms,
         })
     }
 }

@@ -176,6 +176,11 @@ pub struct TrainReport {
     pub loss_curve_png: Option<String>,
     /// The TensorBoard event file written, if any.
     pub tensorboard_file: Option<String>,
+    /// Median over steps of the fraction of a step's wall time spent outside the model's
+    /// forward/backward compute and the optimizer step: the engine's own overhead (batch
+    /// tensors, gradient hand-over and accumulation, parameter refresh, scheduling), plus the
+    /// communication at world size > 1.
+    pub engine_overhead_fraction: f64,
     /// Median wall time of the steps that ran while a decoupled checkpoint was being written
     /// (`null` when none did).
     pub median_step_ms_during_save: Option<f64>,
@@ -340,6 +345,9 @@ struct RankResult {
     tensorboard: Option<String>,
     losses: Vec<f64>,
     step_ms: Vec<f64>,
+    /// Per step: the fraction of its wall time outside the model's compute and the optimizer
+    /// step (engine overhead, plus communication at world size > 1).
+    overhead: Vec<f64>,
     step_ms_during_save: Vec<f64>,
     save_ms: Vec<f64>,
     skipped: u64,
@@ -602,6 +610,7 @@ fn drive<M: Model>(
     .filter(|e| !e.answers.is_empty());
     let mut losses = Vec::new();
     let mut step_ms = Vec::new();
+    let mut overhead = Vec::new();
     let (mut step_ms_during_save, mut save_ms) = (Vec::new(), Vec::new());
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
     if args.save_interval == Some(0) {
@@ -619,6 +628,7 @@ fn drive<M: Model>(
         let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         step_ms.push(ms);
+        overhead.push(((ms - r.model_ms - r.optimizer_ms) / ms).max(0.0));
         if writing {
             step_ms_during_save.push(ms);
         }
@@ -774,6 +784,7 @@ fn drive<M: Model>(
         tensorboard: tb.map(|m| m.path().display().to_string()),
         losses,
         step_ms,
+        overhead,
         step_ms_during_save,
         save_ms,
         skipped: engine.skipped_steps(),
@@ -1044,6 +1055,7 @@ fn report(
         tensorboard_file: r0.tensorboard.clone(),
         steps_before: r0.start,
         median_step_ms_during_save: med(&r0.step_ms_during_save),
+        engine_overhead_fraction: med(&r0.overhead).unwrap_or(0.0),
         median_save_call_ms: med(&r0.save_ms),
         rank: 0,
     })
