@@ -190,6 +190,9 @@ enum Job {
     ),
 }
 
+/// Where the communication thread sends a gathered block.
+type GatherReply = crossbeam::channel::Receiver<Result<Vec<f32>, ZeroError>>;
+
 /// Gradient groups waiting for their reduction, in the order the backward pass produced them
 /// (descending, contiguous).
 #[derive(Default)]
@@ -697,7 +700,7 @@ impl<'c, M: Model> Engine<'c, M> {
             // ZeRO-3: gather each block before it runs (from the prefetch when it was
             // predicted), release it after; other stages keep every block present.
             let mut gathers = 0usize;
-            let mut pending: Option<(usize, crossbeam::channel::Receiver<Result<Vec<f32>, ZeroError>>)> = None;
+            let mut pending: Option<(usize, GatherReply)> = None;
             let nblocks = ranges.len();
             let mut hook = |ev: BlockEvent| -> candle_core::Result<()> {
                 if !stage3 {
@@ -759,8 +762,6 @@ impl<'c, M: Model> Engine<'c, M> {
                 }
             };
             let fb = model.forward_backward_streamed(&x, &y, policy, loss_scale, &mut hook, &mut sink);
-            drop(hook);
-            drop(sink);
             // A prefetch nobody asked for (a model whose order differs) is drained.
             if let Some((_, rx)) = pending.take() {
                 let _ = rx.recv();

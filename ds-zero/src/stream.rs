@@ -229,14 +229,9 @@ mod tests {
                                             .map(|i| ((i * 7 + r * 3 + m * 11) % 17) as f32 - 8.0)
                                             .collect()
                                     };
-                                    let mut a = ZeroOptimizer::new(
-                                        sizes,
-                                        init,
-                                        spec.clone(),
-                                        opts.clone(),
-                                        &c,
-                                    )
-                                    .unwrap();
+                                    let mut a =
+                                        ZeroOptimizer::new(sizes, init, spec, opts.clone(), &c)
+                                            .unwrap();
                                     let mut b =
                                         ZeroOptimizer::new(sizes, init, spec, opts, &c).unwrap();
                                     let sum: Vec<f32> =
