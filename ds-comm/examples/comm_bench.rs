@@ -2,8 +2,9 @@
 //!
 //! `cargo run --release -p ds-comm --example comm_bench -- [--backend local|mpi] [--world-size N]
 //! [--op all_reduce|reduce_scatter|all_gather]... [--sizes 1M,16M,64M] [--iters K] [--no-timeout]
-//! [--no-check] [--json]` (`--no-timeout`: MPI uses blocking collectives; `--no-check`: MPI skips
-//! the per-call descriptor check).
+//! [--no-check] [--no-ring] [--json]` (`--no-timeout`: MPI uses blocking collectives;
+//! `--no-check`: MPI skips the per-call descriptor check; `--no-ring`: MPI uses its own
+//! non-blocking collectives instead of the ring for large buffers).
 //! With `--backend mpi` build with `--features mpi` and launch under `mpirun`.
 
 use ds_comm::bench::{parse_sizes, run_comm_bench, BenchBackend, BenchOp, CommBenchOptions};
@@ -38,6 +39,7 @@ fn run() -> Result<(), ds_comm::CommError> {
             "--json" => json = true,
             "--no-timeout" => opts.timeout = None,
             "--no-check" => opts.check_calls = false,
+            "--no-ring" => opts.mpi_ring = false,
             other => return Err(bad(format!("unknown argument {other:?}"))),
         }
     }

@@ -9,7 +9,8 @@
 //!
 //! Exit status 0 when every check passed on every rank. `--stall` instead checks that a stalled
 //! peer makes the others time out (rank 1 sleeps past a 1 s timeout) and that later calls report
-//! the poisoned communicator. `--die` makes rank 1 exit without finalising while the others wait
+//! the poisoned communicator, for a barrier and, on a second communicator, for a large in-place
+//! all-reduce and reduce-scatter (the ring algorithms' point-to-point steps). `--die` makes rank 1 exit without finalising while the others wait
 //! in a barrier (timeout 30 s): mpirun must end the job with a non-zero status well before that.
 
 use ds_comm::{conformance, CommError, Communicator, MpiComm, MpiCommOptions};
@@ -80,11 +81,50 @@ fn stall_test() -> i32 {
     };
     let rank = comm.rank();
     let mut ok = true;
+    // Two more communicators (collective calls, before anyone stalls) for the ring checks.
+    let subs = (comm.split(Some(0), rank), comm.split(Some(0), rank));
+    let (Ok(Some(sub)), Ok(Some(sub2))) = subs else {
+        eprintln!("rank {rank}: split failed");
+        return 1;
+    };
+    let big =
+        candle_core::Tensor::ones(1 << 20, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let (Ok(big), Ok(out)) = (
+        big,
+        candle_core::Tensor::zeros(1 << 20, candle_core::DType::F32, &candle_core::Device::Cpu),
+    ) else {
+        eprintln!("rank {rank}: tensor allocation failed");
+        return 1;
+    };
     if rank == 1 {
-        std::thread::sleep(Duration::from_millis(3000));
+        // Past the two 1 s ring timeouts and the 1 s barrier timeout of the others.
+        std::thread::sleep(Duration::from_millis(4000));
         // Completes the barrier the others abandoned, so MPI can finalise cleanly.
         let _ = comm.barrier();
     } else {
+        let (lo, hi) = ds_comm::partition_range(1 << 20, comm.world_size(), rank);
+        for (what, res) in [
+            (
+                "all_reduce",
+                sub.all_reduce_inplace(&big, ds_comm::ReduceOp::Sum),
+            ),
+            (
+                "reduce_scatter",
+                out.narrow(0, 0, hi - lo)
+                    .map_err(CommError::from)
+                    .and_then(|o| sub2.reduce_scatter_into(&big, &o, ds_comm::ReduceOp::Sum)),
+            ),
+        ] {
+            match res {
+                Err(CommError::Timeout { op, .. }) if op == what => {
+                    println!("rank {rank}: large {what} timed out as expected")
+                }
+                other => {
+                    eprintln!("rank {rank}: large {what}: expected a timeout, got {other:?}");
+                    ok = false;
+                }
+            }
+        }
         let t0 = Instant::now();
         match comm.barrier() {
             Err(CommError::Timeout { op, .. }) if op == "barrier" => {

@@ -119,6 +119,9 @@ pub struct CommBenchOptions {
     /// MPI: compare call descriptors before each collective (default true; see
     /// `MpiCommOptions::check_calls`).
     pub check_calls: bool,
+    /// MPI: run the ring algorithms for large polled collectives (default true; see
+    /// `MpiCommOptions::ring_min_bytes`). `false` uses MPI's non-blocking collectives throughout.
+    pub mpi_ring: bool,
 }
 
 impl Default for CommBenchOptions {
@@ -137,6 +140,7 @@ impl Default for CommBenchOptions {
             iters: None,
             timeout: Some(Duration::from_secs(300)),
             check_calls: true,
+            mpi_ring: true,
         }
     }
 }
@@ -280,6 +284,11 @@ pub fn run_comm_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
                 let comm = crate::MpiComm::init(crate::MpiCommOptions {
                     timeout: opts.timeout,
                     check_calls: opts.check_calls,
+                    ring_min_bytes: if opts.mpi_ring {
+                        crate::mpi::RING_MIN_BYTES
+                    } else {
+                        usize::MAX
+                    },
                 })?;
                 let memcpy_bytes = *opts.sizes.iter().max().unwrap_or(&(64 << 20));
                 // Every rank measures; the report carries the minimum over ranks (a shared host).

@@ -9,7 +9,8 @@
 //! Covered: every op and reduction, every dtype of [`SUPPORTED_DTYPES`], lengths not divisible by
 //! the world size (and shorter than it), multi-dimensional and non-contiguous inputs,
 //! `all_reduce` of `rank + 1` = `n(n+1)/2` (DeepSpeed's `test_dist.py`), `reduce_scatter` with
-//! averaging and padding (DeepSpeed's `test_coalesced_collectives.py`), point to point, sub-groups,
+//! averaging and padding (DeepSpeed's `test_coalesced_collectives.py`), `reduce` onto every root,
+//! point to point, sub-groups,
 //! and errors (mismatched calls, bad roots, unsupported dtypes).
 
 use crate::{partition_range, CommError, Communicator, ReduceOp, SUPPORTED_DTYPES};
@@ -32,6 +33,7 @@ pub fn checks() -> Vec<Check> {
         ("all_reduce_shapes", all_reduce_shapes),
         ("all_reduce_inplace", all_reduce_inplace),
         ("reduce_scatter_partitions", reduce_scatter_partitions),
+        ("reduce_to_root", reduce_to_root),
         (
             "reduce_scatter_coalesced_deepspeed",
             reduce_scatter_coalesced_deepspeed,
@@ -300,6 +302,94 @@ pub fn reduce_scatter_partitions(comm: &dyn Communicator) -> CheckResult {
                 )?;
             }
         }
+    }
+    Ok(())
+}
+
+/// `reduce` onto every root, for every dtype, reduction and length: the root gets the reduction
+/// (same shape), the others `None`; shapes are kept; a mismatched root is detected.
+pub fn reduce_to_root(comm: &dyn Communicator) -> CheckResult {
+    let n = comm.world_size();
+    let r = comm.rank();
+    for dtype in SUPPORTED_DTYPES {
+        for len in lengths(n) {
+            let mine: Vec<f64> = (0..len).map(|i| val(r, i)).collect();
+            let x = tensor(&mine, &[len], dtype)?;
+            for op in OPS {
+                for root in 0..n {
+                    let ctx = format!("reduce {} {dtype:?} len {len} root {root}", op.name());
+                    let y = comm.reduce(&x, op, root).map_err(err(&ctx))?;
+                    match (y, r == root) {
+                        (Some(y), true) => {
+                            ensure(y.dtype() == dtype && y.dims() == [len], || {
+                                format!("{ctx}: returned {:?} {:?}", y.dtype(), y.dims())
+                            })?;
+                            let want: Vec<f64> =
+                                (0..len).map(|i| expected_reduce(n, i, op, dtype)).collect();
+                            compare(&ctx, &values(&y)?, &want, dtype)?;
+                        }
+                        (None, false) => {}
+                        (Some(_), false) => {
+                            return Err(format!("{ctx}: rank {r} (not the root) got a result"))
+                        }
+                        (None, true) => return Err(format!("{ctx}: the root got no result")),
+                    }
+                }
+            }
+            // The input is not modified.
+            compare(
+                &format!("reduce input {dtype:?} len {len}"),
+                &values(&x)?,
+                &mine,
+                dtype,
+            )?;
+        }
+    }
+    // Multi-dimensional input keeps its shape on the root.
+    let root = n - 1;
+    let mine: Vec<f64> = (0..6).map(|i| val(r, i)).collect();
+    let x = tensor(&mine, &[2, 3], DType::F32)?;
+    if let Some(y) = comm
+        .reduce(&x, ReduceOp::Max, root)
+        .map_err(err("reduce 2-D"))?
+    {
+        ensure(y.dims() == [2, 3], || {
+            format!("reduce 2-D: shape {:?}", y.dims())
+        })?;
+        let want: Vec<f64> = (0..6)
+            .map(|i| expected_reduce(n, i, ReduceOp::Max, DType::F32))
+            .collect();
+        compare("reduce 2-D", &values(&y)?, &want, DType::F32)?;
+    }
+    if n < 2 {
+        return Ok(());
+    }
+    // Ranks naming different roots: a mismatch on every rank, and the communicator still works.
+    let x = tensor(&[1.0; 4], &[4], DType::F32)?;
+    match comm.reduce(&x, ReduceOp::Sum, if r == 0 { 1 } else { 0 }) {
+        Err(CommError::Mismatch { .. }) => {}
+        Err(e) => {
+            return Err(format!(
+                "reduce with different roots: expected a mismatch, got {e}"
+            ))
+        }
+        Ok(_) => return Err("reduce with different roots succeeded".into()),
+    }
+    let y = comm
+        .reduce(
+            &tensor(&[(r + 1) as f64], &[1], DType::F32)?,
+            ReduceOp::Sum,
+            0,
+        )
+        .map_err(err("reduce after a mismatch"))?;
+    if r == 0 {
+        let y = y.ok_or("reduce after a mismatch: the root got no result")?;
+        compare(
+            "reduce after a mismatch",
+            &values(&y)?,
+            &[(n * (n + 1) / 2) as f64],
+            DType::F32,
+        )?;
     }
     Ok(())
 }
@@ -655,6 +745,10 @@ pub fn invalid_arguments(comm: &dyn Communicator) -> CheckResult {
     match comm.broadcast(&x, n) {
         Err(CommError::InvalidArgument { .. }) => {}
         other => return Err(format!("broadcast to root {n}: {other:?}")),
+    }
+    match comm.reduce(&x, ReduceOp::Sum, n) {
+        Err(CommError::InvalidArgument { .. }) => {}
+        other => return Err(format!("reduce to root {n}: {other:?}")),
     }
     let bad = Tensor::zeros(4, DType::I32, &Device::Cpu).map_err(err("zeros"))?;
     match comm.all_reduce(&bad, ReduceOp::Sum) {

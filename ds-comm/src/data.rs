@@ -224,6 +224,18 @@ pub const SUPPORTED_DTYPES: [DType; 7] = [
     DType::I64,
 ];
 
+/// `dst = op(dst, src)` element-wise (`Avg` is not meaningful here: pass `Sum` and divide
+/// afterwards), block by block through a small copy of `dst` (the block stays in L1).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn accumulate<T: Elem>(dst: &mut [T], src: &[T], op: ReduceOp) {
+    let mut tmp = [T::zeroed(); BLOCK];
+    for (d, s) in dst.chunks_mut(BLOCK).zip(src.chunks(BLOCK)) {
+        let t = &mut tmp[..d.len()];
+        t.copy_from_slice(d);
+        T::reduce(d, &[t, s], op);
+    }
+}
+
 /// Checks that `dtype` is one of [`SUPPORTED_DTYPES`].
 pub(crate) fn check_dtype(op: &str, dtype: DType) -> Result<()> {
     if SUPPORTED_DTYPES.contains(&dtype) {
@@ -408,6 +420,20 @@ mod tests {
         assert_eq!(d, [3.0, 5.0, 7.0]);
         f32::reduce(&mut d, &[&a], ReduceOp::Sum);
         assert_eq!(d, a);
+    }
+
+    #[test]
+    fn accumulate_in_place_over_blocks() {
+        let n = BLOCK * 2 + 5;
+        let src: Vec<i64> = (0..n as i64).map(|i| i % 7 - 3).collect();
+        let mut d: Vec<i64> = (0..n as i64).collect();
+        accumulate(&mut d, &src, ReduceOp::Sum);
+        assert!(d.iter().enumerate().all(|(i, &x)| x == i as i64 + src[i]));
+        let mut m: Vec<i64> = vec![0; n];
+        accumulate(&mut m, &src, ReduceOp::Max);
+        assert!(m.iter().zip(&src).all(|(&x, &s)| x == s.max(0)));
+        accumulate(&mut m, &src, ReduceOp::Min);
+        assert!(m.iter().zip(&src).all(|(&x, &s)| x == s));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   Small messages (at most [`SMALL_MESSAGE_BYTES`] per rank) skip the second phase: every rank
 //!   reduces the whole buffer.
 //! * `reduce_scatter`: rank `r` reduces partition `r` of every input into a new tensor.
+//! * `reduce`: only the root allocates an output; rank `r` reduces partition `r` of every input
+//!   straight into the root's output (small messages: the root reduces the whole buffer alone).
 //! * `all_gather` / `broadcast`: every rank copies straight from the peers' inputs.
 //!
 //! Synchronisation is a generation-counting barrier (a short crossbeam `Backoff` spin, then a
@@ -67,6 +69,7 @@ struct Desc {
 enum OpKind {
     AllReduce(ReduceOp),
     ReduceScatter(ReduceOp),
+    Reduce(ReduceOp, usize),
     AllGather,
     Broadcast(usize),
     Barrier,
@@ -77,6 +80,7 @@ impl fmt::Display for OpKind {
         match self {
             OpKind::AllReduce(op) => write!(f, "all_reduce({})", op.name()),
             OpKind::ReduceScatter(op) => write!(f, "reduce_scatter({})", op.name()),
+            OpKind::Reduce(op, root) => write!(f, "reduce({}, root={root})", op.name()),
             OpKind::AllGather => write!(f, "all_gather"),
             OpKind::Broadcast(root) => write!(f, "broadcast(root={root})"),
             OpKind::Barrier => write!(f, "barrier"),
@@ -559,6 +563,68 @@ impl LocalComm {
         data::from_vec(out, &[hi - lo])
     }
 
+    /// Reduce onto `root`: only the root allocates the result; every rank reduces its partition
+    /// of all inputs straight into the root's output (small messages: the root alone reduces the
+    /// whole buffer, saving the peers' cache traffic).
+    fn reduce_t<T: Elem>(&self, t: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        let n = self.shared.n;
+        let len = t.elem_count();
+        let src = data::data_ptr::<T>(t)? as usize;
+        let out = (self.rank == root).then(|| Arc::new(OutBuf::<T>::zeroed(len)));
+        let (dst, keep_out) = match &out {
+            Some(o) => (
+                o.ptr() as usize,
+                Some(o.clone() as Arc<dyn Any + Send + Sync>),
+            ),
+            None => (0, None),
+        };
+        let desc = self.next_desc(OpKind::Reduce(op, root), Some(t.dtype()), t.dims());
+        let snap = self.sync_checked(Entry {
+            desc,
+            src,
+            dst,
+            _keep_in: Some(t.clone()),
+            _keep_out: keep_out,
+        })?;
+        let root_dst = snap[root]
+            .as_ref()
+            .map(|e| e.dst as *mut T)
+            .filter(|p| !p.is_null())
+            .ok_or_else(|| CommError::invalid("reduce", "root published no output buffer"))?;
+        let (lo, hi) = if len * std::mem::size_of::<T>() <= SMALL_MESSAGE_BYTES {
+            if self.rank == root {
+                (0, len)
+            } else {
+                (0, 0)
+            }
+        } else {
+            partition_range(len, n, self.rank)
+        };
+        if hi > lo {
+            // SAFETY: every published input has `len` elements (checked by the descriptor) and is
+            // kept alive by the snapshot; nobody writes the inputs during the collective. The
+            // root's output (kept alive by the snapshot too) is a fresh buffer that aliases no
+            // input, and elements [lo, hi) of it are written by this rank only.
+            let srcs: Vec<&[T]> = snap
+                .iter()
+                .flatten()
+                .map(|e| unsafe {
+                    std::slice::from_raw_parts((e.src as *const T).add(lo), hi - lo)
+                })
+                .collect();
+            let d = unsafe { std::slice::from_raw_parts_mut(root_dst.add(lo), hi - lo) };
+            T::reduce(d, &srcs, op);
+        }
+        drop(snap);
+        // After this barrier every partition of the root's output is written and no peer reads
+        // this rank's input any more.
+        self.sync("reduce", None)?;
+        match out {
+            Some(o) => Ok(Some(data::from_vec(take_out(o, len), t.dims())?)),
+            None => Ok(None),
+        }
+    }
+
     /// Copies every rank's `t` into `out` (`n * len` elements), in rank order.
     fn all_gather_fill<T: Elem>(&self, t: &Tensor, out: &mut [T]) -> Result<()> {
         let len = t.elem_count();
@@ -700,6 +766,7 @@ fn op_name(op: OpKind) -> &'static str {
     match op {
         OpKind::AllReduce(_) => "all_reduce",
         OpKind::ReduceScatter(_) => "reduce_scatter",
+        OpKind::Reduce(..) => "reduce",
         OpKind::AllGather => "all_gather",
         OpKind::Broadcast(_) => "broadcast",
         OpKind::Barrier => "barrier",
@@ -771,6 +838,21 @@ impl Communicator for LocalComm {
             return Ok(t.flatten_all()?);
         }
         with_elem!(t.dtype(), "reduce_scatter", T => self.reduce_scatter_t::<T>(&t, op))
+    }
+
+    fn reduce(&self, tensor: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        if root >= self.shared.n {
+            return Err(CommError::invalid(
+                "reduce",
+                format!("root {root} out of range for world size {}", self.shared.n),
+            ));
+        }
+        let t = data::cpu_contiguous("reduce", tensor)?;
+        if self.shared.n == 1 {
+            self.check_failed("reduce")?;
+            return Ok(Some(t));
+        }
+        with_elem!(t.dtype(), "reduce", T => self.reduce_t::<T>(&t, op, root))
     }
 
     fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {

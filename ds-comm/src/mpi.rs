@@ -2,7 +2,8 @@
 //!
 //! Launch with `mpirun -np N program` (as root on this machine add `--allow-run-as-root`, and
 //! `--oversubscribe` when N exceeds the cores). Every collective is issued non-blocking
-//! (`MPI_Iallreduce`, `MPI_Ireduce_scatter_block`, `MPI_Iallgather`, `MPI_Ibcast`, `MPI_Ibarrier`)
+//! (`MPI_Iallreduce`, `MPI_Ireduce_scatter`, `MPI_Ireduce`, `MPI_Iallgather`, `MPI_Ibcast`,
+//! `MPI_Ibarrier`)
 //! and polled against the timeout, so a stalled peer gives [`CommError::Timeout`] instead of a
 //! hang (an MPI collective cannot be cancelled: its buffers are leaked and the communicator is
 //! poisoned). A peer that dies ends the job through MPI's default error handler (mpirun aborts
@@ -25,7 +26,9 @@ use half::{bf16, f16};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
+use mpi::ffi;
 use mpi::point_to_point::{Destination, Source};
+use mpi::raw::AsRaw;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Color, Communicator as MpiCommunicator, SimpleCommunicator};
 use std::cell::{Cell, RefCell};
@@ -43,6 +46,11 @@ pub struct MpiCommOptions {
     /// Compare call descriptors across ranks before each collective (one small allreduce).
     /// Default true.
     pub check_calls: bool,
+    /// With a timeout, all-reduce and reduce-scatter buffers of at least this many bytes run
+    /// this crate's ring algorithms over non-blocking point-to-point messages instead of
+    /// `MPI_Iallreduce` / `MPI_Ireduce_scatter`. Default [`RING_MIN_BYTES`]; `usize::MAX`
+    /// never uses the ring.
+    pub ring_min_bytes: usize,
 }
 
 impl Default for MpiCommOptions {
@@ -50,6 +58,7 @@ impl Default for MpiCommOptions {
         Self {
             timeout: Some(Duration::from_secs(300)),
             check_calls: true,
+            ring_min_bytes: RING_MIN_BYTES,
         }
     }
 }
@@ -59,14 +68,38 @@ impl Default for MpiCommOptions {
 /// Not `Send`: use it from the thread that initialised MPI.
 pub struct MpiComm {
     comm: SimpleCommunicator,
+    /// A duplicate of `comm` for the ring algorithms' point-to-point messages (they never match
+    /// the user's `send`/`recv`).
+    ring: SimpleCommunicator,
     _universe: Rc<Universe>,
     rank: usize,
     size: usize,
     seq: Cell<u64>,
     options: MpiCommOptions,
     failure: RefCell<Option<CommError>>,
-    /// Receive buffer reused by in-place all-reduce (8-byte aligned).
+    /// Receive buffer reused by in-place all-reduce where `MPI_IN_PLACE` is unknown (8-byte
+    /// aligned).
     scratch: RefCell<Vec<u64>>,
+    /// The library's `MPI_IN_PLACE` sentinel (see [`in_place_sentinel`]).
+    in_place: Option<usize>,
+}
+
+/// The `MPI_IN_PLACE` sentinel pointer of the MPI library this process runs with: rsmpi does not
+/// export it and it differs between ABIs (`(void *)1` in Open MPI, `(void *)-1` in MPICH and its
+/// derivatives). `None` for an unrecognised library (the in-place all-reduce then receives into a
+/// scratch buffer and copies back).
+fn in_place_sentinel() -> Option<usize> {
+    let v = mpi::environment::library_version().ok()?;
+    if v.contains("Open MPI") {
+        Some(1)
+    } else if ["MPICH", "Intel(R) MPI", "MVAPICH"]
+        .iter()
+        .any(|k| v.contains(k))
+    {
+        Some(usize::MAX)
+    } else {
+        None
+    }
 }
 
 impl std::fmt::Debug for MpiComm {
@@ -82,6 +115,16 @@ fn backend_err(msg: impl Into<String>) -> CommError {
     CommError::Backend {
         backend: "mpi".into(),
         msg: msg.into(),
+    }
+}
+
+/// An MPI return code as a result (the default error handler aborts before returning an error,
+/// but a communicator with `MPI_ERRORS_RETURN` would return one).
+fn mpi_rc(op: &str, rc: std::os::raw::c_int) -> Result<()> {
+    if rc == ffi::MPI_SUCCESS as std::os::raw::c_int {
+        Ok(())
+    } else {
+        Err(backend_err(format!("{op}: MPI error code {rc}")))
     }
 }
 
@@ -104,7 +147,7 @@ fn dtype_from_code(c: i64) -> Option<DType> {
         .find(|&d| dtype_code(d) == c)
 }
 
-const OP_NAMES: [&str; 9] = [
+const OP_NAMES: [&str; 13] = [
     "all_reduce(sum)",
     "all_reduce(avg)",
     "all_reduce(min)",
@@ -114,6 +157,10 @@ const OP_NAMES: [&str; 9] = [
     "broadcast",
     "barrier",
     "split",
+    "reduce(sum)",
+    "reduce(avg)",
+    "reduce(min)",
+    "reduce(max)",
 ];
 
 fn op_code(name: &str, op: Option<ReduceOp>) -> i64 {
@@ -126,6 +173,10 @@ fn op_code(name: &str, op: Option<ReduceOp>) -> i64 {
         ("all_gather", _) => 5,
         ("broadcast", _) => 6,
         ("barrier", _) => 7,
+        ("reduce", Some(ReduceOp::Sum)) => 9,
+        ("reduce", Some(ReduceOp::Avg)) => 10,
+        ("reduce", Some(ReduceOp::Min)) => 11,
+        ("reduce", Some(ReduceOp::Max)) => 12,
         _ => 8,
     }
 }
@@ -135,6 +186,14 @@ fn system_op(op: ReduceOp) -> SystemOperation {
         ReduceOp::Sum | ReduceOp::Avg => SystemOperation::sum(),
         ReduceOp::Min => SystemOperation::min(),
         ReduceOp::Max => SystemOperation::max(),
+    }
+}
+
+/// The reduction the ring algorithms apply step by step (`Avg` sums; the caller divides once).
+fn ring_op(op: ReduceOp) -> ReduceOp {
+    match op {
+        ReduceOp::Avg => ReduceOp::Sum,
+        other => other,
     }
 }
 
@@ -154,6 +213,16 @@ macro_rules! mpi_elem {
     )*};
 }
 mpi_elem!(f32, f64, u8, u32, i64);
+
+/// Per-rank bytes from which the polled (timeout) all-reduce and reduce-scatter run the ring
+/// algorithms below instead of `MPI_Iallreduce` / `MPI_Ireduce_scatter` (Open MPI's libnbc
+/// reduces onto one rank and sends the result back for these: a binomial tree for
+/// `MPI_Iallreduce` on fewer than 4 ranks or in place, reduce + scatter for
+/// `MPI_Ireduce_scatter`; twice the time of a ring on 2 ranks, see BENCHMARKS.md).
+pub const RING_MIN_BYTES: usize = 64 * 1024;
+
+/// Tag of the ring messages (on the private duplicate communicator).
+const RING_TAG: i32 = 0x7269;
 
 /// Extends a borrow to `'static` for a `StaticScope` request. The caller keeps the owner alive
 /// until the request completes, and leaks it if the request is abandoned.
@@ -182,6 +251,7 @@ impl MpiComm {
         let rank = comm.rank().max(0) as usize;
         let size = comm.size().max(0) as usize;
         MpiComm {
+            ring: comm.duplicate(),
             comm,
             _universe: universe,
             rank,
@@ -190,6 +260,7 @@ impl MpiComm {
             options,
             failure: RefCell::new(None),
             scratch: RefCell::new(Vec::new()),
+            in_place: in_place_sentinel(),
         }
     }
 
@@ -251,6 +322,171 @@ impl MpiComm {
                 std::thread::yield_now();
             }
         }
+    }
+
+    /// Polls `reqs` until all complete or `deadline` passes. On timeout the requests are
+    /// abandoned (`mem::forget`), the communicator is poisoned, and the caller must leak every
+    /// buffer they use.
+    fn wait_all<T: ?Sized>(
+        &self,
+        op: &str,
+        reqs: Vec<Request<'static, T, StaticScope>>,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let mut pending = reqs;
+        let mut left = Vec::with_capacity(pending.len());
+        let mut polls: u32 = 0;
+        loop {
+            for r in pending.drain(..) {
+                if let Err(r) = r.test() {
+                    left.push(r);
+                }
+            }
+            std::mem::swap(&mut pending, &mut left);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(64) {
+                if let Some(d) = deadline {
+                    if Instant::now() >= d {
+                        pending.into_iter().for_each(std::mem::forget);
+                        let err = CommError::Timeout {
+                            op: op.into(),
+                            rank: self.rank,
+                            waiting_for: Vec::new(),
+                            timeout: self.options.timeout.unwrap_or_default(),
+                        };
+                        *self.failure.borrow_mut() = Some(err.clone());
+                        return Err(err);
+                    }
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// One ring step: sends `send` to the next rank and receives `recv` from the previous one.
+    fn ring_step<T: MpiElem>(
+        &self,
+        op: &str,
+        send: &[T],
+        recv: &mut [T],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let n = self.size as i32;
+        let me = self.rank as i32;
+        let next = self.ring.process_at_rank((me + 1) % n);
+        let prev = self.ring.process_at_rank((me + n - 1) % n);
+        // SAFETY: the caller keeps both buffers alive until this returns, and leaks their owners
+        // when it returns an error (the requests are then abandoned).
+        let (s, r) = unsafe { (forever(send), forever_mut(recv)) };
+        let rr = prev.immediate_receive_into_with_tag(StaticScope, r, RING_TAG);
+        let sr = next.immediate_send_with_tag(StaticScope, s, RING_TAG);
+        self.wait_all(op, vec![rr, sr], deadline)
+    }
+
+    /// In-place ring all-reduce of `buf` (partitions of [`partition_range`]): `n - 1` steps of
+    /// reduce-scatter (each rank accumulates the chunk it receives into `buf`), then `n - 1` of
+    /// all-gather (each rank receives the finished chunks straight into `buf`). `op` must not be
+    /// `Avg` (reduce with `Sum` and divide). `tmp` needs `ceil(len / n)` elements. On error the
+    /// caller leaks `buf`'s and `tmp`'s owners.
+    fn ring_all_reduce<T: MpiElem>(
+        &self,
+        buf: &mut [T],
+        tmp: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.size;
+        let r = self.rank;
+        let len = buf.len();
+        let deadline = self.options.timeout.map(|t| Instant::now() + t);
+        let part = |k: usize| partition_range(len, n, k % n);
+        for s in 1..n {
+            let (slo, shi) = part(r + n - s);
+            let (rlo, rhi) = part(r + 2 * n - s - 1);
+            let t = &mut tmp[..rhi - rlo];
+            {
+                // SAFETY: the chunks are disjoint ([slo, shi) is only read, by MPI, while
+                // [rlo, rhi) of `buf` is not touched until the step completed).
+                let send = unsafe { std::slice::from_raw_parts(buf.as_ptr().add(slo), shi - slo) };
+                self.ring_step("all_reduce", send, t, deadline)?;
+            }
+            data::accumulate(&mut buf[rlo..rhi], t, op);
+        }
+        for s in 0..n - 1 {
+            let (slo, shi) = part(r + n - s);
+            let (rlo, rhi) = part(r + 2 * n - s - 1);
+            // SAFETY: as above, disjoint chunks of `buf`.
+            let send = unsafe { std::slice::from_raw_parts(buf.as_ptr().add(slo), shi - slo) };
+            self.ring_step("all_reduce", send, &mut buf[rlo..rhi], deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter of `input` into `out` (this rank's partition): at step `s` each rank
+    /// sends its running sum of chunk `r - s` and adds its own contribution to the chunk it
+    /// receives; the last step lands in `out`. `input` is not modified. `scratch` needs
+    /// `3 * ceil(len / n)` elements. `op` must not be `Avg`. On error the caller leaks the owners
+    /// of all three buffers.
+    fn ring_reduce_scatter<T: MpiElem>(
+        &self,
+        input: &[T],
+        out: &mut [T],
+        scratch: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.size;
+        let r = self.rank;
+        let len = input.len();
+        let c = len.div_ceil(n);
+        let deadline = self.options.timeout.map(|t| Instant::now() + t);
+        let part = |k: usize| partition_range(len, n, k % n);
+        let (tmp, accs) = scratch.split_at_mut(c);
+        let (acc_a, acc_b) = accs.split_at_mut(c);
+        let (mut cur, mut nxt) = (acc_a, acc_b);
+        for s in 1..n {
+            let (slo, shi) = part(r + n - s);
+            let (rlo, rhi) = part(r + 2 * n - s - 1);
+            let t = &mut tmp[..rhi - rlo];
+            let send: &[T] = if s == 1 {
+                &input[slo..shi]
+            } else {
+                &cur[..shi - slo]
+            };
+            self.ring_step("reduce_scatter", send, t, deadline)?;
+            let dst: &mut [T] = if s == n - 1 {
+                &mut *out
+            } else {
+                &mut nxt[..rhi - rlo]
+            };
+            T::reduce(dst, &[&input[rlo..rhi], t], op);
+            std::mem::swap(&mut cur, &mut nxt);
+        }
+        Ok(())
+    }
+
+    /// True when a polled collective over `bytes` per rank runs the ring algorithms.
+    fn use_ring(&self, bytes: usize) -> bool {
+        self.options.timeout.is_some() && self.size > 1 && bytes >= self.options.ring_min_bytes
+    }
+
+    /// Leaks the scratch buffer (an abandoned request may still write into it).
+    fn leak_scratch(&self) {
+        std::mem::forget(std::mem::take(&mut *self.scratch.borrow_mut()));
+    }
+
+    /// A reused scratch buffer of `elems` elements of `T` (8-byte aligned storage).
+    fn scratch_for<T: MpiElem>(&self, elems: usize) -> std::cell::RefMut<'_, [T]> {
+        let bytes = elems * std::mem::size_of::<T>();
+        let words = bytes.div_ceil(8);
+        let mut sc = self.scratch.borrow_mut();
+        if sc.len() < words {
+            *sc = vec![0u64; words];
+        }
+        std::cell::RefMut::map(sc, |v| {
+            &mut bytemuck::cast_slice_mut::<u64, T>(&mut v[..words])[..elems]
+        })
     }
 
     /// Compares this call's descriptor with every rank's (one small allreduce of max and -min).
@@ -326,6 +562,23 @@ impl MpiComm {
 
     fn all_reduce_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<Vec<T>> {
         let len = t.elem_count();
+        if self.use_ring(len * std::mem::size_of::<T>()) {
+            // Copy the input into the result, then reduce the result in place.
+            let mut out = data::to_vec::<T>(t)?;
+            let res = {
+                let mut tmp = self.scratch_for::<T>(len.div_ceil(self.size));
+                self.ring_all_reduce(&mut out, &mut tmp, ring_op(op))
+            };
+            if let Err(e) = res {
+                self.leak_scratch();
+                std::mem::forget(out);
+                return Err(e);
+            }
+            if op == ReduceOp::Avg {
+                T::div_n(&mut out, self.size);
+            }
+            return Ok(out);
+        }
         let keep = t.clone();
         let ptr = data::data_ptr::<T>(&keep)?;
         let mut out = data::zeroed::<T>(len);
@@ -366,12 +619,72 @@ impl MpiComm {
         self.wait("all_reduce", req)
     }
 
+    /// `MPI_Allreduce(MPI_IN_PLACE, buf)` (blocking without a timeout, else `MPI_Iallreduce`
+    /// polled against it): no receive buffer and no copy back. On error the caller leaks the
+    /// tensor that owns `buf`.
+    fn all_reduce_in_place_raw<T: MpiElem>(
+        &self,
+        buf: &mut [T],
+        count: std::os::raw::c_int,
+        in_place: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if buf.is_empty() {
+            // Every rank has nothing (an empty buffer's dangling pointer could even equal
+            // MPI_IN_PLACE).
+            return Ok(());
+        }
+        let dt = T::equivalent_datatype().as_raw();
+        let mop = system_op(op).as_raw();
+        let comm = self.comm.as_raw();
+        let send = in_place as *const std::ffi::c_void;
+        let recv = buf.as_mut_ptr().cast::<std::ffi::c_void>();
+        if self.options.timeout.is_none() {
+            // SAFETY: `buf` holds `count` elements of `dt`; `send` is the library's MPI_IN_PLACE.
+            let rc = unsafe { ffi::MPI_Allreduce(send, recv, count, dt, mop, comm) };
+            return mpi_rc("all_reduce", rc);
+        }
+        // SAFETY: as above; `request` is written by MPI before it is read.
+        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let rc = unsafe { ffi::MPI_Iallreduce(send, recv, count, dt, mop, comm, &mut request) };
+        mpi_rc("all_reduce", rc)?;
+        // SAFETY: `request` is a live, non-persistent request on `buf`, which the caller keeps
+        // alive until it completes (or leaks on timeout).
+        let req = unsafe { Request::from_raw(request, forever(buf), StaticScope) };
+        self.wait("all_reduce", req)
+    }
+
     /// In-place all-reduce: sends from the tensor's storage, receives into a reused scratch
     /// buffer, copies back (no allocation after the first call of a given size).
     fn all_reduce_inplace_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
         let keep = t.clone();
         data::with_slice_mut::<T, ()>("all_reduce", t, |dst| {
             let len = dst.len();
+            if self.use_ring(std::mem::size_of_val(dst)) {
+                let res = {
+                    let mut tmp = self.scratch_for::<T>(len.div_ceil(self.size));
+                    self.ring_all_reduce(dst, &mut tmp, ring_op(op))
+                };
+                if let Err(e) = res {
+                    self.leak_scratch();
+                    std::mem::forget(keep.clone());
+                    return Err(e);
+                }
+                if op == ReduceOp::Avg {
+                    T::div_n(dst, self.size);
+                }
+                return Ok(());
+            }
+            if let (Some(ip), Ok(count)) = (self.in_place, std::os::raw::c_int::try_from(len)) {
+                if let Err(e) = self.all_reduce_in_place_raw(dst, count, ip, op) {
+                    std::mem::forget(keep.clone());
+                    return Err(e);
+                }
+                if op == ReduceOp::Avg {
+                    T::div_n(dst, self.size);
+                }
+                return Ok(());
+            }
             let words = std::mem::size_of_val(dst).div_ceil(8);
             let mut scratch = self.scratch.borrow_mut();
             if scratch.len() < words {
@@ -401,48 +714,178 @@ impl MpiComm {
         keep: Option<Tensor>,
         op: ReduceOp,
     ) -> Result<Vec<T>> {
+        let (lo, hi) = partition_range(input.len(), self.size, self.rank);
+        let mut out = data::zeroed::<T>(hi - lo);
+        if let Err(e) = self.reduce_scatter_raw(input, &mut out, op) {
+            std::mem::forget(out);
+            std::mem::forget(keep);
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// Reduce-scatter of `input` straight into `out` (this rank's partition, see
+    /// [`partition_range`]): `MPI_Reduce_scatter` with the partition lengths as receive counts,
+    /// so nothing is padded or copied (blocking without a timeout, else `MPI_Ireduce_scatter`
+    /// polled against it). Divides by the world size for `Avg`. On error the caller leaks the
+    /// owners of `input` and `out`.
+    fn reduce_scatter_raw<T: MpiElem>(
+        &self,
+        input: &[T],
+        out: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         let n = self.size;
         let len = input.len();
-        let c = len.div_ceil(n).max(1);
-        // Pad only when the length is not a multiple of the world size.
-        let padded: Vec<T> = if len == c * n {
-            Vec::new()
-        } else {
-            let mut p = data::zeroed::<T>(c * n);
-            p[..len].copy_from_slice(input);
-            p
-        };
-        let mut out = data::zeroed::<T>(c);
-        // SAFETY: as in `all_reduce_native`; `keep` owns `input`.
-        let (s, r) = unsafe {
-            let s = if padded.is_empty() {
-                forever(input)
-            } else {
-                forever(&padded[..])
+        let counts = (0..n)
+            .map(|k| {
+                let (lo, hi) = partition_range(len, n, k);
+                std::os::raw::c_int::try_from(hi - lo)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| {
+                CommError::invalid(
+                    "reduce_scatter",
+                    "partitions over 2^31 elements (MPI counts)",
+                )
+            })?;
+        if counts.get(self.rank).map(|&c| c as usize) != Some(out.len()) {
+            return Err(CommError::invalid(
+                "reduce_scatter",
+                "output length is not this rank's partition",
+            ));
+        }
+        if self.use_ring(std::mem::size_of_val(input)) {
+            let res = {
+                let mut scratch = self.scratch_for::<T>(3 * len.div_ceil(n));
+                self.ring_reduce_scatter(input, out, &mut scratch, ring_op(op))
             };
-            (s, forever_mut(&mut out[..]))
+            if let Err(e) = res {
+                self.leak_scratch();
+                return Err(e);
+            }
+            if op == ReduceOp::Avg {
+                T::div_n(out, n);
+            }
+            return Ok(());
+        }
+        if len == 0 {
+            // Every rank has nothing (the descriptor check compared the lengths).
+            return Ok(());
+        }
+        let dt = T::equivalent_datatype().as_raw();
+        let mop = system_op(op).as_raw();
+        let comm = self.comm.as_raw();
+        let send = input.as_ptr().cast::<std::ffi::c_void>();
+        // An empty vector's dangling pointer can equal MPI_IN_PLACE (`(void *)1` in Open MPI for
+        // a `u8` buffer): point an empty partition at a real (unused) word instead.
+        let mut empty = [0u64; 1];
+        let recv = if out.is_empty() {
+            empty.as_mut_ptr().cast::<std::ffi::c_void>()
+        } else {
+            out.as_mut_ptr().cast::<std::ffi::c_void>()
         };
+        if self.options.timeout.is_none() {
+            // SAFETY: `input` holds `len` = sum(counts) elements, `out` counts[rank].
+            let rc = unsafe { ffi::MPI_Reduce_scatter(send, recv, counts.as_ptr(), dt, mop, comm) };
+            mpi_rc("reduce_scatter", rc)?;
+        } else {
+            // SAFETY: as above; `request` is written by MPI before it is read.
+            let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+            let rc = unsafe {
+                ffi::MPI_Ireduce_scatter(send, recv, counts.as_ptr(), dt, mop, comm, &mut request)
+            };
+            mpi_rc("reduce_scatter", rc)?;
+            // SAFETY: a live request on `out` and `input` (owned by the caller until it
+            // completes, leaked on timeout) and `counts` (leaked below on timeout).
+            let req = unsafe { Request::from_raw(request, forever(out), StaticScope) };
+            if let Err(e) = self.wait("reduce_scatter", req) {
+                std::mem::forget(counts);
+                return Err(e);
+            }
+        }
+        if op == ReduceOp::Avg {
+            T::div_n(out, n);
+        }
+        Ok(())
+    }
+
+    /// [`Communicator::reduce_scatter_into`] for the natively reduced types: straight into the
+    /// output tensor's storage.
+    fn reduce_scatter_into_native<T: MpiElem>(
+        &self,
+        t: &Tensor,
+        output: &Tensor,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let keep_in = t.clone();
+        let keep_out = output.clone();
+        data::with_slice_mut::<T, ()>("reduce_scatter", output, |o| {
+            data::with_slice::<T, _>(t, |s| {
+                let r = self.reduce_scatter_raw(s, o, op);
+                if r.is_err() {
+                    std::mem::forget(keep_in.clone());
+                    std::mem::forget(keep_out.clone());
+                }
+                r
+            })?
+        })
+    }
+
+    /// `MPI_Reduce` of `input` onto `root` (blocking without a timeout, otherwise `MPI_Ireduce`
+    /// polled against it). Only the root allocates a receive buffer. `keep` owns `input` when it
+    /// is a tensor's storage (leaked on timeout).
+    fn reduce_native<T: MpiElem>(
+        &self,
+        input: &[T],
+        keep: Option<Tensor>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Option<Vec<T>>> {
+        if input.is_empty() {
+            // Every rank has nothing (and an empty `u8` buffer's dangling pointer would read as
+            // MPI_IN_PLACE in Open MPI).
+            return Ok((self.rank == root).then(Vec::new));
+        }
+        let proc_ = self.comm.process_at_rank(root as i32);
+        // SAFETY: `keep` (or the caller's vector) owns `input` until the request completes; it is
+        // leaked on timeout.
+        let s = unsafe { forever(input) };
+        if self.rank != root {
+            let res = if self.options.timeout.is_none() {
+                proc_.reduce_into(s, system_op(op));
+                Ok(())
+            } else {
+                let req = proc_.immediate_reduce_into(StaticScope, s, system_op(op));
+                self.wait("reduce", req)
+            };
+            return match res {
+                Ok(()) => Ok(None),
+                Err(e) => {
+                    std::mem::forget(keep);
+                    Err(e)
+                }
+            };
+        }
+        let mut out = data::zeroed::<T>(input.len());
+        // SAFETY: as above; `out` outlives the request or is leaked on timeout.
+        let r = unsafe { forever_mut(&mut out[..]) };
         let res = if self.options.timeout.is_none() {
-            self.comm.reduce_scatter_block_into(s, r, system_op(op));
+            proc_.reduce_into_root(s, r, system_op(op));
             Ok(())
         } else {
-            let req =
-                self.comm
-                    .immediate_reduce_scatter_block_into(StaticScope, s, r, system_op(op));
-            self.wait("reduce_scatter", req)
+            let req = proc_.immediate_reduce_into_root(StaticScope, s, r, system_op(op));
+            self.wait("reduce", req)
         };
         if let Err(e) = res {
-            std::mem::forget(padded);
             std::mem::forget(out);
             std::mem::forget(keep);
             return Err(e);
         }
         if op == ReduceOp::Avg {
-            T::div_n(&mut out, n);
+            T::div_n(&mut out, self.size);
         }
-        let (lo, hi) = partition_range(len, n, self.rank);
-        out.truncate(hi - lo);
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// All-gather of raw bytes: `mine.len()` bytes from every rank, concatenated.
@@ -551,6 +994,45 @@ impl MpiComm {
             }
         };
         Ok(out)
+    }
+
+    fn reduce_typed(&self, t: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        let dims = t.dims().to_vec();
+        match t.dtype() {
+            DType::F16 => {
+                let w = data::with_slice::<f16, _>(t, f16::to_f32s)?;
+                self.reduce_native::<f32>(&w, None, op, root)?
+                    .map(|r| data::from_vec(f16::from_f32s(&r), &dims))
+                    .transpose()
+            }
+            DType::BF16 => {
+                let w = data::with_slice::<bf16, _>(t, bf16::to_f32s)?;
+                self.reduce_native::<f32>(&w, None, op, root)?
+                    .map(|r| data::from_vec(bf16::from_f32s(&r), &dims))
+                    .transpose()
+            }
+            DType::F32 => self.reduce_tensor::<f32>(t, op, root),
+            DType::F64 => self.reduce_tensor::<f64>(t, op, root),
+            DType::U8 => self.reduce_tensor::<u8>(t, op, root),
+            DType::U32 => self.reduce_tensor::<u32>(t, op, root),
+            DType::I64 => self.reduce_tensor::<i64>(t, op, root),
+            other => Err(CommError::UnsupportedDType {
+                op: "reduce".into(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn reduce_tensor<T: MpiElem>(
+        &self,
+        t: &Tensor,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Option<Tensor>> {
+        let r = data::with_slice::<T, _>(t, |s| {
+            self.reduce_native::<T>(s, Some(t.clone()), op, root)
+        })??;
+        r.map(|v| data::from_vec(v, t.dims())).transpose()
     }
 
     fn rs_native<T: MpiElem>(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
@@ -743,6 +1225,52 @@ impl Communicator for MpiComm {
             return Ok(t.flatten_all()?);
         }
         self.reduce_scatter_typed(&t, op)
+    }
+
+    fn reduce(&self, tensor: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        if root >= self.size {
+            return Err(CommError::invalid(
+                "reduce",
+                format!("root {root} out of range for world size {}", self.size),
+            ));
+        }
+        let t = data::cpu_contiguous("reduce", tensor)?;
+        self.check("reduce", Some(op), Some(t.dtype()), t.elem_count(), root)?;
+        self.reduce_typed(&t, op, root)
+    }
+
+    fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        let t = data::cpu_contiguous("reduce_scatter", tensor)?;
+        let (lo, hi) = partition_range(t.elem_count(), self.size, self.rank);
+        let native = matches!(
+            t.dtype(),
+            DType::F32 | DType::F64 | DType::U8 | DType::U32 | DType::I64
+        );
+        let ok = native
+            && output.dtype() == t.dtype()
+            && output.elem_count() == hi - lo
+            && output.is_contiguous()
+            && output.device().is_cpu()
+            && !data::same_storage(&t, output);
+        if !ok {
+            // Take part in the collective, then report a bad output on this rank.
+            let r = self.reduce_scatter(&t, op)?;
+            return data::copy_into("reduce_scatter", output, &r);
+        }
+        self.check(
+            "reduce_scatter",
+            Some(op),
+            Some(t.dtype()),
+            t.elem_count(),
+            0,
+        )?;
+        match t.dtype() {
+            DType::F32 => self.reduce_scatter_into_native::<f32>(&t, output, op),
+            DType::F64 => self.reduce_scatter_into_native::<f64>(&t, output, op),
+            DType::U8 => self.reduce_scatter_into_native::<u8>(&t, output, op),
+            DType::U32 => self.reduce_scatter_into_native::<u32>(&t, output, op),
+            _ => self.reduce_scatter_into_native::<i64>(&t, output, op),
+        }
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {

@@ -339,6 +339,36 @@ impl NcclComm {
         data::from_vec(self.down(&r, hi - lo)?, &[hi - lo])
     }
 
+    /// `ncclReduce` onto `root`: only the root allocates a device (and host) result.
+    fn reduce_t<T: NcclElem>(
+        &self,
+        t: &Tensor,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Option<Tensor>> {
+        let len = t.elem_count();
+        let is_root = self.rank == root;
+        if len == 0 {
+            return Ok(is_root.then(|| t.clone()));
+        }
+        let s = self.up(&data::to_vec::<T>(t)?)?;
+        if is_root {
+            let mut r = self.zeros::<T>(len)?;
+            self.comm
+                .reduce(&s, Some(&mut r), &nccl_op(op), root as i32)
+                .map_err(|e| nccl_err(format!("reduce: {:?}", e.0)))?;
+            Ok(Some(data::from_vec(self.down(&r, len)?, t.dims())?))
+        } else {
+            self.comm
+                .reduce(&s, None::<&mut CudaSlice<T>>, &nccl_op(op), root as i32)
+                .map_err(|e| nccl_err(format!("reduce: {:?}", e.0)))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| nccl_err(format!("reduce: {e:?}")))?;
+            Ok(None)
+        }
+    }
+
     fn all_gather_t<T: NcclElem>(&self, t: &Tensor) -> Result<Tensor> {
         let len = t.elem_count();
         let dims = gathered_dims(t.dims(), self.size);
@@ -400,6 +430,24 @@ impl Communicator for NcclComm {
             0,
         )?;
         with_nccl_elem!(t.dtype(), "reduce_scatter", T => self.reduce_scatter_t::<T>(&t, op))
+    }
+
+    fn reduce(&self, tensor: &Tensor, op: ReduceOp, root: usize) -> Result<Option<Tensor>> {
+        if root >= self.size {
+            return Err(CommError::invalid(
+                "reduce",
+                format!("root {root} out of range for world size {}", self.size),
+            ));
+        }
+        let t = data::cpu_contiguous("reduce", tensor)?;
+        self.check(
+            "reduce",
+            50 + op as i64,
+            Some(t.dtype()),
+            t.elem_count(),
+            root,
+        )?;
+        with_nccl_elem!(t.dtype(), "reduce", T => self.reduce_t::<T>(&t, op, root))
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {

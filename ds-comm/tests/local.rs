@@ -211,3 +211,78 @@ fn large_all_reduce_two_phase_is_exact_and_deterministic() {
     }
     assert!(outs[1] == outs[0] && outs[2] == outs[0], "ranks disagree");
 }
+
+#[test]
+fn reduce_hung_rank_times_out_and_panicked_rank_fails_peers() {
+    // A rank that stops answering: the others time out in `reduce` and the group is poisoned.
+    let res = LocalComm::run(3, opts(500), |c| {
+        if c.rank() == 2 {
+            std::thread::sleep(Duration::from_millis(1_500));
+            return c.reduce(&ones(1.0), ReduceOp::Sum, 0).map(|_| ());
+        }
+        c.reduce(&ones(1.0), ReduceOp::Sum, 0).map(|_| ())
+    });
+    for (rank, r) in res.into_iter().enumerate() {
+        let e = r.expect("no panics").expect_err("every rank must fail");
+        match (&e, rank) {
+            (
+                CommError::Timeout {
+                    op, waiting_for, ..
+                },
+                0 | 1,
+            ) => {
+                assert_eq!(op, "reduce");
+                assert_eq!(waiting_for, &vec![2]);
+            }
+            (CommError::Poisoned { op, cause, .. }, _) => {
+                assert_eq!(op, "reduce");
+                assert!(matches!(**cause, CommError::Timeout { .. }), "{cause}");
+            }
+            other => panic!("rank {rank}: unexpected {other:?}"),
+        }
+    }
+    // A rank that panics: the pending reduce fails at once on the others (the root included).
+    let t0 = Instant::now();
+    let res = LocalComm::run(3, opts(30_000), |c| {
+        if c.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("rank 1 dies on purpose");
+        }
+        c.reduce(&ones(1.0), ReduceOp::Max, 0).map(|_| ())
+    });
+    assert!(res[1].is_err());
+    for r in [&res[0], &res[2]] {
+        match r {
+            Ok(Err(CommError::PeerFailed { op, peer: 1, .. })) => assert_eq!(op, "reduce"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn large_reduce_partitioned_is_exact_on_the_root_only() {
+    // 3 ranks, 1,000,003 f32 (above the small-message size: every rank reduces a partition into
+    // the root's buffer), root 1.
+    let len = 1_000_003usize;
+    let res = LocalComm::run(3, opts(20_000), |c| {
+        let r = c.rank() as f64;
+        let x = Tensor::arange(0u32, len as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .affine(1.0, r)?;
+        let y = c.reduce(&x, ReduceOp::Sum, 1)?;
+        y.map(|y| y.to_vec1::<f32>())
+            .transpose()
+            .map_err(CommError::from)
+    });
+    let outs: Vec<Option<Vec<f32>>> = res
+        .into_iter()
+        .map(|r| r.expect("no panic").expect("ok"))
+        .collect();
+    assert!(outs[0].is_none() && outs[2].is_none());
+    let root = outs[1].as_ref().expect("root result");
+    assert_eq!(root.len(), len);
+    for i in [0usize, 1, 333_334, 333_335, 666_668, 666_669, len - 1] {
+        assert_eq!(root[i], (3 * i + 3) as f32, "element {i}");
+    }
+}
