@@ -366,9 +366,18 @@ fn linear_fwd_into(
     dout: usize,
     y: &mut [f32],
 ) {
-    for row in y.chunks_mut(dout) {
-        row.copy_from_slice(b);
+    if dout == 0 {
+        return;
     }
+    // `gemm` computes a row-major destination as its transpose, with `W` as the left operand,
+    // and wants that operand column-major: handed `W` (out, in) row-major, and with fewer
+    // rows than two of its row blocks, it packs it up front on one thread, gathering its
+    // microkernel's row height (64 with AVX-512) of rows at a power-of-two stride per column.
+    // Transposing `W` here (in tiles, over the threads) hands it the operand layout, and the
+    // overwritten destination, of the backward's `dx` products; the arithmetic is the same.
+    let mut wt = WT.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    wt.resize(din * dout, 0.0);
+    transpose_into(cx, w, dout, din, &mut wt);
     gemm_into(
         cx.par(),
         n,
@@ -377,11 +386,56 @@ fn linear_fwd_into(
         y,
         0,
         dout,
-        true,
+        false,
         mat(x, 0, din, 1),
-        mat(w, 0, 1, din),
+        mat(&wt, 0, dout, 1),
         1.0,
     );
+    WT.with(|l| *l.borrow_mut() = wt);
+    // The bias after the product (the same single rounding as accumulating onto a prefilled
+    // destination), so that the product overwrites `y` as the backward's products do.
+    cx.rows(y, dout, |_, row| {
+        row.iter_mut().zip(b).for_each(|(o, &v)| *o += v)
+    });
+}
+
+thread_local! {
+    /// Scratch for [`linear_fwd_into`]'s transposed weight, kept per thread between calls.
+    static WT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `t (cols, rows) = a (rows, cols)^T`, both row-major: square tiles, so that reads and
+/// writes stay within a few cache lines; rows of `t` split over the threads.
+fn transpose_into(cx: Ctx, a: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+    const TILE: usize = 16;
+    debug_assert_eq!(a.len(), rows * cols);
+    debug_assert_eq!(t.len(), rows * cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let strip = |ci: usize, out: &mut [f32]| {
+        // `out` holds rows c0.. of `t`, i.e. columns c0.. of `a`.
+        let c0 = ci * TILE;
+        let nc = out.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            let r1 = (r0 + TILE).min(rows);
+            for j in 0..nc {
+                let dst = &mut out[j * rows + r0..j * rows + r1];
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = a[(r0 + k) * cols + c0 + j];
+                }
+            }
+        }
+    };
+    if cx.threads > 1 && t.len() >= 4096 {
+        t.par_chunks_mut(TILE * rows)
+            .enumerate()
+            .for_each(|(ci, out)| strip(ci, out));
+    } else {
+        t.chunks_mut(TILE * rows)
+            .enumerate()
+            .for_each(|(ci, out)| strip(ci, out));
+    }
 }
 
 /// Backward of [`linear_fwd`]: adds into `dx` (when given) and writes `dw`, `db`.
@@ -432,32 +486,49 @@ fn linear_bwd(
 /// `out[j] = sum_i a[i, j]`.
 fn col_sum(cx: Ctx, a: &[f32], cols: usize, out: &mut [f32]) {
     let rows = a.len() / cols.max(1);
+    row_sums(cx, rows, &mut [out], |i, acc| {
+        acc[0]
+            .iter_mut()
+            .zip(&a[i * cols..(i + 1) * cols])
+            .for_each(|(s, &v)| *s += v);
+    });
+}
+
+/// Sums over rows `0..rows` into `outs` (overwritten; `K` outputs of any widths): `add(i, acc)`
+/// adds row `i`'s terms into `acc`, zeroed accumulators shaped like `outs`. With threads, each
+/// takes one contiguous range of rows and the partial sums are added in range order, so the
+/// result depends on the thread count only, never on scheduling.
+fn row_sums<const K: usize, F>(cx: Ctx, rows: usize, outs: &mut [&mut [f32]; K], add: F)
+where
+    F: Fn(usize, &mut [Vec<f32>; K]) + Sync + Send,
+{
     let parts = if cx.threads > 1 && rows >= 64 {
         cx.threads
     } else {
         1
     };
     let per = rows.div_ceil(parts).max(1);
-    let partial: Vec<Vec<f32>> = if parts > 1 {
-        a.par_chunks(per * cols)
-            .map(|ch| {
-                let mut s = vec![0f32; cols];
-                for r in ch.chunks(cols) {
-                    s.iter_mut().zip(r).for_each(|(s, &v)| *s += v);
-                }
-                s
-            })
-            .collect()
-    } else {
-        let mut s = vec![0f32; cols];
-        for r in a.chunks(cols) {
-            s.iter_mut().zip(r).for_each(|(s, &v)| *s += v);
+    let widths: [usize; K] = std::array::from_fn(|j| outs[j].len());
+    let partial = |r0: usize| {
+        let mut acc: [Vec<f32>; K] = std::array::from_fn(|j| vec![0f32; widths[j]]);
+        for i in r0..(r0 + per).min(rows) {
+            add(i, &mut acc);
         }
-        vec![s]
+        acc
     };
-    out.fill(0.0);
-    for p in partial {
-        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    let starts: Vec<usize> = (0..parts).map(|p| p * per).filter(|&s| s < rows).collect();
+    let partials: Vec<[Vec<f32>; K]> = if starts.len() > 1 {
+        starts.par_iter().map(|&s| partial(s)).collect()
+    } else {
+        starts.iter().map(|&s| partial(s)).collect()
+    };
+    for o in outs.iter_mut() {
+        o.fill(0.0);
+    }
+    for p in partials {
+        for (o, v) in outs.iter_mut().zip(p) {
+            o.iter_mut().zip(v).for_each(|(o, v)| *o += v);
+        }
     }
 }
 
@@ -527,40 +598,18 @@ fn ln_bwd(
             *o = if acc { *o + t } else { t };
         }
     });
-    // dw = sum_i xhat_i * dy_i, db = sum_i dy_i: per-thread partial sums.
+    // dw = sum_i xhat_i * dy_i, db = sum_i dy_i.
     let rows = x.len() / c;
-    let parts = if cx.threads > 1 && rows >= 64 {
-        cx.threads
-    } else {
-        1
-    };
-    let per = rows.div_ceil(parts).max(1);
-    let partial = |r0: usize| {
-        let mut pw = vec![0f32; c];
-        let mut pb = vec![0f32; c];
-        for i in r0..(r0 + per).min(rows) {
-            let (mu, rs) = (mean[i], rstd[i]);
-            let xr = &x[i * c..(i + 1) * c];
-            let dyr = &dy[i * c..(i + 1) * c];
-            for (((a, bb), &v), &d) in pw.iter_mut().zip(pb.iter_mut()).zip(xr).zip(dyr) {
-                *a += (v - mu) * rs * d;
-                *bb += d;
-            }
+    row_sums(cx, rows, &mut [dw, db], |i, acc| {
+        let (mu, rs) = (mean[i], rstd[i]);
+        let xr = &x[i * c..(i + 1) * c];
+        let dyr = &dy[i * c..(i + 1) * c];
+        let [pw, pb] = acc;
+        for (((a, bb), &v), &d) in pw.iter_mut().zip(pb.iter_mut()).zip(xr).zip(dyr) {
+            *a += (v - mu) * rs * d;
+            *bb += d;
         }
-        (pw, pb)
-    };
-    let starts: Vec<usize> = (0..parts).map(|p| p * per).filter(|&s| s < rows).collect();
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = if starts.len() > 1 {
-        starts.par_iter().map(|&s| partial(s)).collect()
-    } else {
-        starts.iter().map(|&s| partial(s)).collect()
-    };
-    dw.fill(0.0);
-    db.fill(0.0);
-    for (pw, pb) in parts {
-        dw.iter_mut().zip(pw).for_each(|(o, v)| *o += v);
-        db.iter_mut().zip(pb).for_each(|(o, v)| *o += v);
-    }
+    });
 }
 
 fn gelu_fwd(cx: Ctx, h: &[f32], cols: usize) -> Vec<f32> {
@@ -1517,6 +1566,37 @@ mod tests {
                 gemm_into(par, mm, n, k, &mut d, 0, n, true, am, bm, 0.5);
                 for (x, y) in d.iter().zip(&r) {
                     assert!((f64::from(*x) - (1.0 + 0.5 * y)).abs() < 1e-4 * (1.0 + y.abs()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_and_linear_forward_match_reference_on_odd_shapes() {
+        for &(rows, cols) in &[(1, 1), (3, 70), (37, 5), (100, 33), (64, 64)] {
+            let a: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            for threads in [1, 2] {
+                let mut t = vec![-1f32; rows * cols];
+                transpose_into(Ctx { threads }, &a, rows, cols, &mut t);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(t[c * rows + r], a[r * cols + c], "{rows}x{cols} ({r}, {c})");
+                    }
+                }
+            }
+        }
+        let mut rng = super::super::Rng::new(5);
+        // The scratch buffer is reused across calls of different sizes, larger first.
+        for &(n, din, dout) in &[(64, 48, 80), (5, 7, 3), (33, 20, 70), (1, 1, 1)] {
+            let x = rng.normal_vec(n * din, 1.0);
+            let w = rng.normal_vec(dout * din, 1.0);
+            let b = rng.normal_vec(dout, 1.0);
+            let r = ref_mm(n, dout, din, mat(&x, 0, din, 1), mat(&w, 0, 1, din));
+            for threads in [1, 2] {
+                let y = linear_fwd(Ctx { threads }, &x, &w, &b, n, din, dout);
+                for (i, (yv, rv)) in y.iter().zip(&r).enumerate() {
+                    let want = rv + f64::from(b[i % dout]);
+                    assert!((f64::from(*yv) - want).abs() < 1e-4 * (1.0 + want.abs()));
                 }
             }
         }
