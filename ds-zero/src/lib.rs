@@ -7,6 +7,9 @@
 //!   `ceil(numel / world_size)` per rank).
 //! - [`estimate`]: model-state memory per rank for each stage (the ZeRO paper's formulas and
 //!   DeepSpeed's estimators).
+//! - [`zero`]: [`ZeroOptimizer`], the partitioned optimizer, in fp32 or DeepSpeed-style mixed
+//!   precision ([`ZeroPrecision`]: fp16 with ds-precision's loss scalers, or bf16; fp32 master
+//!   weights and optimizer state, 16-bit model weights and gradient communication).
 //!
 //! ```
 //! use ds_zero::optim::{AdamParams, FlatOptimizer, OptimizerSpec};
@@ -31,7 +34,7 @@ pub mod stream;
 pub mod zero;
 
 pub use stream::GradPiece;
-pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions};
+pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions, ZeroPrecision};
 
 /// Errors of the ZeRO crate.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,11 @@ pub enum ZeroError {
     /// A collective failed (a peer died, timed out, or called differently).
     #[error(transparent)]
     Comm(#[from] ds_comm::CommError),
+    /// Mixed precision: an invalid loss-scaler option or state, or an fp16 overflow with the
+    /// dynamic loss scale already at its minimum (DeepSpeed's "Current loss scale already at
+    /// minimum" error).
+    #[error(transparent)]
+    Precision(#[from] ds_precision::PrecisionError),
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -19,9 +19,11 @@
 
 use std::ops::Range;
 
+use candle_core::DType;
 use ds_comm::{Communicator, ReduceOp};
+use half::{bf16, f16};
 
-use crate::zero::{bucketed_reduce_scatter, to_tensor, to_vec, ZeroOptimizer};
+use crate::zero::{bucketed_reduce_scatter, to_tensor, to_vec, Wire, ZeroOptimizer};
 use crate::ZeroError;
 
 /// Reduced gradients that belong to this rank's shard: `values` go to shard elements
@@ -99,15 +101,42 @@ impl ZeroOptimizer {
                 span.len()
             )));
         }
+        match self.precision.model_dtype() {
+            DType::F16 => self.reduce_grad_range_wire::<f16>(params, span, local, scale, comm),
+            DType::BF16 => self.reduce_grad_range_wire::<bf16>(params, span, local, scale, comm),
+            _ => self.reduce_grad_range_wire::<f32>(params, span, local, scale, comm),
+        }
+    }
+
+    /// [`ZeroOptimizer::reduce_grad_range`] communicating in `T` (the model dtype): each
+    /// gradient is rounded to `T` after the `scale` (as the 16-bit model's backward of
+    /// `loss / gradient_accumulation_steps` would hold it), the pre-division factor applied in
+    /// `T`, reduced in `T` and widened into the pieces.
+    fn reduce_grad_range_wire<T: Wire>(
+        &self,
+        params: Range<usize>,
+        span: Range<usize>,
+        local: &[f32],
+        scale: f32,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<GradPiece>, ZeroError> {
         let ws = comm.world_size();
         let (before, _) = self.pre_scale(ws);
-        let s = before * scale;
+        let narrow = |v: f32| -> T {
+            let g = T::narrow(v * scale);
+            if before == 1.0 {
+                g
+            } else {
+                T::narrow(g.widen() * before)
+            }
+        };
+        let widen = |v: Vec<T>| -> Vec<f32> { v.into_iter().map(Wire::widen).collect() };
         let bucket = self.opts.reduce_bucket_size.max(1);
         if let Some(l3) = &self.s3 {
             let base = l3.offsets[params.start];
             let piece = l3.offsets[params.end] - base;
             // Rank-major: rank r's chunk of every parameter in the range, zero-padded.
-            let mut buf = vec![0f32; ws * piece];
+            let mut buf = vec![T::default(); ws * piece];
             for r in 0..ws {
                 for i in params.clone() {
                     let pr = &self.layout.param_ranges[i];
@@ -117,7 +146,7 @@ impl ZeroOptimizer {
                     let src = &local[pr.start - span.start + lo..pr.start - span.start + hi];
                     let at = r * piece + l3.offsets[i] - base;
                     for (d, &v) in buf[at..at + (hi - lo)].iter_mut().zip(src) {
-                        *d = v * s;
+                        *d = narrow(v);
                     }
                 }
             }
@@ -128,7 +157,7 @@ impl ZeroOptimizer {
             };
             return Ok(vec![GradPiece {
                 offset: base,
-                values,
+                values: widen(values),
             }]);
         }
         // Stage 2: contiguous partitions; each chunk's pieces reduced onto their owners.
@@ -141,20 +170,20 @@ impl ZeroOptimizer {
             while lo < end {
                 let owner = lo / shard;
                 let hi = end.min((owner + 1) * shard);
-                let vals: Vec<f32> = local[lo - span.start..hi - span.start]
+                let vals: Vec<T> = local[lo - span.start..hi - span.start]
                     .iter()
-                    .map(|&v| v * s)
+                    .map(|&v| narrow(v))
                     .collect();
                 let offset = lo - owner * shard;
                 if ws == 1 {
                     out.push(GradPiece {
                         offset,
-                        values: vals,
+                        values: widen(vals),
                     });
                 } else if let Some(t) = comm.reduce(&to_tensor(vals)?, ReduceOp::Sum, owner)? {
                     out.push(GradPiece {
                         offset,
-                        values: to_vec(&t)?,
+                        values: widen(to_vec::<T>(&t)?),
                     });
                 }
                 lo = hi;
@@ -188,7 +217,7 @@ impl ZeroOptimizer {
 mod tests {
     use super::*;
     use crate::optim::{OptimizerSpec, SgdParams};
-    use crate::ZeroOptions;
+    use crate::{ZeroOptions, ZeroPrecision};
     use ds_comm::LocalComm;
 
     /// Streaming the gradients in reverse-order buckets of several sizes gives the same step
@@ -198,7 +227,13 @@ mod tests {
         let sizes = [7usize, 13, 1, 30, 5, 64, 3];
         let n: usize = sizes.iter().sum();
         let init: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-        for stage in [2u8, 3] {
+        for (stage, precision, tol) in [
+            (2u8, ZeroPrecision::F32, 1e-5f32),
+            (3, ZeroPrecision::F32, 1e-5),
+            // 16-bit communication: each micro-batch's gradient is rounded on its own.
+            (2, ZeroPrecision::bf16(), 2e-2),
+            (3, ZeroPrecision::bf16(), 2e-2),
+        ] {
             for ws in 1..=3 {
                 for bucket in [4usize, 9, 1000] {
                     let comms = LocalComm::create(ws);
@@ -208,6 +243,7 @@ mod tests {
                             .map(|c| {
                                 let init = &init;
                                 let sizes = &sizes;
+                                let precision = &precision;
                                 sc.spawn(move || {
                                     let opts = ZeroOptions {
                                         stage,
@@ -229,11 +265,24 @@ mod tests {
                                             .map(|i| ((i * 7 + r * 3 + m * 11) % 17) as f32 - 8.0)
                                             .collect()
                                     };
-                                    let mut a =
-                                        ZeroOptimizer::new(sizes, init, spec, opts.clone(), &c)
-                                            .unwrap();
-                                    let mut b =
-                                        ZeroOptimizer::new(sizes, init, spec, opts, &c).unwrap();
+                                    let mut a = ZeroOptimizer::with_precision(
+                                        sizes,
+                                        init,
+                                        spec,
+                                        opts.clone(),
+                                        precision.clone(),
+                                        &c,
+                                    )
+                                    .unwrap();
+                                    let mut b = ZeroOptimizer::with_precision(
+                                        sizes,
+                                        init,
+                                        spec,
+                                        opts,
+                                        precision.clone(),
+                                        &c,
+                                    )
+                                    .unwrap();
                                     let sum: Vec<f32> =
                                         g(0).iter().zip(g(1)).map(|(x, y)| (x + y) * 0.5).collect();
                                     a.reduce_gradients(&sum, &c).unwrap();
@@ -257,7 +306,7 @@ mod tests {
                                     );
                                     for (x, y) in pa.iter().zip(&pb) {
                                         assert!(
-                                            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                                            (x - y).abs() <= tol * x.abs().max(1.0),
                                             "stage {stage} ws {ws} bucket {bucket}: {x} vs {y}"
                                         );
                                     }

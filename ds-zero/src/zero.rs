@@ -21,10 +21,16 @@
 //! `clip_coef = max_norm / (norm + 1e-6)` when it is below 1; inf/nan gradients skip the step on
 //! every rank (the flag is all-reduced).
 
+use std::borrow::Cow;
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, WithDType};
 use ds_comm::{Communicator, ReduceOp};
+use ds_precision::{
+    DynamicLossScaler, LossScaler, LossScalerOptions, LossScalerState, LossScaling, NoLossScaler,
+    ScalerVariant, SkipReason, StaticLossScaler,
+};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::optim::{FlatOptimizer, OptimizerSpec, OptimizerState};
@@ -65,6 +71,212 @@ impl Default for ZeroOptions {
     }
 }
 
+/// Training precision of a [`ZeroOptimizer`] (DeepSpeed's `fp16` / `bf16` config sections).
+///
+/// With [`ZeroPrecision::Fp16`] or [`ZeroPrecision::Bf16`] the optimizer runs DeepSpeed's mixed
+/// precision: fp32 master weights and optimizer state (partitioned as at fp32), 16-bit model
+/// weights (what [`ZeroOptimizer::gather_params`] hands back), gradients that arrive multiplied
+/// by the loss scale and are communicated in the model dtype (DeepSpeed's default
+/// `communication_data_type`), an overflow check all-reduced across ranks that skips the step
+/// everywhere, and unscaling fused into the single optimizer pass.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ZeroPrecision {
+    /// Everything fp32 (the default; no loss scaling, inf/nan gradients skip the step).
+    #[default]
+    F32,
+    /// fp16 model weights and gradient communication, with loss scaling (`fp16.loss_scale`:
+    /// 0 = [`LossScaling::Dynamic`], > 0 = [`LossScaling::Static`]; see
+    /// [`ZeroPrecision::deepspeed_fp16`]).
+    Fp16 {
+        /// How the loss is scaled.
+        loss_scaling: LossScaling,
+    },
+    /// bf16 model weights and gradient communication, no loss scaling.
+    Bf16 {
+        /// Skip (and count) steps whose gradients hold inf/nan (`bf16.check_grad_overflow`,
+        /// DeepSpeed's default true). Without it such steps are applied, as in DeepSpeed.
+        check_grad_overflow: bool,
+    },
+}
+
+impl ZeroPrecision {
+    /// fp16 with DeepSpeed's dynamic loss scaler and these options.
+    pub fn fp16_dynamic(opts: LossScalerOptions) -> Self {
+        ZeroPrecision::Fp16 {
+            loss_scaling: LossScaling::Dynamic(opts),
+        }
+    }
+
+    /// bf16 with `check_grad_overflow` on (DeepSpeed's default).
+    pub fn bf16() -> Self {
+        ZeroPrecision::Bf16 {
+            check_grad_overflow: true,
+        }
+    }
+
+    /// DeepSpeed's `fp16` section mapped as DeepSpeed does for a ZeRO `stage`: `loss_scale`
+    /// 0 means dynamic scaling with `opts`, following the `FP16_Optimizer` rule at stage 0
+    /// (no hysteresis, no error at the minimum) and the ZeRO `DynamicLossScaler` rule at
+    /// stages 1-3 (`opts.variant` is overwritten accordingly); `loss_scale > 0` is a static
+    /// scale.
+    pub fn deepspeed_fp16(stage: u8, loss_scale: f64, opts: LossScalerOptions) -> Self {
+        let loss_scaling = if loss_scale == 0.0 {
+            LossScaling::Dynamic(LossScalerOptions {
+                variant: if stage == 0 {
+                    ScalerVariant::Fp16Optimizer
+                } else {
+                    ScalerVariant::Zero
+                },
+                ..opts
+            })
+        } else {
+            LossScaling::Static(loss_scale)
+        };
+        ZeroPrecision::Fp16 { loss_scaling }
+    }
+
+    /// The model (and gradient communication) dtype: `F32`, `F16` or `BF16`.
+    pub fn model_dtype(&self) -> DType {
+        match self {
+            ZeroPrecision::F32 => DType::F32,
+            ZeroPrecision::Fp16 { .. } => DType::F16,
+            ZeroPrecision::Bf16 { .. } => DType::BF16,
+        }
+    }
+
+    /// Bytes per element of the model weights and communicated gradients (4 or 2).
+    pub fn model_bytes(&self) -> usize {
+        self.model_dtype().size_in_bytes()
+    }
+
+    fn build_scaler(&self) -> Result<Scaler, ZeroError> {
+        Ok(match self {
+            ZeroPrecision::F32 => Scaler::None(NoLossScaler::new(true)),
+            ZeroPrecision::Bf16 {
+                check_grad_overflow,
+            } => Scaler::None(NoLossScaler::new(*check_grad_overflow)),
+            ZeroPrecision::Fp16 { loss_scaling } => match loss_scaling {
+                LossScaling::None => Scaler::None(NoLossScaler::new(true)),
+                LossScaling::Static(s) => Scaler::Static(StaticLossScaler::new(*s)?),
+                LossScaling::Dynamic(o) => Scaler::Dynamic(DynamicLossScaler::new(o.clone())?),
+            },
+        })
+    }
+}
+
+/// The loss scaler of a [`ZeroOptimizer`] (an enum so the optimizer stays `Debug + Clone`).
+#[derive(Debug, Clone)]
+enum Scaler {
+    None(NoLossScaler),
+    Static(StaticLossScaler),
+    Dynamic(DynamicLossScaler),
+}
+
+impl Scaler {
+    fn get(&self) -> &dyn LossScaler {
+        match self {
+            Scaler::None(s) => s,
+            Scaler::Static(s) => s,
+            Scaler::Dynamic(s) => s,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut dyn LossScaler {
+        match self {
+            Scaler::None(s) => s,
+            Scaler::Static(s) => s,
+            Scaler::Dynamic(s) => s,
+        }
+    }
+}
+
+/// An element type that travels through the collectives: f32, or a 16-bit model dtype.
+pub(crate) trait Wire: WithDType + Default {
+    /// Rounds an f32 to this type (round to nearest even; beyond the range: inf).
+    fn narrow(x: f32) -> Self;
+    /// The exact f32 value.
+    fn widen(self) -> f32;
+    /// `src` in this type (borrowed when it already is f32).
+    fn narrow_slice(src: &[f32]) -> Cow<'_, [Self]> {
+        Cow::Owned(
+            src.par_iter()
+                .with_min_len(1 << 14)
+                .map(|&x| Self::narrow(x))
+                .collect(),
+        )
+    }
+    /// `v` as f32 (moved when it already is f32).
+    fn widen_vec(v: Vec<Self>) -> Vec<f32> {
+        v.par_iter()
+            .with_min_len(1 << 14)
+            .map(|&x| x.widen())
+            .collect()
+    }
+}
+
+impl Wire for f32 {
+    fn narrow(x: f32) -> Self {
+        x
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow_slice(src: &[f32]) -> Cow<'_, [Self]> {
+        Cow::Borrowed(src)
+    }
+    fn widen_vec(v: Vec<Self>) -> Vec<f32> {
+        v
+    }
+}
+
+impl Wire for f16 {
+    fn narrow(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Wire for bf16 {
+    fn narrow(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `dst[i] = T(T(src[i]) * s)`, in parallel: the gradient as the 16-bit model would hold it
+/// (an fp16 value beyond 65504 is inf before any pre-division), then the pre-reduction factor
+/// applied in the wire dtype, as DeepSpeed divides its 16-bit gradient buckets.
+pub(crate) fn narrow_scaled_into<T: Wire>(dst: &mut [T], src: &[f32], s: f32) {
+    dst.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(d, x)| {
+            if s == 1.0 {
+                for (a, &b) in d.iter_mut().zip(x) {
+                    *a = T::narrow(b);
+                }
+            } else {
+                for (a, &b) in d.iter_mut().zip(x) {
+                    *a = T::narrow(T::narrow(b).widen() * s);
+                }
+            }
+        });
+}
+
+/// `dst[i] = f32(src[i])`, in parallel.
+fn widen_into<T: Wire>(dst: &mut [f32], src: &[T]) {
+    dst.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(d, x)| {
+            for (a, &b) in d.iter_mut().zip(x) {
+                *a = b.widen();
+            }
+        });
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -76,6 +288,13 @@ pub struct StepReport {
     pub clip_coef: f64,
     /// The update was applied.
     pub applied: bool,
+    /// The loss scale this step's gradients carried (the scale the loss was multiplied by
+    /// for the backward pass; 1 without loss scaling). Gradients were divided by it.
+    pub loss_scale: f64,
+    /// The loss scale for the next backward pass (after the scaler's update).
+    pub next_loss_scale: f64,
+    /// Why the step was skipped (`None` when applied).
+    pub skip_reason: Option<SkipReason>,
 }
 
 /// Bytes this rank holds persistently for the model states.
@@ -104,6 +323,10 @@ pub struct ZeroOptimizer {
     pub(crate) opt: FlatOptimizer,
     /// Stage 3: DeepSpeed's per-parameter partition.
     pub(crate) s3: Option<Stage3Layout>,
+    /// Model dtype, gradient communication dtype and loss scaling.
+    pub(crate) precision: ZeroPrecision,
+    /// Decides from the all-reduced overflow flag whether a step is applied.
+    scaler: Scaler,
 }
 
 /// Stage 3 partitions every parameter on its own (DeepSpeed's `partition_parameters.py`):
@@ -145,8 +368,8 @@ impl Stage3Layout {
     }
 
     /// This rank's shard of a full flat buffer (parameter order, unpadded).
-    fn shard_of(&self, layout: &FlatLayout, full: &[f32], rank: usize) -> Vec<f32> {
-        let mut out = vec![0f32; self.shard];
+    fn shard_of<T: Copy + Default>(&self, layout: &FlatLayout, full: &[T], rank: usize) -> Vec<T> {
+        let mut out = vec![T::default(); self.shard];
         for (i, r) in layout.param_ranges.iter().enumerate() {
             let c = self.chunks[i];
             let lo = (rank * c).min(r.len());
@@ -158,7 +381,7 @@ impl Stage3Layout {
     }
 
     /// The rank-major buffer (`ws * shard`) of a full flat buffer.
-    fn rank_major(&self, layout: &FlatLayout, full: &[f32]) -> Vec<f32> {
+    fn rank_major<T: Copy + Default>(&self, layout: &FlatLayout, full: &[T]) -> Vec<T> {
         let mut out = Vec::with_capacity(self.ws * self.shard);
         for r in 0..self.ws {
             out.extend(self.shard_of(layout, full, r));
@@ -168,7 +391,7 @@ impl Stage3Layout {
 
     /// Reassembles parameters `params` from the all-gathered pieces `g` (`ws` pieces of the
     /// shard range of those parameters, rank-major) into their flat concatenation.
-    fn assemble(&self, layout: &FlatLayout, params: Range<usize>, g: &[f32]) -> Vec<f32> {
+    fn assemble<T: Copy>(&self, layout: &FlatLayout, params: Range<usize>, g: &[T]) -> Vec<T> {
         let base = self.offsets[params.start];
         let piece = self.offsets[params.end] - base;
         let mut out = Vec::with_capacity(
@@ -206,18 +429,18 @@ impl Stage3Layout {
     }
 }
 
-pub(crate) fn to_tensor(v: Vec<f32>) -> Result<Tensor, ZeroError> {
+pub(crate) fn to_tensor<T: WithDType>(v: Vec<T>) -> Result<Tensor, ZeroError> {
     let n = v.len();
     Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
 }
 
-pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>, ZeroError> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+pub(crate) fn to_vec<T: WithDType>(t: &Tensor) -> Result<Vec<T>, ZeroError> {
+    Ok(t.flatten_all()?.to_vec1::<T>()?)
 }
 
 impl ZeroOptimizer {
     /// Partitions parameters of the given sizes (in order) whose initial values are `init`
-    /// (flat, unpadded; identical on every rank).
+    /// (flat, unpadded; identical on every rank), in fp32 ([`ZeroPrecision::F32`]).
     pub fn new(
         param_sizes: &[usize],
         init: &[f32],
@@ -225,6 +448,52 @@ impl ZeroOptimizer {
         opts: ZeroOptions,
         comm: &dyn Communicator,
     ) -> Result<Self, ZeroError> {
+        Self::with_precision(param_sizes, init, spec, opts, ZeroPrecision::F32, comm)
+    }
+
+    /// [`ZeroOptimizer::new`] with a training precision: with [`ZeroPrecision::Fp16`] or
+    /// [`ZeroPrecision::Bf16`], `init` (fp32) becomes the fp32 master weights, the model
+    /// weights handed back are those masters rounded to the 16-bit dtype, gradients passed to
+    /// [`ZeroOptimizer::reduce_gradients`] must carry the loss scale
+    /// ([`ZeroOptimizer::loss_scale`]) and are communicated in the 16-bit dtype.
+    ///
+    /// ```
+    /// use ds_comm::LocalComm;
+    /// use ds_precision::LossScalerOptions;
+    /// use ds_zero::optim::{OptimizerSpec, SgdParams};
+    /// use ds_zero::{ZeroOptimizer, ZeroOptions, ZeroPrecision};
+    ///
+    /// let comm = LocalComm::create(1).remove(0);
+    /// let opts = ZeroOptions { stage: 2, gradient_clipping: 0.0, ..Default::default() };
+    /// let fp16 = ZeroPrecision::deepspeed_fp16(2, 0.0, LossScalerOptions::default());
+    /// let spec = OptimizerSpec::Sgd(SgdParams { lr: 0.5, ..Default::default() });
+    /// let mut z = ZeroOptimizer::with_precision(&[2], &[1.0, 0.1], spec, opts, fp16, &comm)?;
+    /// // The model weights are fp16: 0.1 rounds to 0.0999755859375.
+    /// assert_eq!(z.gather_params(&comm)?, vec![1.0, 0.0999755859375]);
+    /// // Backward of (loss * loss_scale) gives gradients times the scale (2^16 here).
+    /// let s = z.loss_scale() as f32;
+    /// z.reduce_gradients(&[0.5 * s, 0.25 * s], &comm)?;
+    /// let r = z.step(0.5, &comm)?;
+    /// assert!(r.applied && r.loss_scale == 65536.0);
+    /// // Unscaled inside the step: masters 1 - 0.5*0.5 and 0.1 - 0.5*0.25 (fp32).
+    /// assert_eq!(z.master()[..2], [0.75, 0.1 - 0.125]);
+    /// // An fp16 overflow (beyond 65504 after scaling) skips the step; hysteresis 2 keeps
+    /// // the scale this time.
+    /// z.reduce_gradients(&[1.0 * s, 0.0], &comm)?;
+    /// let r = z.step(0.5, &comm)?;
+    /// assert!(!r.applied && r.overflow);
+    /// assert_eq!((z.loss_scale(), z.skipped_steps()), (65536.0, 1));
+    /// # Ok::<(), ds_zero::ZeroError>(())
+    /// ```
+    pub fn with_precision(
+        param_sizes: &[usize],
+        init: &[f32],
+        spec: OptimizerSpec,
+        opts: ZeroOptions,
+        precision: ZeroPrecision,
+        comm: &dyn Communicator,
+    ) -> Result<Self, ZeroError> {
+        let scaler = precision.build_scaler()?;
         if opts.stage > 3 {
             return Err(ZeroError::Option(format!(
                 "ZeRO stage {} does not exist; allowed: 0, 1, 2 or 3",
@@ -268,6 +537,8 @@ impl ZeroOptimizer {
         };
         let n = master.len();
         Ok(ZeroOptimizer {
+            precision,
+            scaler,
             s3,
             opt: FlatOptimizer::new(spec, n),
             grad_scale: 1.0,
@@ -299,8 +570,69 @@ impl ZeroOptimizer {
         &self.master
     }
 
+    /// The training precision.
+    pub fn precision(&self) -> &ZeroPrecision {
+        &self.precision
+    }
+
+    /// The dtype of the model weights and of the gradient communication.
+    pub fn model_dtype(&self) -> DType {
+        self.precision.model_dtype()
+    }
+
+    /// The loss scale for the next backward pass: multiply the loss (or the gradients) by it
+    /// before handing the gradients to [`ZeroOptimizer::reduce_gradients`]. 1 for fp32, bf16
+    /// and unscaled fp16.
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.get().scale()
+    }
+
+    /// Steps skipped so far (overflow, or inf/nan gradients), as DeepSpeed's `skipped_steps`.
+    pub fn skipped_steps(&self) -> u64 {
+        self.scaler.get().skipped_steps()
+    }
+
+    /// The loss scaler's state, for checkpoints (the same on every rank).
+    pub fn scaler_state(&self) -> LossScalerState {
+        self.scaler.get().state()
+    }
+
+    /// Restores a state saved by [`ZeroOptimizer::scaler_state`] (a static scale must match
+    /// the configured one; a run without scaling accepts only scale 1).
+    pub fn load_scaler_state(&mut self, state: &LossScalerState) -> Result<(), ZeroError> {
+        Ok(self.scaler.get_mut().load_state(state)?)
+    }
+
     /// Bytes held for model states on this rank.
+    ///
+    /// In fp32 these are the bytes held. With 16-bit precision they follow the ZeRO paper's
+    /// mixed-precision accounting (and [`crate::estimate::estimate`] with
+    /// [`crate::estimate::Precision::Mixed`]): parameters 2 bytes per element (the full model
+    /// at stages 0-2, this rank's shard at stage 3), gradients 2 bytes per element (full at
+    /// stages 0-1, the shard at 2-3), optimizer = the fp32 master copy (4 bytes per element of
+    /// this rank's part, at every stage) + the optimizer state. This CPU implementation keeps
+    /// the reduced gradient part in an f32 buffer (as DeepSpeed upcasts a partition's
+    /// gradients to fp32 for the step, which its estimators count as 4 more bytes), so its
+    /// resident gradient bytes are twice `grads_bytes` for that part.
     pub fn memory(&self) -> MemoryReport {
+        if self.precision != ZeroPrecision::F32 {
+            let b = self.precision.model_bytes();
+            let params = if self.s3.is_some() {
+                self.master.len()
+            } else {
+                self.layout.numel
+            };
+            let grads = if self.opts.stage >= 2 {
+                self.grads.len()
+            } else {
+                self.layout.numel
+            };
+            return MemoryReport {
+                params_bytes: b * params,
+                grads_bytes: b * grads,
+                optimizer_bytes: self.opt.state_bytes() + 4 * self.master.len(),
+            };
+        }
         let full = 4 * self.layout.numel;
         let params_bytes = if self.opts.stage == 3 {
             4 * self.master.len()
@@ -346,6 +678,11 @@ impl ZeroOptimizer {
 
     /// Reduces this step's local gradients (flat, unpadded, parameter order) across ranks into
     /// the part this rank keeps.
+    ///
+    /// With 16-bit precision the gradients must carry the loss scale
+    /// ([`ZeroOptimizer::loss_scale`]); they are rounded to the model dtype (an fp16 value
+    /// beyond 65504 becomes inf: an overflow that skips the step) and reduced in that dtype,
+    /// half the bytes of fp32 (the backends accumulate in f32 and round once).
     pub fn reduce_gradients(
         &mut self,
         local: &[f32],
@@ -357,6 +694,11 @@ impl ZeroOptimizer {
                 local.len(),
                 self.layout.numel
             )));
+        }
+        match self.precision.model_dtype() {
+            DType::F16 => return self.reduce_gradients_wire::<f16>(local, comm),
+            DType::BF16 => return self.reduce_gradients_wire::<bf16>(local, comm),
+            _ => {}
         }
         let ws = comm.world_size();
         let (before, after) = self.pre_scale(ws);
@@ -400,6 +742,46 @@ impl ZeroOptimizer {
         Ok(())
     }
 
+    /// The 16-bit gradient reduction: round to `T`, reduce in `T`, widen into `self.grads`.
+    fn reduce_gradients_wire<T: Wire>(
+        &mut self,
+        local: &[f32],
+        comm: &dyn Communicator,
+    ) -> Result<(), ZeroError> {
+        let ws = comm.world_size();
+        let (before, after) = self.pre_scale(ws);
+        self.grad_scale = after;
+        let n = local.len();
+        if let Some(l3) = &self.s3 {
+            let mut narrow = vec![T::default(); n];
+            narrow_scaled_into(&mut narrow, local, before);
+            let buf = l3.rank_major(&self.layout, &narrow);
+            let part = if ws == 1 {
+                buf
+            } else {
+                bucketed_reduce_scatter(&buf, l3.shard, self.opts.reduce_bucket_size, comm)?
+            };
+            widen_into(&mut self.grads, &part);
+            return Ok(());
+        }
+        let mut buf = vec![T::default(); self.layout.padded];
+        narrow_scaled_into(&mut buf[..n], local, before);
+        let reduced = if ws == 1 {
+            buf
+        } else if self.opts.stage == 0 {
+            bucketed_all_reduce(buf, self.opts.reduce_bucket_size, comm)?
+        } else {
+            bucketed_reduce_scatter(
+                &buf,
+                self.layout.shard_len(),
+                self.opts.reduce_bucket_size,
+                comm,
+            )?
+        };
+        widen_into(&mut self.grads, &reduced);
+        Ok(())
+    }
+
     /// [`ZeroOptimizer::reduce_gradients`] that may take `local`'s storage instead of copying
     /// it (one rank, no pre-scaling): `local` then holds stale values of the same length,
     /// which the caller overwrites with the next step's gradients.
@@ -410,6 +792,7 @@ impl ZeroOptimizer {
     ) -> Result<(), ZeroError> {
         let (before, after) = self.pre_scale(comm.world_size());
         if self.s3.is_none()
+            && self.precision == ZeroPrecision::F32
             && comm.world_size() == 1
             && before == 1.0
             && local.len() == self.layout.numel
@@ -425,6 +808,16 @@ impl ZeroOptimizer {
     }
 
     /// Clips and applies one optimizer step with learning rate `lr` to this rank's part.
+    ///
+    /// The inf/nan flag and the squared norm are all-reduced, so every rank takes the same
+    /// decision. The loss scaler is updated once per call with that flag (DeepSpeed's rules:
+    /// see [`ds_precision::DynamicLossScaler`]); a skipped step leaves the master weights and
+    /// the optimizer state (its step count included) untouched and zeroes the gradients. On an
+    /// applied step the gradients are divided by the scale they carried (the scale used in
+    /// backward, not the updated one: ds-precision's documented fix of DeepSpeed issue #2686),
+    /// the norm is reported and clipped unscaled, and unscaling, averaging and clipping are one
+    /// factor inside the single optimizer pass. An overflow at the dynamic scaler's minimum
+    /// scale is [`ZeroError::Precision`] on every rank.
     pub fn step(&mut self, lr: f64, comm: &dyn Communicator) -> Result<StepReport, ZeroError> {
         // One parallel pass: squared norm and finiteness of this rank's gradients.
         let (sq, finite) = self
@@ -444,14 +837,21 @@ impl ZeroOptimizer {
             let v = comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
             (v[0], v[1] == 0.0)
         };
-        let norm = sq.sqrt() * f64::from(self.grad_scale.abs());
-        if !finite || !norm.is_finite() {
+        let scaled_norm = sq.sqrt() * f64::from(self.grad_scale.abs());
+        let overflow = !finite || !scaled_norm.is_finite();
+        let decision = self.scaler.get_mut().update(overflow)?;
+        let loss_scale = decision.scale_used();
+        let norm = scaled_norm / loss_scale;
+        if decision.is_skip() {
             self.grads.iter_mut().for_each(|g| *g = 0.0);
             return Ok(StepReport {
                 grad_norm: if finite { norm } else { f64::NAN },
                 overflow: true,
                 clip_coef: 1.0,
                 applied: false,
+                loss_scale,
+                next_loss_scale: decision.new_scale(),
+                skip_reason: decision.skip_reason(),
             });
         }
         let max_norm = self.opts.gradient_clipping;
@@ -460,8 +860,8 @@ impl ZeroOptimizer {
         } else {
             1.0
         };
-        // One pass: averaging factor and clipping applied inside the update.
-        let scale = self.grad_scale * clip_coef as f32;
+        // One pass: unscaling, averaging factor and clipping applied inside the update.
+        let scale = self.grad_scale * (clip_coef / loss_scale) as f32;
         if let OptimizerSpec::Lamb(_) = self.opt.spec() {
             if scale != 1.0 {
                 self.grads.iter_mut().for_each(|g| *g *= scale);
@@ -473,9 +873,12 @@ impl ZeroOptimizer {
         }
         Ok(StepReport {
             grad_norm: norm,
-            overflow: false,
+            overflow,
             clip_coef,
             applied: true,
+            loss_scale,
+            next_loss_scale: decision.new_scale(),
+            skip_reason: None,
         })
     }
 
@@ -529,14 +932,38 @@ impl ZeroOptimizer {
 
     /// The full updated parameters (flat, unpadded), all-gathered from the shards at stages
     /// 1-3 (at stage 3 call it before each forward pass and drop the result after backward).
+    ///
+    /// With 16-bit precision these are the model weights: the fp32 masters rounded to the
+    /// model dtype (round to nearest even), all-gathered in that dtype (half the bytes), and
+    /// returned as f32 numbers that are exactly representable in it (the CPU kernels compute
+    /// in f32). [`ZeroOptimizer::gather_params_tensor`] gives the real 16-bit tensor.
     pub fn gather_params(&self, comm: &dyn Communicator) -> Result<Vec<f32>, ZeroError> {
-        if self.s3.is_some() {
-            return self.gather_param_range(0..self.layout.param_ranges.len(), comm);
+        match self.precision.model_dtype() {
+            DType::F16 => Ok(f16::widen_vec(self.gather_params_t::<f16>(comm)?)),
+            DType::BF16 => Ok(bf16::widen_vec(self.gather_params_t::<bf16>(comm)?)),
+            _ => self.gather_params_t::<f32>(comm),
         }
+    }
+
+    /// [`ZeroOptimizer::gather_params`] as a 1-D tensor of the model dtype (`F16`/`BF16`
+    /// values as stored, or `F32`).
+    pub fn gather_params_tensor(&self, comm: &dyn Communicator) -> Result<Tensor, ZeroError> {
+        match self.precision.model_dtype() {
+            DType::F16 => to_tensor(self.gather_params_t::<f16>(comm)?),
+            DType::BF16 => to_tensor(self.gather_params_t::<bf16>(comm)?),
+            _ => to_tensor(self.gather_params_t::<f32>(comm)?),
+        }
+    }
+
+    fn gather_params_t<T: Wire>(&self, comm: &dyn Communicator) -> Result<Vec<T>, ZeroError> {
+        if self.s3.is_some() {
+            return self.gather_param_range_t(0..self.layout.param_ranges.len(), comm);
+        }
+        let mine = T::narrow_slice(&self.master);
         let mut full = if self.opts.stage == 0 {
-            self.master.clone()
+            mine.into_owned()
         } else {
-            bucketed_all_gather(&self.master, self.opts.allgather_bucket_size, comm)?
+            bucketed_all_gather(&mine, self.opts.allgather_bucket_size, comm)?
         };
         full.truncate(self.layout.numel);
         Ok(full)
@@ -545,12 +972,42 @@ impl ZeroOptimizer {
     /// The current values of parameters `params` (indices in the order given to
     /// [`ZeroOptimizer::new`]), flat and concatenated. At stage 3 this all-gathers only those
     /// parameters' chunks (what a block needs before its forward or backward pass); at other
-    /// stages it slices the gathered whole.
+    /// stages it slices the gathered whole. With 16-bit precision the values are rounded to
+    /// the model dtype, as [`ZeroOptimizer::gather_params`].
     pub fn gather_param_range(
         &self,
         params: Range<usize>,
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ZeroError> {
+        match self.precision.model_dtype() {
+            DType::F16 => Ok(f16::widen_vec(
+                self.gather_param_range_t::<f16>(params, comm)?,
+            )),
+            DType::BF16 => Ok(bf16::widen_vec(
+                self.gather_param_range_t::<bf16>(params, comm)?,
+            )),
+            _ => self.gather_param_range_t::<f32>(params, comm),
+        }
+    }
+
+    /// [`ZeroOptimizer::gather_param_range`] as a 1-D tensor of the model dtype.
+    pub fn gather_param_range_tensor(
+        &self,
+        params: Range<usize>,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ZeroError> {
+        match self.precision.model_dtype() {
+            DType::F16 => to_tensor(self.gather_param_range_t::<f16>(params, comm)?),
+            DType::BF16 => to_tensor(self.gather_param_range_t::<bf16>(params, comm)?),
+            _ => to_tensor(self.gather_param_range_t::<f32>(params, comm)?),
+        }
+    }
+
+    fn gather_param_range_t<T: Wire>(
+        &self,
+        params: Range<usize>,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<T>, ZeroError> {
         let np = self.layout.param_ranges.len();
         if params.start > params.end || params.end > np {
             return Err(ZeroError::Shape(format!(
@@ -559,16 +1016,17 @@ impl ZeroOptimizer {
         }
         match &self.s3 {
             Some(l3) => {
-                let piece = &self.master[l3.offsets[params.start]..l3.offsets[params.end]];
+                let piece =
+                    T::narrow_slice(&self.master[l3.offsets[params.start]..l3.offsets[params.end]]);
                 let g = if comm.world_size() == 1 {
-                    piece.to_vec()
+                    piece.into_owned()
                 } else {
-                    bucketed_all_gather(piece, self.opts.allgather_bucket_size, comm)?
+                    bucketed_all_gather(&piece, self.opts.allgather_bucket_size, comm)?
                 };
                 Ok(l3.assemble(&self.layout, params, &g))
             }
             None => {
-                let full = self.gather_params(comm)?;
+                let full = self.gather_params_t::<T>(comm)?;
                 let lo = self
                     .layout
                     .param_ranges
@@ -631,11 +1089,11 @@ fn scale_into(dst: &mut [f32], src: &[f32], s: f32) {
 }
 
 /// All-reduce (sum) of a padded buffer in buckets.
-fn bucketed_all_reduce(
-    mut buf: Vec<f32>,
+fn bucketed_all_reduce<T: Wire>(
+    mut buf: Vec<T>,
     bucket: usize,
     comm: &dyn Communicator,
-) -> Result<Vec<f32>, ZeroError> {
+) -> Result<Vec<T>, ZeroError> {
     if comm.world_size() == 1 {
         return Ok(buf);
     }
@@ -653,12 +1111,12 @@ fn bucketed_all_reduce(
 /// Reduce-scatter (sum) of a padded buffer of `n * shard` elements: rank r receives elements
 /// `r*shard .. (r+1)*shard` summed over ranks. Each bucket carries a `c`-element piece of every
 /// rank's shard, so shards stay contiguous whatever the bucket size.
-pub(crate) fn bucketed_reduce_scatter(
-    buf: &[f32],
+pub(crate) fn bucketed_reduce_scatter<T: Wire>(
+    buf: &[T],
     shard: usize,
     bucket: usize,
     comm: &dyn Communicator,
-) -> Result<Vec<f32>, ZeroError> {
+) -> Result<Vec<T>, ZeroError> {
     let n = comm.world_size();
     if n == 1 {
         return Ok(buf.to_vec());
@@ -673,25 +1131,25 @@ pub(crate) fn bucketed_reduce_scatter(
             b.extend_from_slice(&buf[r * shard + k..r * shard + k + len]);
         }
         let part = comm.reduce_scatter(&to_tensor(b)?, ReduceOp::Sum)?;
-        out.extend(to_vec(&part)?);
+        out.extend(to_vec::<T>(&part)?);
         k += len;
     }
     Ok(out)
 }
 
 /// All-gather of equal shards into the full padded buffer, in buckets.
-fn bucketed_all_gather(
-    shard: &[f32],
+fn bucketed_all_gather<T: Wire>(
+    shard: &[T],
     bucket: usize,
     comm: &dyn Communicator,
-) -> Result<Vec<f32>, ZeroError> {
+) -> Result<Vec<T>, ZeroError> {
     let n = comm.world_size();
     if n == 1 {
         return Ok(shard.to_vec());
     }
     let s = shard.len();
     let c = (bucket / n).max(1).min(s.max(1));
-    let mut full = vec![0f32; n * s];
+    let mut full = vec![T::default(); n * s];
     let mut k = 0;
     while k < s {
         let len = c.min(s - k);
