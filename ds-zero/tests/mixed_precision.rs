@@ -350,10 +350,11 @@ fn train(
 
 /// (2) + (3) Training in bf16 and fp16 (dynamic scaling, DeepSpeed's stage-dependent rule and
 /// default hysteresis, initial scale 2^16 so the first steps overflow and are skipped) at
-/// stages 0-3 on 1 and 2 ranks reaches the fp32 run's loss within 10 % + 2e-3 (the fp32 run
-/// ends near the noise floor ~1e-4; 16-bit rounding of the weights limits the reachable
-/// loss), and every returned weight is exactly representable in the model dtype, the
-/// 16-bit tensor holding the same values.
+/// stages 0-3 on 1 and 2 ranks reaches the fp32 run's loss: fp16 within 10 % (measured: 1-5 %
+/// above), bf16 within 2.5x (its 8-bit mantissa rounding of the weights raises the floor;
+/// measured 1.6-1.75x) of the fp32 run (2.8e-5, at least 100x below the start, asserted); and every returned
+/// weight is exactly representable in the model dtype, the 16-bit tensor holding the same
+/// values.
 #[test]
 fn mixed_precision_training_matches_fp32() {
     let steps = 300;
@@ -378,8 +379,10 @@ fn mixed_precision_training_matches_fp32() {
                 let runs = train(stage, ws, precision, steps);
                 for (rank, (loss, w, t, skipped)) in runs.iter().enumerate() {
                     let ctx = format!("{dt:?} stage {stage} ws {ws} rank {rank}");
+                    eprintln!("{ctx}: loss {loss:.6e} (fp32 {l32:.6e}), skipped {skipped}");
+                    let tol = if dt == DType::F16 { 0.1 } else { 1.5 };
                     assert!(
-                        (loss - l32).abs() <= 0.1 * l32 + 2e-3,
+                        (loss - l32).abs() <= tol * l32,
                         "{ctx}: loss {loss} vs fp32 {l32}"
                     );
                     if dt == DType::F16 {
@@ -456,7 +459,7 @@ fn gathered_params_are_rounded_masters() {
     }
 }
 
-/// Total bytes `f` moves through the communicator, by the comms logger.
+/// Total bytes recorded by the comms logger.
 fn bytes_moved(c: &CommsLogger<LocalComm>) -> u64 {
     c.summary()
         .iter()
