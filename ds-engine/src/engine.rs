@@ -14,8 +14,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use ds_comm::Communicator;
 use ds_config::ResolvedConfig;
+use ds_precision::LossScalerOptions;
 use ds_zero::optim::{AdamParams, LambParams, LionParams, OptimizerSpec, SgdParams};
-use ds_zero::{GradPiece, MemoryReport, StepReport, ZeroError, ZeroOptimizer, ZeroOptions};
+use ds_zero::{
+    GradPiece, MemoryReport, StepReport, ZeroError, ZeroOptimizer, ZeroOptions, ZeroPrecision,
+};
 
 use crate::lr::{LrSchedule, LrScheduler};
 use crate::model::{BlockEvent, FwdBwd, Gpt};
@@ -77,10 +80,10 @@ pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError
 /// Refuses what the engine does not run yet, by name (rather than ignoring it).
 fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let refuse = |what: &str, why: &str| Err(EngineError::Config(format!("{what}: {why}")));
-    if cfg.fp16.enabled || cfg.bf16.enabled {
+    if cfg.fp16.enabled && cfg.bf16.enabled {
         return refuse(
-            if cfg.fp16.enabled { "fp16.enabled" } else { "bf16.enabled" },
-            "mixed-precision training is not wired into the engine yet (f32 is the CPU default); set enabled false",
+            "fp16.enabled and bf16.enabled",
+            "only one 16-bit model dtype can be on; enable fp16 or bf16, not both",
         );
     }
     if cfg.json()["sparse_gradients"] == serde_json::Value::Bool(true) {
@@ -95,15 +98,20 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "gradients accumulate in fp32 in this engine; allowed: \"fp32\" or null",
         );
     }
-    if cfg
-        .communication_data_type
-        .as_deref()
-        .is_some_and(|d| d != "fp32")
-    {
-        return refuse(
-            "communication_data_type",
-            "collectives run in fp32 in this engine; allowed: \"fp32\" or null",
-        );
+    let model_dtype = if cfg.fp16.enabled {
+        "fp16"
+    } else if cfg.bf16.enabled {
+        "bf16"
+    } else {
+        "fp32"
+    };
+    if let Some(d) = cfg.communication_data_type.as_deref() {
+        if d != model_dtype {
+            return refuse(
+                "communication_data_type",
+                &format!("gradients are communicated in the model dtype here ({model_dtype}); allowed: \"{model_dtype}\" or null (got \"{d}\")"),
+            );
+        }
     }
     let ac = &cfg.activation_checkpointing;
     if ac.partition_activations || ac.contiguous_memory_optimization {
@@ -119,6 +127,19 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
 fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool) -> Vec<String> {
     let ac = &cfg.activation_checkpointing;
     let mut notes = Vec::new();
+    if cfg.fp16.enabled || cfg.bf16.enabled {
+        let d = if cfg.fp16.enabled { "fp16" } else { "bf16" };
+        notes.push(format!("{d}: fp32 master weights and optimizer state, {d} model weights (held as f32 numbers exactly representable in {d}: the CPU kernels compute in f32), gradients rounded to {d} and reduced in {d}{}", if cfg.fp16.enabled { ", dynamic or static loss scaling with DeepSpeed's rules (overflow skips the step on every rank; the LR schedule holds)" } else { "" }));
+    }
+    if cfg.fp16.enabled && cfg.fp16.auto_cast {
+        notes.push(
+            "fp16.auto_cast: the model's inputs are token ids, there is nothing to cast (no-op)"
+                .to_string(),
+        );
+    }
+    if cfg.bf16.enabled && cfg.bf16.immediate_grad_update {
+        notes.push("bf16.immediate_grad_update: gradients are reduced and applied at the accumulation boundary, as with fp32 (no effect)".to_string());
+    }
     if ac.cpu_checkpointing {
         notes.push("activation_checkpointing.cpu_checkpointing: the model runs on the CPU, so saved inputs already live in host memory (no-op)".to_string());
     }
@@ -418,7 +439,29 @@ impl<'c, M: Model> Engine<'c, M> {
         for p in model.params() {
             init.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
         }
-        let zero = ZeroOptimizer::new(&sizes, &init, spec, opts, comm)?;
+        let precision = if cfg.fp16.enabled {
+            let f = &cfg.fp16;
+            ZeroPrecision::deepspeed_fp16(
+                z.stage,
+                f.loss_scale,
+                LossScalerOptions {
+                    init_scale_power: i32::try_from(f.initial_scale_power).unwrap_or(i32::MAX),
+                    window: f.loss_scale_window,
+                    hysteresis: u32::try_from(f.hysteresis).unwrap_or(u32::MAX),
+                    consecutive_hysteresis: f.consecutive_hysteresis,
+                    min_scale: f.min_loss_scale,
+                    ..LossScalerOptions::default()
+                },
+            )
+        } else if cfg.bf16.enabled {
+            ZeroPrecision::Bf16 {
+                check_grad_overflow: cfg.bf16.check_grad_overflow,
+            }
+        } else {
+            ZeroPrecision::F32
+        };
+        let half = precision != ZeroPrecision::F32;
+        let zero = ZeroOptimizer::with_precision(&sizes, &init, spec, opts, precision, comm)?;
         let stage3 = z.stage == 3;
         if stage3 {
             // ZeRO-3: block parameters live in the optimizer's shards; the model holds them only
@@ -456,7 +499,7 @@ impl<'c, M: Model> Engine<'c, M> {
         } else {
             vec![0.0; n]
         };
-        Ok(Engine {
+        let mut engine = Engine {
             model,
             comm,
             comm2,
@@ -490,7 +533,12 @@ impl<'c, M: Model> Engine<'c, M> {
             ckpt,
             last_model_ms: 0.0,
             last_optimizer_ms: 0.0,
-        })
+        };
+        if half {
+            // The model's weights are the 16-bit copies of the masters from the start.
+            engine.refresh_model_params()?;
+        }
+        Ok(engine)
     }
 
     /// Which blocks are checkpointed (from `activation_checkpointing.number_checkpoints`, or set
@@ -582,6 +630,16 @@ impl<'c, M: Model> Engine<'c, M> {
         }
     }
 
+    /// The loss scale of the next backward pass (1 without fp16 loss scaling).
+    pub fn loss_scale(&self) -> f64 {
+        self.zero.loss_scale()
+    }
+
+    /// The partitioned optimizer (precision, layout, scaler state).
+    pub fn zero(&self) -> &ZeroOptimizer {
+        &self.zero
+    }
+
     /// The learning rate the next step uses.
     pub fn current_lr(&self) -> f64 {
         self.sched.current_lr()
@@ -621,7 +679,9 @@ impl<'c, M: Model> Engine<'c, M> {
             self.zero.begin_streamed(fresh, self.comm.world_size())?;
         }
         let scale = 1.0 / self.gas as f32;
-        let loss_scale = 1.0f32;
+        // fp16: the backward pass is of `loss * scale` (the same scale for every micro-batch
+        // of the step).
+        let loss_scale = self.zero.loss_scale() as f32;
         let (policy, stage3) = (self.policy, self.stage3);
         let (model, zero, comm, comm2) = (&self.model, &self.zero, self.comm, self.comm2);
         let (offsets, acc) = (&self.offsets, &mut self.acc);

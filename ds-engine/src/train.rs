@@ -667,11 +667,21 @@ fn drive<M: Model>(
         b_acc += r.bwd_ms;
         s_acc += r.step_ms;
         if r.step.overflow && rank == 0 {
-            say(format!(
-                "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
-                step + 1,
-                engine.skipped_steps()
-            ));
+            if cfg.fp16.enabled {
+                say(format!(
+                    "[ds] step {}: OVERFLOW! gradients inf/nan at loss scale {}: step skipped, next loss scale {} (skipped so far: {})",
+                    step + 1,
+                    r.step.loss_scale,
+                    r.step.next_loss_scale,
+                    engine.skipped_steps()
+                ));
+            } else {
+                say(format!(
+                    "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
+                    step + 1,
+                    engine.skipped_steps()
+                ));
+            }
         }
         if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
             let val = match &periodic {
@@ -681,8 +691,13 @@ fn drive<M: Model>(
                 }
                 None => String::new(),
             };
+            let scale = if cfg.fp16.enabled {
+                format!(", loss_scale={}", r.step.next_loss_scale)
+            } else {
+                String::new()
+            };
             say(format!(
-                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}, step_ms={:.1}{val}",
+                "step={}, skipped={}, lr=[{:.6e}], loss={:.4}, grad_norm={:.4}{scale}, step_ms={:.1}{val}",
                 step + 1,
                 engine.skipped_steps(),
                 r.lr,

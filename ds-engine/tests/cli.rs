@@ -167,11 +167,11 @@ fn train_json_contract() {
     }
     let p = tmp(
         "fp16.json",
-        r#"{"train_batch_size": 4, "optimizer": {"type": "Adam"}, "fp16": {"enabled": true}}"#,
+        r#"{"train_batch_size": 4, "optimizer": {"type": "Adam"}, "fp16": {"enabled": true}, "communication_data_type": "bf16"}"#,
     );
     let out = ds(&["train", "--config", p.to_str().unwrap(), "--steps", "1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("fp16.enabled"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("communication_data_type"));
 }
 
 #[test]

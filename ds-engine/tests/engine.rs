@@ -188,12 +188,12 @@ fn unsupported_settings_are_refused_by_name() {
     let comm = LocalComm::create(1).remove(0);
     for (cfg, key) in [
         (
-            json!({"train_batch_size": 4, "optimizer": {"type": "Adam"}, "fp16": {"enabled": true}}),
-            "fp16.enabled",
+            json!({"train_batch_size": 4, "optimizer": {"type": "Adam"}, "fp16": {"enabled": true}, "communication_data_type": "fp32"}),
+            "communication_data_type",
         ),
         (
-            json!({"train_batch_size": 4, "optimizer": {"type": "Adam"}, "bf16": {"enabled": true}}),
-            "bf16.enabled",
+            json!({"train_batch_size": 4, "optimizer": {"type": "Adam"}, "communication_data_type": "bf16"}),
+            "communication_data_type",
         ),
         (json!({"train_batch_size": 4}), "optimizer"),
     ] {
@@ -570,5 +570,171 @@ fn partitioned_gradients_hold_only_the_shard() {
                 ),
             }
         }
+    }
+}
+
+/// Trains `steps` steps of a `precision` section (`fp16`/`bf16` JSON, or null for fp32) on
+/// `ws` ranks; returns rank 0's per-step reports and its final model parameters.
+fn run_precision(
+    stage: u8,
+    ws: usize,
+    precision: serde_json::Value,
+    scheduler: serde_json::Value,
+    steps: u64,
+) -> (Vec<ds_engine::engine::TrainStep>, Vec<f32>, u64) {
+    let mut v = json!({
+        "train_batch_size": 4,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "allgather_bucket_size": 3000},
+    });
+    for (k, val) in precision.as_object().into_iter().flatten() {
+        v[k] = val.clone();
+    }
+    if !scheduler.is_null() {
+        v["scheduler"] = scheduler;
+    }
+    let cfg = DeepSpeedConfig::from_value(v).resolve(ws).unwrap();
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let mut out: Vec<_> = std::thread::scope(|s| {
+        LocalComm::create(ws)
+            .into_iter()
+            .map(|comm| {
+                let (cfg, dl) = (&cfg, &dl);
+                s.spawn(move || {
+                    let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                    let mut e = Engine::initialize(cfg, model, &comm).unwrap();
+                    let micro = e.micro_batch_size();
+                    let reports: Vec<_> = (0..steps)
+                        .map(|step| {
+                            e.train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                                .unwrap()
+                        })
+                        .collect();
+                    let mut held = vec![];
+                    if stage < 3 {
+                        for p in e.model().params() {
+                            held.extend(p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                        }
+                    }
+                    (reports, held, e.skipped_steps())
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    out.remove(0)
+}
+
+/// fp16 and bf16 training (fp32 masters, 16-bit weights and gradient communication, loss
+/// scaling) follows the fp32 run closely at stages 0-3 on 2 ranks, and the model's weights are
+/// exactly representable in the 16-bit dtype.
+#[test]
+fn mixed_precision_trains_like_fp32() {
+    let steps = 25;
+    for stage in [0u8, 2, 3] {
+        let (fp32, _, _) = run_precision(stage, 2, json!({}), json!(null), steps);
+        let l32 = fp32.last().unwrap().loss;
+        assert!(
+            l32 < fp32[0].loss - 0.3,
+            "fp32 did not learn: {} -> {l32}",
+            fp32[0].loss
+        );
+        for (name, section, tol) in [
+            (
+                "fp16",
+                json!({"fp16": {"enabled": true, "initial_scale_power": 12}}),
+                0.02,
+            ),
+            ("bf16", json!({"bf16": {"enabled": true}}), 0.05),
+        ] {
+            let (r, held, skipped) = run_precision(stage, 2, section, json!(null), steps);
+            let l = r.last().unwrap().loss;
+            assert!(
+                (l - l32).abs() <= tol,
+                "stage {stage} {name}: final loss {l} vs fp32 {l32}"
+            );
+            assert_eq!(skipped, 0, "stage {stage} {name}");
+            if name == "fp16" {
+                assert!(
+                    r.iter().all(|s| s.step.loss_scale == 4096.0),
+                    "stage {stage}"
+                );
+            }
+            for x in held {
+                let back = if name == "fp16" {
+                    half::f16::from_f32(x).to_f32()
+                } else {
+                    half::bf16::from_f32(x).to_f32()
+                };
+                assert_eq!(back, x, "stage {stage} {name}: {x} is not a {name} value");
+            }
+        }
+    }
+}
+
+/// fp16 overflow handling traced against DeepSpeed's ZeRO loss scaler: an initial scale of
+/// 2^40 overflows fp16 (65504); with hysteresis 2 the first overflow keeps the scale and each
+/// later one halves it, every overflowing step is skipped on every rank and counted, the LR
+/// schedule does not advance on a skipped step, and training then proceeds.
+#[test]
+fn fp16_overflow_skips_follow_deepspeed() {
+    let sched = json!({"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01, "warmup_num_steps": 100}});
+    for stage in [1u8, 2] {
+        let (r, _, skipped) = run_precision(
+            stage,
+            2,
+            json!({"fp16": {"enabled": true, "initial_scale_power": 40, "hysteresis": 2}}),
+            sched.clone(),
+            40,
+        );
+        let first_applied = r
+            .iter()
+            .position(|s| s.step.applied)
+            .expect("never applied");
+        assert!(first_applied >= 2, "stage {stage}: {first_applied}");
+        assert_eq!(
+            skipped,
+            first_applied as u64
+                + r[first_applied..]
+                    .iter()
+                    .filter(|s| !s.step.applied)
+                    .count() as u64
+        );
+        let mut scale = 2f64.powi(40);
+        let mut hysteresis = 2;
+        for (i, s) in r[..first_applied].iter().enumerate() {
+            assert!(s.step.overflow && !s.step.applied, "step {i}");
+            assert_eq!(s.step.loss_scale, scale, "stage {stage} step {i}");
+            // DeepSpeed: the scale halves once the hysteresis is used up.
+            if hysteresis == 1 {
+                scale /= 2.0;
+            } else {
+                hysteresis -= 1;
+            }
+            assert_eq!(s.step.next_loss_scale, scale, "stage {stage} step {i}");
+            // The schedule held: every skipped step ran at the warmup's first LR.
+            assert_eq!(s.lr, r[0].lr);
+        }
+        assert_eq!(r[first_applied].lr, r[0].lr);
+        // The first applied scale no longer overflows: grads * scale < 65504.
+        assert!(
+            r[first_applied].step.loss_scale * r[first_applied].step.grad_norm < 65504.0 * 64.0
+        );
+        // The schedule moves only after applied steps (DeepSpeed's WarmupLR starts at its
+        // minimum for two steps: iterations -1 and 0), and it does move.
+        let lrs: Vec<(f64, bool)> = r.iter().map(|s| (s.lr, s.step.applied)).collect();
+        for w in r.windows(2) {
+            if !w[0].step.applied {
+                assert_eq!(w[1].lr, w[0].lr, "stage {stage}: {lrs:?}");
+            }
+        }
+        assert!(r.last().unwrap().lr > r[0].lr, "stage {stage}: {lrs:?}");
+        assert!(
+            r.last().unwrap().loss < r[0].loss,
+            "stage {stage}: no learning"
+        );
     }
 }

@@ -185,6 +185,8 @@ impl<M: crate::traits::Model> Engine<'_, M> {
                 global_samples: self.global_steps * samples_per_step,
                 lr_scheduler: serde_json::json!({"last_batch_iteration": self.sched.last_batch_iteration()}),
                 data_sampler: serde_json::json!({"next_step": self.global_steps}),
+                loss_scaler: serde_json::to_value(self.zero.scaler_state())
+                    .unwrap_or(serde_json::Value::Null),
                 ..Default::default()
             },
         }
@@ -427,6 +429,16 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             buffers,
         };
         self.zero.load_state(&master, &state)?;
+        if !t.loss_scaler.is_null() {
+            match serde_json::from_value::<ds_precision::LossScalerState>(t.loss_scaler.clone()) {
+                Ok(st) => self.zero.load_scaler_state(&st)?,
+                Err(e) => {
+                    return Err(EngineError::Data(format!(
+                        "the checkpoint's loss_scaler state is malformed: {e}"
+                    )))
+                }
+            }
+        }
         self.refresh_model_params()?;
         self.global_steps = t.global_step;
         self.skipped_steps = t.skipped_steps;
