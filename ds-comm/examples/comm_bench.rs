@@ -1,7 +1,7 @@
 //! Collective bandwidth benchmark (the library side of `ds bench comm`).
 //!
 //! `cargo run --release -p ds-comm --example comm_bench -- [--backend local|mpi] [--world-size N]
-//! [--op all_reduce|reduce_scatter|all_gather]... [--sizes 1M,16M,64M] [--iters K] [--no-timeout]
+//! [--op all_reduce|reduce_scatter|all_gather|reduce]... [--sizes 1M,16M,64M] [--iters K] [--no-timeout]
 //! [--no-check] [--no-ring] [--json]` (`--no-timeout`: MPI uses blocking collectives;
 //! `--no-check`: MPI skips the per-call descriptor check; `--no-ring`: MPI uses its own
 //! non-blocking collectives instead of the ring for large buffers).

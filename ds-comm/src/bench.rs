@@ -46,15 +46,19 @@ pub enum BenchOp {
     ReduceScatter,
     /// `all_gather`.
     AllGather,
+    /// `reduce` (sum) onto rank 0 (a new result tensor on the root per call; algbw = busbw =
+    /// bytes/t, DeepSpeed's formula for reduce).
+    Reduce,
 }
 
 impl BenchOp {
-    /// `"all_reduce"`, `"reduce_scatter"` or `"all_gather"`.
+    /// `"all_reduce"`, `"reduce_scatter"`, `"all_gather"` or `"reduce"`.
     pub fn name(self) -> &'static str {
         match self {
             BenchOp::AllReduce => "all_reduce",
             BenchOp::ReduceScatter => "reduce_scatter",
             BenchOp::AllGather => "all_gather",
+            BenchOp::Reduce => "reduce",
         }
     }
 
@@ -64,9 +68,10 @@ impl BenchOp {
             "all_reduce" | "allreduce" => Ok(BenchOp::AllReduce),
             "reduce_scatter" | "reducescatter" => Ok(BenchOp::ReduceScatter),
             "all_gather" | "allgather" => Ok(BenchOp::AllGather),
+            "reduce" => Ok(BenchOp::Reduce),
             other => Err(CommError::invalid(
                 "bench",
-                format!("unknown op {other:?}; expected all_reduce, reduce_scatter or all_gather"),
+                format!("unknown op {other:?}; expected all_reduce, reduce_scatter, all_gather or reduce"),
             )),
         }
     }
@@ -337,7 +342,7 @@ pub fn run_comm_bench_on(
             let elems = (size / esize).max(1);
             // all_gather: each rank contributes 1/n of the output.
             let (input_elems, total_elems, msg_elems) = match op {
-                BenchOp::AllReduce => (elems, elems, elems),
+                BenchOp::AllReduce | BenchOp::Reduce => (elems, elems, elems),
                 BenchOp::ReduceScatter => (elems, elems, elems.div_ceil(n)),
                 BenchOp::AllGather => {
                     let per = (elems / n).max(1);
@@ -346,7 +351,7 @@ pub fn run_comm_bench_on(
             };
             let x = Tensor::ones(input_elems, opts.dtype, &Device::Cpu)?;
             let out_elems = match op {
-                BenchOp::AllReduce => 0,
+                BenchOp::AllReduce | BenchOp::Reduce => 0,
                 BenchOp::ReduceScatter => {
                     let (lo, hi) = crate::partition_range(elems, n, comm.rank());
                     hi - lo
@@ -365,6 +370,7 @@ pub fn run_comm_bench_on(
                     BenchOp::AllReduce => comm.all_reduce_inplace(&x, ReduceOp::Sum),
                     BenchOp::ReduceScatter => comm.reduce_scatter_into(&x, &out, ReduceOp::Sum),
                     BenchOp::AllGather => comm.all_gather_into(&x, &out),
+                    BenchOp::Reduce => comm.reduce(&x, ReduceOp::Sum, 0).map(drop),
                 }
             };
             for _ in 0..opts.warmup {
@@ -425,6 +431,25 @@ mod tests {
         assert!(parse_sizes("1X").is_err());
         assert!(parse_sizes("0").is_err());
         assert!(parse_sizes("M").is_err());
+    }
+
+    #[test]
+    fn reduce_is_benchmarked() {
+        assert_eq!(BenchOp::parse("reduce").unwrap(), BenchOp::Reduce);
+        let rep = run_comm_bench(&CommBenchOptions {
+            world_size: 3,
+            ops: vec![BenchOp::Reduce],
+            sizes: vec![1 << 16],
+            iters: Some(2),
+            warmup: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let r = &rep.results[0];
+        assert_eq!((r.op.as_str(), r.bytes), ("reduce", 1 << 16));
+        let gbps = r.bytes as f64 / r.time_ms / 1e6;
+        assert!((r.algbw_GBps - gbps).abs() <= 1e-9 * gbps, "{r:?}");
+        assert_eq!(r.algbw_GBps, r.busbw_GBps);
     }
 
     #[test]
