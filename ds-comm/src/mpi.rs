@@ -9,6 +9,13 @@
 //! poisoned). A peer that dies ends the job through MPI's default error handler (mpirun aborts
 //! the other processes with an error).
 //!
+//! With a timeout, all-reduce and reduce-scatter buffers of at least [`RING_MIN_BYTES`] run a
+//! ring algorithm of this crate over `MPI_Isend`/`MPI_Irecv` (on a duplicated communicator),
+//! polled the same way: Open MPI's non-blocking all-reduce is a binomial reduce-then-send-back on
+//! fewer than 4 ranks, and its non-blocking reduce-scatter a reduce + scatter. In-place
+//! all-reduce uses the library's `MPI_IN_PLACE`, and `reduce_scatter_into` receives straight into
+//! the output (see `ds-comm/BENCHMARKS.md`).
+//!
 //! Before each collective the ranks compare a call descriptor (sequence number, op, dtype,
 //! length, root) with one small `MPI_Iallreduce`; a difference gives [`CommError::Mismatch`] on
 //! every rank and the communicator stays usable. `check_calls: false` skips it.
