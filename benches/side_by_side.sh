@@ -29,14 +29,32 @@ cat > /tmp/ds_ref_step.json <<'JSON'
  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}, "zero_optimization": {"stage": 0}}
 JSON
 sed -i 's/"steps_per_print": null,//' /tmp/ds_ref_step.json
-$DS train --config /tmp/ds_ref_step.json --world-size 1 --steps 12 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json | grep -E '"(median_step_ms|tokens_per_s|peak_bytes_per_rank)"'
-$DS train --config /tmp/ds_ref_step.json --world-size 1 --steps 12 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --ckpt --json | grep -E '"(median_step_ms|tokens_per_s|peak_bytes_per_rank)"'
+$DS train --config /tmp/ds_ref_step.json --world-size 1 --steps 12 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json | grep -E '"(median_step_ms|tokens_per_s|peak_bytes_per_rank|engine_overhead_fraction)"'
+$DS train --config /tmp/ds_ref_step.json --world-size 1 --steps 12 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --ckpt --json | grep -E '"(median_step_ms|tokens_per_s|peak_bytes_per_rank|engine_overhead_fraction)"'
 [ -x "$PY" ] && $PY $SH/bench_train_step.py --steps 12 && $PY $SH/bench_train_step.py --steps 12 --ckpt
 
 echo "== ZeRO stages on 2 local ranks (reference shape, micro-batch 8 per rank)"
 for st in 0 1 2 3; do
   sed "s/\"stage\": 0/\"stage\": $st/" /tmp/ds_ref_step.json > /tmp/ds_ref_stage.json
   echo "stage $st:"; $DS train --config /tmp/ds_ref_stage.json --world-size 2 --steps 8 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json | grep -E '"(median_step_ms|model_state_bytes_per_rank|final_loss)"'
+done
+
+echo "== ZeRO 2/3 on 2 local ranks: overlap_comm (communication thread; stage-3 prefetch) and 16-bit precision"
+for v in '2 false {}' '2 true {}' '3 false {"stage3_prefetch_bucket_size":0}' '3 true {}' '2 false {"fp16":{"enabled":true}}' '2 false {"bf16":{"enabled":true}}'; do
+  set -- $v
+  python3 - "$1" "$2" "$3" > /tmp/ds_ref_ov.json <<'PY'
+import json, sys
+cfg = json.load(open("/tmp/ds_ref_step.json"))
+extra = json.loads(sys.argv[3])
+cfg["zero_optimization"] = {"stage": int(sys.argv[1]), "overlap_comm": sys.argv[2] == "true"}
+for k, val in extra.items():
+    if k.startswith("stage3"):
+        cfg["zero_optimization"][k] = val
+    else:
+        cfg[k] = val
+print(json.dumps(cfg))
+PY
+  echo "stage $1 overlap_comm $2 $3:"; $DS train --config /tmp/ds_ref_ov.json --world-size 2 --steps 8 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json 2>/dev/null | grep -E '"(median_step_ms|final_loss|engine_overhead_fraction|skipped_steps)"'
 done
 
 if [ -x "$PY" ]; then
