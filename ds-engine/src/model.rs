@@ -679,16 +679,8 @@ impl Gpt {
                 Some(sink),
             );
         }
-        let mut fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
-        let mut grads = std::mem::take(&mut fb.grads);
-        if loss_scale != 1.0 {
-            for g in grads.iter_mut().flatten() {
-                *g = g.affine(f64::from(loss_scale), 0.0)?;
-            }
-        }
-        let n = grads.len();
-        sink(0..n, grads)?;
-        Ok(fb)
+        let fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
+        crate::traits::hand_over_all(fb, loss_scale, sink)
     }
 
     /// [`Gpt::forward_backward`] calling `hook` around every block:

@@ -97,17 +97,27 @@ pub trait Model {
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
         sink: &mut GradSink<'_>,
     ) -> candle_core::Result<FwdBwd> {
-        let mut fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
-        let mut grads = std::mem::take(&mut fb.grads);
-        if loss_scale != 1.0 {
-            for g in grads.iter_mut().flatten() {
-                *g = g.affine(f64::from(loss_scale), 0.0)?;
-            }
-        }
-        let n = grads.len();
-        sink(0..n, grads)?;
-        Ok(fb)
+        let fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
+        hand_over_all(fb, loss_scale, sink)
     }
+}
+
+/// The default hand-over of [`Model::forward_backward_streamed`]: all of a finished pass's
+/// gradients, times `loss_scale`, in one group.
+pub(crate) fn hand_over_all(
+    mut fb: FwdBwd,
+    loss_scale: f32,
+    sink: &mut GradSink<'_>,
+) -> candle_core::Result<FwdBwd> {
+    let mut grads = std::mem::take(&mut fb.grads);
+    if loss_scale != 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = g.affine(f64::from(loss_scale), 0.0)?;
+        }
+    }
+    let n = grads.len();
+    sink(0..n, grads)?;
+    Ok(fb)
 }
 
 /// Where [`Model::forward_backward_streamed`] hands gradients: (parameter indices, their
