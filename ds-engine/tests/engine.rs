@@ -35,6 +35,22 @@ fn config(
     .unwrap()
 }
 
+/// [`config`] with `overlap_comm` set, and the stage-3 prefetch on with it (off without).
+fn overlap_config(
+    stage: u8,
+    ws: usize,
+    gas: u64,
+    opt: serde_json::Value,
+    clip: f64,
+    overlap: bool,
+) -> ds_config::ResolvedConfig {
+    let mut v = config(stage, ws, gas, opt, clip).json().clone();
+    let z = &mut v["zero_optimization"];
+    z["overlap_comm"] = json!(overlap);
+    z["stage3_prefetch_bucket_size"] = json!(if overlap { 100_000 } else { 0 });
+    DeepSpeedConfig::from_value(v).resolve(ws).unwrap()
+}
+
 /// Trains `steps` steps on `ws` ranks; returns every rank's final flat parameters and losses.
 fn run(
     stage: u8,
@@ -58,21 +74,7 @@ fn run_overlapped(
     steps: u64,
     overlap: bool,
 ) -> Vec<(Vec<f32>, Vec<f64>)> {
-    let cfg = DeepSpeedConfig::from_value(json!({
-        "train_batch_size": 4,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": clip,
-        "optimizer": opt,
-        "zero_optimization": {
-            "stage": stage,
-            "reduce_bucket_size": 3000,
-            "allgather_bucket_size": 3000,
-            "overlap_comm": overlap,
-            "stage3_prefetch_bucket_size": if overlap { 100_000 } else { 0 },
-        },
-    }))
-    .resolve(ws)
-    .unwrap();
+    let cfg = overlap_config(stage, ws, gas, opt, clip, overlap);
     let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
     let comms2: Vec<Option<LocalComm>> = if overlap {
         LocalComm::create(ws).into_iter().map(Some).collect()
@@ -236,20 +238,8 @@ fn stage3_communication_volume() {
         (2, 2.0 * (psi_p + psi_b), true),
         (3, 3.0 * psi_b + 2.0 * psi_p, true),
     ] {
-        let cfg = DeepSpeedConfig::from_value(json!({
-            "train_batch_size": 4,
-            "gradient_clipping": 0.0,
-            "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
-            "zero_optimization": {
-                "stage": stage,
-                "reduce_bucket_size": 3000,
-                "allgather_bucket_size": 3000,
-                "overlap_comm": overlap,
-                "stage3_prefetch_bucket_size": if overlap { 100_000 } else { 0 },
-            },
-        }))
-        .resolve(ws)
-        .unwrap();
+        let sgd = json!({"type": "SGD", "params": {"lr": 0.1}});
+        let cfg = overlap_config(stage, ws, 1, sgd, 0.0, overlap);
         let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
         let volume = |comm: &CommsLogger<LocalComm>| -> f64 {
             comm.summary()
