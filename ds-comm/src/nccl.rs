@@ -8,10 +8,12 @@
 //! `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT` environment), or passed in by the
 //! caller (e.g. broadcast over MPI) with [`NcclComm::with_id`].
 //!
-//! The [`Communicator`] implementation takes CPU candle tensors (candle's own CUDA feature needs
-//! nvcc to build) and stages them through device buffers: correct on any GPU, and the conformance
-//! suite runs unchanged (`examples/nccl_conformance.rs`), but it measures PCIe as much as NCCL.
-//! For device-resident data use [`NcclComm::raw`] (cudarc's `Comm`) on `CudaSlice`s directly.
+//! The [`Communicator`] implementation takes CPU candle tensors, staged through device buffers
+//! (correct on any GPU, but it measures PCIe as much as NCCL), and, with the `cuda` feature
+//! (candle's CUDA backend, which needs nvcc to build: `scripts/cuda-build.sh`), CUDA candle
+//! tensors, reduced in place on the device with no staging. Create the communicator on candle's
+//! stream with [`NcclComm::from_env_on_device`]. The conformance suite runs unchanged on both
+//! (`examples/nccl_conformance.rs`; `--device` runs it on device tensors).
 //! Collectives block until the stream completes; there is no timeout (NCCL would need
 //! `ncclCommAbort` from a watchdog thread).
 
@@ -28,6 +30,10 @@ use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
+
+#[cfg(feature = "cuda")]
+#[path = "nccl_device.rs"]
+mod device;
 
 /// Options for [`NcclComm`].
 #[derive(Debug, Clone, PartialEq)]
@@ -177,6 +183,20 @@ impl NcclComm {
     /// Joins the job described by the environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
     /// `MASTER_ADDR`, `MASTER_PORT`): rank 0 creates the NCCL id and sends it over TCP.
     pub fn from_env(options: NcclCommOptions) -> Result<Self> {
+        Self::from_env_on(None, options)
+    }
+
+    /// [`NcclComm::from_env`] on candle's CUDA device `dev` and its stream (feature `cuda`), so
+    /// that collectives on the device's tensors are ordered with candle's kernels.
+    #[cfg(feature = "cuda")]
+    pub fn from_env_on_device(
+        dev: &candle_core::CudaDevice,
+        options: NcclCommOptions,
+    ) -> Result<Self> {
+        Self::from_env_on(Some(dev.cuda_stream()), options)
+    }
+
+    fn from_env_on(stream: Option<Arc<CudaStream>>, options: NcclCommOptions) -> Result<Self> {
         probe_libraries()?;
         let env = DistEnv::from_env()?;
         let blob = if env.rank == 0 {
@@ -191,8 +211,15 @@ impl NcclComm {
             None
         };
         let blob = exchange_blob(&env, blob, options.rendezvous_timeout)?;
-        let device = options.device.unwrap_or(env.local_rank);
-        Self::with_id(env.rank, env.world_size, device, blob, options)
+        match stream {
+            Some(stream) => {
+                Self::with_id_on_stream(env.rank, env.world_size, stream, blob, options)
+            }
+            None => {
+                let device = options.device.unwrap_or(env.local_rank);
+                Self::with_id(env.rank, env.world_size, device, blob, options)
+            }
+        }
     }
 
     /// Creates this rank's communicator from an id shared by other means (e.g. an MPI broadcast
@@ -205,15 +232,27 @@ impl NcclComm {
         options: NcclCommOptions,
     ) -> Result<Self> {
         probe_libraries()?;
+        let ctx = guarded("cuInit/cuCtx", || CudaContext::new(device))?
+            .map_err(|e| nccl_err(format!("cannot open CUDA device {device}: {e:?}")))?;
+        Self::with_id_on_stream(rank, world_size, ctx.default_stream(), id, options)
+    }
+
+    /// [`NcclComm::with_id`] on an existing CUDA stream (e.g. candle's
+    /// `CudaDevice::cuda_stream()`): collectives are queued on that stream.
+    pub fn with_id_on_stream(
+        rank: usize,
+        world_size: usize,
+        stream: Arc<CudaStream>,
+        id: [u8; 128],
+        options: NcclCommOptions,
+    ) -> Result<Self> {
+        probe_libraries()?;
         if rank >= world_size {
             return Err(CommError::invalid(
                 "nccl init",
                 format!("rank {rank} >= world size {world_size}"),
             ));
         }
-        let ctx = guarded("cuInit/cuCtx", || CudaContext::new(device))?
-            .map_err(|e| nccl_err(format!("cannot open CUDA device {device}: {e:?}")))?;
-        let stream = ctx.default_stream();
         let mut raw = [0 as std::ffi::c_char; 128];
         for (d, s) in raw.iter_mut().zip(id.iter()) {
             *d = *s as std::ffi::c_char;
@@ -401,6 +440,13 @@ impl NcclComm {
     }
 }
 
+/// The length code the call check compares for `all_gather` (element count and shape).
+fn shape_code(t: &Tensor) -> usize {
+    t.dims()
+        .iter()
+        .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d))
+}
+
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
@@ -415,12 +461,29 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            self.check(
+                "all_reduce",
+                op as i64,
+                Some(tensor.dtype()),
+                tensor.elem_count(),
+                0,
+            )?;
+            return self.device_all_reduce(tensor, op);
+        }
         let t = data::cpu_contiguous("all_reduce", tensor)?;
         self.check("all_reduce", op as i64, Some(t.dtype()), t.elem_count(), 0)?;
         with_nccl_elem!(t.dtype(), "all_reduce", T => self.all_reduce_t::<T>(&t, op))
     }
 
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+            self.check("reduce_scatter", 10 + op as i64, dt, n, 0)?;
+            return self.device_reduce_scatter(tensor, op);
+        }
         let t = data::cpu_contiguous("reduce_scatter", tensor)?;
         self.check(
             "reduce_scatter",
@@ -439,6 +502,12 @@ impl Communicator for NcclComm {
                 format!("root {root} out of range for world size {}", self.size),
             ));
         }
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+            self.check("reduce", 50 + op as i64, dt, n, root)?;
+            return self.device_reduce(tensor, op, root);
+        }
         let t = data::cpu_contiguous("reduce", tensor)?;
         self.check(
             "reduce",
@@ -451,12 +520,19 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            self.check(
+                "all_gather",
+                20,
+                Some(tensor.dtype()),
+                shape_code(tensor),
+                0,
+            )?;
+            return self.device_all_gather(tensor);
+        }
         let t = data::cpu_contiguous("all_gather", tensor)?;
-        let shape_code = t
-            .dims()
-            .iter()
-            .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
-        self.check("all_gather", 20, Some(t.dtype()), shape_code, 0)?;
+        self.check("all_gather", 20, Some(t.dtype()), shape_code(&t), 0)?;
         with_nccl_elem!(t.dtype(), "all_gather", T => self.all_gather_t::<T>(&t))
     }
 
@@ -467,9 +543,53 @@ impl Communicator for NcclComm {
                 format!("root {root} out of range for world size {}", self.size),
             ));
         }
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+            self.check("broadcast", 30, dt, n, root)?;
+            return self.device_broadcast(tensor, root);
+        }
         let t = data::cpu_contiguous("broadcast", tensor)?;
         self.check("broadcast", 30, Some(t.dtype()), t.elem_count(), root)?;
         with_nccl_elem!(t.dtype(), "broadcast", T => self.broadcast_t::<T>(&t, root))
+    }
+
+    fn all_reduce_inplace(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+            self.check("all_reduce", op as i64, dt, n, 0)?;
+            return self.device_all_reduce_inplace(tensor, op);
+        }
+        let r = self.all_reduce(tensor, op)?;
+        data::copy_into("all_reduce", tensor, &r)
+    }
+
+    fn reduce_scatter_into(&self, tensor: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+            self.check("reduce_scatter", 10 + op as i64, dt, n, 0)?;
+            return self.device_reduce_scatter_into(tensor, output, op);
+        }
+        let r = self.reduce_scatter(tensor, op)?;
+        data::copy_into("reduce_scatter", output, &r)
+    }
+
+    fn all_gather_into(&self, tensor: &Tensor, output: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if tensor.device().is_cuda() {
+            self.check(
+                "all_gather",
+                20,
+                Some(tensor.dtype()),
+                shape_code(tensor),
+                0,
+            )?;
+            return self.device_all_gather_into(tensor, output);
+        }
+        let r = self.all_gather(tensor)?;
+        data::copy_into("all_gather", output, &r)
     }
 
     fn barrier(&self) -> Result<()> {
