@@ -6,7 +6,7 @@
 //! against the generic differentiable forms in the tests.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -137,8 +137,18 @@ impl CustomOp2 for CrossEntropyGrad {
     }
 }
 
+/// Whether the fused CPU kernels apply: f32 on the CPU. Other devices (CUDA) and dtypes
+/// (bf16/f16 models) take candle's generic, differentiable ops instead.
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N) in one fused pass per direction.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !fused(logits) {
+        // Other devices and 16-bit logits: candle's generic ops, in f32.
+        return crate::model::cross_entropy(&logits.to_dtype(DType::F32)?, targets);
+    }
     logits
         .contiguous()?
         .apply_op2(&targets.contiguous()?, CrossEntropy)
@@ -283,6 +293,19 @@ impl CustomOp3 for LayerNormGrad {
 
 /// LayerNorm over the last dimension (eps 1e-5), fused forward and backward.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        // Generic ops with the statistics in f32 (as mixed-precision LayerNorm does).
+        let dt = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + LN_EPS as f64)?.sqrt()?)?;
+        return xn
+            .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&bias.to_dtype(DType::F32)?)?
+            .to_dtype(dt);
+    }
     x.contiguous()?.apply_op3(weight, bias, LayerNormOp)
 }
 
@@ -374,6 +397,18 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// Causal softmax of `scale * x` over the last dimension of (..., T, T).
 pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if !fused(x) {
+        // Generic ops in f32: a -inf-like additive mask above the diagonal.
+        let t = x.dim(D::Minus1)?;
+        let dt = x.dtype();
+        let keep = Tensor::tril2(t, DType::F32, x.device())?;
+        let mask = ((keep - 1.0)? * 1e30)?;
+        let z = x
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?
+            .broadcast_add(&mask)?;
+        return crate::model::softmax_last(&z)?.to_dtype(dt);
+    }
     x.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
     })
@@ -461,6 +496,10 @@ impl CustomOp2 for GeluGrad {
 
 /// GELU (tanh approximation), fused forward and backward.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        // candle's GELU is the same tanh approximation, with its own backward.
+        return x.gelu();
+    }
     x.contiguous()?.apply_op1(Gelu)
 }
 
@@ -487,6 +526,73 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The generic fallbacks (taken off the CPU, and for 16-bit or f64 tensors) compute what the
+    /// fused kernels compute, forward and backward: f64 inputs on the CPU take the fallback.
+    #[test]
+    fn generic_fallbacks_match_the_fused_kernels() {
+        let mut rng = Rng::new(11);
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let a = a
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let b = b
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
+                    "{what} [{i}]: {x} vs {y}"
+                );
+            }
+        };
+        let x = rand(&mut rng, &[2, 3, 8, 8]);
+        let x64 = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        // Causal softmax and GELU: forward values and input gradients of sum(y * w).
+        let w = rand(&mut rng, &[2, 3, 8, 8]).as_tensor().clone();
+        let w64 = w.to_dtype(DType::F64).unwrap();
+        for (name, f32y, f64y) in [
+            (
+                "causal_softmax",
+                causal_softmax(&x, 0.3).unwrap(),
+                causal_softmax(&x64, 0.3).unwrap(),
+            ),
+            ("gelu", gelu(&x).unwrap(), gelu(&x64).unwrap()),
+        ] {
+            assert_eq!(f64y.dtype(), DType::F64, "{name} keeps the dtype");
+            close(&f32y, &f64y, name);
+            let g32 = (f32y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g64 = (f64y * &w64)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close(g32.get(&x).unwrap(), g64.get(&x64).unwrap(), name);
+        }
+        // LayerNorm.
+        let h = rand(&mut rng, &[5, 16]);
+        let (gw, gb) = (rand(&mut rng, &[16]), rand(&mut rng, &[16]));
+        let h64 = h.to_dtype(DType::F64).unwrap();
+        let y32 = layer_norm(&h, &gw, &gb).unwrap();
+        let y64 = layer_norm(&h64, gw.as_tensor(), gb.as_tensor()).unwrap();
+        close(&y32, &y64, "layer_norm");
+        // Cross-entropy (the fallback computes in f32).
+        let logits = rand(&mut rng, &[6, 10]);
+        let t = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
+        let l32 = cross_entropy(&logits, &t).unwrap();
+        let l64 = cross_entropy(&logits.to_dtype(DType::F64).unwrap(), &t).unwrap();
+        close(&l32, &l64, "cross_entropy");
     }
 
     #[test]

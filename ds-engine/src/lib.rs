@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod kernels;
 pub mod lr;

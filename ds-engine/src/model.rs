@@ -221,7 +221,7 @@ fn apply_dropout(y: Tensor, drop: Option<DropKey>, site: u64) -> candle_core::Re
         Some(d) if d.p > 0.0 => {
             let mask =
                 ds_ckpt_act::dropout_mask(y.elem_count(), d.p, d.seed, d.step, d.block * 2 + site);
-            let mask = Tensor::from_vec(mask, y.shape(), y.device())?;
+            let mask = Tensor::from_vec(mask, y.shape(), y.device())?.to_dtype(y.dtype())?;
             y * mask
         }
         _ => Ok(y),
@@ -602,6 +602,70 @@ impl Gpt {
                 );
             }
             p.var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every parameter with a fresh variable holding `tensors[i]` ([`Gpt::params`]
+    /// order, shapes as [`Gpt::param_shapes`]), on the tensors' device and in their dtype:
+    /// how a device engine installs the weights it gathered or updated.
+    pub fn install_all(&mut self, tensors: &[Tensor]) -> candle_core::Result<()> {
+        let shapes = self.param_shapes();
+        if tensors.len() != shapes.len() {
+            candle_core::bail!(
+                "the GPT has {} parameters, got {} tensors",
+                shapes.len(),
+                tensors.len()
+            );
+        }
+        for (i, (t, sh)) in tensors.iter().zip(&shapes).enumerate() {
+            if t.dims() != sh.as_slice() {
+                candle_core::bail!(
+                    "parameter {} ({}) has shape {sh:?}, got {:?}",
+                    i,
+                    self.names[i],
+                    t.dims()
+                );
+            }
+        }
+        let v = |t: &Tensor| Var::from_tensor(&t.detach());
+        self.wte = v(&tensors[0])?;
+        self.wpe = v(&tensors[1])?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let s = Gpt::block_param_start(i);
+            let vars = tensors[s..s + BLOCK_PARAMS]
+                .iter()
+                .map(v)
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            b.install(vars)?;
+        }
+        let n = tensors.len();
+        self.ln_f = LayerNorm {
+            weight: v(&tensors[n - 2])?,
+            bias: v(&tensors[n - 1])?,
+        };
+        Ok(())
+    }
+
+    /// Casts every parameter to `dtype` on its device (a bf16/fp16 model for mixed precision).
+    pub fn cast(&mut self, dtype: DType) -> candle_core::Result<()> {
+        let t = self
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.install_all(&t)
+    }
+
+    /// Releases every block's parameters on the model's device (ZeRO-3 on a device engine:
+    /// [`Gpt::install_all`] brings them back).
+    pub fn release_blocks_on_device(&self) -> candle_core::Result<()> {
+        let (dev, dt) = (self.wte.device().clone(), self.wte.dtype());
+        for b in &self.blocks {
+            let empty = (0..BLOCK_PARAMS)
+                .map(|_| Var::from_tensor(&Tensor::zeros(0, dt, &dev)?))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            b.install(empty)?;
         }
         Ok(())
     }

@@ -149,6 +149,16 @@ impl ZeroPrecision {
         self.model_dtype().size_in_bytes()
     }
 
+    /// A fresh loss scaler for this precision (what [`ZeroOptimizer`] uses; for engines that
+    /// run the optimizer elsewhere, e.g. on a GPU).
+    pub fn loss_scaler(&self) -> Result<Box<dyn ds_precision::LossScaler + Send>, ZeroError> {
+        Ok(match self.build_scaler()? {
+            Scaler::None(s) => Box::new(s),
+            Scaler::Static(s) => Box::new(s),
+            Scaler::Dynamic(s) => Box::new(s),
+        })
+    }
+
     fn build_scaler(&self) -> Result<Scaler, ZeroError> {
         Ok(match self {
             ZeroPrecision::F32 => Scaler::None(NoLossScaler::new(true)),

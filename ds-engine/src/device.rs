@@ -1,0 +1,583 @@
+//! [`DeviceEngine`]: data-parallel ZeRO training with the model on a candle device (a GPU with
+//! the `cuda` feature; the CPU device runs the same code, which is how it is tested here).
+//!
+//! The model runs candle's generic ops on the device and candle autograd gives the gradients.
+//! Gradients, optimizer state and master weights stay on the device, or the optimizer runs on
+//! the host (ZeRO-Offload). Every collective goes through the [`Communicator`]: `NcclComm`
+//! works in place on CUDA tensors, `LocalComm` on CPU tensors.
+//!
+//! The step, per ZeRO stage (`n` ranks, `Ψ` parameters, flat in [`Gpt::params`] order):
+//! - **0**: gradients are accumulated in f32 over the micro-batches, all-reduced in the model
+//!   dtype at the boundary, and every rank updates all `Ψ` master weights.
+//! - **1**: the same reduction, but each rank updates only its partition (`Ψ/n` master weights
+//!   and Adam moments), then the new weights are all-gathered in the model dtype.
+//! - **2**: each micro-batch's gradients are reduce-scattered (model dtype) and only this rank's
+//!   partition is accumulated (f32).
+//! - **3**: as 2, and between steps the transformer blocks' weights are released: each
+//!   micro-step all-gathers the 16-bit weights before the forward pass and drops the blocks
+//!   after the backward pass (the embeddings and the final LayerNorm stay, as persistent
+//!   parameters). Autograd keeps the whole forward graph until the backward pass, so all blocks
+//!   are live during a micro-step; the saving is between micro-steps.
+//!
+//! Mixed precision: with `bf16` or `fp16` the model's weights, activations and communicated
+//! gradients are 16-bit; master weights, moments and gradient accumulation are f32. fp16 uses
+//! DeepSpeed's loss scalers (the same `ds-precision` rules as the host engine), and a step whose
+//! gradients overflow on any rank is skipped on every rank.
+//!
+//! Optimizer offload (`zero_optimization.offload_optimizer.device = "cpu"`, stages 1-3): the
+//! reduced gradient partition is copied to host memory, the fused host optimizer
+//! ([`FlatOptimizer`]: Adam/AdamW, SGD, Lion) updates host master weights, and the new partition
+//! goes back to the device in the model dtype for the all-gather.
+
+use crate::engine::optimizer_spec;
+use crate::lr::{LrSchedule, LrScheduler};
+use crate::model::Gpt;
+use crate::EngineError;
+use candle_core::{DType, Device, Tensor};
+use ds_comm::{partition_range, Communicator, ReduceOp};
+use ds_config::ResolvedConfig;
+use ds_precision::{LossScaler, LossScalerOptions};
+use ds_zero::device::{has_inf_or_nan, DeviceAdam};
+use ds_zero::optim::{FlatOptimizer, OptimizerSpec};
+use ds_zero::ZeroPrecision;
+
+/// Where the master weights and the optimizer run.
+enum Optim {
+    /// f32 master partition and Adam moments on the device.
+    Device { master: Tensor, adam: DeviceAdam },
+    /// ZeRO-Offload: f32 master partition and the fused optimizer in host memory.
+    Host {
+        master: Vec<f32>,
+        opt: FlatOptimizer,
+    },
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStepReport {
+    /// Whether the update was skipped (inf/nan gradients on some rank).
+    pub skipped: bool,
+    /// Global gradient L2 norm, unscaled (NaN when skipped).
+    pub grad_norm: f64,
+    /// The loss scale this step's gradients carried (1 without fp16).
+    pub loss_scale: f64,
+    /// The learning rate used.
+    pub lr: f64,
+}
+
+/// Per-rank bytes held by a [`DeviceEngine`], by kind and place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceMemory {
+    /// Model weights resident on the device between steps (model dtype).
+    pub model_bytes: usize,
+    /// f32 master weights (device, or host with offload).
+    pub master_bytes: usize,
+    /// Optimizer state (device, or host with offload).
+    pub optimizer_bytes: usize,
+    /// f32 gradient accumulation buffer on the device (full at stages 0-1, a partition at 2-3).
+    pub grad_bytes: usize,
+    /// Whether master weights and optimizer state are in host memory (offload).
+    pub offloaded: bool,
+}
+
+/// Data-parallel ZeRO training of a [`Gpt`] on a candle device. See the module docs.
+pub struct DeviceEngine<'c> {
+    model: Gpt,
+    dev: Device,
+    dtype: DType,
+    comm: &'c dyn Communicator,
+    stage: u8,
+    gas: usize,
+    micro: usize,
+    micro_batch: usize,
+    clip: f64,
+    reduce_op: ReduceOp,
+    shapes: Vec<Vec<usize>>,
+    numel: usize,
+    lo: usize,
+    hi: usize,
+    chunk: usize,
+    optim: Optim,
+    /// Stage 3: this rank's partition of the weights in the model dtype (what is gathered).
+    shard16: Option<Tensor>,
+    acc: Option<Tensor>,
+    scaler: Box<dyn LossScaler + Send>,
+    sched: LrScheduler,
+    global_steps: u64,
+    skipped: u64,
+}
+
+impl std::fmt::Debug for DeviceEngine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceEngine")
+            .field("device", &self.dev)
+            .field("dtype", &self.dtype)
+            .field("stage", &self.stage)
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .finish()
+    }
+}
+
+fn refuse(what: &str, why: &str) -> EngineError {
+    EngineError::Config(format!("{what}: {why}"))
+}
+
+/// The model dtype and loss-scaling rules a config asks for (the host engine's mapping).
+fn precision(cfg: &ResolvedConfig) -> Result<ZeroPrecision, EngineError> {
+    let z = &cfg.zero_optimization;
+    if cfg.fp16.enabled && cfg.bf16.enabled {
+        return Err(refuse(
+            "fp16.enabled and bf16.enabled",
+            "only one 16-bit model dtype can be on; enable fp16 or bf16, not both",
+        ));
+    }
+    Ok(if cfg.fp16.enabled {
+        let f = &cfg.fp16;
+        ZeroPrecision::deepspeed_fp16(
+            z.stage,
+            f.loss_scale,
+            LossScalerOptions {
+                init_scale_power: i32::try_from(f.initial_scale_power).unwrap_or(i32::MAX),
+                window: f.loss_scale_window,
+                hysteresis: u32::try_from(f.hysteresis).unwrap_or(u32::MAX),
+                consecutive_hysteresis: f.consecutive_hysteresis,
+                min_scale: f.min_loss_scale,
+                ..LossScalerOptions::default()
+            },
+        )
+    } else if cfg.bf16.enabled {
+        ZeroPrecision::Bf16 {
+            check_grad_overflow: cfg.bf16.check_grad_overflow,
+        }
+    } else {
+        ZeroPrecision::F32
+    })
+}
+
+/// Settings the device engine does not run, refused with the reason.
+fn check_device_config(cfg: &ResolvedConfig, offload: bool) -> Result<(), EngineError> {
+    if cfg.prescale_gradients || cfg.gradient_predivide_factor != 1.0 {
+        return Err(refuse(
+            "prescale_gradients / gradient_predivide_factor",
+            "the device engine divides once, after the reduction; allowed: prescale_gradients false and gradient_predivide_factor 1.0",
+        ));
+    }
+    if cfg.zero_optimization.offload_param.is_some()
+        && cfg
+            .zero_optimization
+            .offload_param
+            .as_ref()
+            .is_some_and(|o| o.device == "cpu")
+    {
+        return Err(refuse(
+            "zero_optimization.offload_param",
+            "parameter offload is not run by the device engine (the weights stay on the GPU); allowed: device \"none\"",
+        ));
+    }
+    if cfg.activation_checkpointing.number_checkpoints.is_some()
+        || cfg.activation_checkpointing.cpu_checkpointing
+    {
+        return Err(refuse(
+            "activation_checkpointing",
+            "the device engine runs candle autograd over the whole forward pass and does not checkpoint activations; remove the section (the host engine checkpoints)",
+        ));
+    }
+    let model_dtype = if cfg.fp16.enabled {
+        "fp16"
+    } else if cfg.bf16.enabled {
+        "bf16"
+    } else {
+        "fp32"
+    };
+    if let Some(d) = cfg.communication_data_type.as_deref() {
+        if d != model_dtype {
+            return Err(refuse(
+                "communication_data_type",
+                &format!("gradients are communicated in the model dtype ({model_dtype}); allowed: \"{model_dtype}\" or null (got \"{d}\")"),
+            ));
+        }
+    }
+    let _ = offload;
+    Ok(())
+}
+
+impl<'c> DeviceEngine<'c> {
+    /// Builds the engine: `model` (identically initialised on every rank, f32) is moved to
+    /// `dev` and cast to the config's model dtype.
+    pub fn initialize(
+        cfg: &ResolvedConfig,
+        model: Gpt,
+        dev: &Device,
+        comm: &'c dyn Communicator,
+    ) -> Result<Self, EngineError> {
+        if cfg.world_size != comm.world_size() {
+            return Err(EngineError::Config(format!(
+                "the config was resolved for world size {} but the communicator has {} ranks",
+                cfg.world_size,
+                comm.world_size()
+            )));
+        }
+        let z = &cfg.zero_optimization;
+        let offload = z.offload_optimizer_to_cpu();
+        check_device_config(cfg, offload)?;
+        let prec = precision(cfg)?;
+        let dtype = prec.model_dtype();
+        let spec = optimizer_spec(cfg)?;
+        let adam = match spec {
+            OptimizerSpec::Adam(p) => Some(p),
+            _ => None,
+        };
+        if !offload && adam.is_none() {
+            return Err(refuse(
+                "optimizer.type",
+                "the device engine runs Adam/AdamW on the device; other optimizers run on the host with zero_optimization.offload_optimizer.device = \"cpu\"",
+            ));
+        }
+        if matches!(spec, OptimizerSpec::Lamb(_)) {
+            return Err(refuse(
+                "optimizer.type",
+                "Lamb needs per-parameter norms, which the device engine does not compute; allowed here: Adam, AdamW, SGD, Lion (the last two with offload)",
+            ));
+        }
+        let (n, r) = (comm.world_size(), comm.rank());
+        let stage = z.stage;
+        let shapes = model.param_shapes();
+        let numel: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let (lo, hi) = if stage == 0 {
+            (0, numel)
+        } else {
+            partition_range(numel, n, r)
+        };
+        let chunk = numel.div_ceil(n).max(1);
+        // f32 master of this rank's part, read from the host model before it moves.
+        let mut flat = Vec::with_capacity(numel);
+        for p in model.params() {
+            flat.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let part = flat[lo..hi].to_vec();
+        let optim = if offload {
+            Optim::Host {
+                master: part,
+                opt: FlatOptimizer::new(spec, hi - lo),
+            }
+        } else {
+            let Some(a) = adam else {
+                unreachable!("checked above: Adam without offload")
+            };
+            Optim::Device {
+                master: Tensor::from_vec(part, hi - lo, dev)?,
+                adam: DeviceAdam::new(a, hi - lo, dev)?,
+            }
+        };
+        // The model's weights: the f32 values rounded to the model dtype, on the device.
+        let mut model = model;
+        let tensors = model
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().to_device(dev)?.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        model.set_explicit_kernels(false);
+        model.install_all(&tensors)?;
+        let shard16 = if stage == 3 {
+            let s = Tensor::from_slice(&flat[lo..hi], hi - lo, dev)?.to_dtype(dtype)?;
+            model.release_blocks_on_device()?;
+            Some(s)
+        } else {
+            None
+        };
+        let sched = LrScheduler::new(LrSchedule::from_config(
+            cfg.scheduler.as_ref(),
+            cfg.optimizer.as_ref(),
+        )?);
+        Ok(DeviceEngine {
+            model,
+            dev: dev.clone(),
+            dtype,
+            comm,
+            stage,
+            gas: cfg.gradient_accumulation_steps.max(1) as usize,
+            micro: 0,
+            micro_batch: cfg.train_micro_batch_size_per_gpu.max(1) as usize,
+            clip: cfg.gradient_clipping,
+            reduce_op: if cfg.gradient_allreduce_op == "mean" {
+                ReduceOp::Avg
+            } else {
+                ReduceOp::Sum
+            },
+            shapes,
+            numel,
+            lo,
+            hi,
+            chunk,
+            optim,
+            shard16,
+            acc: None,
+            scaler: prec.loss_scaler()?,
+            sched,
+            global_steps: 0,
+            skipped: 0,
+        })
+    }
+
+    /// The model (on the device, in the model dtype; at stage 3 its blocks are released
+    /// between steps).
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// The model dtype (F32, BF16 or F16).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Optimizer steps taken (skipped ones included, as DeepSpeed counts `global_steps`).
+    pub fn global_steps(&self) -> u64 {
+        self.global_steps
+    }
+
+    /// Steps skipped for inf/nan gradients.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The current loss scale (1 without fp16).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.scale()
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn gradient_accumulation_steps(&self) -> usize {
+        self.gas
+    }
+
+    /// Bytes this rank holds, by kind.
+    pub fn memory(&self) -> DeviceMemory {
+        let part = self.hi - self.lo;
+        let resident: usize = self.model.params().iter().map(|p| p.var.elem_count()).sum();
+        let (master_bytes, optimizer_bytes, offloaded) = match &self.optim {
+            Optim::Device { adam, .. } => (4 * part, adam.state_bytes(), false),
+            Optim::Host { opt, .. } => (4 * part, opt.state_bytes(), true),
+        };
+        DeviceMemory {
+            model_bytes: (resident + self.shard16.as_ref().map_or(0, |s| s.elem_count()))
+                * self.dtype.size_in_bytes(),
+            master_bytes,
+            optimizer_bytes,
+            grad_bytes: self.acc.as_ref().map_or(0, |a| 4 * a.elem_count()),
+            offloaded,
+        }
+    }
+
+    /// The f32 master weights of every rank, gathered (flat, [`Gpt::params`] order).
+    pub fn gather_master(&self) -> Result<Vec<f32>, EngineError> {
+        let part = match &self.optim {
+            Optim::Device { master, .. } => master.clone(),
+            Optim::Host { master, .. } => Tensor::from_slice(master, master.len(), &self.dev)?,
+        };
+        if self.stage == 0 {
+            return Ok(part.to_device(&Device::Cpu)?.to_vec1::<f32>()?);
+        }
+        let full = self.gather_padded(&part)?;
+        Ok(full.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
+    }
+
+    /// All-gathers every rank's partition (padded to `chunk`) and trims to `numel`.
+    fn gather_padded(&self, part: &Tensor) -> Result<Tensor, EngineError> {
+        let len = part.elem_count();
+        let padded = if len < self.chunk {
+            let pad = Tensor::zeros(self.chunk - len, part.dtype(), part.device())?;
+            Tensor::cat(&[part, &pad], 0)?
+        } else {
+            part.clone()
+        };
+        let all = self.comm.all_gather(&padded)?;
+        Ok(all.narrow(0, 0, self.numel)?)
+    }
+
+    /// Splits a flat tensor into the parameters' shapes.
+    fn split(&self, flat: &Tensor) -> Result<Vec<Tensor>, EngineError> {
+        let mut off = 0;
+        let mut out = Vec::with_capacity(self.shapes.len());
+        for sh in &self.shapes {
+            let k: usize = sh.iter().product();
+            out.push(flat.narrow(0, off, k)?.reshape(sh.as_slice())?);
+            off += k;
+        }
+        Ok(out)
+    }
+
+    /// One micro-batch: forward, backward (of `loss * loss_scale / gas`) and the gradient
+    /// reduction the stage does per micro-batch. `ids`/`targets` hold `B` sequences of the
+    /// model's length, row-major (as the data loaders give them). Returns the (unscaled) loss.
+    pub fn forward_backward(&mut self, ids: &[u32], targets: &[u32]) -> Result<f32, EngineError> {
+        let t = self.model.shape().seq;
+        if ids.is_empty() || ids.len() % t != 0 || targets.len() != ids.len() {
+            return Err(EngineError::Data(format!(
+                "a micro-batch is B sequences of {t} token ids and as many targets; got {} ids and {} targets",
+                ids.len(),
+                targets.len()
+            )));
+        }
+        let b = ids.len() / t;
+        if let Some(s) = &self.shard16 {
+            // ZeRO-3: gather the 16-bit weights for this micro-step.
+            let full = self.gather_padded(s)?;
+            let t = self.split(&full)?;
+            self.model.install_all(&t)?;
+        }
+        let ids = Tensor::from_slice(ids, (b, t), &self.dev)?;
+        let targets = Tensor::from_slice(targets, (b, t), &self.dev)?;
+        let loss = self.model.loss(&ids, &targets)?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let k = self.scaler.scale() / self.gas as f64;
+        let grads = loss.affine(k, 0.0)?.backward()?;
+        let mut flat = Vec::with_capacity(self.shapes.len());
+        for (p, sh) in self.model.params().iter().zip(&self.shapes) {
+            let g = match grads.get(&p.var) {
+                Some(g) => g.flatten_all()?,
+                None => Tensor::zeros(sh.iter().product::<usize>(), self.dtype, &self.dev)?,
+            };
+            flat.push(g.to_dtype(self.dtype)?);
+        }
+        drop(grads);
+        let flat = Tensor::cat(&flat, 0)?;
+        if self.shard16.is_some() {
+            self.model.release_blocks_on_device()?;
+        }
+        // Stages 2-3 reduce each micro-batch's gradients onto the owners (model dtype);
+        // stages 0-1 accumulate locally and reduce at the boundary.
+        let part = if self.stage >= 2 {
+            self.comm
+                .reduce_scatter(&flat, self.reduce_op)?
+                .to_dtype(DType::F32)?
+        } else {
+            flat.to_dtype(DType::F32)?
+        };
+        self.acc = Some(match self.acc.take() {
+            Some(a) => (a + part)?,
+            None => part,
+        });
+        self.micro += 1;
+        Ok(value)
+    }
+
+    /// Whether the next [`DeviceEngine::step`] is due (`gas` micro-batches accumulated).
+    pub fn is_gradient_accumulation_boundary(&self) -> bool {
+        self.micro >= self.gas
+    }
+
+    /// The optimizer step at the accumulation boundary: reduction (stages 0-1), overflow check,
+    /// unscaling and clipping, the update of this rank's partition, and the weights' all-gather.
+    pub fn step(&mut self) -> Result<DeviceStepReport, EngineError> {
+        let Some(acc) = self.acc.take() else {
+            return Err(EngineError::Config(
+                "step() before any forward_backward(): no gradients to apply".into(),
+            ));
+        };
+        self.micro = 0;
+        let lr = self.sched.current_lr();
+        let loss_scale = self.scaler.scale();
+        // Stages 0-1: one reduction of the accumulated gradients, in the model dtype.
+        let g = if self.stage <= 1 {
+            let full = self
+                .comm
+                .all_reduce(&acc.to_dtype(self.dtype)?, self.reduce_op)?
+                .to_dtype(DType::F32)?;
+            full.narrow(0, self.lo, self.hi - self.lo)?
+        } else {
+            acc
+        };
+        // Overflow anywhere skips the step everywhere.
+        let local = if has_inf_or_nan(&g)? { 1f32 } else { 0f32 };
+        let flag = self
+            .comm
+            .all_reduce(&Tensor::new(&[local], &self.dev)?, ReduceOp::Max)?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?[0];
+        let decision = self
+            .scaler
+            .update(flag > 0.0)
+            .map_err(ds_zero::ZeroError::from)?;
+        self.global_steps += 1;
+        if decision.is_skip() {
+            self.skipped += 1;
+            return Ok(DeviceStepReport {
+                skipped: true,
+                grad_norm: f64::NAN,
+                loss_scale,
+                lr,
+            });
+        }
+        // Global norm: at stage 0 `g` is every gradient; at stages 1-3 it is this rank's
+        // partition, and the partitions' squares are summed over the ranks.
+        let sq = g.sqr()?.sum_all()?.reshape(1)?;
+        let sq = if self.stage >= 1 {
+            self.comm.all_reduce(&sq, ReduceOp::Sum)?
+        } else {
+            sq
+        };
+        let sq = sq.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64;
+        let norm = sq.sqrt() / loss_scale;
+        let clip_coef = if self.clip > 0.0 {
+            (self.clip / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let gs = clip_coef / loss_scale;
+        let new_part16 = match &mut self.optim {
+            Optim::Device { master, adam } => {
+                *master = adam.step(master, &g, lr, gs)?;
+                master.to_dtype(self.dtype)?
+            }
+            Optim::Host { master, opt } => {
+                let host_g = g.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+                opt.step_scaled(master, &host_g, lr, gs as f32)?;
+                Tensor::from_slice(master, master.len(), &self.dev)?.to_dtype(self.dtype)?
+            }
+        };
+        if self.stage == 3 {
+            self.shard16 = Some(new_part16);
+        } else {
+            let full = if self.stage == 0 {
+                new_part16
+            } else {
+                self.gather_padded(&new_part16)?
+            };
+            let t = self.split(&full)?;
+            self.model.install_all(&t)?;
+        }
+        self.sched.step();
+        Ok(DeviceStepReport {
+            skipped: false,
+            grad_norm: norm,
+            loss_scale,
+            lr,
+        })
+    }
+
+    /// `gas` micro-batches from `batch(m)` (ids, targets), then the step; returns the mean loss
+    /// and the step's report.
+    pub fn train_batch(
+        &mut self,
+        mut batch: impl FnMut(usize) -> (Vec<u32>, Vec<u32>),
+    ) -> Result<(f32, DeviceStepReport), EngineError> {
+        let mut sum = 0.0;
+        for m in 0..self.gas {
+            let (x, y) = batch(m);
+            sum += self.forward_backward(&x, &y)?;
+        }
+        let rep = self.step()?;
+        Ok((sum / self.gas as f32, rep))
+    }
+
+    /// Sequences per micro-batch on this rank (`train_micro_batch_size_per_gpu`).
+    pub fn micro_batch_size(&self) -> usize {
+        self.micro_batch
+    }
+}

@@ -1,0 +1,312 @@
+//! The device engine (model, gradients and optimizer on a candle device) on the CPU device:
+//! at every ZeRO stage it trains as the host engine does (itself checked against single-rank
+//! training), offload equals the on-device optimizer, bf16 follows fp32, fp16 overflows skip
+//! steps on every rank, and what it cannot run is refused by name.
+
+use candle_core::{DType, Device};
+use ds_comm::{Communicator, LocalComm};
+use ds_config::{DeepSpeedConfig, ResolvedConfig};
+use ds_engine::data::{BigramLanguage, DataLoader};
+use ds_engine::device::DeviceEngine;
+use ds_engine::engine::Engine;
+use ds_engine::model::{Gpt, ModelShape};
+use serde_json::{json, Value};
+
+const SHAPE: ModelShape = ModelShape {
+    layers: 2,
+    hidden: 32,
+    heads: 2,
+    seq: 16,
+    vocab: 64,
+};
+
+fn cfg(ws: usize, extra: Value) -> ResolvedConfig {
+    let mut v = json!({
+        "train_batch_size": 4 * ws,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1}},
+        "zero_optimization": {"stage": 0},
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    DeepSpeedConfig::from_value(v).resolve(ws).unwrap()
+}
+
+/// Per rank: final flat f32 master weights and the losses, from the device engine.
+fn run_device(cfg: &ResolvedConfig, ws: usize, steps: u64) -> Vec<(Vec<f32>, Vec<f32>, u64)> {
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    std::thread::scope(|s| {
+        LocalComm::create(ws)
+            .into_iter()
+            .map(|comm| {
+                let dl = &dl;
+                s.spawn(move || {
+                    let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                    let mut e = DeviceEngine::initialize(cfg, model, &Device::Cpu, &comm).unwrap();
+                    let micro = e.micro_batch_size();
+                    let mut losses = vec![];
+                    for step in 0..steps {
+                        let (l, _) = e
+                            .train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                            .unwrap();
+                        losses.push(l);
+                    }
+                    (e.gather_master().unwrap(), losses, e.skipped_steps())
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// The host engine on the same data.
+fn run_host(cfg: &ResolvedConfig, ws: usize, steps: u64) -> Vec<(Vec<f32>, Vec<f64>)> {
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    std::thread::scope(|s| {
+        LocalComm::create(ws)
+            .into_iter()
+            .map(|comm| {
+                let dl = &dl;
+                s.spawn(move || {
+                    let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                    let mut e = Engine::initialize(cfg, model, &comm).unwrap();
+                    let micro = e.micro_batch_size();
+                    let mut losses = vec![];
+                    for step in 0..steps {
+                        let r = e
+                            .train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                            .unwrap();
+                        losses.push(r.loss);
+                    }
+                    (e.gather_full_params().unwrap(), losses)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn device_engine_trains_as_the_host_engine_at_every_stage() {
+    let ws = 2;
+    for stage in 0..=3u8 {
+        let c = cfg(ws, json!({"zero_optimization": {"stage": stage}}));
+        let dev = run_device(&c, ws, 4);
+        let host = run_host(&c, ws, 4);
+        for r in 0..ws {
+            // Same weights on every rank, equal to the host engine's to float rounding (the
+            // host runs fused kernels, the device engine candle's generic ops).
+            assert_eq!(dev[r].0, dev[0].0, "stage {stage}: ranks disagree");
+            let d = max_diff(&dev[r].0, &host[r].0);
+            assert!(d < 2e-5, "stage {stage} rank {r}: weights differ by {d}");
+            for (a, b) in dev[r].1.iter().zip(&host[r].1) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4 * b.abs(),
+                    "stage {stage}: loss {a} vs host {b}"
+                );
+            }
+        }
+        // Training moved the weights (the comparison is not of two unchanged models).
+        let init: Vec<f32> = Gpt::new(SHAPE, 7, &Device::Cpu)
+            .unwrap()
+            .params()
+            .iter()
+            .flat_map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        assert!(max_diff(&dev[0].0, &init) > 1e-3);
+    }
+}
+
+/// To float rounding: the host optimizer is the fused kernel, the device one candle ops.
+#[test]
+fn offload_equals_the_device_optimizer() {
+    let ws = 2;
+    for stage in [1u8, 3] {
+        let on = cfg(ws, json!({"zero_optimization": {"stage": stage}}));
+        let off = cfg(
+            ws,
+            json!({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}}}),
+        );
+        let a = run_device(&on, ws, 3);
+        let b = run_device(&off, ws, 3);
+        let d = max_diff(&a[0].0, &b[0].0);
+        assert!(d < 1e-5, "stage {stage}: offload differs by {d}");
+    }
+}
+
+#[test]
+fn bf16_follows_fp32_and_holds_16_bit_weights() {
+    let ws = 2;
+    let steps = 12;
+    let f32run = run_device(
+        &cfg(ws, json!({"zero_optimization": {"stage": 2}})),
+        ws,
+        steps,
+    );
+    let c = cfg(
+        ws,
+        json!({"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}}),
+    );
+    let bf = run_device(&c, ws, steps);
+    let (l32, l16) = (&f32run[0].1, &bf[0].1);
+    assert!(
+        l16[steps as usize - 1] < l16[0] - 0.05,
+        "bf16 loss did not go down: {l16:?}"
+    );
+    for (a, b) in l16.iter().zip(l32) {
+        assert!((a - b).abs() < 0.03 * b, "bf16 loss {a} vs fp32 {b}");
+    }
+    // The model on the device is bf16; the masters are f32 and moved.
+    let comm = LocalComm::create(1).remove(0);
+    let c1 = cfg(
+        1,
+        json!({"zero_optimization": {"stage": 3}, "bf16": {"enabled": true}}),
+    );
+    let e = DeviceEngine::initialize(
+        &c1,
+        Gpt::new(SHAPE, 7, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+        &comm,
+    )
+    .unwrap();
+    assert_eq!(e.dtype(), DType::BF16);
+    assert!(e
+        .model()
+        .params()
+        .iter()
+        .all(|p| p.var.dtype() == DType::BF16));
+    // Stage 3: between steps only the persistent parameters (embeddings, final LayerNorm) and
+    // this rank's 16-bit partition are resident.
+    let total: usize = e
+        .model()
+        .param_shapes()
+        .iter()
+        .map(|s| s.iter().product::<usize>())
+        .sum();
+    let persistent = SHAPE.vocab * SHAPE.hidden + SHAPE.seq * SHAPE.hidden + 2 * SHAPE.hidden;
+    let m = e.memory();
+    assert_eq!(m.model_bytes, 2 * (persistent + total));
+    assert_eq!(m.master_bytes, 4 * total);
+    assert_eq!(m.optimizer_bytes, 8 * total);
+}
+
+#[test]
+fn stage3_releases_blocks_and_partitions_state() {
+    let ws = 2;
+    let c = cfg(ws, json!({"zero_optimization": {"stage": 3}}));
+    std::thread::scope(|s| {
+        for comm in LocalComm::create(ws) {
+            let c = &c;
+            s.spawn(move || {
+                let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                let total: usize = model
+                    .param_shapes()
+                    .iter()
+                    .map(|s| s.iter().product::<usize>())
+                    .sum();
+                let mut e = DeviceEngine::initialize(c, model, &Device::Cpu, &comm).unwrap();
+                let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+                let micro = e.micro_batch_size();
+                e.train_batch(|m| dl.micro_batch(0, m, comm.rank(), ws, micro))
+                    .unwrap();
+                assert!(e.model().blocks().iter().all(|b| !b.is_gathered()));
+                let m = e.memory();
+                let part = ds_comm::partition_range(total, ws, comm.rank());
+                assert_eq!(m.master_bytes, 4 * (part.1 - part.0));
+                assert_eq!(m.optimizer_bytes, 8 * (part.1 - part.0));
+                assert_eq!(
+                    m.grad_bytes, 0,
+                    "the gradient partition is consumed by the step"
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn fp16_overflow_skips_the_step_on_every_rank() {
+    let ws = 2;
+    // A loss scale of 2^40 overflows fp16 gradients: steps are skipped and the scale falls
+    // until the gradients fit; then training proceeds.
+    let c = cfg(
+        ws,
+        json!({"zero_optimization": {"stage": 2},
+               "fp16": {"enabled": true, "initial_scale_power": 40, "hysteresis": 1}}),
+    );
+    let out = run_device(&c, ws, 30);
+    for (_, losses, skipped) in &out {
+        assert!(
+            *skipped >= 20,
+            "expected >= 20 skipped steps from 2^40 (max fp16 65504), got {skipped}"
+        );
+        assert!(*skipped < 30, "never recovered");
+        assert!(losses.iter().all(|l| l.is_finite()));
+    }
+    assert_eq!(out[0].2, out[1].2, "ranks skipped different steps");
+    assert_eq!(out[0].0, out[1].0);
+}
+
+#[test]
+fn unsupported_settings_are_refused_by_name() {
+    let comm = LocalComm::create(1).remove(0);
+    for (extra, key) in [
+        (
+            json!({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}}),
+            "optimizer.type",
+        ),
+        (
+            json!({"optimizer": {"type": "SGD", "params": {"lr": 1e-3}}}),
+            "optimizer.type",
+        ),
+        (
+            json!({"activation_checkpointing": {"cpu_checkpointing": true}}),
+            "activation_checkpointing",
+        ),
+        (json!({"prescale_gradients": true}), "prescale_gradients"),
+        (
+            json!({"communication_data_type": "fp16"}),
+            "communication_data_type",
+        ),
+    ] {
+        let c = cfg(1, extra);
+        let err = DeviceEngine::initialize(
+            &c,
+            Gpt::new(SHAPE, 7, &Device::Cpu).unwrap(),
+            &Device::Cpu,
+            &comm,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    // SGD runs with offload (the host optimizer).
+    let c = cfg(
+        1,
+        json!({"optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+               "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}),
+    );
+    assert!(DeviceEngine::initialize(
+        &c,
+        Gpt::new(SHAPE, 7, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+        &comm
+    )
+    .is_ok());
+    let _ = comm.world_size();
+}
