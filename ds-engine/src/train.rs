@@ -835,9 +835,15 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                 "--backend mpi: this `ds` was built without MPI; build it with `cargo build --release -p ds-engine --features mpi` and launch it under `mpirun -np N`".into(),
             ))
         }
+        "nccl" if cfg!(feature = "cuda") => {}
+        "nccl" => {
+            return Err(EngineError::Config(
+                "--backend nccl: this `ds` was built without CUDA support; build one with `bash scripts/cuda-build.sh` (CUDA 13 wheels from PyPI, no GPU needed to build) and run it on a GPU machine, one process per GPU with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set (or none of them for one GPU)".into(),
+            ))
+        }
         other => {
             return Err(EngineError::Config(format!(
-                "--backend {other}: `ds train` runs `local` (ranks as threads) and `mpi` (processes under mpirun); NCCL training is not wired in yet"
+                "--backend {other}: allowed: `local` (ranks as threads), `mpi` (processes under mpirun), `nccl` (GPUs; a CUDA build)"
             )))
         }
     }
@@ -846,6 +852,17 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             "--dropout: the MLP has no dropout; use --model gpt or drop the flag".into(),
         ));
     }
+    #[cfg(feature = "cuda")]
+    let nccl_env = if args.backend == "nccl" {
+        Some(crate::device::gpu_env()?)
+    } else {
+        None
+    };
+    #[cfg(feature = "cuda")]
+    let args = &TrainArgs {
+        world_size: nccl_env.as_ref().map_or(args.world_size, |e| e.world_size),
+        ..args.clone()
+    };
     let mut cfg = resolve_config(args)?;
     if args.flops_profile {
         cfg.flops_profiler.enabled = true;
@@ -938,6 +955,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     #[cfg(feature = "mpi")]
     if let Some(comm) = &mpi {
         return train_mpi(comm, &cfg, &source, args, log_every, entropy, task);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(env) = &nccl_env {
+        return train_nccl(env, &cfg, &source, args, log_every, entropy, task);
     }
     let comms = LocalComm::create(ws);
     // A second group of the same ranks for the engine's communication thread (overlap_comm
@@ -1096,6 +1117,99 @@ fn train_mpi(
     let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, (entropy, task))?;
     rep.rank = comm.rank();
     plot(args, rep)
+}
+
+/// `ds train --backend nccl` (a CUDA build): this process's GPU, an NCCL communicator on
+/// candle's stream, and the [`crate::device::DeviceEngine`].
+#[cfg(feature = "cuda")]
+fn train_nccl(
+    env: &crate::device::GpuEnv,
+    cfg: &ResolvedConfig,
+    source: &Source,
+    args: &TrainArgs,
+    log_every: u64,
+    entropy: Option<f64>,
+    task: &str,
+) -> Result<TrainReport, EngineError> {
+    let (dev, comm) = crate::device::open_gpu(env)?;
+    let r = run_rank_device(&comm, &dev, cfg, source, args, log_every)?;
+    let n = r.losses.len();
+    let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
+    let losses = comm
+        .all_reduce(&t, ds_comm::ReduceOp::Avg)?
+        .to_vec1::<f64>()?;
+    let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, (entropy, task))?;
+    rep.rank = comm.rank();
+    plot(args, rep)
+}
+
+/// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
+/// no activation checkpointing, checkpoints or held-out evaluation on this path yet).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn run_rank_device(
+    comm: &dyn Communicator,
+    dev: &Device,
+    cfg: &ResolvedConfig,
+    source: &Source,
+    args: &TrainArgs,
+    log_every: u64,
+) -> Result<RankResult, EngineError> {
+    let refuse = |flag: &str| {
+        Err(EngineError::Config(format!(
+            "{flag}: not supported with --backend nccl (the device engine) yet; drop the flag"
+        )))
+    };
+    if args.model != ModelKind::Gpt {
+        return refuse("--model mlp");
+    }
+    if args.ckpt {
+        return refuse("--ckpt");
+    }
+    if args.out.is_some() || args.resume || args.save_interval.is_some() {
+        return refuse("--out/--resume/--save-interval");
+    }
+    if args.flops_profile {
+        return refuse("--flops-profile");
+    }
+    let (ws, rank) = (comm.world_size(), comm.rank());
+    let mut model = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
+    if args.dropout > 0.0 {
+        model.set_dropout(args.dropout, args.seed ^ rank as u64);
+    }
+    let mut e = crate::device::DeviceEngine::initialize(cfg, model, dev, comm)?;
+    let micro = e.micro_batch_size();
+    let (mut losses, mut step_ms) = (vec![], vec![]);
+    for step in 0..args.steps {
+        let t0 = Instant::now();
+        let (loss, rep) = e.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
+        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        losses.push(loss as f64);
+        if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
+            eprintln!(
+                "step {:>6} loss {:.4} lr {:.3e} loss_scale {} {:.1} ms{}",
+                step + 1,
+                loss,
+                rep.lr,
+                rep.loss_scale,
+                step_ms[step_ms.len() - 1],
+                if rep.skipped { " OVERFLOW! step skipped" } else { "" }
+            );
+        }
+    }
+    let m = e.memory();
+    Ok(RankResult {
+        start: 0,
+        eval: EvalResult::default(),
+        tensorboard: None,
+        losses,
+        step_ms,
+        overhead: vec![],
+        step_ms_during_save: vec![],
+        save_ms: vec![],
+        skipped: e.skipped_steps(),
+        state_bytes: m.model_bytes + m.master_bytes + m.optimizer_bytes + m.grad_bytes,
+        comm_table: None,
+    })
 }
 
 /// `ds profile`: the flops profile of one forward pass of the GPT at batch `batch` (after one
