@@ -156,19 +156,18 @@ fn precision(cfg: &ResolvedConfig) -> Result<ZeroPrecision, EngineError> {
 }
 
 /// Settings the device engine does not run, refused with the reason.
-fn check_device_config(cfg: &ResolvedConfig, offload: bool) -> Result<(), EngineError> {
+fn check_device_config(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     if cfg.prescale_gradients || cfg.gradient_predivide_factor != 1.0 {
         return Err(refuse(
             "prescale_gradients / gradient_predivide_factor",
             "the device engine divides once, after the reduction; allowed: prescale_gradients false and gradient_predivide_factor 1.0",
         ));
     }
-    if cfg.zero_optimization.offload_param.is_some()
-        && cfg
-            .zero_optimization
-            .offload_param
-            .as_ref()
-            .is_some_and(|o| o.device == "cpu")
+    if cfg
+        .zero_optimization
+        .offload_param
+        .as_ref()
+        .is_some_and(|o| o.device == "cpu")
     {
         return Err(refuse(
             "zero_optimization.offload_param",
@@ -198,7 +197,6 @@ fn check_device_config(cfg: &ResolvedConfig, offload: bool) -> Result<(), Engine
             ));
         }
     }
-    let _ = offload;
     Ok(())
 }
 
@@ -220,7 +218,7 @@ impl<'c> DeviceEngine<'c> {
         }
         let z = &cfg.zero_optimization;
         let offload = z.offload_optimizer_to_cpu();
-        check_device_config(cfg, offload)?;
+        check_device_config(cfg)?;
         let prec = precision(cfg)?;
         let dtype = prec.model_dtype();
         let spec = optimizer_spec(cfg)?;
@@ -417,7 +415,7 @@ impl<'c> DeviceEngine<'c> {
     /// model's length, row-major (as the data loaders give them). Returns the (unscaled) loss.
     pub fn forward_backward(&mut self, ids: &[u32], targets: &[u32]) -> Result<f32, EngineError> {
         let t = self.model.shape().seq;
-        if ids.is_empty() || ids.len() % t != 0 || targets.len() != ids.len() {
+        if ids.is_empty() || !ids.len().is_multiple_of(t) || targets.len() != ids.len() {
             return Err(EngineError::Data(format!(
                 "a micro-batch is B sequences of {t} token ids and as many targets; got {} ids and {} targets",
                 ids.len(),

@@ -1192,7 +1192,11 @@ fn run_rank_device(
                 rep.lr,
                 rep.loss_scale,
                 step_ms[step_ms.len() - 1],
-                if rep.skipped { " OVERFLOW! step skipped" } else { "" }
+                if rep.skipped {
+                    " OVERFLOW! step skipped"
+                } else {
+                    ""
+                }
             );
         }
     }

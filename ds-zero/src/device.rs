@@ -128,7 +128,7 @@ pub fn has_inf_or_nan(t: &Tensor) -> Result<bool, ZeroError> {
     }
     // x - x is 0 for finite x and NaN for inf/NaN; the sum is NaN exactly when one is not finite.
     let t = t.to_dtype(DType::F32)?;
-    let s = (&t - &t)?.sum_all()?.to_scalar::<f32>()?;
+    let s = t.sub(&t)?.sum_all()?.to_scalar::<f32>()?;
     Ok(!s.is_finite())
 }
 
