@@ -80,6 +80,11 @@ impl Saved {
     pub fn bytes(&self) -> usize {
         self.input.elem_count() * self.input.dtype().size_in_bytes()
     }
+
+    /// Whether the saved input is in host memory (the CPU device).
+    pub fn on_host(&self) -> bool {
+        self.input.device().is_cpu()
+    }
 }
 
 /// Gradients from a recomputed segment.
@@ -102,9 +107,26 @@ where
     Ok((y, Saved { input: x }))
 }
 
+/// [`checkpoint_forward`] keeping the saved input in host memory (DeepSpeed's
+/// `cpu_checkpointing`): for a segment on a GPU the input is copied to the CPU, and
+/// [`recompute_backward`] copies it back to the device of the upstream gradient. On the CPU
+/// device this is [`checkpoint_forward`].
+pub fn checkpoint_forward_to_host<F>(
+    segment: &F,
+    input: &Tensor,
+) -> Result<(Tensor, Saved), CkptError>
+where
+    F: Fn(&Tensor, Mode) -> candle_core::Result<Tensor>,
+{
+    let (y, saved) = checkpoint_forward(segment, input)?;
+    let input = saved.input.to_device(&candle_core::Device::Cpu)?;
+    Ok((y, Saved { input }))
+}
+
 /// Recomputes the segment from its saved input with the graph on and backpropagates
 /// `upstream` (= dL/d output) through it. Every gradient is detached before returning, so no
-/// graph outlives this call.
+/// graph outlives this call. A saved input in host memory ([`checkpoint_forward_to_host`]) is
+/// moved to `upstream`'s device first.
 pub fn recompute_backward<F>(
     segment: &F,
     saved: &Saved,
@@ -114,7 +136,7 @@ pub fn recompute_backward<F>(
 where
     F: Fn(&Tensor, Mode) -> candle_core::Result<Tensor>,
 {
-    let x = Var::from_tensor(&saved.input)?;
+    let x = Var::from_tensor(&saved.input.to_device(upstream.device())?)?;
     let y = segment(x.as_tensor(), Mode::Tracked)?;
     if y.dims() != upstream.dims() {
         return Err(CkptError::Shape {
@@ -125,7 +147,7 @@ where
     let grads = (y * upstream.detach())?.sum_all()?.backward()?;
     let input = match grads.get(x.as_tensor()) {
         Some(g) => g.detach(),
-        None => saved.input.zeros_like()?,
+        None => x.as_tensor().zeros_like()?,
     };
     let params = params
         .iter()

@@ -24,6 +24,11 @@
 //! DeepSpeed's loss scalers (the same `ds-precision` rules as the host engine), and a step whose
 //! gradients overflow on any rank is skipped on every rank.
 //!
+//! Activation checkpointing (`activation_checkpointing.number_checkpoints`, or
+//! [`DeviceEngine::set_checkpoint_policy`]): checkpointed blocks keep only their input and are
+//! recomputed in the backward pass; with `cpu_checkpointing` those inputs are kept in host
+//! memory and copied back for the recompute.
+//!
 //! Optimizer offload (`zero_optimization.offload_optimizer.device = "cpu"`, stages 1-3): the
 //! reduced gradient partition is copied to host memory, the fused host optimizer
 //! ([`FlatOptimizer`]: Adam/AdamW, SGD, Lion) updates host master weights, and the new partition
@@ -34,6 +39,7 @@ use crate::lr::{LrSchedule, LrScheduler};
 use crate::model::Gpt;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
+use ds_ckpt_act::Policy;
 use ds_comm::{partition_range, Communicator, ReduceOp};
 use ds_config::ResolvedConfig;
 use ds_precision::{LossScaler, LossScalerOptions};
@@ -102,6 +108,7 @@ pub struct DeviceEngine<'c> {
     shard16: Option<Tensor>,
     acc: Option<Tensor>,
     scaler: Box<dyn LossScaler + Send>,
+    policy: Policy,
     sched: LrScheduler,
     global_steps: u64,
     skipped: u64,
@@ -174,12 +181,11 @@ fn check_device_config(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "parameter offload is not run by the device engine (the weights stay on the GPU); allowed: device \"none\"",
         ));
     }
-    if cfg.activation_checkpointing.number_checkpoints.is_some()
-        || cfg.activation_checkpointing.cpu_checkpointing
-    {
+    let ac = &cfg.activation_checkpointing;
+    if ac.partition_activations || ac.contiguous_memory_optimization {
         return Err(refuse(
-            "activation_checkpointing",
-            "the device engine runs candle autograd over the whole forward pass and does not checkpoint activations; remove the section (the host engine checkpoints)",
+            "activation_checkpointing.partition_activations",
+            "partitioning activations splits them across model-parallel ranks, and this runtime has no model parallelism; set partition_activations and contiguous_memory_optimization false",
         ));
     }
     let model_dtype = if cfg.fp16.enabled {
@@ -276,6 +282,7 @@ impl<'c> DeviceEngine<'c> {
             .map(|p| p.var.as_tensor().to_device(dev)?.to_dtype(dtype))
             .collect::<candle_core::Result<Vec<_>>>()?;
         model.set_explicit_kernels(false);
+        model.set_cpu_checkpointing(cfg.activation_checkpointing.cpu_checkpointing);
         model.install_all(&tensors)?;
         let shard16 = if stage == 3 {
             let s = Tensor::from_slice(&flat[lo..hi], hi - lo, dev)?.to_dtype(dtype)?;
@@ -312,6 +319,10 @@ impl<'c> DeviceEngine<'c> {
             shard16,
             acc: None,
             scaler: prec.loss_scaler()?,
+            policy: match cfg.activation_checkpointing.number_checkpoints {
+                Some(k) => Policy::Count(usize::try_from(k).unwrap_or(usize::MAX)),
+                None => Policy::None,
+            },
             sched,
             global_steps: 0,
             skipped: 0,
@@ -347,6 +358,12 @@ impl<'c> DeviceEngine<'c> {
     /// The current loss scale (1 without fp16).
     pub fn loss_scale(&self) -> f64 {
         self.scaler.scale()
+    }
+
+    /// Which blocks are checkpointed (`activation_checkpointing.number_checkpoints`; the host
+    /// engine's [`crate::engine::Engine::set_checkpoint_policy`] counterpart).
+    pub fn set_checkpoint_policy(&mut self, policy: Policy) {
+        self.policy = policy;
     }
 
     /// Micro-batches per optimizer step.
@@ -431,19 +448,19 @@ impl<'c> DeviceEngine<'c> {
         }
         let ids = Tensor::from_slice(ids, (b, t), &self.dev)?;
         let targets = Tensor::from_slice(targets, (b, t), &self.dev)?;
-        let loss = self.model.loss(&ids, &targets)?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let k = self.scaler.scale() / self.gas as f64;
-        let grads = loss.affine(k, 0.0)?.backward()?;
+        let fb = self
+            .model
+            .forward_backward_scaled(&ids, &targets, self.policy, k)?;
+        let value = fb.loss;
         let mut flat = Vec::with_capacity(self.shapes.len());
-        for (p, sh) in self.model.params().iter().zip(&self.shapes) {
-            let g = match grads.get(&p.var) {
+        for (g, sh) in fb.grads.into_iter().zip(&self.shapes) {
+            let g = match g {
                 Some(g) => g.flatten_all()?,
                 None => Tensor::zeros(sh.iter().product::<usize>(), self.dtype, &self.dev)?,
             };
             flat.push(g.to_dtype(self.dtype)?);
         }
-        drop(grads);
         let flat = Tensor::cat(&flat, 0)?;
         if self.shard16.is_some() {
             self.model.release_blocks_on_device()?;

@@ -447,6 +447,7 @@ pub struct Gpt {
     step: std::sync::atomic::AtomicU64,
     threads: usize,
     fast: bool,
+    cpu_ckpt: bool,
 }
 
 impl Gpt {
@@ -532,6 +533,7 @@ impl Gpt {
             step: std::sync::atomic::AtomicU64::new(0),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fast: true,
+            cpu_ckpt: false,
         })
     }
 
@@ -764,6 +766,37 @@ impl Gpt {
         if self.fast && fast::supported(self) {
             return fast::forward_backward(self, ids, targets, policy, 1.0, hook, None);
         }
+        self.autograd_pass(ids, targets, policy, 1.0, hook)
+    }
+
+    /// Keep checkpointed blocks' inputs in host memory (`cpu_checkpointing`) on the
+    /// candle-autograd path; a no-op for a model on the CPU.
+    pub fn set_cpu_checkpointing(&mut self, on: bool) {
+        self.cpu_ckpt = on;
+    }
+
+    /// The candle-autograd pass on any device and dtype (what a device engine runs): the
+    /// loss, and the gradients of `loss * loss_scale` (fp16 loss scaling), with the blocks the
+    /// policy names checkpointed (their inputs in host memory with
+    /// [`Gpt::set_cpu_checkpointing`]).
+    pub fn forward_backward_scaled(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f64,
+    ) -> candle_core::Result<FwdBwd> {
+        self.autograd_pass(ids, targets, policy, loss_scale, &mut |_| Ok(()))
+    }
+
+    fn autograd_pass(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f64,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+    ) -> candle_core::Result<FwdBwd> {
         let t0 = std::time::Instant::now();
         let nparams = self.names.len();
         let mut out: Vec<Option<Tensor>> = vec![None; nparams];
@@ -779,7 +812,7 @@ impl Gpt {
             let loss = self.loss(ids, targets)?;
             let l = loss.to_scalar::<f32>()?;
             let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let grads = loss.backward()?;
+            let grads = scaled(&loss, loss_scale)?.backward()?;
             for (i, p) in self.params().iter().enumerate() {
                 if let Some(g) = grads.get(p.var.as_tensor()) {
                     add(i, g.detach())?;
@@ -811,7 +844,12 @@ impl Gpt {
             hook(BlockEvent::Gather(i))?;
             if policy.checkpointed(i, n) {
                 let ts = std::time::Instant::now();
-                let (y, saved) = checkpoint_forward(&seg, &x).map_err(to_candle)?;
+                let (y, saved) = if self.cpu_ckpt {
+                    ds_ckpt_act::checkpoint_forward_to_host(&seg, &x)
+                } else {
+                    checkpoint_forward(&seg, &x)
+                }
+                .map_err(to_candle)?;
                 seg_fwd[i] = ts.elapsed().as_secs_f64() * 1e3;
                 kept.push(Kept::Ckpt(saved));
                 x = y;
@@ -828,7 +866,7 @@ impl Gpt {
         let loss = self.head_loss(xl.as_tensor(), targets)?;
         let l = loss.to_scalar::<f32>()?;
         let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let grads = loss.backward()?;
+        let grads = scaled(&loss, loss_scale)?.backward()?;
         for (i, v) in [(ln_w, &self.ln_f.weight), (ln_b, &self.ln_f.bias)] {
             add(
                 i,
@@ -1002,6 +1040,15 @@ pub struct FwdBwd {
     /// Per checkpointed block: (index, forward ms, recompute + backward ms) — what
     /// `activation_checkpointing.profile` reports.
     pub segments: Vec<(usize, f64, f64)>,
+}
+
+/// `loss * s` (the loss itself when `s` is 1).
+fn scaled(loss: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    if s == 1.0 {
+        Ok(loss.clone())
+    } else {
+        loss.affine(s, 0.0)
+    }
 }
 
 fn to_candle(e: ds_ckpt_act::CkptError) -> candle_core::Error {

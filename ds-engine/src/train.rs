@@ -1144,7 +1144,7 @@ fn train_nccl(
 }
 
 /// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
-/// no activation checkpointing, checkpoints or held-out evaluation on this path yet).
+/// no checkpoints, flops profile or held-out evaluation on this path yet).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn run_rank_device(
     comm: &dyn Communicator,
@@ -1162,9 +1162,6 @@ fn run_rank_device(
     if args.model != ModelKind::Gpt {
         return refuse("--model mlp");
     }
-    if args.ckpt {
-        return refuse("--ckpt");
-    }
     if args.out.is_some() || args.resume || args.save_interval.is_some() {
         return refuse("--out/--resume/--save-interval");
     }
@@ -1177,6 +1174,9 @@ fn run_rank_device(
         model.set_dropout(args.dropout, args.seed ^ rank as u64);
     }
     let mut e = crate::device::DeviceEngine::initialize(cfg, model, dev, comm)?;
+    if args.ckpt {
+        e.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
+    }
     let micro = e.micro_batch_size();
     let (mut losses, mut step_ms) = (vec![], vec![]);
     for step in 0..args.steps {
