@@ -119,5 +119,6 @@ echo "== done in $(((END - START) / 60)) min $(((END - START) % 60)) s"
 echo "   binary:      $TGT/release/ds ($(du -h "$TGT/release/ds" | cut -f1))"
 echo "   conformance: $TGT/release/examples/nccl_conformance"
 echo "   CUDA folder: $CACHE ($(du -sh "$CACHE" | cut -f1))"
-echo "   needs at load time: $(readelf -d "$TGT/release/ds" | sed -nE 's/.*NEEDED.*\[(lib(cuda|cudart|cublas|cublasLt|curand|nccl|nvrtc)\.so[^]]*)\].*/\1/p' | tr '\n' ' ')"
+echo "   needs at load time: $(readelf -d "$TGT/release/ds" "$TGT/release/examples/nccl_conformance" |
+  sed -nE 's/.*NEEDED.*\[(lib(cuda|cudart|cublas|cublasLt|curand|nccl|nvrtc)\.so[^]]*)\].*/\1/p' | sort -u | tr '\n' ' ')"
 echo "   run here (no GPU; stub): LD_LIBRARY_PATH=$TK/lib64:$TK/lib64/stubs $TGT/release/ds --help"
