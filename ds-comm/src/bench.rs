@@ -85,17 +85,22 @@ pub enum BenchBackend {
     Local,
     /// `MpiComm` over `MPI_COMM_WORLD` (feature `mpi`; run under `mpirun`, `world_size` ignored).
     Mpi,
+    /// `NcclComm` on CUDA tensors in device memory (feature `cuda`; one process per GPU with
+    /// `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT`, or none of them for one GPU;
+    /// `world_size` ignored). The reference bandwidth is the GPU's device-to-device copy.
+    Nccl,
 }
 
 impl BenchBackend {
-    /// Parses `"local"` or `"mpi"`.
+    /// Parses `"local"`, `"mpi"` or `"nccl"`.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
             "local" => Ok(BenchBackend::Local),
             "mpi" => Ok(BenchBackend::Mpi),
+            "nccl" => Ok(BenchBackend::Nccl),
             other => Err(CommError::invalid(
                 "bench",
-                format!("unknown backend {other:?}; expected local or mpi"),
+                format!("unknown backend {other:?}; expected local, mpi or nccl"),
             )),
         }
     }
@@ -309,7 +314,83 @@ pub fn run_comm_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
                 msg: "ds-comm was built without the `mpi` feature".into(),
             })
         }
+        BenchBackend::Nccl => {
+            #[cfg(feature = "cuda")]
+            {
+                nccl_bench(opts)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(CommError::Backend {
+                backend: "nccl".into(),
+                msg: "this build has no CUDA support (the `cuda` feature); build one with `bash scripts/cuda-build.sh` and run it on a GPU machine".into(),
+            })
+        }
     }
+}
+
+/// `--backend nccl`: this process's GPU, an NCCL communicator on candle's stream, device
+/// buffers.
+#[cfg(feature = "cuda")]
+fn nccl_bench(opts: &CommBenchOptions) -> Result<CommBenchReport> {
+    use crate::{NcclComm, NcclCommOptions};
+    crate::nccl::probe_libraries()?;
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    let local = env("LOCAL_RANK").or(env("RANK")).unwrap_or(0);
+    let backend = |msg: String| CommError::Backend {
+        backend: "nccl".into(),
+        msg,
+    };
+    let dev = Device::new_cuda(local).map_err(|e| {
+        backend(format!(
+            "cannot open CUDA device {local}: {}",
+            first_line(&e)
+        ))
+    })?;
+    let Device::Cuda(cuda) = &dev else {
+        return Err(backend("candle did not return a CUDA device".into()));
+    };
+    let o = NcclCommOptions {
+        device: Some(local),
+        check_calls: opts.check_calls,
+        ..NcclCommOptions::default()
+    };
+    let comm = if std::env::var("RANK").is_err() && std::env::var("WORLD_SIZE").is_err() {
+        NcclComm::with_id_on_stream(0, 1, cuda.cuda_stream(), NcclComm::new_id()?, o)?
+    } else {
+        NcclComm::from_env_on_device(cuda, o)?
+    };
+    let memcpy_bytes = *opts.sizes.iter().max().unwrap_or(&(64 << 20));
+    let memcpy = measure_device_copy(&dev, memcpy_bytes)?;
+    let m = comm
+        .all_reduce(&Tensor::new(&[memcpy], &dev)?, ReduceOp::Min)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f64>()?[0];
+    run_comm_bench_on_device(&comm, opts, m, memcpy_bytes, &dev)
+}
+
+#[cfg(feature = "cuda")]
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// Device-to-device copy bandwidth of `dev` (bytes copied per second, best of 5, GB/s).
+#[cfg(feature = "cuda")]
+fn measure_device_copy(dev: &Device, bytes: usize) -> Result<f64> {
+    let x = Tensor::zeros(bytes / 4, DType::F32, dev)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let y = x.copy()?;
+        dev.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(y);
+    }
+    Ok(bytes as f64 / best / 1e9)
 }
 
 fn validate(opts: &CommBenchOptions) -> Result<()> {
@@ -333,6 +414,18 @@ pub fn run_comm_bench_on(
     memcpy_gbps: f64,
     memcpy_bytes: usize,
 ) -> Result<CommBenchReport> {
+    run_comm_bench_on_device(comm, opts, memcpy_gbps, memcpy_bytes, &Device::Cpu)
+}
+
+/// [`run_comm_bench_on`] with the buffers on `dev` (CUDA tensors for `NcclComm`'s in-place
+/// device collectives). The timing ends with a barrier, which waits for the device.
+pub fn run_comm_bench_on_device(
+    comm: &dyn Communicator,
+    opts: &CommBenchOptions,
+    memcpy_gbps: f64,
+    memcpy_bytes: usize,
+    dev: &Device,
+) -> Result<CommBenchReport> {
     validate(opts)?;
     let n = comm.world_size();
     let esize = opts.dtype.size_in_bytes();
@@ -349,7 +442,7 @@ pub fn run_comm_bench_on(
                     (per, per * n, per)
                 }
             };
-            let x = Tensor::ones(input_elems, opts.dtype, &Device::Cpu)?;
+            let x = Tensor::ones(input_elems, opts.dtype, dev)?;
             let out_elems = match op {
                 BenchOp::AllReduce | BenchOp::Reduce => 0,
                 BenchOp::ReduceScatter => {
@@ -358,7 +451,7 @@ pub fn run_comm_bench_on(
                 }
                 BenchOp::AllGather => total_elems,
             };
-            let out = Tensor::zeros(out_elems, opts.dtype, &Device::Cpu)?;
+            let out = Tensor::zeros(out_elems, opts.dtype, dev)?;
             let bytes = total_elems * esize;
             let iters = opts
                 .iters

@@ -647,9 +647,12 @@ pub fn open_gpu(env: &GpuEnv) -> Result<(Device, ds_comm::NcclComm), EngineError
     use ds_comm::{NcclComm, NcclCommOptions};
     ds_comm::nccl::probe_libraries()?;
     let dev = Device::new_cuda(env.local_rank).map_err(|e| {
+        // candle appends a backtrace to driver errors: keep the message.
+        let e = e.to_string();
         EngineError::Config(format!(
-            "--backend nccl: cannot open CUDA device {} (LOCAL_RANK): {e}",
-            env.local_rank
+            "--backend nccl: cannot open CUDA device {} (LOCAL_RANK): {}",
+            env.local_rank,
+            e.lines().next().unwrap_or("")
         ))
     })?;
     let Device::Cuda(cuda) = &dev else {

@@ -209,7 +209,8 @@ enum BenchCommand {
     /// Collective bandwidth (nccl-tests style), with this machine's memcpy bandwidth measured in
     /// the same run.
     Comm {
-        /// `local` (ranks as threads) or `mpi` (run under mpirun; needs the `mpi` feature).
+        /// `local` (ranks as threads), `mpi` (run under mpirun; needs the `mpi` feature) or `nccl`
+        /// (GPUs, device buffers; a CUDA build, one process per GPU).
         #[arg(long, default_value = "local")]
         backend: String,
         /// Ranks of the local backend.
