@@ -82,13 +82,14 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 # conformance suite of one binary ($1): world size 1, then one process per GPU
 conformance() {
   local bin=$1 port=$2
+  shift 2
   echo "== NCCL conformance suite ($(basename "$bin")), world size 1 (every op and dtype on device buffers)"
-  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$bin" || status=$?
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$bin" "$@" || status=$?
   if [ "${NGPU:-0}" -ge 2 ]; then
     echo "== NCCL conformance suite ($(basename "$bin")), world size $NGPU (one process per GPU)"
     local pids=() r
     for r in $(seq 0 $((NGPU - 1))); do
-      RANK=$r WORLD_SIZE=$NGPU LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$((port + 1)) "$bin" & pids+=($!)
+      RANK=$r WORLD_SIZE=$NGPU LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$((port + 1)) "$bin" "$@" & pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || status=$?; done
   else
@@ -96,7 +97,8 @@ conformance() {
   fi
 }
 conformance "$HERE/nccl_conformance" 29511
-[ -x "$HERE/nccl_conformance_cuda" ] && conformance "$HERE/nccl_conformance_cuda" 29521
+# the CUDA build: the same suite on CUDA candle tensors, reduced in place in device memory
+[ -x "$HERE/nccl_conformance_cuda" ] && conformance "$HERE/nccl_conformance_cuda" 29521 --device
 
 if [ -x "$HERE/ds" ]; then
   WS=$((NGPU >= 1 ? NGPU : 1))
@@ -126,8 +128,7 @@ if [ -x "$HERE/ds" ]; then
   esac
   echo "== ds --version: $("$HERE/ds" --version 2>&1)"
   echo "== all-reduce bus bandwidth (ds bench comm --backend nccl)"
-  # TODO(#11): `ds bench comm` knows only `local` and `mpi` (ds-comm BenchBackend) and the
-  # conformance suite prints no bandwidth; until an NCCL backend is added there this reports n/a.
+  # device buffers, one process per GPU; the JSON also has the GPU's device-copy bandwidth
   BUSBW=n/a
   if launch 29531 "$HERE/bench-comm.json" "$HERE/ds" bench comm --backend nccl --world-size "$WS" \
     --op all_reduce --sizes 256M --json 2>"$HERE/bench-comm.err"; then
@@ -141,8 +142,8 @@ print(f"{best:.1f} GB/s")' "$HERE/bench-comm.json" 2>/dev/null || echo n/a)
   fi
   # bf16 + ZeRO stage 2, written as a DeepSpeed config: `ds train` has no --precision or
   # --zero-stage flags (both come from the config).
-  # TODO(#11): with --backend nccl, ranks are processes (RANK/WORLD_SIZE/LOCAL_RANK env, like the
-  # conformance suite); adjust the launch below once the NCCL training path is wired in.
+  # With --backend nccl the ranks are processes (RANK/WORLD_SIZE/LOCAL_RANK, as the launcher
+  # sets them); the world size comes from the environment.
   CFG=$HERE/gpu-bf16-zero2.json
   cat >"$CFG" <<EOF
 {
