@@ -112,6 +112,7 @@ pub struct DeviceEngine<'c> {
     sched: LrScheduler,
     global_steps: u64,
     skipped: u64,
+    notes: Vec<String>,
 }
 
 impl std::fmt::Debug for DeviceEngine<'_> {
@@ -204,6 +205,22 @@ fn check_device_config(cfg: &ResolvedConfig) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+/// What the device engine does with accepted keys that it does not run as the host engine does.
+fn device_notes(cfg: &ResolvedConfig) -> Vec<String> {
+    let z = &cfg.zero_optimization;
+    let mut notes = vec![];
+    if z.stage >= 2 {
+        notes.push("zero_optimization.reduce_bucket_size / allgather_bucket_size: the device engine reduces each micro-batch's gradients in one collective (one bucket) and gathers the weights in one".to_string());
+    }
+    if z.overlap_comm {
+        notes.push("zero_optimization.overlap_comm: the device engine queues its collectives on candle's stream after the backward pass (no overlap yet)".to_string());
+    }
+    if z.stage == 3 {
+        notes.push("zero_optimization.stage3_prefetch_bucket_size / stage3_max_live_parameters / stage3_param_persistence_threshold: the device engine gathers all blocks for a micro-step and keeps the embeddings and final LayerNorm persistent".to_string());
+    }
+    notes
 }
 
 impl<'c> DeviceEngine<'c> {
@@ -326,7 +343,13 @@ impl<'c> DeviceEngine<'c> {
             sched,
             global_steps: 0,
             skipped: 0,
+            notes: device_notes(cfg),
         })
+    }
+
+    /// Accepted settings that work differently (or not at all) on the device engine, said once.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The model (on the device, in the model dtype; at stage 3 its blocks are released

@@ -1177,6 +1177,11 @@ fn run_rank_device(
     if args.ckpt {
         e.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
     }
+    if rank == 0 {
+        for n in e.notes() {
+            eprintln!("note: {n}");
+        }
+    }
     let micro = e.micro_batch_size();
     let (mut losses, mut step_ms) = (vec![], vec![]);
     for step in 0..args.steps {
