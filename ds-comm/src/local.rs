@@ -473,33 +473,39 @@ impl LocalComm {
                 self.sync("all_reduce", None)?;
             }
         } else {
-            // Phase 1: this rank reduces its partition of every input into its own output.
-            // Peers read only their own partitions of this rank's input meanwhile.
+            // One pass: this rank reduces its partition of every input, block by block through
+            // a small buffer, and writes the block into every rank's output. Each rank reads
+            // its partition of all inputs once and writes it once to all outputs: 2 bytes moved
+            // per buffer byte per rank, the least an all-reduce in shared memory can move (a
+            // reduce-then-gather moves 3 - 1/n).
             let (lo, hi) = partition_range(len, n, r);
             let mut tmp = data::zeroed::<T>((hi - lo).clamp(1, BLOCK_ELEMS));
-            reduce_range(lo, hi, &mut tmp);
-            self.sync("all_reduce", None)?;
-            // Phase 2: copy the other partitions from their owners' outputs.
-            for (k, &(_, kdst)) in ptrs.iter().enumerate() {
-                if k == r {
-                    continue;
+            let mut a = lo;
+            while a < hi {
+                let b = (a + tmp.len()).min(hi);
+                {
+                    // SAFETY: every published input has `len` elements (checked by the
+                    // descriptor) and is kept alive by the snapshot; elements [a, b) of every
+                    // input and output belong to this rank during the pass (no other rank
+                    // reads or writes them), and the block is read before it is written.
+                    let srcs: Vec<&[T]> = ptrs
+                        .iter()
+                        .map(|&(s, _)| unsafe {
+                            std::slice::from_raw_parts((s as *const T).add(a), b - a)
+                        })
+                        .collect();
+                    T::reduce(&mut tmp[..b - a], &srcs, op);
                 }
-                let (lo, hi) = partition_range(len, n, k);
-                if hi > lo {
-                    // SAFETY: partition `k` of rank `k`'s output is final (written before the
-                    // barrier); partition `k` of this rank's buffer was read only by rank `k`,
-                    // before the barrier.
+                for &(_, kdst) in &ptrs {
+                    // SAFETY: as above; outputs have `len` elements and are kept alive.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            (kdst as *const T).add(lo),
-                            dst.add(lo),
-                            hi - lo,
-                        );
-                    }
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), (kdst as *mut T).add(a), b - a)
+                    };
                 }
+                a = b;
             }
             drop(snap);
-            // Peers may still be copying this rank's partition.
+            // Peers may still be writing into this rank's output.
             self.sync("all_reduce", None)?;
         }
         Ok(())

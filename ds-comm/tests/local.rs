@@ -191,8 +191,9 @@ fn recv_with_wrong_shape_is_an_error_not_a_truncation() {
 }
 
 #[test]
-fn large_all_reduce_two_phase_is_exact_and_deterministic() {
-    // 3 ranks, 1,000,003 elements (two-phase path, uneven partitions).
+fn large_all_reduce_is_exact_and_deterministic() {
+    // 3 ranks, 1,000,003 elements (the partitioned path, uneven partitions), out of place and
+    // in place (each rank writes its reduced partition into every rank's buffer).
     let len = 1_000_003usize;
     let res = LocalComm::run(3, opts(20_000), |c| {
         let r = c.rank() as f32;
@@ -200,7 +201,14 @@ fn large_all_reduce_two_phase_is_exact_and_deterministic() {
             .to_dtype(DType::F32)?
             .affine(1.0, r as f64)?;
         let y = c.all_reduce(&x, ReduceOp::Sum)?;
-        y.to_vec1::<f32>().map_err(CommError::from)
+        let before = x.to_vec1::<f32>()?;
+        c.all_reduce_inplace(&x, ReduceOp::Sum)?;
+        let after = x.to_vec1::<f32>()?;
+        let y = y.to_vec1::<f32>()?;
+        // The out-of-place call left the input alone; in place gives the same result.
+        assert_eq!(before[1], 1.0 + r);
+        assert_eq!(after, y, "in place differs from out of place");
+        Ok::<_, CommError>(y)
     });
     let outs: Vec<Vec<f32>> = res
         .into_iter()
