@@ -659,13 +659,14 @@ impl Gpt {
         self.install_all(&t)
     }
 
-    /// Releases every block's parameters on the model's device (ZeRO-3 on a device engine:
-    /// [`Gpt::install_all`] brings them back).
+    /// Releases every block's parameters (ZeRO-3 on a device engine: [`Gpt::install_all`]
+    /// brings them back). The placeholders are empty host tensors in the model dtype: a
+    /// zero-byte device allocation is an error in CUDA.
     pub fn release_blocks_on_device(&self) -> candle_core::Result<()> {
-        let (dev, dt) = (self.wte.device().clone(), self.wte.dtype());
+        let dt = self.wte.dtype();
         for b in &self.blocks {
             let empty = (0..BLOCK_PARAMS)
-                .map(|_| Var::from_tensor(&Tensor::zeros(0, dt, &dev)?))
+                .map(|_| Var::from_tensor(&Tensor::zeros(0, dt, &Device::Cpu)?))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             b.install(empty)?;
         }
