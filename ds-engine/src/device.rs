@@ -34,7 +34,7 @@
 //! ([`FlatOptimizer`]: Adam/AdamW, SGD, Lion) updates host master weights, and the new partition
 //! goes back to the device in the model dtype for the all-gather.
 
-use crate::engine::optimizer_spec;
+use crate::engine::{check_supported, optimizer_spec, zero_precision};
 use crate::lr::{LrSchedule, LrScheduler};
 use crate::model::Gpt;
 use crate::EngineError;
@@ -42,10 +42,9 @@ use candle_core::{DType, Device, Tensor};
 use ds_ckpt_act::Policy;
 use ds_comm::{partition_range, Communicator, ReduceOp};
 use ds_config::ResolvedConfig;
-use ds_precision::{LossScaler, LossScalerOptions};
+use ds_precision::LossScaler;
 use ds_zero::device::{has_inf_or_nan, DeviceAdam};
 use ds_zero::optim::{FlatOptimizer, OptimizerSpec};
-use ds_zero::ZeroPrecision;
 
 /// Where the master weights and the optimizer run.
 enum Optim {
@@ -131,38 +130,6 @@ fn refuse(what: &str, why: &str) -> EngineError {
     EngineError::Config(format!("{what}: {why}"))
 }
 
-/// The model dtype and loss-scaling rules a config asks for (the host engine's mapping).
-fn precision(cfg: &ResolvedConfig) -> Result<ZeroPrecision, EngineError> {
-    let z = &cfg.zero_optimization;
-    if cfg.fp16.enabled && cfg.bf16.enabled {
-        return Err(refuse(
-            "fp16.enabled and bf16.enabled",
-            "only one 16-bit model dtype can be on; enable fp16 or bf16, not both",
-        ));
-    }
-    Ok(if cfg.fp16.enabled {
-        let f = &cfg.fp16;
-        ZeroPrecision::deepspeed_fp16(
-            z.stage,
-            f.loss_scale,
-            LossScalerOptions {
-                init_scale_power: i32::try_from(f.initial_scale_power).unwrap_or(i32::MAX),
-                window: f.loss_scale_window,
-                hysteresis: u32::try_from(f.hysteresis).unwrap_or(u32::MAX),
-                consecutive_hysteresis: f.consecutive_hysteresis,
-                min_scale: f.min_loss_scale,
-                ..LossScalerOptions::default()
-            },
-        )
-    } else if cfg.bf16.enabled {
-        ZeroPrecision::Bf16 {
-            check_grad_overflow: cfg.bf16.check_grad_overflow,
-        }
-    } else {
-        ZeroPrecision::F32
-    })
-}
-
 /// Settings the device engine does not run, refused with the reason.
 fn check_device_config(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     if cfg.prescale_gradients || cfg.gradient_predivide_factor != 1.0 {
@@ -182,28 +149,7 @@ fn check_device_config(cfg: &ResolvedConfig) -> Result<(), EngineError> {
             "parameter offload is not run by the device engine (the weights stay on the GPU); allowed: device \"none\"",
         ));
     }
-    let ac = &cfg.activation_checkpointing;
-    if ac.partition_activations || ac.contiguous_memory_optimization {
-        return Err(refuse(
-            "activation_checkpointing.partition_activations",
-            "partitioning activations splits them across model-parallel ranks, and this runtime has no model parallelism; set partition_activations and contiguous_memory_optimization false",
-        ));
-    }
-    let model_dtype = if cfg.fp16.enabled {
-        "fp16"
-    } else if cfg.bf16.enabled {
-        "bf16"
-    } else {
-        "fp32"
-    };
-    if let Some(d) = cfg.communication_data_type.as_deref() {
-        if d != model_dtype {
-            return Err(refuse(
-                "communication_data_type",
-                &format!("gradients are communicated in the model dtype ({model_dtype}); allowed: \"{model_dtype}\" or null (got \"{d}\")"),
-            ));
-        }
-    }
+    check_supported(cfg)?;
     Ok(())
 }
 
@@ -242,7 +188,7 @@ impl<'c> DeviceEngine<'c> {
         let z = &cfg.zero_optimization;
         let offload = z.offload_optimizer_to_cpu();
         check_device_config(cfg)?;
-        let prec = precision(cfg)?;
+        let prec = zero_precision(cfg);
         let dtype = prec.model_dtype();
         let spec = optimizer_spec(cfg)?;
         let adam = match spec {

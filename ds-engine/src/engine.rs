@@ -78,7 +78,9 @@ pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError
 }
 
 /// Refuses what the engine does not run yet, by name (rather than ignoring it).
-fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
+/// Settings neither engine runs (the host engine and [`crate::device::DeviceEngine`]), refused
+/// by name.
+pub(crate) fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let refuse = |what: &str, why: &str| Err(EngineError::Config(format!("{what}: {why}")));
     if cfg.fp16.enabled && cfg.bf16.enabled {
         return refuse(
@@ -121,6 +123,33 @@ fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
         );
     }
     Ok(())
+}
+
+/// The model dtype and loss-scaling rules of a config's `fp16`/`bf16` sections, mapped as
+/// DeepSpeed maps them for the config's ZeRO stage.
+pub(crate) fn zero_precision(cfg: &ResolvedConfig) -> ZeroPrecision {
+    let z = &cfg.zero_optimization;
+    if cfg.fp16.enabled {
+        let f = &cfg.fp16;
+        ZeroPrecision::deepspeed_fp16(
+            z.stage,
+            f.loss_scale,
+            LossScalerOptions {
+                init_scale_power: i32::try_from(f.initial_scale_power).unwrap_or(i32::MAX),
+                window: f.loss_scale_window,
+                hysteresis: u32::try_from(f.hysteresis).unwrap_or(u32::MAX),
+                consecutive_hysteresis: f.consecutive_hysteresis,
+                min_scale: f.min_loss_scale,
+                ..LossScalerOptions::default()
+            },
+        )
+    } else if cfg.bf16.enabled {
+        ZeroPrecision::Bf16 {
+            check_grad_overflow: cfg.bf16.check_grad_overflow,
+        }
+    } else {
+        ZeroPrecision::F32
+    }
 }
 
 /// Accepted settings that do nothing on this machine, said once.
@@ -439,27 +468,7 @@ impl<'c, M: Model> Engine<'c, M> {
         for p in model.params() {
             init.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
         }
-        let precision = if cfg.fp16.enabled {
-            let f = &cfg.fp16;
-            ZeroPrecision::deepspeed_fp16(
-                z.stage,
-                f.loss_scale,
-                LossScalerOptions {
-                    init_scale_power: i32::try_from(f.initial_scale_power).unwrap_or(i32::MAX),
-                    window: f.loss_scale_window,
-                    hysteresis: u32::try_from(f.hysteresis).unwrap_or(u32::MAX),
-                    consecutive_hysteresis: f.consecutive_hysteresis,
-                    min_scale: f.min_loss_scale,
-                    ..LossScalerOptions::default()
-                },
-            )
-        } else if cfg.bf16.enabled {
-            ZeroPrecision::Bf16 {
-                check_grad_overflow: cfg.bf16.check_grad_overflow,
-            }
-        } else {
-            ZeroPrecision::F32
-        };
+        let precision = zero_precision(cfg);
         let half = precision != ZeroPrecision::F32;
         let zero = ZeroOptimizer::with_precision(&sizes, &init, spec, opts, precision, comm)?;
         let stage3 = z.stage == 3;
