@@ -104,6 +104,9 @@ pub struct TrainArgs {
     /// Print DeepSpeed's flops profile of step 2 (as `flops_profiler.enabled` with
     /// `profile_step: 2`, without the detailed tree), whatever the config says.
     pub flops_profile: bool,
+    /// Train with [`crate::device::DeviceEngine`] on the CPU device (local ranks): the GPU
+    /// path's code on a machine without a GPU. `--backend nccl` always uses it.
+    pub device_engine: bool,
 }
 
 impl Default for TrainArgs {
@@ -128,6 +131,7 @@ impl Default for TrainArgs {
             resume: false,
             save_interval: None,
             flops_profile: false,
+            device_engine: false,
         }
     }
 }
@@ -982,7 +986,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                         let logger = CommsLogger::new(c);
                         let logger2 = c2.map(CommsLogger::new);
                         let l2 = logger2.as_ref().map(|l| l as &(dyn Communicator + Sync));
-                        let mut r = run_rank(&logger, l2, cfg, source, args, log_every)?;
+                        let mut r = if args.device_engine {
+                            run_rank_device(&logger, &Device::Cpu, cfg, source, args, log_every)?
+                        } else {
+                            run_rank(&logger, l2, cfg, source, args, log_every)?
+                        };
                         let mut table = logger.summary_table();
                         if let Some(l) = &logger2 {
                             table.push_str(
@@ -994,6 +1002,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                         Ok(r)
                     } else {
                         let l2 = c2.as_ref().map(|l| l as &(dyn Communicator + Sync));
+                        if args.device_engine {
+                            return run_rank_device(&c, &Device::Cpu, cfg, source, args, log_every);
+                        }
                         run_rank(&c, l2, cfg, source, args, log_every)
                     }
                 })
@@ -1108,7 +1119,11 @@ fn train_mpi(
     entropy: Option<f64>,
     task: &str,
 ) -> Result<TrainReport, EngineError> {
-    let r = run_rank(comm, None, cfg, source, args, log_every)?;
+    let r = if args.device_engine {
+        run_rank_device(comm, &Device::Cpu, cfg, source, args, log_every)?
+    } else {
+        run_rank(comm, None, cfg, source, args, log_every)?
+    };
     let n = r.losses.len();
     let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
     let losses = comm
@@ -1144,8 +1159,8 @@ fn train_nccl(
 }
 
 /// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
-/// no checkpoints, flops profile or held-out evaluation on this path yet).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// no checkpoints or flops profile on this path yet). The held-out evaluation runs on the host
+/// from the gathered f32 master weights.
 fn run_rank_device(
     comm: &dyn Communicator,
     dev: &Device,
@@ -1205,10 +1220,40 @@ fn run_rank_device(
             );
         }
     }
+    // Held-out evaluation of the gathered f32 master weights, on the host (rank 0).
+    let mut eval = EvalResult::default();
+    if let Some(EvalBatch {
+        inputs: x,
+        targets: y,
+        answers,
+    }) = eval_data(source)
+    {
+        let full = e.gather_master()?;
+        if rank == 0 {
+            let host = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
+            let mut off = 0;
+            for (i, p) in host.params().iter().enumerate() {
+                let n = p.var.elem_count();
+                host.set_param(i, &full[off..off + n])?;
+                off += n;
+            }
+            let (loss, acc) = evaluate(&host, &x, &y, &answers)?;
+            eprintln!(
+                "held-out: loss {loss:.4}{}",
+                acc.map(|a| format!(", accuracy {:.1}% of {} problems", 100.0 * a, answers.len()))
+                    .unwrap_or_default()
+            );
+            eval = EvalResult {
+                loss: Some(loss),
+                accuracy: acc,
+                problems: (!answers.is_empty()).then_some(answers.len()),
+            };
+        }
+    }
     let m = e.memory();
     Ok(RankResult {
         start: 0,
-        eval: EvalResult::default(),
+        eval,
         tensorboard: None,
         losses,
         step_ms,

@@ -884,3 +884,59 @@ fn decoupled_saves_commit_and_resume_exactly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint.writer.type"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The GPU path's engine runs on the CPU device from the CLI and trains as the host engine does
+/// (same losses to 3 decimals over the first steps); without CUDA, `--backend nccl` says how to
+/// get a CUDA build (exit 2) for `train` and `bench comm`.
+#[test]
+fn device_engine_from_the_cli_and_nccl_without_cuda() {
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--steps",
+            "8",
+            "--world-size",
+            "2",
+            "--layers",
+            "1",
+            "--hidden",
+            "64",
+            "--seq",
+            "32",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let out = ds(&a);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+        v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let host = run(&[]);
+    let dev = run(&["--device-engine"]);
+    assert_eq!(host.len(), 8);
+    for (a, b) in host.iter().zip(&dev) {
+        assert!((a - b).abs() < 1e-3, "host {a} vs device engine {b}");
+    }
+    assert!(dev[7] < dev[0], "no progress: {dev:?}");
+    if !cfg!(feature = "cuda") {
+        for args in [
+            &["train", "--backend", "nccl", "--steps", "1"][..],
+            &["bench", "comm", "--backend", "nccl"][..],
+        ] {
+            let out = ds(args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("scripts/cuda-build.sh"), "{args:?}: {err}");
+        }
+    }
+}

@@ -85,6 +85,11 @@ enum Command {
         /// Print DeepSpeed's flops profile of step 2 (module depth 1, no detailed tree).
         #[arg(long)]
         flops_profile: bool,
+        /// Train with the device engine (the GPU path: candle autograd, device-side Adam,
+        /// in-place collectives) on the CPU device with local ranks: checks the GPU code path on
+        /// a machine without one. `--backend nccl` always uses it.
+        #[arg(long)]
+        device_engine: bool,
         #[command(flatten)]
         model: ModelFlags,
         /// Print one JSON document with the results.
@@ -362,6 +367,7 @@ fn main() -> ExitCode {
             save_interval,
             seed,
             flops_profile,
+            device_engine,
             mut model,
             json,
         } => {
@@ -433,6 +439,7 @@ fn main() -> ExitCode {
                 resume,
                 flops_profile,
                 save_interval,
+                device_engine,
             };
             match ds_engine::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
