@@ -426,9 +426,9 @@ impl LocalComm {
             _keep_out: keep_out,
         })?;
         let ptrs: Vec<(usize, usize)> = snap.iter().flatten().map(|e| (e.src, e.dst)).collect();
-        // Reduces elements [lo, hi) of every rank's input into this rank's `dst`, block by block
-        // through a small buffer, so `dst` may alias this rank's own input.
-        let reduce_range = |lo: usize, hi: usize, tmp: &mut [T]| {
+        // Reduces elements [lo, hi) of every rank's input into each output of `dsts`, block by
+        // block through a small buffer, so an output may alias an input.
+        let reduce_range = |lo: usize, hi: usize, tmp: &mut [T], dsts: &[*mut T]| {
             let mut a = lo;
             while a < hi {
                 let b = (a + tmp.len()).min(hi);
@@ -444,8 +444,11 @@ impl LocalComm {
                         .collect();
                     T::reduce(&mut tmp[..b - a], &srcs, op);
                 }
-                // SAFETY: elements [a, b) of this rank's output belong to this rank here.
-                unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(a), b - a) };
+                for &d in dsts {
+                    // SAFETY: elements [a, b) of the outputs in `dsts` belong to this rank here;
+                    // outputs have `len` elements and are kept alive by the snapshot.
+                    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), d.add(a), b - a) };
+                }
                 a = b;
             }
         };
@@ -468,7 +471,7 @@ impl LocalComm {
                 unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, len) };
             } else {
                 let mut tmp = data::zeroed::<T>(len.min(BLOCK_ELEMS));
-                reduce_range(0, len, &mut tmp);
+                reduce_range(0, len, &mut tmp, &[dst]);
                 drop(snap);
                 self.sync("all_reduce", None)?;
             }
@@ -480,30 +483,8 @@ impl LocalComm {
             // reduce-then-gather moves 3 - 1/n).
             let (lo, hi) = partition_range(len, n, r);
             let mut tmp = data::zeroed::<T>((hi - lo).clamp(1, BLOCK_ELEMS));
-            let mut a = lo;
-            while a < hi {
-                let b = (a + tmp.len()).min(hi);
-                {
-                    // SAFETY: every published input has `len` elements (checked by the
-                    // descriptor) and is kept alive by the snapshot; elements [a, b) of every
-                    // input and output belong to this rank during the pass (no other rank
-                    // reads or writes them), and the block is read before it is written.
-                    let srcs: Vec<&[T]> = ptrs
-                        .iter()
-                        .map(|&(s, _)| unsafe {
-                            std::slice::from_raw_parts((s as *const T).add(a), b - a)
-                        })
-                        .collect();
-                    T::reduce(&mut tmp[..b - a], &srcs, op);
-                }
-                for &(_, kdst) in &ptrs {
-                    // SAFETY: as above; outputs have `len` elements and are kept alive.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), (kdst as *mut T).add(a), b - a)
-                    };
-                }
-                a = b;
-            }
+            let dsts: Vec<*mut T> = ptrs.iter().map(|&(_, d)| d as *mut T).collect();
+            reduce_range(lo, hi, &mut tmp, &dsts);
             drop(snap);
             // Peers may still be writing into this rank's output.
             self.sync("all_reduce", None)?;

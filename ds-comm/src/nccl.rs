@@ -31,10 +31,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[cfg(feature = "cuda")]
-#[path = "nccl_device.rs"]
-mod device;
-
 /// Options for [`NcclComm`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct NcclCommOptions {
@@ -439,6 +435,10 @@ impl NcclComm {
         data::from_vec(self.down(&r, len)?, t.dims())
     }
 }
+
+#[cfg(feature = "cuda")]
+#[path = "nccl_device.rs"]
+mod device;
 
 /// The length code the call check compares for `all_gather` (element count and shape).
 fn shape_code(t: &Tensor) -> usize {

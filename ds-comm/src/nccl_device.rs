@@ -123,49 +123,10 @@ impl<T: NcclElem + CudaDType> InplaceOp1 for AllReduceInPlace<'_, T> {
     }
 }
 
-macro_rules! with_device_elem {
-    ($dtype:expr, $op:expr, $T:ident => $body:expr) => {{
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            DType::F16 => {
-                type $T = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $T = bf16;
-                $body
-            }
-            DType::U8 => {
-                type $T = u8;
-                $body
-            }
-            DType::U32 => {
-                type $T = u32;
-                $body
-            }
-            DType::I64 => {
-                type $T = i64;
-                $body
-            }
-            other => Err(CommError::UnsupportedDType {
-                op: $op.into(),
-                dtype: format!("{other:?}"),
-            }),
-        }
-    }};
-}
-
 impl NcclComm {
     /// Runs `kind` from `input` into `output` (both CUDA, same dtype, contiguous).
     fn device_run(&self, kind: Kind, input: &Tensor, output: &Tensor, what: &str) -> Result<()> {
-        with_device_elem!(input.dtype(), what, T => {
+        with_nccl_elem!(input.dtype(), what, T => {
             let c = Coll::<T> { comm: self, kind, _t: PhantomData };
             output.inplace_op2(input, &c).map_err(|e| nccl_err(format!("{what}: {e}")))
         })
@@ -195,7 +156,7 @@ impl NcclComm {
         if t.elem_count() == 0 {
             return Ok(());
         }
-        with_device_elem!(t.dtype(), "all_reduce", T => {
+        with_nccl_elem!(t.dtype(), "all_reduce", T => {
             let c = AllReduceInPlace::<T> { comm: self, op, _t: PhantomData };
             t.inplace_op1(&c).map_err(|e| nccl_err(format!("all_reduce: {e}")))
         })

@@ -319,6 +319,29 @@ pub fn evaluate<M: Model + ?Sized>(
     Ok((loss / n as f64, acc))
 }
 
+/// [`evaluate`] of `model` with its parameters set from `full` (flat, `params()` order).
+fn evaluate_flat<M: Model>(
+    model: &M,
+    full: &[f32],
+    inputs: &[u32],
+    targets: &[u32],
+    answers: &[Vec<usize>],
+) -> Result<(f64, Option<f64>), EngineError> {
+    let mut off = 0;
+    for (i, p) in model.params().iter().enumerate() {
+        let n = p.var.elem_count();
+        let Some(v) = full.get(off..off + n) else {
+            return Err(EngineError::Data(format!(
+                "evaluation: {} parameter values for a model of more",
+                full.len()
+            )));
+        };
+        model.set_param(i, v)?;
+        off += n;
+    }
+    evaluate(model, inputs, targets, answers)
+}
+
 /// Held-out data of a source: (inputs, targets, answer groups).
 fn eval_data(source: &Source) -> Option<EvalBatch> {
     match source {
@@ -750,14 +773,7 @@ fn drive<M: Model>(
     {
         let full = engine.gather_full_params()?;
         if rank == 0 {
-            let model = fresh()?;
-            let mut off = 0;
-            for (i, p) in model.params().iter().enumerate() {
-                let n = p.var.elem_count();
-                model.set_param(i, &full[off..off + n])?;
-                off += n;
-            }
-            let (loss, acc) = evaluate(&model, &x, &y, &answers)?;
+            let (loss, acc) = evaluate_flat(&fresh()?, &full, &x, &y, &answers)?;
             eval = EvalResult {
                 loss: Some(loss),
                 accuracy: acc,
@@ -1231,13 +1247,7 @@ fn run_rank_device(
         let full = e.gather_master()?;
         if rank == 0 {
             let host = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
-            let mut off = 0;
-            for (i, p) in host.params().iter().enumerate() {
-                let n = p.var.elem_count();
-                host.set_param(i, &full[off..off + n])?;
-                off += n;
-            }
-            let (loss, acc) = evaluate(&host, &x, &y, &answers)?;
+            let (loss, acc) = evaluate_flat(&host, &full, &x, &y, &answers)?;
             eprintln!(
                 "held-out: loss {loss:.4}{}",
                 acc.map(|a| format!(", accuracy {:.1}% of {} problems", 100.0 * a, answers.len()))
