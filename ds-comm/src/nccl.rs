@@ -460,38 +460,28 @@ impl Communicator for NcclComm {
         "nccl"
     }
 
+    // Each collective first compares its call descriptor across ranks (a collective too), then
+    // runs on device tensors in place (feature `cuda`) or stages host tensors.
+
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+        self.check("all_reduce", op as i64, dt, n, 0)?;
         #[cfg(feature = "cuda")]
         if tensor.device().is_cuda() {
-            self.check(
-                "all_reduce",
-                op as i64,
-                Some(tensor.dtype()),
-                tensor.elem_count(),
-                0,
-            )?;
             return self.device_all_reduce(tensor, op);
         }
         let t = data::cpu_contiguous("all_reduce", tensor)?;
-        self.check("all_reduce", op as i64, Some(t.dtype()), t.elem_count(), 0)?;
         with_nccl_elem!(t.dtype(), "all_reduce", T => self.all_reduce_t::<T>(&t, op))
     }
 
     fn reduce_scatter(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+        self.check("reduce_scatter", 10 + op as i64, dt, n, 0)?;
         #[cfg(feature = "cuda")]
         if tensor.device().is_cuda() {
-            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
-            self.check("reduce_scatter", 10 + op as i64, dt, n, 0)?;
             return self.device_reduce_scatter(tensor, op);
         }
         let t = data::cpu_contiguous("reduce_scatter", tensor)?;
-        self.check(
-            "reduce_scatter",
-            10 + op as i64,
-            Some(t.dtype()),
-            t.elem_count(),
-            0,
-        )?;
         with_nccl_elem!(t.dtype(), "reduce_scatter", T => self.reduce_scatter_t::<T>(&t, op))
     }
 
@@ -502,37 +492,29 @@ impl Communicator for NcclComm {
                 format!("root {root} out of range for world size {}", self.size),
             ));
         }
+        let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+        self.check("reduce", 50 + op as i64, dt, n, root)?;
         #[cfg(feature = "cuda")]
         if tensor.device().is_cuda() {
-            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
-            self.check("reduce", 50 + op as i64, dt, n, root)?;
             return self.device_reduce(tensor, op, root);
         }
         let t = data::cpu_contiguous("reduce", tensor)?;
-        self.check(
-            "reduce",
-            50 + op as i64,
-            Some(t.dtype()),
-            t.elem_count(),
-            root,
-        )?;
         with_nccl_elem!(t.dtype(), "reduce", T => self.reduce_t::<T>(&t, op, root))
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        self.check(
+            "all_gather",
+            20,
+            Some(tensor.dtype()),
+            shape_code(tensor),
+            0,
+        )?;
         #[cfg(feature = "cuda")]
         if tensor.device().is_cuda() {
-            self.check(
-                "all_gather",
-                20,
-                Some(tensor.dtype()),
-                shape_code(tensor),
-                0,
-            )?;
             return self.device_all_gather(tensor);
         }
         let t = data::cpu_contiguous("all_gather", tensor)?;
-        self.check("all_gather", 20, Some(t.dtype()), shape_code(&t), 0)?;
         with_nccl_elem!(t.dtype(), "all_gather", T => self.all_gather_t::<T>(&t))
     }
 
@@ -543,14 +525,13 @@ impl Communicator for NcclComm {
                 format!("root {root} out of range for world size {}", self.size),
             ));
         }
+        let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
+        self.check("broadcast", 30, dt, n, root)?;
         #[cfg(feature = "cuda")]
         if tensor.device().is_cuda() {
-            let (dt, n) = (Some(tensor.dtype()), tensor.elem_count());
-            self.check("broadcast", 30, dt, n, root)?;
             return self.device_broadcast(tensor, root);
         }
         let t = data::cpu_contiguous("broadcast", tensor)?;
-        self.check("broadcast", 30, Some(t.dtype()), t.elem_count(), root)?;
         with_nccl_elem!(t.dtype(), "broadcast", T => self.broadcast_t::<T>(&t, root))
     }
 

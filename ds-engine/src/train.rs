@@ -319,6 +319,34 @@ pub fn evaluate<M: Model + ?Sized>(
     Ok((loss / n as f64, acc))
 }
 
+/// Held-out evaluation of a run: every rank calls `gather` (a collective) when the data has a
+/// held-out part; rank 0 evaluates `model()` with the gathered parameters on the host.
+fn held_out<M: Model>(
+    source: &Source,
+    rank: usize,
+    gather: impl FnOnce() -> Result<Vec<f32>, EngineError>,
+    model: impl FnOnce() -> Result<M, EngineError>,
+) -> Result<EvalResult, EngineError> {
+    let Some(EvalBatch {
+        inputs,
+        targets,
+        answers,
+    }) = eval_data(source)
+    else {
+        return Ok(EvalResult::default());
+    };
+    let full = gather()?;
+    if rank != 0 {
+        return Ok(EvalResult::default());
+    }
+    let (loss, acc) = evaluate_flat(&model()?, &full, &inputs, &targets, &answers)?;
+    Ok(EvalResult {
+        loss: Some(loss),
+        accuracy: acc,
+        problems: (!answers.is_empty()).then_some(answers.len()),
+    })
+}
+
 /// [`evaluate`] of `model` with its parameters set from `full` (flat, `params()` order).
 fn evaluate_flat<M: Model>(
     model: &M,
@@ -764,33 +792,19 @@ fn drive<M: Model>(
     }
     // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
     // collective at every stage).
-    let mut eval = EvalResult::default();
-    if let Some(EvalBatch {
-        inputs: x,
-        targets: y,
-        answers,
-    }) = eval_data(source)
-    {
-        let full = engine.gather_full_params()?;
-        if rank == 0 {
-            let (loss, acc) = evaluate_flat(&fresh()?, &full, &x, &y, &answers)?;
-            eval = EvalResult {
-                loss: Some(loss),
-                accuracy: acc,
-                problems: (!answers.is_empty()).then_some(answers.len()),
-            };
-            let samples = (start + args.steps) * cfg.train_batch_size;
-            for (name, v) in [
-                ("Eval/Samples/val_loss", Some(loss)),
-                ("Eval/Samples/val_accuracy", acc),
-            ] {
-                if let Some(v) = v {
-                    if let Some(m) = csv.as_mut() {
-                        m.write_event(name, v, samples)?;
-                    }
-                    if let Some(m) = tb.as_mut() {
-                        m.write_event(name, v, samples)?;
-                    }
+    let eval = held_out(source, rank, || engine.gather_full_params(), fresh)?;
+    if eval.loss.is_some() {
+        let samples = (start + args.steps) * cfg.train_batch_size;
+        for (name, v) in [
+            ("Eval/Samples/val_loss", eval.loss),
+            ("Eval/Samples/val_accuracy", eval.accuracy),
+        ] {
+            if let Some(v) = v {
+                if let Some(m) = csv.as_mut() {
+                    m.write_event(name, v, samples)?;
+                }
+                if let Some(m) = tb.as_mut() {
+                    m.write_event(name, v, samples)?;
                 }
             }
         }
@@ -1237,28 +1251,23 @@ fn run_rank_device(
         }
     }
     // Held-out evaluation of the gathered f32 master weights, on the host (rank 0).
-    let mut eval = EvalResult::default();
-    if let Some(EvalBatch {
-        inputs: x,
-        targets: y,
-        answers,
-    }) = eval_data(source)
-    {
-        let full = e.gather_master()?;
-        if rank == 0 {
-            let host = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
-            let (loss, acc) = evaluate_flat(&host, &full, &x, &y, &answers)?;
-            eprintln!(
-                "held-out: loss {loss:.4}{}",
-                acc.map(|a| format!(", accuracy {:.1}% of {} problems", 100.0 * a, answers.len()))
-                    .unwrap_or_default()
-            );
-            eval = EvalResult {
-                loss: Some(loss),
-                accuracy: acc,
-                problems: (!answers.is_empty()).then_some(answers.len()),
-            };
-        }
+    let eval = held_out(
+        source,
+        rank,
+        || e.gather_master(),
+        || Ok(Gpt::new(args.shape, args.seed, &Device::Cpu)?),
+    )?;
+    if let Some(loss) = eval.loss {
+        eprintln!(
+            "held-out: loss {loss:.4}{}",
+            eval.accuracy
+                .map(|a| format!(
+                    ", accuracy {:.1}% of {} problems",
+                    100.0 * a,
+                    eval.problems.unwrap_or(0)
+                ))
+                .unwrap_or_default()
+        );
     }
     let m = e.memory();
     Ok(RankResult {
