@@ -112,6 +112,8 @@ pub struct DeviceEngine<'c> {
     global_steps: u64,
     skipped: u64,
     notes: Vec<String>,
+    /// Optimizer state buffer names (checkpoints): `exp_avg`, `exp_avg_sq`, ...
+    state_names: &'static [&'static str],
 }
 
 impl std::fmt::Debug for DeviceEngine<'_> {
@@ -290,6 +292,7 @@ impl<'c> DeviceEngine<'c> {
             global_steps: 0,
             skipped: 0,
             notes: device_notes(cfg),
+            state_names: spec.state_names(),
         })
     }
 
@@ -525,17 +528,7 @@ impl<'c> DeviceEngine<'c> {
                 Tensor::from_slice(master, master.len(), &self.dev)?.to_dtype(self.dtype)?
             }
         };
-        if self.stage == 3 {
-            self.shard16 = Some(new_part16);
-        } else {
-            let full = if self.stage == 0 {
-                new_part16
-            } else {
-                self.gather_padded(&new_part16)?
-            };
-            let t = self.split(&full)?;
-            self.model.install_all(&t)?;
-        }
+        self.install_part(new_part16)?;
         self.sched.step();
         Ok(DeviceStepReport {
             skipped: false,
@@ -563,6 +556,193 @@ impl<'c> DeviceEngine<'c> {
     /// Sequences per micro-batch on this rank (`train_micro_batch_size_per_gpu`).
     pub fn micro_batch_size(&self) -> usize {
         self.micro_batch
+    }
+}
+
+/// Checkpoints: the same format as the host [`crate::engine::Engine`] (`ds-checkpoint`: fp32
+/// master weights and optimizer state as ranges of the flat parameter space, the training
+/// state, the loss scaler), so a run saved by either engine at any world size and ZeRO stage
+/// resumes on the other.
+impl DeviceEngine<'_> {
+    /// This rank's range of the flat space in a checkpoint: its partition (stage 0 too, where
+    /// every rank holds everything: each writes its slice).
+    fn ckpt_range(&self) -> std::ops::Range<usize> {
+        let (lo, hi) = partition_range(self.numel, self.comm.world_size(), self.comm.rank());
+        lo..hi
+    }
+
+    /// Master weights and optimizer state of this rank's part, on the host, with the
+    /// optimizer's step count.
+    fn host_state(&self) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>, u64), EngineError> {
+        let host = |t: &Tensor| -> Result<Vec<f32>, EngineError> {
+            Ok(t.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
+        };
+        Ok(match &self.optim {
+            Optim::Device { master, adam } => {
+                let (m, v) = adam.moments();
+                let names = self.state_names;
+                (
+                    host(master)?,
+                    vec![
+                        (names[0].to_string(), host(m)?),
+                        (names[1].to_string(), host(v)?),
+                    ],
+                    adam.step_count(),
+                )
+            }
+            Optim::Host { master, opt } => {
+                let st = opt.state();
+                (master.clone(), st.buffers, st.step)
+            }
+        })
+    }
+
+    /// Saves a checkpoint (a collective: every rank calls it with the same tag) into `store`:
+    /// each rank its fp32 master part and optimizer state, rank 0 the manifest and `latest`.
+    pub fn save_checkpoint(
+        &self,
+        store: &ds_checkpoint::FsCheckpointStore,
+        tag: &str,
+        samples_per_step: u64,
+    ) -> Result<(), EngineError> {
+        let ck = |e: ds_checkpoint::CheckpointError| EngineError::Checkpoint(e.to_string());
+        ds_checkpoint::validate_tag(tag).map_err(ck)?;
+        let names = self.model.params().into_iter().map(|p| p.name);
+        let meta = ds_checkpoint::CheckpointMeta {
+            world_size: self.comm.world_size(),
+            zero_stage: self.stage,
+            dtype: "fp32".into(),
+            params: ds_checkpoint::contiguous_params(names.zip(self.shapes.iter().cloned())),
+            training: ds_checkpoint::TrainingState {
+                global_step: self.global_steps,
+                skipped_steps: self.skipped,
+                global_samples: self.global_steps * samples_per_step,
+                lr_scheduler: serde_json::json!({"last_batch_iteration": self.sched.last_batch_iteration()}),
+                data_sampler: serde_json::json!({"next_step": self.global_steps}),
+                loss_scaler: serde_json::to_value(self.scaler.state())
+                    .unwrap_or(serde_json::Value::Null),
+                ..Default::default()
+            },
+        };
+        let (master, buffers, step) = self.host_state()?;
+        // Stage 0 holds everything on every rank: write this rank's slice of it.
+        let range = self.ckpt_range();
+        let off = range.start - self.lo;
+        let slice = |v: &[f32]| v[off..off + range.len()].to_vec();
+        let mut shard = ds_checkpoint::RankShard::new(self.comm.rank(), range.clone(), step)
+            .with_buffer(
+                ds_checkpoint::MASTER_BUFFER,
+                &master[off..off + range.len()],
+            );
+        for (n, b) in &buffers {
+            shard
+                .buffers
+                .push((n.clone(), std::borrow::Cow::Owned(slice(b))));
+        }
+        let comm = self.comm;
+        let mut barrier = || {
+            comm.barrier()
+                .map_err(|e| ds_checkpoint::CheckpointError::InvalidInput(format!("barrier: {e}")))
+        };
+        store
+            .save_collective(tag, &meta, &shard, None, true, &mut barrier)
+            .map_err(ck)
+    }
+
+    /// Loads a checkpoint saved by either engine at any world size and ZeRO stage: this rank's
+    /// master part and optimizer state are read from the saved ranks' files, the weights
+    /// rebuilt from them on the device, and the step counters, LR schedule and loss scaler
+    /// restored. Returns the saved training state.
+    pub fn load_checkpoint(
+        &mut self,
+        ckpt: &ds_checkpoint::Checkpoint,
+    ) -> Result<ds_checkpoint::TrainingState, EngineError> {
+        let ck = |e: ds_checkpoint::CheckpointError| EngineError::Checkpoint(e.to_string());
+        let saved = &ckpt.meta().params;
+        let params = self.model.params();
+        if saved.len() != params.len()
+            || saved
+                .iter()
+                .zip(params.iter().zip(&self.shapes))
+                .any(|(s, (p, sh))| s.name != p.name || &s.shape != sh)
+        {
+            return Err(EngineError::Checkpoint(format!(
+                "checkpoint {} holds a different model (parameter names or shapes differ)",
+                ckpt.dir().display()
+            )));
+        }
+        drop(params);
+        let range = self.lo..self.hi;
+        let master = ckpt
+            .load_flat_range(ds_checkpoint::MASTER_BUFFER, range.clone())
+            .map_err(ck)?;
+        let mut buffers = Vec::with_capacity(self.state_names.len());
+        for n in self.state_names {
+            buffers.push((
+                n.to_string(),
+                ckpt.load_flat_range(n, range.clone()).map_err(ck)?,
+            ));
+        }
+        let t = ckpt.training().clone();
+        let step = t.global_step.saturating_sub(t.skipped_steps);
+        let len = range.len();
+        match &mut self.optim {
+            Optim::Device { master: m, adam } => {
+                *m = Tensor::from_vec(master, len, &self.dev)?;
+                let mv = |i: usize| Tensor::from_slice(&buffers[i].1, len, &self.dev);
+                adam.set_state(&mv(0)?, &mv(1)?, step)?;
+            }
+            Optim::Host { master: m, opt } => {
+                *m = master;
+                opt.load_state(&ds_zero::optim::OptimizerState { step, buffers })?;
+            }
+        }
+        if !t.loss_scaler.is_null() {
+            let st = serde_json::from_value::<ds_precision::LossScalerState>(t.loss_scaler.clone())
+                .map_err(|e| {
+                    EngineError::Data(format!(
+                        "the checkpoint's loss_scaler state is malformed: {e}"
+                    ))
+                })?;
+            self.scaler
+                .load_state(&st)
+                .map_err(ds_zero::ZeroError::from)?;
+        }
+        self.global_steps = t.global_step;
+        self.skipped = t.skipped_steps;
+        let last = t.lr_scheduler["last_batch_iteration"]
+            .as_i64()
+            .unwrap_or(t.global_step as i64 - 1);
+        self.sched.set_last_batch_iteration(last);
+        self.acc = None;
+        self.micro = 0;
+        // The weights in the model dtype, from the loaded masters.
+        let part16 = match &self.optim {
+            Optim::Device { master, .. } => master.to_dtype(self.dtype)?,
+            Optim::Host { master, .. } => {
+                Tensor::from_slice(master, master.len(), &self.dev)?.to_dtype(self.dtype)?
+            }
+        };
+        self.install_part(part16)?;
+        Ok(t)
+    }
+
+    /// Installs this rank's updated part of the weights (model dtype): stage 0 directly,
+    /// stages 1-2 after an all-gather, stage 3 kept as the partition gathered at each
+    /// micro-step.
+    fn install_part(&mut self, part16: Tensor) -> Result<(), EngineError> {
+        if self.stage == 3 {
+            self.shard16 = Some(part16);
+            return Ok(());
+        }
+        let full = if self.stage == 0 {
+            part16
+        } else {
+            self.gather_padded(&part16)?
+        };
+        let t = self.split(&full)?;
+        self.model.install_all(&t)?;
+        Ok(())
     }
 }
 

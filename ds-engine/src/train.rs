@@ -319,6 +319,41 @@ pub fn evaluate<M: Model + ?Sized>(
     Ok((loss / n as f64, acc))
 }
 
+/// The checkpoint store of `--out`, after checking `--save-interval` and `--resume` against it.
+fn checkpoint_store(
+    args: &TrainArgs,
+) -> Result<Option<ds_checkpoint::FsCheckpointStore>, EngineError> {
+    if args.save_interval == Some(0) {
+        return Err(EngineError::Config("--save-interval must be >= 1".into()));
+    }
+    if args.out.is_none() && (args.save_interval.is_some() || args.resume) {
+        return Err(EngineError::Config(
+            "--save-interval and --resume need --out DIR (where the checkpoints are)".into(),
+        ));
+    }
+    args.out
+        .as_ref()
+        .map(|dir| {
+            ds_checkpoint::FsCheckpointStore::new(dir)
+                .map_err(|e| EngineError::Checkpoint(e.to_string()))
+        })
+        .transpose()
+}
+
+/// With `--resume`: the latest checkpoint of the store.
+fn resume_point(
+    args: &TrainArgs,
+    store: Option<&ds_checkpoint::FsCheckpointStore>,
+) -> Result<Option<ds_checkpoint::Checkpoint>, EngineError> {
+    match store {
+        Some(store) if args.resume => store
+            .open(None)
+            .map(Some)
+            .map_err(|e| EngineError::Checkpoint(e.to_string())),
+        _ => Ok(None),
+    }
+}
+
 /// Held-out evaluation of a run: every rank calls `gather` (a collective) when the data has a
 /// held-out part; rank 0 evaluates `model()` with the gathered parameters on the host.
 fn held_out<M: Model>(
@@ -609,23 +644,9 @@ fn drive<M: Model>(
     if args.ckpt {
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every)?;
     }
-    let store = match &args.out {
-        Some(dir) => Some(
-            ds_checkpoint::FsCheckpointStore::new(dir)
-                .map_err(|e| EngineError::Checkpoint(e.to_string()))?,
-        ),
-        None => None,
-    };
+    let store = checkpoint_store(args)?;
     let mut start = 0u64;
-    if args.resume {
-        let Some(store) = &store else {
-            return Err(EngineError::Config(
-                "--resume needs --out DIR (where the checkpoints are)".into(),
-            ));
-        };
-        let ckpt = store
-            .open(None)
-            .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+    if let Some(ckpt) = resume_point(args, store.as_ref())? {
         let t = engine.load_checkpoint(&ckpt)?;
         start = t.global_step;
         if rank == 0 {
@@ -668,14 +689,6 @@ fn drive<M: Model>(
     let mut overhead = Vec::new();
     let (mut step_ms_during_save, mut save_ms) = (Vec::new(), Vec::new());
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
-    if args.save_interval == Some(0) {
-        return Err(EngineError::Config("--save-interval must be >= 1".into()));
-    }
-    if args.save_interval.is_some() && store.is_none() {
-        return Err(EngineError::Config(
-            "--save-interval needs --out DIR (where the checkpoints go)".into(),
-        ));
-    }
     let mut saved_at = None;
     for step in start..start + args.steps {
         let writing = engine.checkpoint_pending();
@@ -1189,7 +1202,7 @@ fn train_nccl(
 }
 
 /// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
-/// no checkpoints or flops profile on this path yet). The held-out evaluation runs on the host
+/// no flops profile on this path yet; checkpoints in the host engine's format). The held-out evaluation runs on the host
 /// from the gathered f32 master weights.
 fn run_rank_device(
     comm: &dyn Communicator,
@@ -1206,9 +1219,6 @@ fn run_rank_device(
     };
     if args.model != ModelKind::Gpt {
         return refuse("--model mlp");
-    }
-    if args.out.is_some() || args.resume || args.save_interval.is_some() {
-        return refuse("--out/--resume/--save-interval");
     }
     if args.flops_profile {
         return refuse("--flops-profile");
@@ -1227,13 +1237,41 @@ fn run_rank_device(
             eprintln!("note: {n}");
         }
     }
+    let store = checkpoint_store(args)?;
+    let mut start = 0u64;
+    if let Some(ckpt) = resume_point(args, store.as_ref())? {
+        let t = e.load_checkpoint(&ckpt)?;
+        start = t.global_step;
+        if rank == 0 {
+            eprintln!(
+                "resumed from {} (step {}, saved by {} ranks at ZeRO stage {})",
+                ckpt.dir().display(),
+                t.global_step,
+                ckpt.meta().world_size,
+                ckpt.meta().zero_stage
+            );
+        }
+    }
     let micro = e.micro_batch_size();
-    let (mut losses, mut step_ms) = (vec![], vec![]);
-    for step in 0..args.steps {
+    let (mut losses, mut step_ms, mut save_ms) = (vec![], vec![], vec![]);
+    let mut saved_at = None;
+    for step in start..start + args.steps {
         let t0 = Instant::now();
         let (loss, rep) = e.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         losses.push(loss as f64);
+        if let (Some(k), Some(store)) = (args.save_interval, &store) {
+            if e.global_steps().is_multiple_of(k) && step + 1 < start + args.steps {
+                let t = Instant::now();
+                e.save_checkpoint(
+                    store,
+                    &format!("global_step{}", e.global_steps()),
+                    cfg.train_batch_size,
+                )?;
+                save_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                saved_at = Some(e.global_steps());
+            }
+        }
         if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
             eprintln!(
                 "step {:>6} loss {:.4} lr {:.3e} loss_scale {} {:.1} ms{}",
@@ -1248,6 +1286,17 @@ fn run_rank_device(
                     ""
                 }
             );
+        }
+    }
+    if let Some(store) = &store {
+        let tag = format!("global_step{}", e.global_steps());
+        if saved_at != Some(e.global_steps()) {
+            let t = Instant::now();
+            e.save_checkpoint(store, &tag, cfg.train_batch_size)?;
+            save_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if rank == 0 {
+            eprintln!("saved checkpoint {}", store.root().join(&tag).display());
         }
     }
     // Held-out evaluation of the gathered f32 master weights, on the host (rank 0).
@@ -1271,14 +1320,14 @@ fn run_rank_device(
     }
     let m = e.memory();
     Ok(RankResult {
-        start: 0,
+        start,
         eval,
         tensorboard: None,
         losses,
         step_ms,
         overhead: vec![],
         step_ms_during_save: vec![],
-        save_ms: vec![],
+        save_ms,
         skipped: e.skipped_steps(),
         state_bytes: m.model_bytes + m.master_bytes + m.optimizer_bytes + m.grad_bytes,
         comm_table: None,

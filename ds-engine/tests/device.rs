@@ -331,3 +331,105 @@ fn unsupported_settings_are_refused_by_name() {
     .is_ok());
     let _ = comm.world_size();
 }
+
+/// Trains `steps` steps from `start` on `ws` ranks with the device engine, optionally loading
+/// `resume` first and saving into `save` at the end; returns rank 0's gathered masters.
+fn device_ranks(
+    c: &ResolvedConfig,
+    ws: usize,
+    start: u64,
+    steps: u64,
+    resume: Option<&std::path::Path>,
+    save: Option<&std::path::Path>,
+) -> Vec<f32> {
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let mut out = std::thread::scope(|s| {
+        LocalComm::create(ws)
+            .into_iter()
+            .map(|comm| {
+                let dl = &dl;
+                s.spawn(move || {
+                    let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                    let mut e = DeviceEngine::initialize(c, model, &Device::Cpu, &comm).unwrap();
+                    if let Some(dir) = resume {
+                        let store = ds_checkpoint::FsCheckpointStore::new(dir).unwrap();
+                        let t = e.load_checkpoint(&store.open(None).unwrap()).unwrap();
+                        assert_eq!(t.global_step, start);
+                        assert_eq!(e.global_steps(), start);
+                    }
+                    let micro = e.micro_batch_size();
+                    for step in start..start + steps {
+                        e.train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                            .unwrap();
+                    }
+                    if let Some(dir) = save {
+                        let store = ds_checkpoint::FsCheckpointStore::new(dir).unwrap();
+                        e.save_checkpoint(&store, &format!("global_step{}", e.global_steps()), 8)
+                            .unwrap();
+                    }
+                    e.gather_master().unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    out.swap_remove(0)
+}
+
+/// A device-engine checkpoint (ZeRO-2, 2 ranks) resumes on the device engine at ZeRO-3 and on
+/// the host engine at ZeRO-1 as if training had not stopped; a host-engine checkpoint resumes
+/// on the device engine.
+#[test]
+fn checkpoints_move_between_the_device_and_host_engines() {
+    let ws = 2;
+    let dir = std::env::temp_dir().join(format!("ds-device-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let z = |stage: u8| cfg(ws, json!({"zero_optimization": {"stage": stage}}));
+    let straight = device_ranks(&z(2), ws, 0, 5, None, None);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    device_ranks(&z(2), ws, 0, 3, None, Some(&a));
+    // Device ZeRO-2 -> device ZeRO-3.
+    let resumed = device_ranks(&z(3), ws, 3, 2, Some(&a), None);
+    let d = max_diff(&resumed, &straight);
+    assert!(d < 1e-5, "device resume differs by {d}");
+    // Device ZeRO-2 -> host ZeRO-1.
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let c1 = z(1);
+    let host: Vec<Vec<f32>> = std::thread::scope(|s| {
+        LocalComm::create(ws)
+            .into_iter()
+            .map(|comm| {
+                let (dl, c1, a, b) = (&dl, &c1, &a, &b);
+                s.spawn(move || {
+                    let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                    let mut e = Engine::initialize(c1, model, &comm).unwrap();
+                    let store = ds_checkpoint::FsCheckpointStore::new(a).unwrap();
+                    e.load_checkpoint(&store.open(None).unwrap()).unwrap();
+                    let micro = e.micro_batch_size();
+                    for step in 3..5 {
+                        e.train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                            .unwrap();
+                    }
+                    // ... and the host engine's checkpoint for the last leg.
+                    let store_b = ds_checkpoint::FsCheckpointStore::new(b).unwrap();
+                    e.save_checkpoint(&store_b, "global_step5", 8).unwrap();
+                    e.gather_full_params().unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    let d = max_diff(&host[0], &straight);
+    assert!(d < 5e-5, "host resume differs by {d}");
+    // Host ZeRO-1 -> device ZeRO-0: the same weights come back.
+    let back = device_ranks(&z(0), ws, 5, 0, Some(&b), None);
+    assert_eq!(
+        back, host[0],
+        "the device engine loads the host engine's checkpoint exactly"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

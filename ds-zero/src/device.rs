@@ -59,6 +59,24 @@ impl DeviceAdam {
         (&self.m, &self.v)
     }
 
+    /// Restores moments and the step count (e.g. from a checkpoint): `m` and `v` must have this
+    /// optimizer's length; they are moved to its device as f32.
+    pub fn set_state(&mut self, m: &Tensor, v: &Tensor, step: u64) -> Result<(), ZeroError> {
+        let n = self.m.elem_count();
+        if m.elem_count() != n || v.elem_count() != n {
+            return Err(ZeroError::State(format!(
+                "device Adam holds {n} elements; got moments of {} and {}",
+                m.elem_count(),
+                v.elem_count()
+            )));
+        }
+        let dev = self.m.device().clone();
+        self.m = m.flatten_all()?.to_dtype(DType::F32)?.to_device(&dev)?;
+        self.v = v.flatten_all()?.to_dtype(DType::F32)?.to_device(&dev)?;
+        self.step = step;
+        Ok(())
+    }
+
     /// One update of the f32 master `p` from `grad_scale * g` with learning rate `lr`; returns
     /// the new master (`p`'s length and device). `g` may be any float dtype.
     pub fn step(
