@@ -571,9 +571,8 @@ impl DeviceEngine<'_> {
         lo..hi
     }
 
-    /// Master weights and optimizer state of this rank's part, on the host, with the
-    /// optimizer's step count.
-    fn host_state(&self) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>, u64), EngineError> {
+    /// Master weights and optimizer state of this rank's part, on the host.
+    fn host_state(&self) -> Result<(Vec<f32>, ds_zero::optim::OptimizerState), EngineError> {
         let host = |t: &Tensor| -> Result<Vec<f32>, EngineError> {
             Ok(t.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
         };
@@ -581,19 +580,16 @@ impl DeviceEngine<'_> {
             Optim::Device { master, adam } => {
                 let (m, v) = adam.moments();
                 let names = self.state_names;
-                (
-                    host(master)?,
-                    vec![
+                let state = ds_zero::optim::OptimizerState {
+                    step: adam.step_count(),
+                    buffers: vec![
                         (names[0].to_string(), host(m)?),
                         (names[1].to_string(), host(v)?),
                     ],
-                    adam.step_count(),
-                )
+                };
+                (host(master)?, state)
             }
-            Optim::Host { master, opt } => {
-                let st = opt.state();
-                (master.clone(), st.buffers, st.step)
-            }
+            Optim::Host { master, opt } => (master.clone(), opt.state()),
         })
     }
 
@@ -624,17 +620,17 @@ impl DeviceEngine<'_> {
                 ..Default::default()
             },
         };
-        let (master, buffers, step) = self.host_state()?;
+        let (master, state) = self.host_state()?;
         // Stage 0 holds everything on every rank: write this rank's slice of it.
         let range = self.ckpt_range();
         let off = range.start - self.lo;
         let slice = |v: &[f32]| v[off..off + range.len()].to_vec();
-        let mut shard = ds_checkpoint::RankShard::new(self.comm.rank(), range.clone(), step)
+        let mut shard = ds_checkpoint::RankShard::new(self.comm.rank(), range.clone(), state.step)
             .with_buffer(
                 ds_checkpoint::MASTER_BUFFER,
                 &master[off..off + range.len()],
             );
-        for (n, b) in &buffers {
+        for (n, b) in &state.buffers {
             shard
                 .buffers
                 .push((n.clone(), std::borrow::Cow::Owned(slice(b))));
