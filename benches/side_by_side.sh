@@ -57,6 +57,12 @@ PY
   echo "stage $1 overlap_comm $2 $3:"; $DS train --config /tmp/ds_ref_ov.json --world-size 2 --steps 8 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json 2>/dev/null | grep -E '"(median_step_ms|final_loss|engine_overhead_fraction|skipped_steps)"'
 done
 
+echo "== the device engine (the GPU path: candle generic ops, device-side Adam) on the CPU device, 2 local ranks, against the host engine"
+for st in 0 2 3; do
+  sed "s/\"stage\": 0/\"stage\": $st/" /tmp/ds_ref_step.json > /tmp/ds_ref_stage.json
+  echo "stage $st, device engine:"; $DS train --device-engine --config /tmp/ds_ref_stage.json --world-size 2 --steps 8 --layers 4 --hidden 256 --heads 4 --seq 128 --vocab 8192 --json 2>/dev/null | grep -E '"(median_step_ms|final_loss)"'
+done
+
 if [ -x "$PY" ]; then
   echo "== DeepSpeed ZeRO stages on 2 ranks (torchrun, gloo, 1 thread per rank, micro-batch 8 per rank)"
   for st in 0 1 2 3; do
