@@ -193,16 +193,6 @@ impl<'c> DeviceEngine<'c> {
         let prec = zero_precision(cfg);
         let dtype = prec.model_dtype();
         let spec = optimizer_spec(cfg)?;
-        let adam = match spec {
-            OptimizerSpec::Adam(p) => Some(p),
-            _ => None,
-        };
-        if !offload && adam.is_none() {
-            return Err(refuse(
-                "optimizer.type",
-                "the device engine runs Adam/AdamW on the device; other optimizers run on the host with zero_optimization.offload_optimizer.device = \"cpu\"",
-            ));
-        }
         if matches!(spec, OptimizerSpec::Lamb(_)) {
             return Err(refuse(
                 "optimizer.type",
@@ -225,18 +215,20 @@ impl<'c> DeviceEngine<'c> {
             flat.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
         }
         let part = flat[lo..hi].to_vec();
-        let optim = if offload {
-            Optim::Host {
+        let optim = match spec {
+            _ if offload => Optim::Host {
                 master: part,
                 opt: FlatOptimizer::new(spec, hi - lo),
-            }
-        } else {
-            let Some(a) = adam else {
-                unreachable!("checked above: Adam without offload")
-            };
-            Optim::Device {
+            },
+            OptimizerSpec::Adam(a) => Optim::Device {
                 master: Tensor::from_vec(part, hi - lo, dev)?,
                 adam: DeviceAdam::new(a, hi - lo, dev)?,
+            },
+            _ => {
+                return Err(refuse(
+                    "optimizer.type",
+                    "the device engine runs Adam/AdamW on the device; other optimizers run on the host with zero_optimization.offload_optimizer.device = \"cpu\"",
+                ))
             }
         };
         // The model's weights: the f32 values rounded to the model dtype, on the device.
