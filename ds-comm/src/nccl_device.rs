@@ -202,7 +202,8 @@ impl NcclComm {
             && output.is_contiguous()
             && output.dtype() == t.dtype()
             && output.elem_count() == len / n
-            && output.device().same_device(t.device());
+            && output.device().same_device(t.device())
+            && !shares_storage(output, &t);
         if direct {
             return self.device_run(
                 Kind::ReduceScatter(op),
@@ -231,7 +232,8 @@ impl NcclComm {
             && output.is_contiguous()
             && output.dtype() == t.dtype()
             && output.elem_count() == t.elem_count() * self.size
-            && output.device().same_device(t.device());
+            && output.device().same_device(t.device())
+            && !shares_storage(output, &t);
         if direct {
             return self.device_run(Kind::AllGather, &t, output, "all_gather");
         }
@@ -262,6 +264,18 @@ impl NcclComm {
         }
         Ok((self.rank == root).then_some(out))
     }
+}
+
+/// Whether two tensors are views of one allocation. Candle refuses an in-place op whose input
+/// aliases its output, so an aliased `_into` call (the output a slice of the input's buffer, as
+/// DeepSpeed's flat buffers do) goes through a separate result and a device copy instead.
+fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+    let pa = {
+        let (s, _) = a.storage_and_layout();
+        &*s as *const candle_core::Storage
+    };
+    let (s, _) = b.storage_and_layout();
+    std::ptr::eq(pa, &*s)
 }
 
 /// Copies `src` into `dst` (same element count and dtype) on the device: `dst` is overwritten in

@@ -68,6 +68,16 @@ pub struct DeviceStepReport {
     pub loss_scale: f64,
     /// The learning rate used.
     pub lr: f64,
+    /// Milliseconds of forward passes this step, all micro-batches (the ZeRO-3 weight gather
+    /// included; the loss is read back, so the device has finished them).
+    pub fwd_ms: f64,
+    /// Milliseconds of backward passes and gradient reductions this step, all micro-batches. Exact
+    /// only with [`DeviceEngine::set_wall_clock_breakdown`] on (the device is synchronised
+    /// after each backward); otherwise it can miss queued device work.
+    pub bwd_ms: f64,
+    /// Milliseconds of the optimizer step (reduction, overflow check, update, all-gather);
+    /// synchronised as `bwd_ms`.
+    pub step_ms: f64,
 }
 
 /// Per-rank bytes held by a [`DeviceEngine`], by kind and place.
@@ -114,6 +124,11 @@ pub struct DeviceEngine<'c> {
     notes: Vec<String>,
     /// Optimizer state buffer names (checkpoints): `exp_avg`, `exp_avg_sq`, ...
     state_names: &'static [&'static str],
+    /// `wall_clock_breakdown`: synchronise the device at the timers' ends.
+    timers: bool,
+    /// Forward / backward milliseconds since the last step.
+    fwd_ms: f64,
+    bwd_ms: f64,
 }
 
 impl std::fmt::Debug for DeviceEngine<'_> {
@@ -285,6 +300,9 @@ impl<'c> DeviceEngine<'c> {
             skipped: 0,
             notes: device_notes(cfg),
             state_names: spec.state_names(),
+            timers: cfg.wall_clock_breakdown,
+            fwd_ms: 0.0,
+            bwd_ms: 0.0,
         })
     }
 
@@ -328,6 +346,13 @@ impl<'c> DeviceEngine<'c> {
     /// engine's [`crate::engine::Engine::set_checkpoint_policy`] counterpart).
     pub fn set_checkpoint_policy(&mut self, policy: Policy) {
         self.policy = policy;
+    }
+
+    /// Whether the step's timers are exact (`wall_clock_breakdown`, on by the config): the
+    /// device is synchronised after each backward pass and each optimizer step, as DeepSpeed's
+    /// timers synchronise CUDA. Costs a little on a GPU; nothing on the CPU device.
+    pub fn set_wall_clock_breakdown(&mut self, on: bool) {
+        self.timers = on;
     }
 
     /// Micro-batches per optimizer step.
@@ -404,6 +429,7 @@ impl<'c> DeviceEngine<'c> {
             )));
         }
         let b = ids.len() / t;
+        let t0 = std::time::Instant::now();
         if let Some(s) = &self.shard16 {
             // ZeRO-3: gather the 16-bit weights for this micro-step.
             let full = self.gather_padded(s)?;
@@ -417,6 +443,8 @@ impl<'c> DeviceEngine<'c> {
             .model
             .forward_backward_scaled(&ids, &targets, self.policy, k)?;
         let value = fb.loss;
+        // Up to here: the gather and the forward pass (the loss was read back: synchronised).
+        let fwd_ms = t0.elapsed().as_secs_f64() * 1e3 - fb.bwd_ms;
         let mut flat = Vec::with_capacity(self.shapes.len());
         for (g, sh) in fb.grads.into_iter().zip(&self.shapes) {
             let g = match g {
@@ -443,6 +471,11 @@ impl<'c> DeviceEngine<'c> {
             None => part,
         });
         self.micro += 1;
+        if self.timers {
+            self.dev.synchronize()?;
+        }
+        self.fwd_ms += fwd_ms;
+        self.bwd_ms += t0.elapsed().as_secs_f64() * 1e3 - fwd_ms;
         Ok(value)
     }
 
@@ -460,6 +493,9 @@ impl<'c> DeviceEngine<'c> {
             ));
         };
         self.micro = 0;
+        let t0 = std::time::Instant::now();
+        let (fwd_ms, bwd_ms) = (self.fwd_ms, self.bwd_ms);
+        (self.fwd_ms, self.bwd_ms) = (0.0, 0.0);
         let lr = self.sched.current_lr();
         let loss_scale = self.scaler.scale();
         // Stages 0-1: one reduction of the accumulated gradients, in the model dtype.
@@ -491,6 +527,9 @@ impl<'c> DeviceEngine<'c> {
                 grad_norm: f64::NAN,
                 loss_scale,
                 lr,
+                fwd_ms,
+                bwd_ms,
+                step_ms: t0.elapsed().as_secs_f64() * 1e3,
             });
         }
         // Global norm: at stage 0 `g` is every gradient; at stages 1-3 it is this rank's
@@ -522,11 +561,17 @@ impl<'c> DeviceEngine<'c> {
         };
         self.install_part(new_part16)?;
         self.sched.step();
+        if self.timers {
+            self.dev.synchronize()?;
+        }
         Ok(DeviceStepReport {
             skipped: false,
             grad_norm: norm,
             loss_scale,
             lr,
+            fwd_ms,
+            bwd_ms,
+            step_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
     }
 

@@ -600,6 +600,153 @@ fn run_rank_mlp(
     drive(engine, &fresh, None, comm, cfg, source, args, log_every)
 }
 
+/// Rank 0's training monitors (`csv_monitor`, `tensorboard`), DeepSpeed's event names.
+struct Monitors {
+    csv: Option<crate::monitor::CsvMonitor>,
+    tb: Option<crate::monitor::TensorBoardMonitor>,
+}
+
+impl Monitors {
+    /// The monitors the config enables (none off rank 0).
+    fn new(cfg: &ResolvedConfig, rank: usize) -> Result<Self, EngineError> {
+        let on = |enabled: bool| rank == 0 && enabled;
+        Ok(Monitors {
+            csv: on(cfg.csv_monitor.enabled)
+                .then(|| {
+                    crate::monitor::CsvMonitor::new(
+                        &cfg.csv_monitor.output_path,
+                        &cfg.csv_monitor.job_name,
+                    )
+                })
+                .transpose()?,
+            tb: on(cfg.tensorboard.enabled)
+                .then(|| {
+                    crate::monitor::TensorBoardMonitor::new(
+                        &cfg.tensorboard.output_path,
+                        &cfg.tensorboard.job_name,
+                    )
+                })
+                .transpose()?,
+        })
+    }
+
+    /// One scalar at `samples` trained samples, to every monitor.
+    fn event(&mut self, name: &str, value: f64, samples: u64) -> Result<(), EngineError> {
+        if let Some(m) = self.csv.as_mut() {
+            m.write_event(name, value, samples)?;
+        }
+        if let Some(m) = self.tb.as_mut() {
+            m.write_event(name, value, samples)?;
+        }
+        Ok(())
+    }
+
+    /// The training events of one step (`Train/Samples/train_loss`, `.../lr`).
+    fn train_step(
+        &mut self,
+        cfg: &ResolvedConfig,
+        step: u64,
+        loss: f64,
+        lr: f64,
+    ) -> Result<(), EngineError> {
+        let samples = (step + 1) * cfg.train_batch_size;
+        self.event("Train/Samples/train_loss", loss, samples)?;
+        self.event("Train/Samples/lr", lr, samples)
+    }
+
+    /// The held-out results at the end (`Eval/Samples/val_loss`, `.../val_accuracy`), then
+    /// flushes; returns the TensorBoard event file's path.
+    fn finish(mut self, eval: &EvalResult, samples: u64) -> Result<Option<String>, EngineError> {
+        for (name, v) in [
+            ("Eval/Samples/val_loss", eval.loss),
+            ("Eval/Samples/val_accuracy", eval.accuracy),
+        ] {
+            if let Some(v) = v {
+                self.event(name, v, samples)?;
+            }
+        }
+        if let Some(m) = self.csv.as_mut() {
+            m.flush()?;
+        }
+        if let Some(m) = self.tb.as_mut() {
+            m.flush()?;
+        }
+        Ok(self.tb.map(|m| m.path().display().to_string()))
+    }
+}
+
+/// Rank 0's progress bar (`--progress` on a terminal).
+fn progress_bar(rank: usize, args: &TrainArgs) -> Option<indicatif::ProgressBar> {
+    (rank == 0 && args.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(
+        || {
+            let b = indicatif::ProgressBar::new(args.steps);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            ) {
+                b.set_style(style);
+            }
+            b
+        },
+    )
+}
+
+/// Rank 0's start-up lines: the engine's notes and, with `dump_state`, the resolved config.
+fn say_notes(cfg: &ResolvedConfig, rank: usize, notes: &[String]) {
+    if rank != 0 {
+        return;
+    }
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    if cfg.json()["dump_state"] == serde_json::Value::Bool(true) {
+        eprintln!(
+            "dump_state: resolved config {}",
+            serde_json::to_string_pretty(cfg.json()).unwrap_or_default()
+        );
+    }
+}
+
+/// DeepSpeed's line for a skipped step.
+fn overflow_line(
+    cfg: &ResolvedConfig,
+    step: u64,
+    scale: f64,
+    next_scale: f64,
+    skipped: u64,
+) -> String {
+    if cfg.fp16.enabled {
+        format!(
+            "[ds] step {}: OVERFLOW! gradients inf/nan at loss scale {scale}: step skipped, next loss scale {next_scale} (skipped so far: {skipped})",
+            step + 1,
+        )
+    } else {
+        format!(
+            "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {skipped})",
+            step + 1,
+        )
+    }
+}
+
+/// `memory_breakdown`'s line (process memory).
+fn memory_line() -> String {
+    let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
+    format!(
+        "MemAllocated (process RSS)={:.3}GB, MaxMemAllocated (peak RSS)={:.3}GB",
+        gb(ds_profiler::vm_rss_bytes()),
+        gb(ds_profiler::vm_hwm_bytes())
+    )
+}
+
+/// `wall_clock_breakdown`'s line: mean milliseconds per step over the last `k` steps.
+fn wall_clock_line(fwd: f64, bwd: f64, step: f64, k: f64) -> String {
+    format!(
+        "time (ms) | fwd: {:.2} | bwd: {:.2} | step: {:.2}",
+        fwd / k,
+        bwd / k,
+        step / k
+    )
+}
+
 /// The training loop over an initialised engine; `fresh` builds a model of the same kind for
 /// the final evaluation.
 #[allow(clippy::too_many_arguments)]
@@ -614,33 +761,8 @@ fn drive<M: Model>(
     log_every: u64,
 ) -> Result<RankResult, EngineError> {
     let (ws, rank) = (comm.world_size(), comm.rank());
-    if rank == 0 {
-        for n in engine.notes() {
-            eprintln!("note: {n}");
-        }
-        if cfg.json()["dump_state"] == serde_json::Value::Bool(true) {
-            eprintln!(
-                "dump_state: resolved config {}",
-                serde_json::to_string_pretty(cfg.json()).unwrap_or_default()
-            );
-        }
-    }
-    let mut csv = if rank == 0 && cfg.csv_monitor.enabled {
-        Some(crate::monitor::CsvMonitor::new(
-            &cfg.csv_monitor.output_path,
-            &cfg.csv_monitor.job_name,
-        )?)
-    } else {
-        None
-    };
-    let mut tb = if rank == 0 && cfg.tensorboard.enabled {
-        Some(crate::monitor::TensorBoardMonitor::new(
-            &cfg.tensorboard.output_path,
-            &cfg.tensorboard.job_name,
-        )?)
-    } else {
-        None
-    };
+    say_notes(cfg, rank, engine.notes());
+    let mut monitors = Monitors::new(cfg, rank)?;
     if args.ckpt {
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every)?;
     }
@@ -660,16 +782,7 @@ fn drive<M: Model>(
         }
     }
     let micro = engine.micro_batch_size();
-    let bar = (rank == 0 && args.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .then(|| {
-            let b = indicatif::ProgressBar::new(args.steps);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            ) {
-                b.set_style(style);
-            }
-            b
-        });
+    let bar = progress_bar(rank, args);
     // Log lines go around the progress bar (stderr either way).
     let say = |line: String| match &bar {
         Some(b) => b.suspend(|| eprintln!("{line}")),
@@ -710,16 +823,7 @@ fn drive<M: Model>(
             }
         }
         losses.push(r.loss);
-        if let Some(m) = csv.as_mut() {
-            let samples = (step + 1) * cfg.train_batch_size;
-            m.write_event("Train/Samples/train_loss", r.loss, samples)?;
-            m.write_event("Train/Samples/lr", r.lr, samples)?;
-        }
-        if let Some(m) = tb.as_mut() {
-            let samples = (step + 1) * cfg.train_batch_size;
-            m.write_event("Train/Samples/train_loss", r.loss, samples)?;
-            m.write_event("Train/Samples/lr", r.lr, samples)?;
-        }
+        monitors.train_step(cfg, step, r.loss, r.lr)?;
         if let Some(b) = &bar {
             b.inc(1);
             b.set_message(format!("loss {:.4}", r.loss));
@@ -735,21 +839,13 @@ fn drive<M: Model>(
         b_acc += r.bwd_ms;
         s_acc += r.step_ms;
         if r.step.overflow && rank == 0 {
-            if cfg.fp16.enabled {
-                say(format!(
-                    "[ds] step {}: OVERFLOW! gradients inf/nan at loss scale {}: step skipped, next loss scale {} (skipped so far: {})",
-                    step + 1,
-                    r.step.loss_scale,
-                    r.step.next_loss_scale,
-                    engine.skipped_steps()
-                ));
-            } else {
-                say(format!(
-                    "[ds] step {}: inf/nan gradients: step skipped (skipped so far: {})",
-                    step + 1,
-                    engine.skipped_steps()
-                ));
-            }
+            say(overflow_line(
+                cfg,
+                step,
+                r.step.loss_scale,
+                r.step.next_loss_scale,
+                engine.skipped_steps(),
+            ));
         }
         if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
             let val = match &periodic {
@@ -779,21 +875,10 @@ fn drive<M: Model>(
                 }
             }
             if cfg.memory_breakdown {
-                let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
-                say(format!(
-                    "MemAllocated (process RSS)={:.3}GB, MaxMemAllocated (peak RSS)={:.3}GB",
-                    gb(ds_profiler::vm_rss_bytes()),
-                    gb(ds_profiler::vm_hwm_bytes())
-                ));
+                say(memory_line());
             }
             if cfg.wall_clock_breakdown {
-                let k = log_every as f64;
-                say(format!(
-                    "time (ms) | fwd: {:.2} | bwd: {:.2} | step: {:.2}",
-                    f_acc / k,
-                    b_acc / k,
-                    s_acc / k
-                ));
+                say(wall_clock_line(f_acc, b_acc, s_acc, log_every as f64));
             }
             f_acc = 0.0;
             b_acc = 0.0;
@@ -806,28 +891,7 @@ fn drive<M: Model>(
     // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
     // collective at every stage).
     let eval = held_out(source, rank, || engine.gather_full_params(), fresh)?;
-    if eval.loss.is_some() {
-        let samples = (start + args.steps) * cfg.train_batch_size;
-        for (name, v) in [
-            ("Eval/Samples/val_loss", eval.loss),
-            ("Eval/Samples/val_accuracy", eval.accuracy),
-        ] {
-            if let Some(v) = v {
-                if let Some(m) = csv.as_mut() {
-                    m.write_event(name, v, samples)?;
-                }
-                if let Some(m) = tb.as_mut() {
-                    m.write_event(name, v, samples)?;
-                }
-            }
-        }
-    }
-    if let Some(m) = csv.as_mut() {
-        m.flush()?;
-    }
-    if let Some(m) = tb.as_mut() {
-        m.flush()?;
-    }
+    let tensorboard = monitors.finish(&eval, (start + args.steps) * cfg.train_batch_size)?;
     if let Some(store) = &store {
         let tag = format!("global_step{}", engine.global_steps());
         if saved_at != Some(engine.global_steps()) {
@@ -843,7 +907,7 @@ fn drive<M: Model>(
     Ok(RankResult {
         start,
         eval,
-        tensorboard: tb.map(|m| m.path().display().to_string()),
+        tensorboard,
         losses,
         step_ms,
         overhead,
@@ -1202,8 +1266,9 @@ fn train_nccl(
 }
 
 /// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
-/// no flops profile on this path yet; checkpoints in the host engine's format). The held-out evaluation runs on the host
-/// from the gathered f32 master weights.
+/// checkpoints in the host engine's format; the monitors, `wall_clock_breakdown` and
+/// `memory_breakdown` as on the host path; no flops profile or per-block checkpoint profile yet,
+/// refused). The held-out evaluation runs on the host from the gathered f32 master weights.
 fn run_rank_device(
     comm: &dyn Communicator,
     dev: &Device,
@@ -1223,6 +1288,16 @@ fn run_rank_device(
     if args.flops_profile {
         return refuse("--flops-profile");
     }
+    if cfg.flops_profiler.enabled {
+        return Err(EngineError::Config(
+            "flops_profiler.enabled: the flops profile is measured on the host engine; the device engine (--backend nccl, --device-engine) has none yet (set enabled false, or profile with `ds profile`)".into(),
+        ));
+    }
+    if cfg.activation_checkpointing.profile {
+        return Err(EngineError::Config(
+            "activation_checkpointing.profile: per-block timings are measured by the host engine; the device engine (--backend nccl, --device-engine) does not time blocks yet (set profile false)".into(),
+        ));
+    }
     let (ws, rank) = (comm.world_size(), comm.rank());
     let mut model = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
     if args.dropout > 0.0 {
@@ -1232,11 +1307,8 @@ fn run_rank_device(
     if args.ckpt {
         e.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
     }
-    if rank == 0 {
-        for n in e.notes() {
-            eprintln!("note: {n}");
-        }
-    }
+    say_notes(cfg, rank, e.notes());
+    let mut monitors = Monitors::new(cfg, rank)?;
     let store = checkpoint_store(args)?;
     let mut start = 0u64;
     if let Some(ckpt) = resume_point(args, store.as_ref())? {
@@ -1253,13 +1325,34 @@ fn run_rank_device(
         }
     }
     let micro = e.micro_batch_size();
+    let bar = progress_bar(rank, args);
+    let say = |line: String| match &bar {
+        Some(b) => b.suspend(|| eprintln!("{line}")),
+        None => eprintln!("{line}"),
+    };
     let (mut losses, mut step_ms, mut save_ms) = (vec![], vec![], vec![]);
+    let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
     let mut saved_at = None;
     for step in start..start + args.steps {
         let t0 = Instant::now();
         let (loss, rep) = e.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         losses.push(loss as f64);
+        monitors.train_step(cfg, step, loss as f64, rep.lr)?;
+        if let Some(b) = &bar {
+            b.inc(1);
+            b.set_message(format!("loss {loss:.4}"));
+        }
+        (f_acc, b_acc, s_acc) = (f_acc + rep.fwd_ms, b_acc + rep.bwd_ms, s_acc + rep.step_ms);
+        if rep.skipped && rank == 0 {
+            say(overflow_line(
+                cfg,
+                step,
+                rep.loss_scale,
+                e.loss_scale(),
+                e.skipped_steps(),
+            ));
+        }
         if let (Some(k), Some(store)) = (args.save_interval, &store) {
             if e.global_steps().is_multiple_of(k) && step + 1 < start + args.steps {
                 let t = Instant::now();
@@ -1273,20 +1366,40 @@ fn run_rank_device(
             }
         }
         if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
-            eprintln!(
-                "step {:>6} loss {:.4} lr {:.3e} loss_scale {} {:.1} ms{}",
+            let scale = if cfg.fp16.enabled {
+                format!(", loss_scale={}", e.loss_scale())
+            } else {
+                String::new()
+            };
+            say(format!(
+                "step={}, skipped={}, lr=[{:.6e}], loss={loss:.4}, grad_norm={:.4}{scale}, step_ms={:.1}",
                 step + 1,
-                loss,
+                e.skipped_steps(),
                 rep.lr,
-                rep.loss_scale,
-                step_ms[step_ms.len() - 1],
-                if rep.skipped {
-                    " OVERFLOW! step skipped"
-                } else {
-                    ""
-                }
-            );
+                rep.grad_norm,
+                step_ms[step_ms.len() - 1]
+            ));
+            if cfg.memory_breakdown {
+                let m = e.memory();
+                let gb = |b: usize| b as f64 / 1e9;
+                say(format!(
+                    "{} | engine state: model {:.3}GB, master {:.3}GB, optimizer {:.3}GB ({}), gradients {:.3}GB",
+                    memory_line(),
+                    gb(m.model_bytes),
+                    gb(m.master_bytes),
+                    gb(m.optimizer_bytes),
+                    if m.offloaded { "host" } else { "device" },
+                    gb(m.grad_bytes)
+                ));
+            }
+            if cfg.wall_clock_breakdown {
+                say(wall_clock_line(f_acc, b_acc, s_acc, log_every as f64));
+            }
+            (f_acc, b_acc, s_acc) = (0.0, 0.0, 0.0);
         }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
     if let Some(store) = &store {
         let tag = format!("global_step{}", e.global_steps());
@@ -1306,6 +1419,7 @@ fn run_rank_device(
         || e.gather_master(),
         || Ok(Gpt::new(args.shape, args.seed, &Device::Cpu)?),
     )?;
+    let tensorboard = monitors.finish(&eval, (start + args.steps) * cfg.train_batch_size)?;
     if let Some(loss) = eval.loss {
         eprintln!(
             "held-out: loss {loss:.4}{}",
@@ -1322,7 +1436,7 @@ fn run_rank_device(
     Ok(RankResult {
         start,
         eval,
-        tensorboard: None,
+        tensorboard,
         losses,
         step_ms,
         overhead: vec![],

@@ -940,3 +940,88 @@ fn device_engine_from_the_cli_and_nccl_without_cuda() {
         }
     }
 }
+
+/// The device engine's `ds train` path honours the config's monitors and timers as the host path
+/// does: `csv_monitor` rows equal the reported losses at DeepSpeed's sample counts,
+/// `wall_clock_breakdown` and `memory_breakdown` print their lines, and a key it cannot run
+/// (`flops_profiler.enabled`) is refused by name (exit 2), not ignored.
+#[test]
+fn device_engine_monitors_timers_and_refusals() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-devmon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = |extra: &str| {
+        tmp(
+            &format!("devmon{}.json", extra.len()),
+            &format!(
+                r#"{{"train_batch_size": 4, "steps_per_print": 2, "wall_clock_breakdown": true,
+                   "memory_breakdown": true, "optimizer": {{"type": "AdamW", "params": {{"lr": 0.01}}}},
+                   "zero_optimization": {{"stage": 2}},
+                   "csv_monitor": {{"enabled": true, "output_path": "{}", "job_name": "dev"}}{extra}}}"#,
+                dir.display()
+            ),
+        )
+    };
+    let ok = cfg("");
+    let args = |c: &PathBuf| {
+        [
+            "train",
+            "--config",
+            c.to_str().unwrap(),
+            "--device-engine",
+            // one rank: the monitor's rank-0 loss is the reported (rank-mean) loss
+            "--world-size",
+            "1",
+            "--steps",
+            "4",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--seq",
+            "16",
+            "--vocab",
+            "16",
+            "--json",
+        ]
+        .map(String::from)
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_ds"))
+        .args(args(&ok))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let losses: Vec<f64> = v["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 4);
+    let csv = std::fs::read_to_string(dir.join("dev/Train_Samples_train_loss.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "step,train_loss");
+    assert_eq!(rows.len(), 5, "{csv}");
+    for (i, (row, want)) in rows[1..].iter().zip(&losses).enumerate() {
+        let (samples, loss) = row.split_once(',').unwrap();
+        assert_eq!(samples.parse::<u64>().unwrap(), 4 * (i as u64 + 1), "{row}");
+        let loss: f64 = loss.parse().unwrap();
+        assert!((loss - want).abs() < 1e-5, "{row} vs {want}");
+    }
+    // The held-out results of the addition task close the CSV monitor.
+    assert!(dir.join("dev/Eval_Samples_val_accuracy.csv").exists());
+    // Every 2 steps (steps_per_print): the timers' and the memory line.
+    assert_eq!(err.matches("time (ms) | fwd: ").count(), 2, "{err}");
+    assert_eq!(err.matches("engine state: model ").count(), 2, "{err}");
+    let bad = cfg(r#", "flops_profiler": {"enabled": true}"#);
+    let out = Command::new(env!("CARGO_BIN_EXE_ds"))
+        .args(args(&bad))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flops_profiler.enabled"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

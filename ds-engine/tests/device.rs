@@ -433,3 +433,28 @@ fn checkpoints_move_between_the_device_and_host_engines() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The step report's timers (`wall_clock_breakdown`): forward, backward and step are each
+/// positive, and together they fit inside the wall time of `train_batch` (they time disjoint
+/// parts of it).
+#[test]
+fn step_timers_are_disjoint_parts_of_the_step() {
+    let c = cfg(1, json!({"wall_clock_breakdown": true}));
+    let comm = LocalComm::create(1).pop().unwrap();
+    let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+    let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+    let mut e = DeviceEngine::initialize(&c, model, &Device::Cpu, &comm).unwrap();
+    let micro = e.micro_batch_size();
+    for step in 0..2 {
+        let t0 = std::time::Instant::now();
+        let (_, r) = e
+            .train_batch(|m| dl.micro_batch(step, m, 0, 1, micro))
+            .unwrap();
+        let wall = t0.elapsed().as_secs_f64() * 1e3;
+        assert!(r.fwd_ms > 0.0 && r.bwd_ms > 0.0 && r.step_ms > 0.0, "{r:?}");
+        assert!(
+            r.fwd_ms + r.bwd_ms + r.step_ms <= wall + 1e-6,
+            "{r:?} vs {wall} ms"
+        );
+    }
+}
