@@ -485,7 +485,7 @@ fn flops_report(
     shape: ModelShape,
     micro: usize,
     ws: usize,
-    r: &TrainStep,
+    (fwd_ms, bwd_ms, step_ms): (f64, f64, f64),
 ) -> Result<String, EngineError> {
     let fp = &cfg.flops_profiler;
     let opts = ds_profiler::ProfilerOptions {
@@ -509,9 +509,9 @@ fn flops_report(
         step: fp.profile_step,
         world_size: ws,
         batch_size_per_gpu: Some(micro),
-        fwd_latency: Some(ms(r.fwd_ms)),
-        bwd_latency: Some(ms(r.bwd_ms)),
-        step_latency: Some(ms(r.step_ms)),
+        fwd_latency: Some(ms(fwd_ms)),
+        bwd_latency: Some(ms(bwd_ms)),
+        step_latency: Some(ms(step_ms)),
         ..Default::default()
     };
     prof.model_profile_report(&opts, &ctx)
@@ -546,7 +546,8 @@ fn run_rank(
     };
     let fresh = || Ok(Gpt::new(shape, 0, &Device::Cpu)?);
     let micro = cfg.train_micro_batch_size_per_gpu as usize;
-    let flops = |r: &TrainStep| flops_report(cfg, shape, micro, ws, r);
+    let flops =
+        |r: &TrainStep| flops_report(cfg, shape, micro, ws, (r.fwd_ms, r.bwd_ms, r.step_ms));
     drive(
         engine,
         &fresh,
@@ -1266,9 +1267,10 @@ fn train_nccl(
 }
 
 /// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
-/// checkpoints in the host engine's format; the monitors, `wall_clock_breakdown` and
-/// `memory_breakdown` as on the host path; no flops profile or per-block checkpoint profile yet,
-/// refused). The held-out evaluation runs on the host from the gathered f32 master weights.
+/// checkpoints in the host engine's format; the monitors, `wall_clock_breakdown`,
+/// `memory_breakdown` and the flops profile as on the host path, the profiled step timed with
+/// the device synchronised; no per-block checkpoint profile yet, refused). The held-out
+/// evaluation runs on the host from the gathered f32 master weights.
 fn run_rank_device(
     comm: &dyn Communicator,
     dev: &Device,
@@ -1284,14 +1286,6 @@ fn run_rank_device(
     };
     if args.model != ModelKind::Gpt {
         return refuse("--model mlp");
-    }
-    if args.flops_profile {
-        return refuse("--flops-profile");
-    }
-    if cfg.flops_profiler.enabled {
-        return Err(EngineError::Config(
-            "flops_profiler.enabled: the flops profile is measured on the host engine; the device engine (--backend nccl, --device-engine) has none yet (set enabled false, or profile with `ds profile`)".into(),
-        ));
     }
     if cfg.activation_checkpointing.profile {
         return Err(EngineError::Config(
@@ -1333,11 +1327,24 @@ fn run_rank_device(
     let (mut losses, mut step_ms, mut save_ms) = (vec![], vec![], vec![]);
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
     let mut saved_at = None;
+    let profile_step = cfg.flops_profiler.profile_step.max(1);
     for step in start..start + args.steps {
+        // The profiled step's timers are exact: the device is synchronised at their ends.
+        let profiled = cfg.flops_profiler.enabled && step + 1 == profile_step;
+        e.set_wall_clock_breakdown(cfg.wall_clock_breakdown || profiled);
         let t0 = Instant::now();
         let (loss, rep) = e.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         losses.push(loss as f64);
+        if profiled && rank == 0 {
+            say(flops_report(
+                cfg,
+                args.shape,
+                micro,
+                ws,
+                (rep.fwd_ms, rep.bwd_ms, rep.step_ms),
+            )?);
+        }
         monitors.train_step(cfg, step, loss as f64, rep.lr)?;
         if let Some(b) = &bar {
             b.inc(1);

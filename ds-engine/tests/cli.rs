@@ -941,10 +941,11 @@ fn device_engine_from_the_cli_and_nccl_without_cuda() {
     }
 }
 
-/// The device engine's `ds train` path honours the config's monitors and timers as the host path
-/// does: `csv_monitor` rows equal the reported losses at DeepSpeed's sample counts,
-/// `wall_clock_breakdown` and `memory_breakdown` print their lines, and a key it cannot run
-/// (`flops_profiler.enabled`) is refused by name (exit 2), not ignored.
+/// The device engine's `ds train` path honours the config's monitors, timers and flops profiler
+/// as the host path does: `csv_monitor` rows equal the reported losses at DeepSpeed's sample
+/// counts, `wall_clock_breakdown` and `memory_breakdown` print their lines, the flops profile is
+/// printed once at `profile_step` with all three latencies, and a key it cannot run
+/// (`activation_checkpointing.profile`) is refused by name (exit 2), not ignored.
 #[test]
 fn device_engine_monitors_timers_and_refusals() {
     let dir = std::env::temp_dir().join(format!("ds-cli-devmon-{}", std::process::id()));
@@ -956,6 +957,7 @@ fn device_engine_monitors_timers_and_refusals() {
                 r#"{{"train_batch_size": 4, "steps_per_print": 2, "wall_clock_breakdown": true,
                    "memory_breakdown": true, "optimizer": {{"type": "AdamW", "params": {{"lr": 0.01}}}},
                    "zero_optimization": {{"stage": 2}},
+                   "flops_profiler": {{"enabled": true, "profile_step": 3, "detailed": false}},
                    "csv_monitor": {{"enabled": true, "output_path": "{}", "job_name": "dev"}}{extra}}}"#,
                 dir.display()
             ),
@@ -1016,12 +1018,21 @@ fn device_engine_monitors_timers_and_refusals() {
     // Every 2 steps (steps_per_print): the timers' and the memory line.
     assert_eq!(err.matches("time (ms) | fwd: ").count(), 2, "{err}");
     assert_eq!(err.matches("engine state: model ").count(), 2, "{err}");
-    let bad = cfg(r#", "flops_profiler": {"enabled": true}"#);
+    assert_eq!(err.matches("Profile Summary at step 3").count(), 1, "{err}");
+    for key in [
+        "fwd latency:",
+        "bwd latency:",
+        "step latency:",
+        "fwd flops per GPU:",
+    ] {
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let bad = cfg(r#", "activation_checkpointing": {"profile": true}"#);
     let out = Command::new(env!("CARGO_BIN_EXE_ds"))
         .args(args(&bad))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("flops_profiler.enabled"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("activation_checkpointing.profile"));
     let _ = std::fs::remove_dir_all(&dir);
 }
