@@ -129,6 +129,8 @@ pub struct DeviceEngine<'c> {
     /// Forward / backward milliseconds since the last step.
     fwd_ms: f64,
     bwd_ms: f64,
+    /// The last micro-batch's checkpointed blocks: (block, forward ms, recompute+backward ms).
+    segments: Vec<(usize, f64, f64)>,
 }
 
 impl std::fmt::Debug for DeviceEngine<'_> {
@@ -303,6 +305,7 @@ impl<'c> DeviceEngine<'c> {
             timers: cfg.wall_clock_breakdown,
             fwd_ms: 0.0,
             bwd_ms: 0.0,
+            segments: Vec::new(),
         })
     }
 
@@ -353,6 +356,14 @@ impl<'c> DeviceEngine<'c> {
     /// timers synchronise CUDA. Costs a little on a GPU; nothing on the CPU device.
     pub fn set_wall_clock_breakdown(&mut self, on: bool) {
         self.timers = on;
+    }
+
+    /// The last micro-batch's checkpointed blocks (`activation_checkpointing.profile`): block
+    /// index, forward milliseconds and recompute+backward milliseconds, in backward order. The
+    /// device is synchronised before each timer is read when the timers are on
+    /// ([`DeviceEngine::set_wall_clock_breakdown`]).
+    pub fn segment_times(&self) -> &[(usize, f64, f64)] {
+        &self.segments
     }
 
     /// Micro-batches per optimizer step.
@@ -439,9 +450,11 @@ impl<'c> DeviceEngine<'c> {
         let ids = Tensor::from_slice(ids, (b, t), &self.dev)?;
         let targets = Tensor::from_slice(targets, (b, t), &self.dev)?;
         let k = self.scaler.scale() / self.gas as f64;
+        self.model.set_sync_timers(self.timers);
         let fb = self
             .model
             .forward_backward_scaled(&ids, &targets, self.policy, k)?;
+        self.segments = fb.segments;
         let value = fb.loss;
         // Up to here: the gather and the forward pass (the loss was read back: synchronised).
         let fwd_ms = t0.elapsed().as_secs_f64() * 1e3 - fb.bwd_ms;

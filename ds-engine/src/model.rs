@@ -448,6 +448,8 @@ pub struct Gpt {
     threads: usize,
     fast: bool,
     cpu_ckpt: bool,
+    /// Synchronise the device before reading the per-block checkpoint timers.
+    sync_timers: bool,
 }
 
 impl Gpt {
@@ -534,6 +536,7 @@ impl Gpt {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fast: true,
             cpu_ckpt: false,
+            sync_timers: false,
         })
     }
 
@@ -776,6 +779,13 @@ impl Gpt {
         self.cpu_ckpt = on;
     }
 
+    /// Synchronise the device before each per-block checkpoint timer is read on the
+    /// candle-autograd path ([`FwdBwd::segments`]), so that on a GPU they time the blocks' work
+    /// rather than its launch. A no-op on the CPU.
+    pub fn set_sync_timers(&mut self, on: bool) {
+        self.sync_timers = on;
+    }
+
     /// The candle-autograd pass on any device and dtype (what a device engine runs): the
     /// loss, and the gradients of `loss * loss_scale` (fp16 loss scaling), with the blocks the
     /// policy names checkpointed (their inputs in host memory with
@@ -851,6 +861,9 @@ impl Gpt {
                     checkpoint_forward(&seg, &x)
                 }
                 .map_err(to_candle)?;
+                if self.sync_timers {
+                    y.device().synchronize()?;
+                }
                 seg_fwd[i] = ts.elapsed().as_secs_f64() * 1e3;
                 kept.push(Kept::Ckpt(saved));
                 x = y;
@@ -897,6 +910,9 @@ impl Gpt {
                     let seg = |t: &Tensor, m: Mode| blk.forward_mode(t, m, key);
                     let ts = std::time::Instant::now();
                     let sg = recompute_backward(&seg, &saved, &g, &refs).map_err(to_candle)?;
+                    if self.sync_timers {
+                        g.device().synchronize()?;
+                    }
                     segments.push((i, seg_fwd[i], ts.elapsed().as_secs_f64() * 1e3));
                     for (k, pg) in sg.params.into_iter().enumerate() {
                         if let Some(pg) = pg {

@@ -1287,11 +1287,6 @@ fn run_rank_device(
     if args.model != ModelKind::Gpt {
         return refuse("--model mlp");
     }
-    if cfg.activation_checkpointing.profile {
-        return Err(EngineError::Config(
-            "activation_checkpointing.profile: per-block timings are measured by the host engine; the device engine (--backend nccl, --device-engine) does not time blocks yet (set profile false)".into(),
-        ));
-    }
     let (ws, rank) = (comm.world_size(), comm.rank());
     let mut model = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
     if args.dropout > 0.0 {
@@ -1331,7 +1326,12 @@ fn run_rank_device(
     for step in start..start + args.steps {
         // The profiled step's timers are exact: the device is synchronised at their ends.
         let profiled = cfg.flops_profiler.enabled && step + 1 == profile_step;
-        e.set_wall_clock_breakdown(cfg.wall_clock_breakdown || profiled);
+        let printed = log_every > 0 && (step + 1) % log_every == 0;
+        e.set_wall_clock_breakdown(
+            cfg.wall_clock_breakdown
+                || profiled
+                || (printed && cfg.activation_checkpointing.profile),
+        );
         let t0 = Instant::now();
         let (loss, rep) = e.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
         step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -1398,6 +1398,11 @@ fn run_rank_device(
                     if m.offloaded { "host" } else { "device" },
                     gb(m.grad_bytes)
                 ));
+            }
+            if cfg.activation_checkpointing.profile {
+                for (i, f, b) in e.segment_times() {
+                    say(format!("checkpoint profile | block {i} | forward: {f:.2} ms | recompute+backward: {b:.2} ms"));
+                }
             }
             if cfg.wall_clock_breakdown {
                 say(wall_clock_line(f_acc, b_acc, s_acc, log_every as f64));

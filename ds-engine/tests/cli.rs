@@ -944,26 +944,28 @@ fn device_engine_from_the_cli_and_nccl_without_cuda() {
 /// The device engine's `ds train` path honours the config's monitors, timers and flops profiler
 /// as the host path does: `csv_monitor` rows equal the reported losses at DeepSpeed's sample
 /// counts, `wall_clock_breakdown` and `memory_breakdown` print their lines, the flops profile is
-/// printed once at `profile_step` with all three latencies, and a key it cannot run
-/// (`activation_checkpointing.profile`) is refused by name (exit 2), not ignored.
+/// printed once at `profile_step` with all three latencies, `activation_checkpointing.profile`
+/// times the checkpointed block, and a key it cannot run (`offload_param`) is refused by name
+/// (exit 2), not ignored.
 #[test]
 fn device_engine_monitors_timers_and_refusals() {
     let dir = std::env::temp_dir().join(format!("ds-cli-devmon-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = |extra: &str| {
+    let cfg = |zero: &str| {
         tmp(
-            &format!("devmon{}.json", extra.len()),
+            &format!("devmon{}.json", zero.len()),
             &format!(
                 r#"{{"train_batch_size": 4, "steps_per_print": 2, "wall_clock_breakdown": true,
                    "memory_breakdown": true, "optimizer": {{"type": "AdamW", "params": {{"lr": 0.01}}}},
-                   "zero_optimization": {{"stage": 2}},
+                   "zero_optimization": {zero},
                    "flops_profiler": {{"enabled": true, "profile_step": 3, "detailed": false}},
-                   "csv_monitor": {{"enabled": true, "output_path": "{}", "job_name": "dev"}}{extra}}}"#,
+                   "activation_checkpointing": {{"profile": true, "number_checkpoints": 1}},
+                   "csv_monitor": {{"enabled": true, "output_path": "{}", "job_name": "dev"}}}}"#,
                 dir.display()
             ),
         )
     };
-    let ok = cfg("");
+    let ok = cfg(r#"{"stage": 2}"#);
     let args = |c: &PathBuf| {
         [
             "train",
@@ -1027,12 +1029,18 @@ fn device_engine_monitors_timers_and_refusals() {
     ] {
         assert!(err.contains(key), "{key}: {err}");
     }
-    let bad = cfg(r#", "activation_checkpointing": {"profile": true}"#);
+    assert_eq!(
+        err.matches("checkpoint profile | block 0 | forward: ")
+            .count(),
+        2,
+        "{err}"
+    );
+    let bad = cfg(r#"{"stage": 3, "offload_param": {"device": "cpu"}}"#);
     let out = Command::new(env!("CARGO_BIN_EXE_ds"))
         .args(args(&bad))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("activation_checkpointing.profile"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("zero_optimization.offload_param"));
     let _ = std::fs::remove_dir_all(&dir);
 }
