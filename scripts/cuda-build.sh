@@ -4,6 +4,8 @@
 #
 #   bash scripts/cuda-build.sh                 # then: target/release/ds (CUDA build)
 #   DS_CUDA_HOME=/big/disk bash scripts/cuda-build.sh
+#   bash scripts/cuda-build.sh --check         # steps 1-4, then clippy -D warnings instead of
+#                                              # step 5 (what CI runs: about 9 min here)
 #
 # What it does (idempotent; each step is skipped when already done):
 #   1. pip-installs NVIDIA's CUDA 13.0 wheels (nvcc, runtime, cuBLAS, cuRAND, NCCL...), ALL pinned,
@@ -23,6 +25,12 @@
 # libnccl.so.2 at load time (README, "CUDA build"). The stub is for linking (and for `--help` on a
 # machine without a GPU); never put it on the library path of a GPU machine.
 set -euo pipefail
+CHECK=0
+case "${1:-}" in
+  --check) CHECK=1 ;;
+  "") ;;
+  *) echo "usage: bash scripts/cuda-build.sh [--check]" >&2; exit 2 ;;
+esac
 START=$(date +%s)
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -56,7 +64,10 @@ else
     PIP=("$CACHE/venv/bin/python" -m pip)
   fi
   rm -rf "$PY"
-  "${PIP[@]}" install --disable-pip-version-check --no-cache-dir --target "$PY" "${WHEELS[@]}"
+  if ! "${PIP[@]}" install --disable-pip-version-check --no-cache-dir --target "$PY" "${WHEELS[@]}"; then
+    echo "cuda-build: pip could not install the CUDA wheels (network or PyPI?)" >&2
+    exit 75 # EX_TEMPFAIL: the caller (CI) tells a failed download from a failed build
+  fi
   echo "${WHEELS[*]}" >"$STAMP"
 fi
 W=$PY/nvidia # CUDA 13 wheels share $W/cu13/{bin,include,lib,nvvm}; NCCL is in $W/nccl
@@ -105,6 +116,15 @@ echo "   $(grep -c '^int ' "$CACHE/libcuda_stub.c") entry points from $CUDARC_SR
 
 # ---- 4. build -----------------------------------------------------------------------------------
 nvcc --version | tail -2
+if [ "$CHECK" = 1 ]; then
+  echo "== cargo clippy -D warnings: ds-comm and ds-engine with feature cuda (all targets)"
+  echo "   (nvcc compiles candle-kernels: minutes)"
+  run "$CARGO" clippy -p ds-engine -p ds-comm --features ds-engine/cuda,ds-comm/cuda \
+    --all-targets -- -D warnings
+  END=$(date +%s)
+  echo "== check done in $(((END - START) / 60)) min $(((END - START) % 60)) s"
+  exit 0
+fi
 # One cargo call for both, so that the dependencies are built once with one feature set (two
 # calls, `-p ds-engine --features cuda --bin ds` then `-p ds-comm --features cuda --example
 # nccl_conformance`, would build candle and its kernels twice).
