@@ -13,11 +13,14 @@
 //!   and Adam moments), then the new weights are all-gathered in the model dtype.
 //! - **2**: each micro-batch's gradients are reduce-scattered (model dtype) and only this rank's
 //!   partition is accumulated (f32).
-//! - **3**: as 2, and between steps the transformer blocks' weights are released: each
-//!   micro-step all-gathers the 16-bit weights before the forward pass and drops the blocks
-//!   after the backward pass (the embeddings and the final LayerNorm stay, as persistent
-//!   parameters). Autograd keeps the whole forward graph until the backward pass, so all blocks
-//!   are live during a micro-step; the saving is between micro-steps.
+//! - **3**: as 2, and the transformer blocks' weights are released between uses (the
+//!   embeddings and the final LayerNorm stay, as persistent parameters). With activation
+//!   checkpointing, a checkpointed block's 16-bit weights are gathered (broadcast from the ranks
+//!   whose partitions hold its slice) just before its forward and again before its recompute,
+//!   and released after each: one block at a time when every block is checkpointed
+//!   ([`DeviceEngine::peak_gathered_blocks`]). Without checkpointing, autograd keeps every
+//!   block's weights in the graph until the backward pass, so each micro-step all-gathers all
+//!   of them first and drops them after.
 //!
 //! Mixed precision: with `bf16` or `fp16` the model's weights, activations and communicated
 //! gradients are 16-bit; master weights, moments and gradient accumulation are f32. fp16 uses
@@ -36,7 +39,7 @@
 
 use crate::engine::{check_supported, optimizer_spec, zero_precision};
 use crate::lr::{LrSchedule, LrScheduler};
-use crate::model::Gpt;
+use crate::model::{BlockEvent, Gpt, BLOCK_PARAMS};
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
 use ds_ckpt_act::Policy;
@@ -131,6 +134,8 @@ pub struct DeviceEngine<'c> {
     bwd_ms: f64,
     /// The last micro-batch's checkpointed blocks: (block, forward ms, recompute+backward ms).
     segments: Vec<(usize, f64, f64)>,
+    /// ZeRO-3: the most blocks holding their weights at once, over the run.
+    peak_blocks: usize,
 }
 
 impl std::fmt::Debug for DeviceEngine<'_> {
@@ -183,7 +188,7 @@ fn device_notes(cfg: &ResolvedConfig) -> Vec<String> {
         notes.push("zero_optimization.overlap_comm: the device engine queues its collectives on candle's stream after the backward pass (no overlap yet)".to_string());
     }
     if z.stage == 3 {
-        notes.push("zero_optimization.stage3_prefetch_bucket_size / stage3_max_live_parameters / stage3_param_persistence_threshold: the device engine gathers all blocks for a micro-step and keeps the embeddings and final LayerNorm persistent".to_string());
+        notes.push("zero_optimization.stage3_prefetch_bucket_size / stage3_max_live_parameters / stage3_param_persistence_threshold: the device engine gathers each checkpointed block just before it runs and releases it after (without activation checkpointing, all blocks for a micro-step: autograd holds their weights until the backward pass), does not prefetch, and keeps the embeddings and final LayerNorm persistent".to_string());
     }
     notes
 }
@@ -306,6 +311,7 @@ impl<'c> DeviceEngine<'c> {
             fwd_ms: 0.0,
             bwd_ms: 0.0,
             segments: Vec::new(),
+            peak_blocks: 0,
         })
     }
 
@@ -364,6 +370,56 @@ impl<'c> DeviceEngine<'c> {
     /// ([`DeviceEngine::set_wall_clock_breakdown`]).
     pub fn segment_times(&self) -> &[(usize, f64, f64)] {
         &self.segments
+    }
+
+    /// ZeRO-3: the most transformer blocks that held their weights at the same time during a
+    /// micro-step, over the run so far (all of them without activation checkpointing; one when
+    /// every block is checkpointed). 0 at stages 0-2, where the weights stay whole.
+    pub fn peak_gathered_blocks(&self) -> usize {
+        self.peak_blocks
+    }
+
+    /// ZeRO-3: the flat range `[a, b)` of the weights in the model dtype, gathered from the
+    /// ranks whose partitions hold a slice of it (one broadcast per owner, in rank order; every
+    /// rank calls this for the same ranges in the same order).
+    fn gather_range(&self, a: usize, b: usize) -> Result<Tensor, EngineError> {
+        let Some(shard) = &self.shard16 else {
+            return Err(EngineError::Config(
+                "gather_range: only at ZeRO stage 3".into(),
+            ));
+        };
+        let (n, me) = (self.comm.world_size(), self.comm.rank());
+        let mut pieces = Vec::with_capacity(2);
+        for r in 0..n {
+            let (lo, hi) = partition_range(self.numel, n, r);
+            let (x, y) = (a.max(lo), b.min(hi));
+            if x >= y {
+                continue;
+            }
+            let piece = if r == me {
+                shard.narrow(0, x - lo, y - x)?
+            } else {
+                Tensor::zeros(y - x, self.dtype, &self.dev)?
+            };
+            pieces.push(self.comm.broadcast(&piece, r)?);
+        }
+        Ok(Tensor::cat(&pieces, 0)?)
+    }
+
+    /// The parameters `first..first + count` ([`Gpt::params`] order), gathered
+    /// ([`DeviceEngine::gather_range`]) and shaped.
+    fn gather_params(&self, first: usize, count: usize) -> Result<Vec<Tensor>, EngineError> {
+        let size = |sh: &Vec<usize>| sh.iter().product::<usize>();
+        let a: usize = self.shapes[..first].iter().map(size).sum();
+        let shapes = &self.shapes[first..first + count];
+        let flat = self.gather_range(a, a + shapes.iter().map(size).sum::<usize>())?;
+        let mut off = 0;
+        let mut out = Vec::with_capacity(count);
+        for sh in shapes {
+            out.push(flat.narrow(0, off, size(sh))?.reshape(sh.as_slice())?);
+            off += size(sh);
+        }
+        Ok(out)
     }
 
     /// Micro-batches per optimizer step.
@@ -441,19 +497,54 @@ impl<'c> DeviceEngine<'c> {
         }
         let b = ids.len() / t;
         let t0 = std::time::Instant::now();
-        if let Some(s) = &self.shard16 {
-            // ZeRO-3: gather the 16-bit weights for this micro-step.
+        // ZeRO-3 without activation checkpointing: autograd keeps every block's weights in
+        // its graph until the backward pass, so all of them are gathered for the micro-step.
+        // With checkpointing, each block is gathered just before it runs (below).
+        let per_block = self.shard16.is_some() && self.policy != Policy::None;
+        if let Some(s) = self.shard16.as_ref().filter(|_| !per_block) {
             let full = self.gather_padded(s)?;
             let t = self.split(&full)?;
             self.model.install_all(&t)?;
+            self.peak_blocks = self.peak_blocks.max(self.model.gathered_blocks());
         }
         let ids = Tensor::from_slice(ids, (b, t), &self.dev)?;
         let targets = Tensor::from_slice(targets, (b, t), &self.dev)?;
         let k = self.scaler.scale() / self.gas as f64;
         self.model.set_sync_timers(self.timers);
-        let fb = self
-            .model
-            .forward_backward_scaled(&ids, &targets, self.policy, k)?;
+        let fb = if per_block {
+            // ZeRO-3 with checkpointing: a checkpointed block is gathered before its forward
+            // and before its recompute, and released after each; a block that keeps its graph
+            // stays gathered until the end of the micro-step.
+            let mut peak = self.peak_blocks;
+            let this = &*self;
+            let mut hook = |ev: BlockEvent| -> candle_core::Result<()> {
+                match ev {
+                    BlockEvent::Gather(i) => {
+                        let t = this
+                            .gather_params(Gpt::block_param_start(i), BLOCK_PARAMS)
+                            .map_err(|e| {
+                                candle_core::Error::Msg(format!("ZeRO-3 gather of block {i}: {e}"))
+                            })?;
+                        this.model.install_block(i, &t)?;
+                        peak = peak.max(this.model.gathered_blocks());
+                    }
+                    BlockEvent::Release(i) => this.model.release_block_on_device(i)?,
+                }
+                Ok(())
+            };
+            let fb = this.model.forward_backward_scaled_hooked(
+                &ids,
+                &targets,
+                self.policy,
+                k,
+                &mut hook,
+            )?;
+            self.peak_blocks = peak;
+            fb
+        } else {
+            self.model
+                .forward_backward_scaled(&ids, &targets, self.policy, k)?
+        };
         self.segments = fb.segments;
         let value = fb.loss;
         // Up to here: the gather and the forward pass (the loss was read back: synchronised).
@@ -778,7 +869,13 @@ impl DeviceEngine<'_> {
     /// micro-step.
     fn install_part(&mut self, part16: Tensor) -> Result<(), EngineError> {
         if self.stage == 3 {
+            // The blocks are gathered when used; the persistent parameters (embeddings, final
+            // LayerNorm) are refreshed now, from their owners.
             self.shard16 = Some(part16);
+            let np = self.shapes.len();
+            let mut t = self.gather_params(0, 2)?;
+            t.extend(self.gather_params(np - 2, 2)?);
+            self.model.install_persistent(&t)?;
             return Ok(());
         }
         let full = if self.stage == 0 {

@@ -666,14 +666,86 @@ impl Gpt {
     /// brings them back). The placeholders are empty host tensors in the model dtype: a
     /// zero-byte device allocation is an error in CUDA.
     pub fn release_blocks_on_device(&self) -> candle_core::Result<()> {
-        let dt = self.wte.dtype();
-        for b in &self.blocks {
-            let empty = (0..BLOCK_PARAMS)
-                .map(|_| Var::from_tensor(&Tensor::zeros(0, dt, &Device::Cpu)?))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            b.install(empty)?;
+        for i in 0..self.blocks.len() {
+            self.release_block_on_device(i)?;
         }
         Ok(())
+    }
+
+    /// Releases block `i`'s parameters, as [`Gpt::release_blocks_on_device`] does for all.
+    pub fn release_block_on_device(&self, i: usize) -> candle_core::Result<()> {
+        let Some(b) = self.blocks.get(i) else {
+            candle_core::bail!("no block {i} (the GPT has {})", self.blocks.len());
+        };
+        let dt = self.wte.dtype();
+        let empty = (0..BLOCK_PARAMS)
+            .map(|_| Var::from_tensor(&Tensor::zeros(0, dt, &Device::Cpu)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        b.install(empty)
+    }
+
+    /// Installs block `i`'s parameters from `tensors` (its [`BLOCK_PARAMS`] tensors in
+    /// [`Gpt::params`] order, on any device and dtype): ZeRO-3 on a device engine, one block at a
+    /// time.
+    pub fn install_block(&self, i: usize, tensors: &[Tensor]) -> candle_core::Result<()> {
+        let Some(b) = self.blocks.get(i) else {
+            candle_core::bail!("no block {i} (the GPT has {})", self.blocks.len());
+        };
+        let shapes = b.param_shapes();
+        if tensors.len() != shapes.len()
+            || tensors
+                .iter()
+                .zip(&shapes)
+                .any(|(t, sh)| t.dims() != sh.as_slice())
+        {
+            candle_core::bail!(
+                "block {i} takes parameters of shapes {shapes:?}, got {:?}",
+                tensors
+                    .iter()
+                    .map(|t| t.dims().to_vec())
+                    .collect::<Vec<_>>()
+            );
+        }
+        let vars = tensors
+            .iter()
+            .map(|t| Var::from_tensor(&t.detach()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        b.install(vars)
+    }
+
+    /// Installs the parameters outside the blocks (ZeRO-3's persistent ones): `tensors` are
+    /// `wte`, `wpe`, the final LayerNorm's weight and bias, on any device and dtype.
+    pub fn install_persistent(&mut self, tensors: &[Tensor]) -> candle_core::Result<()> {
+        let shapes = self.param_shapes();
+        let n = shapes.len();
+        let want = [&shapes[0], &shapes[1], &shapes[n - 2], &shapes[n - 1]];
+        if tensors.len() != 4
+            || tensors
+                .iter()
+                .zip(want)
+                .any(|(t, sh)| t.dims() != sh.as_slice())
+        {
+            candle_core::bail!(
+                "the persistent parameters have shapes {want:?}, got {:?}",
+                tensors
+                    .iter()
+                    .map(|t| t.dims().to_vec())
+                    .collect::<Vec<_>>()
+            );
+        }
+        let v = |t: &Tensor| Var::from_tensor(&t.detach());
+        self.wte = v(&tensors[0])?;
+        self.wpe = v(&tensors[1])?;
+        self.ln_f = LayerNorm {
+            weight: v(&tensors[2])?,
+            bias: v(&tensors[3])?,
+        };
+        Ok(())
+    }
+
+    /// How many blocks hold their parameters now (ZeRO-3 bookkeeping).
+    pub fn gathered_blocks(&self) -> usize {
+        self.blocks.iter().filter(|b| b.is_gathered()).count()
     }
 
     /// Overwrites the values of parameter `index` (which must be present).
@@ -798,6 +870,21 @@ impl Gpt {
         loss_scale: f64,
     ) -> candle_core::Result<FwdBwd> {
         self.autograd_pass(ids, targets, policy, loss_scale, &mut |_| Ok(()))
+    }
+
+    /// [`Gpt::forward_backward_scaled`] calling `hook` around the blocks as
+    /// [`Gpt::forward_backward_hooked`] does on the candle-autograd path: `Gather(i)` before every
+    /// block's forward and before a checkpointed block's recompute, `Release(i)` after a
+    /// checkpointed block's forward and after its backward; never with `Policy::None`.
+    pub fn forward_backward_scaled_hooked(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f64,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+    ) -> candle_core::Result<FwdBwd> {
+        self.autograd_pass(ids, targets, policy, loss_scale, hook)
     }
 
     fn autograd_pass(

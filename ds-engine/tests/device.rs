@@ -458,3 +458,66 @@ fn step_timers_are_disjoint_parts_of_the_step() {
         );
     }
 }
+
+/// ZeRO-3 with every block checkpointed gathers one block at a time (each from the ranks that
+/// own its slice of the flat partition) and trains exactly as stage 0 with the same
+/// checkpointing; without checkpointing every block is gathered for the micro-step.
+#[test]
+fn stage3_with_checkpointing_gathers_one_block_at_a_time() {
+    let ws = 2;
+    let ckpt = json!({"number_checkpoints": SHAPE.layers});
+    let run = |c: &ResolvedConfig| {
+        let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+        std::thread::scope(|s| {
+            LocalComm::create(ws)
+                .into_iter()
+                .map(|comm| {
+                    let dl = &dl;
+                    s.spawn(move || {
+                        let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+                        let mut e =
+                            DeviceEngine::initialize(c, model, &Device::Cpu, &comm).unwrap();
+                        let micro = e.micro_batch_size();
+                        for step in 0..3 {
+                            e.train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
+                                .unwrap();
+                        }
+                        (e.gather_master().unwrap(), e.peak_gathered_blocks())
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let z3 = |extra: Value| {
+        let mut v = json!({"zero_optimization": {"stage": 3}});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        cfg(ws, v)
+    };
+    let stage0 = run(&cfg(ws, json!({"activation_checkpointing": ckpt.clone()})));
+    let per_block = run(&z3(json!({"activation_checkpointing": ckpt})));
+    let whole = run(&z3(json!({})));
+    for r in 0..ws {
+        assert_eq!(per_block[r].1, 1, "rank {r}: one block at a time");
+        assert_eq!(
+            whole[r].1, SHAPE.layers,
+            "rank {r}: all blocks without checkpointing"
+        );
+        assert_eq!(stage0[r].1, 0, "stages 0-2 keep the weights whole");
+        let (a, b) = (&stage0[r].0, &per_block[r].0);
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 2e-5,
+            "rank {r}: stage 3 per block vs stage 0: {worst}"
+        );
+    }
+}
