@@ -260,6 +260,27 @@ pub enum BlockEvent {
     Release(usize),
 }
 
+/// Errors unless `tensors` have exactly the shapes `want`, in order (`what` names them).
+fn check_dims<'a>(
+    what: &str,
+    tensors: &[Tensor],
+    want: impl ExactSizeIterator<Item = &'a [usize]> + Clone,
+) -> candle_core::Result<()> {
+    if tensors.len() != want.len()
+        || tensors
+            .iter()
+            .zip(want.clone())
+            .any(|(t, sh)| t.dims() != sh)
+    {
+        candle_core::bail!(
+            "{what}: expected shapes {:?}, got {:?}",
+            want.collect::<Vec<_>>(),
+            tensors.iter().map(|t| t.dims()).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
 impl GptBlock {
     fn new(rng: &mut Rng, s: &ModelShape, dev: &Device) -> candle_core::Result<Self> {
         let d = s.hidden;
@@ -692,20 +713,11 @@ impl Gpt {
             candle_core::bail!("no block {i} (the GPT has {})", self.blocks.len());
         };
         let shapes = b.param_shapes();
-        if tensors.len() != shapes.len()
-            || tensors
-                .iter()
-                .zip(&shapes)
-                .any(|(t, sh)| t.dims() != sh.as_slice())
-        {
-            candle_core::bail!(
-                "block {i} takes parameters of shapes {shapes:?}, got {:?}",
-                tensors
-                    .iter()
-                    .map(|t| t.dims().to_vec())
-                    .collect::<Vec<_>>()
-            );
-        }
+        check_dims(
+            &format!("block {i}"),
+            tensors,
+            shapes.iter().map(|s| s.as_slice()),
+        )?;
         let vars = tensors
             .iter()
             .map(|t| Var::from_tensor(&t.detach()))
@@ -719,20 +731,11 @@ impl Gpt {
         let shapes = self.param_shapes();
         let n = shapes.len();
         let want = [&shapes[0], &shapes[1], &shapes[n - 2], &shapes[n - 1]];
-        if tensors.len() != 4
-            || tensors
-                .iter()
-                .zip(want)
-                .any(|(t, sh)| t.dims() != sh.as_slice())
-        {
-            candle_core::bail!(
-                "the persistent parameters have shapes {want:?}, got {:?}",
-                tensors
-                    .iter()
-                    .map(|t| t.dims().to_vec())
-                    .collect::<Vec<_>>()
-            );
-        }
+        check_dims(
+            "the persistent parameters (wte, wpe, ln_f)",
+            tensors,
+            want.iter().map(|s| s.as_slice()),
+        )?;
         let v = |t: &Tensor| Var::from_tensor(&t.detach());
         self.wte = v(&tensors[0])?;
         self.wpe = v(&tensors[1])?;
@@ -1302,6 +1305,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// ZeRO-3's per-block install: release and install one block at a time (the count of
+    /// gathered blocks follows), the installed values are the given ones, and wrong shapes or
+    /// a missing block are refused by name.
+    #[test]
+    fn install_and_release_single_blocks() {
+        let m = Gpt::new(tiny(), 0, &Device::Cpu).unwrap();
+        let start = Gpt::block_param_start(1);
+        let vals: Vec<Tensor> = m.params()[start..start + BLOCK_PARAMS]
+            .iter()
+            .map(|p| (p.var.as_tensor() + 1.0).unwrap())
+            .collect();
+        m.release_blocks_on_device().unwrap();
+        assert_eq!(m.gathered_blocks(), 0);
+        m.install_block(1, &vals).unwrap();
+        assert_eq!(m.gathered_blocks(), 1);
+        for (p, v) in m.params()[start..start + BLOCK_PARAMS].iter().zip(&vals) {
+            let d = (p.var.as_tensor() - v).unwrap().abs().unwrap();
+            assert_eq!(
+                d.flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+        }
+        m.release_block_on_device(1).unwrap();
+        assert_eq!(m.gathered_blocks(), 0);
+        let err = m.install_block(0, &vals[1..]).unwrap_err().to_string();
+        assert!(err.contains("block 0: expected shapes"), "{err}");
+        assert!(m.install_block(2, &vals).is_err());
+        let mut m = m;
+        let err = m.install_persistent(&vals[..4]).unwrap_err().to_string();
+        assert!(err.contains("persistent parameters"), "{err}");
     }
 
     #[test]

@@ -38,12 +38,25 @@ fn cfg(ws: usize, extra: Value) -> ResolvedConfig {
 
 /// Per rank: final flat f32 master weights and the losses, from the device engine.
 fn run_device(cfg: &ResolvedConfig, ws: usize, steps: u64) -> Vec<(Vec<f32>, Vec<f32>, u64)> {
+    run_device_then(cfg, ws, steps, |e, master, losses| {
+        (master, losses, e.skipped_steps())
+    })
+}
+
+/// Per rank: `then(engine, final flat f32 master weights, losses)` after `steps` steps of the
+/// device engine.
+fn run_device_then<T: Send>(
+    cfg: &ResolvedConfig,
+    ws: usize,
+    steps: u64,
+    then: impl Fn(&DeviceEngine, Vec<f32>, Vec<f32>) -> T + Sync,
+) -> Vec<T> {
     let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
     std::thread::scope(|s| {
         LocalComm::create(ws)
             .into_iter()
             .map(|comm| {
-                let dl = &dl;
+                let (dl, then) = (&dl, &then);
                 s.spawn(move || {
                     let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
                     let mut e = DeviceEngine::initialize(cfg, model, &Device::Cpu, &comm).unwrap();
@@ -55,7 +68,8 @@ fn run_device(cfg: &ResolvedConfig, ws: usize, steps: u64) -> Vec<(Vec<f32>, Vec
                             .unwrap();
                         losses.push(l);
                     }
-                    (e.gather_master().unwrap(), losses, e.skipped_steps())
+                    let master = e.gather_master().unwrap();
+                    then(&e, master, losses)
                 })
             })
             .collect::<Vec<_>>()
@@ -467,29 +481,7 @@ fn stage3_with_checkpointing_gathers_one_block_at_a_time() {
     let ws = 2;
     let ckpt = json!({"number_checkpoints": SHAPE.layers});
     let run = |c: &ResolvedConfig| {
-        let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
-        std::thread::scope(|s| {
-            LocalComm::create(ws)
-                .into_iter()
-                .map(|comm| {
-                    let dl = &dl;
-                    s.spawn(move || {
-                        let model = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
-                        let mut e =
-                            DeviceEngine::initialize(c, model, &Device::Cpu, &comm).unwrap();
-                        let micro = e.micro_batch_size();
-                        for step in 0..3 {
-                            e.train_batch(|m| dl.micro_batch(step, m, comm.rank(), ws, micro))
-                                .unwrap();
-                        }
-                        (e.gather_master().unwrap(), e.peak_gathered_blocks())
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Vec<_>>()
-        })
+        run_device_then(c, ws, 3, |e, master, _| (master, e.peak_gathered_blocks()))
     };
     let z3 = |extra: Value| {
         let mut v = json!({"zero_optimization": {"stage": 3}});
