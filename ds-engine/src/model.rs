@@ -845,7 +845,7 @@ impl Gpt {
         if self.fast && fast::supported(self) {
             return fast::forward_backward(self, ids, targets, policy, 1.0, hook, None);
         }
-        self.autograd_pass(ids, targets, policy, 1.0, hook)
+        self.forward_backward_scaled_hooked(ids, targets, policy, 1.0, hook)
     }
 
     /// Keep checkpointed blocks' inputs in host memory (`cpu_checkpointing`) on the
@@ -872,7 +872,7 @@ impl Gpt {
         policy: Policy,
         loss_scale: f64,
     ) -> candle_core::Result<FwdBwd> {
-        self.autograd_pass(ids, targets, policy, loss_scale, &mut |_| Ok(()))
+        self.forward_backward_scaled_hooked(ids, targets, policy, loss_scale, &mut |_| Ok(()))
     }
 
     /// [`Gpt::forward_backward_scaled`] calling `hook` around the blocks as
@@ -880,17 +880,6 @@ impl Gpt {
     /// block's forward and before a checkpointed block's recompute, `Release(i)` after a
     /// checkpointed block's forward and after its backward; never with `Policy::None`.
     pub fn forward_backward_scaled_hooked(
-        &self,
-        ids: &Tensor,
-        targets: &Tensor,
-        policy: Policy,
-        loss_scale: f64,
-        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
-    ) -> candle_core::Result<FwdBwd> {
-        self.autograd_pass(ids, targets, policy, loss_scale, hook)
-    }
-
-    fn autograd_pass(
         &self,
         ids: &Tensor,
         targets: &Tensor,
