@@ -152,7 +152,7 @@ pub struct TrainReport {
     /// Peak resident memory of the process divided by the ranks it hosts (threads of one
     /// process share it).
     pub peak_bytes_per_rank: u64,
-    /// Where checkpoints went (`null`: checkpointing is not wired in yet).
+    /// Where checkpoints went (`--out`; `null` without it).
     pub checkpoint_dir: Option<String>,
     /// Loss per step (rank mean).
     pub losses: Vec<f64>,
@@ -1268,9 +1268,9 @@ fn train_nccl(
 
 /// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
 /// checkpoints in the host engine's format; the monitors, `wall_clock_breakdown`,
-/// `memory_breakdown` and the flops profile as on the host path, the profiled step timed with
-/// the device synchronised; no per-block checkpoint profile yet, refused). The held-out
-/// evaluation runs on the host from the gathered f32 master weights.
+/// `memory_breakdown`, the flops profile and `activation_checkpointing.profile` as on the host
+/// path, their timers read with the device synchronised). The held-out evaluation runs on the
+/// host from the gathered f32 master weights.
 fn run_rank_device(
     comm: &dyn Communicator,
     dev: &Device,
