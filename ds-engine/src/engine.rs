@@ -77,9 +77,8 @@ pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError
     })
 }
 
-/// Refuses what the engine does not run yet, by name (rather than ignoring it).
-/// Settings neither engine runs (the host engine and [`crate::device::DeviceEngine`]), refused
-/// by name.
+/// Refuses what the engine does not run yet, by name (rather than ignoring it), on every
+/// device.
 pub(crate) fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let refuse = |what: &str, why: &str| Err(EngineError::Config(format!("{what}: {why}")));
     if cfg.fp16.enabled && cfg.bf16.enabled {
@@ -153,10 +152,14 @@ pub(crate) fn zero_precision(cfg: &ResolvedConfig) -> ZeroPrecision {
 }
 
 /// Accepted settings that do nothing on this machine, said once.
-fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool) -> Vec<String> {
+fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool, dev: &Device) -> Vec<String> {
     let ac = &cfg.activation_checkpointing;
     let mut notes = Vec::new();
-    if cfg.fp16.enabled || cfg.bf16.enabled {
+    let on_cpu = dev.is_cpu();
+    if !on_cpu {
+        notes.push(format!("the model runs on {dev:?} (candle autograd); the ZeRO partitions (fp32 master weights, optimizer state, reduced gradients) live in host memory and are updated by the fused host optimizer: each step reads this rank's gradients back from the device and installs the updated weights on it (the ZeRO-Offload placement, whatever offload_optimizer says)"));
+    }
+    if (cfg.fp16.enabled || cfg.bf16.enabled) && on_cpu {
         let d = if cfg.fp16.enabled { "fp16" } else { "bf16" };
         notes.push(format!("{d}: fp32 master weights and optimizer state, {d} model weights (held as f32 numbers exactly representable in {d}: the CPU kernels compute in f32), gradients rounded to {d} and reduced in {d}{}", if cfg.fp16.enabled { ", dynamic or static loss scaling with DeepSpeed's rules (overflow skips the step on every rank; the LR schedule holds)" } else { "" }));
     }
@@ -169,10 +172,10 @@ fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool) -> Vec<String> {
     if cfg.bf16.enabled && cfg.bf16.immediate_grad_update {
         notes.push("bf16.immediate_grad_update: gradients are reduced and applied at the accumulation boundary, as with fp32 (no effect)".to_string());
     }
-    if ac.cpu_checkpointing {
+    if ac.cpu_checkpointing && on_cpu {
         notes.push("activation_checkpointing.cpu_checkpointing: the model runs on the CPU, so saved inputs already live in host memory (no-op)".to_string());
     }
-    if ac.synchronize_checkpoint_boundary {
+    if ac.synchronize_checkpoint_boundary && on_cpu {
         notes.push("activation_checkpointing.synchronize_checkpoint_boundary: there is no device stream to synchronise on the CPU (no-op)".to_string());
     }
     let z = &cfg.zero_optimization;
@@ -188,8 +191,15 @@ fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool) -> Vec<String> {
                 .to_string(),
         );
     }
-    if z.offload_optimizer_to_cpu() {
+    if z.offload_optimizer_to_cpu() && on_cpu {
         notes.push("zero_optimization.offload_optimizer.device = cpu: on a CPU-only run the optimizer state and master weights already live in host memory (the same code path)".to_string());
+    }
+    if z.offload_param.as_ref().is_some_and(|o| o.device == "cpu") {
+        notes.push(if on_cpu {
+            "zero_optimization.offload_param.device = cpu: the parameters' partitions live in host memory on the CPU already (the same code path)".to_string()
+        } else {
+            "zero_optimization.offload_param.device = cpu: the parameters' partitions live in host memory; each block is copied to the device just before it runs and dropped after".to_string()
+        });
     }
     if z.stage == 3 {
         let prefetch = if comm_thread && z.stage3_prefetch_bucket_size > 0 {
@@ -433,7 +443,7 @@ impl<'c, M: Model> Engine<'c, M> {
 
     fn build(
         cfg: &ResolvedConfig,
-        model: M,
+        mut model: M,
         comm: &'c dyn Communicator,
         comm2: Option<&'c (dyn Communicator + Sync)>,
     ) -> Result<Self, EngineError> {
@@ -463,10 +473,24 @@ impl<'c, M: Model> Engine<'c, M> {
             gradient_predivide_factor: cfg.gradient_predivide_factor,
             gradient_clipping: cfg.gradient_clipping,
         };
+        let dev = model.device();
+        let ac = &cfg.activation_checkpointing;
+        if ac.cpu_checkpointing && !model.set_cpu_checkpointing(true) {
+            return Err(EngineError::Config(format!(
+                "activation_checkpointing.cpu_checkpointing: this model on {dev:?} cannot keep its checkpointed inputs in host memory (Model::set_cpu_checkpointing); set it false"
+            )));
+        }
+        let timers = cfg.wall_clock_breakdown || ac.profile || ac.synchronize_checkpoint_boundary;
+        model.set_sync_timers(timers && !dev.is_cpu());
         let sizes: Vec<usize> = model.params().iter().map(|p| p.var.elem_count()).collect();
         let mut init = Vec::with_capacity(sizes.iter().sum());
         for p in model.params() {
-            init.extend(p.var.flatten_all()?.to_vec1::<f32>()?);
+            init.extend(
+                p.var
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
         }
         let precision = zero_precision(cfg);
         let half = precision != ZeroPrecision::F32;
@@ -486,7 +510,7 @@ impl<'c, M: Model> Engine<'c, M> {
         let n = init.len();
         let ckpt_ok = model.supports_checkpointing();
         let ckpt = ckpt::CkptState::from_config(cfg)?;
-        let mut notes = engine_notes(cfg, comm2.is_some());
+        let mut notes = engine_notes(cfg, comm2.is_some(), &dev);
         notes.extend(ckpt::CkptState::notes(cfg));
         let mut offsets = Vec::with_capacity(sizes.len() + 1);
         offsets.push(0);
@@ -676,8 +700,9 @@ impl<'c, M: Model> Engine<'c, M> {
             )));
         }
         let b = ids.len() / seq;
-        let x = Tensor::from_slice(ids, (b, seq), &Device::Cpu)?;
-        let y = Tensor::from_slice(targets, (b, seq), &Device::Cpu)?;
+        let dev = self.model.device();
+        let x = Tensor::from_slice(ids, (b, seq), &dev)?;
+        let y = Tensor::from_slice(targets, (b, seq), &dev)?;
         // Dropout masks are keyed by the micro-step (identical in a checkpoint recompute).
         self.model.set_step(self.micro_steps);
         self.micro_steps += 1;

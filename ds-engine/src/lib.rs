@@ -18,8 +18,8 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
-pub mod device;
 pub mod engine;
+pub mod gpu;
 pub mod kernels;
 pub mod lr;
 pub mod model;

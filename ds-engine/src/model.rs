@@ -97,6 +97,17 @@ fn var(data: Vec<f32>, shape: &[usize], dev: &Device) -> candle_core::Result<Var
     Var::from_tensor(&Tensor::from_vec(data, shape, dev)?)
 }
 
+/// Overwrites a variable's values with `data` (f32, the variable's element count), converted
+/// to the variable's dtype on its device.
+pub fn set_var(v: &Var, data: &[f32]) -> candle_core::Result<()> {
+    let t = Tensor::from_slice(data, v.shape(), v.device())?;
+    if v.dtype() == DType::F32 {
+        v.set(&t)
+    } else {
+        v.set(&t.to_dtype(v.dtype())?)
+    }
+}
+
 /// A Linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -627,14 +638,15 @@ impl Gpt {
                     p.var.dims()
                 );
             }
-            p.var.set(&t.to_dtype(DType::F32)?)?;
+            p.var
+                .set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
         }
         Ok(())
     }
 
     /// Replaces every parameter with a fresh variable holding `tensors[i]` ([`Gpt::params`]
     /// order, shapes as [`Gpt::param_shapes`]), on the tensors' device and in their dtype:
-    /// how a device engine installs the weights it gathered or updated.
+    /// how weights moved to a device or cast are installed.
     pub fn install_all(&mut self, tensors: &[Tensor]) -> candle_core::Result<()> {
         let shapes = self.param_shapes();
         if tensors.len() != shapes.len() {
@@ -683,7 +695,7 @@ impl Gpt {
         self.install_all(&t)
     }
 
-    /// Releases every block's parameters (ZeRO-3 on a device engine: [`Gpt::install_all`]
+    /// Releases every block's parameters (ZeRO-3 off the CPU: [`Gpt::install_all`]
     /// brings them back). The placeholders are empty host tensors in the model dtype: a
     /// zero-byte device allocation is an error in CUDA.
     pub fn release_blocks_on_device(&self) -> candle_core::Result<()> {
@@ -706,7 +718,7 @@ impl Gpt {
     }
 
     /// Installs block `i`'s parameters from `tensors` (its [`BLOCK_PARAMS`] tensors in
-    /// [`Gpt::params`] order, on any device and dtype): ZeRO-3 on a device engine, one block at a
+    /// [`Gpt::params`] order, on any device and dtype): ZeRO-3 off the CPU, one block at a
     /// time.
     pub fn install_block(&self, i: usize, tensors: &[Tensor]) -> candle_core::Result<()> {
         let Some(b) = self.blocks.get(i) else {
@@ -751,14 +763,65 @@ impl Gpt {
         self.blocks.iter().filter(|b| b.is_gathered()).count()
     }
 
-    /// Overwrites the values of parameter `index` (which must be present).
+    /// Overwrites the values of parameter `index` (which must be present), converted to the
+    /// parameter's dtype on its device.
     pub fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
         let p = self.params();
         let Some(np) = p.get(index) else {
             candle_core::bail!("no parameter {index}");
         };
-        np.var
-            .set(&Tensor::from_slice(data, np.var.shape(), &Device::Cpu)?)
+        set_var(&np.var, data)
+    }
+
+    /// The device the model's parameters live on.
+    pub fn device(&self) -> Device {
+        self.wte.device().clone()
+    }
+
+    /// The model dtype (f32 on the host; bf16/f16 for a 16-bit model on a device).
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    /// Installs block `i`'s parameter values (flat f32, [`GptBlock::vars`] order) as fresh
+    /// variables on the model's device in the model's dtype (ZeRO-3's gather).
+    pub fn gather_block_flat(&self, i: usize, flat: &[f32]) -> candle_core::Result<()> {
+        let Some(b) = self.blocks.get(i) else {
+            candle_core::bail!("no block {i} (the GPT has {})", self.blocks.len());
+        };
+        if self.wte.device().is_cpu() && self.wte.dtype() == DType::F32 {
+            return b.set_data(flat);
+        }
+        let shapes = b.param_shapes();
+        let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        if flat.len() != total {
+            candle_core::bail!(
+                "block {i} expects {total} parameter values, got {}",
+                flat.len()
+            );
+        }
+        let (dev, dt) = (self.device(), self.dtype());
+        let all = Tensor::from_slice(flat, total, &dev)?.to_dtype(dt)?;
+        let mut off = 0;
+        let mut tensors = Vec::with_capacity(shapes.len());
+        for sh in &shapes {
+            let n: usize = sh.iter().product();
+            tensors.push(all.narrow(0, off, n)?.reshape(sh.as_slice())?);
+            off += n;
+        }
+        self.install_block(i, &tensors)
+    }
+
+    /// Moves every parameter to `dev` in `dtype` (e.g. onto a GPU in bf16 for mixed
+    /// precision); the explicit kernels run only for an f32 model on the CPU, anything else
+    /// trains on candle autograd.
+    pub fn to_device(&mut self, dev: &Device, dtype: DType) -> candle_core::Result<()> {
+        let t = self
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().to_device(dev)?.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.install_all(&t)
     }
 
     /// Mean next-token cross-entropy of `ids` (B, T) against `targets` (B, T), both u32.
@@ -861,7 +924,7 @@ impl Gpt {
         self.sync_timers = on;
     }
 
-    /// The candle-autograd pass on any device and dtype (what a device engine runs): the
+    /// The candle-autograd pass on any device and dtype (what every non-CPU device runs): the
     /// loss, and the gradients of `loss * loss_scale` (fp16 loss scaling), with the blocks the
     /// policy names checkpointed (their inputs in host memory with
     /// [`Gpt::set_cpu_checkpointing`]).

@@ -104,9 +104,12 @@ pub struct TrainArgs {
     /// Print DeepSpeed's flops profile of step 2 (as `flops_profiler.enabled` with
     /// `profile_step: 2`, without the detailed tree), whatever the config says.
     pub flops_profile: bool,
-    /// Train with [`crate::device::DeviceEngine`] on the CPU device (local ranks): the GPU
-    /// path's code on a machine without a GPU. `--backend nccl` always uses it.
-    pub device_engine: bool,
+    /// Where the model runs: `cpu` (the default), `cuda` or `cuda:N` (a CUDA build; with
+    /// `--backend nccl` each process takes the GPU of its `LOCAL_RANK`).
+    pub device: String,
+    /// Train the GPT on candle autograd (the path every non-CPU device runs) instead of its
+    /// explicit CPU kernels: the GPU code path on a machine without a GPU.
+    pub autograd: bool,
 }
 
 impl Default for TrainArgs {
@@ -131,7 +134,8 @@ impl Default for TrainArgs {
             resume: false,
             save_interval: None,
             flops_profile: false,
-            device_engine: false,
+            device: "cpu".into(),
+            autograd: false,
         }
     }
 }
@@ -519,20 +523,30 @@ fn flops_report(
 }
 
 /// One rank's training loop (any backend).
+#[allow(clippy::too_many_arguments)]
 fn run_rank(
     comm: &dyn Communicator,
     comm2: Option<&(dyn Communicator + Sync)>,
+    dev: &Device,
     cfg: &ResolvedConfig,
     source: &Source,
     args: &TrainArgs,
     log_every: u64,
 ) -> Result<RankResult, EngineError> {
     if args.model == ModelKind::Mlp {
-        return run_rank_mlp(comm, comm2, cfg, source, args, log_every);
+        return run_rank_mlp(comm, comm2, dev, cfg, source, args, log_every);
     }
     let (shape, ws, rank) = (args.shape, comm.world_size(), comm.rank());
     let mut model = Gpt::new(shape, args.seed, &Device::Cpu)?;
     model.set_threads(kernel_threads(ws));
+    if args.autograd {
+        model.set_explicit_kernels(false);
+    }
+    if !dev.is_cpu() {
+        // Off the CPU the model holds its weights in the model dtype (bf16/fp16 with mixed
+        // precision) and trains on candle autograd.
+        model.to_device(dev, crate::engine::zero_precision(cfg).model_dtype())?;
+    }
     if args.dropout > 0.0 {
         // Each rank draws its own masks (its own data), reproducibly.
         model.set_dropout(
@@ -582,21 +596,28 @@ pub fn param_count(kind: ModelKind, s: &ModelShape) -> usize {
 fn run_rank_mlp(
     comm: &dyn Communicator,
     comm2: Option<&(dyn Communicator + Sync)>,
+    dev: &Device,
     cfg: &ResolvedConfig,
     source: &Source,
     args: &TrainArgs,
     log_every: u64,
 ) -> Result<RankResult, EngineError> {
     let shape = mlp_shape(&args.shape);
+    if !dev.is_cpu() && (cfg.fp16.enabled || cfg.bf16.enabled) {
+        return Err(EngineError::Config(
+            "fp16/bf16: the MLP holds f32 weights; on a GPU use --model gpt for mixed precision, or disable fp16/bf16".into(),
+        ));
+    }
     let fresh = || Ok(Mlp::new(shape, args.seed)?);
     if cfg.flops_profiler.enabled {
         return Err(EngineError::Config(
             "flops_profiler.enabled: the flops profiler counts the GPT's modules; the MLP has no profile (set enabled false)".into(),
         ));
     }
+    let model = Mlp::new_on(shape, args.seed, dev)?;
     let engine = match comm2 {
-        Some(c2) => Engine::initialize_overlapped(cfg, fresh()?, comm, c2)?,
-        None => Engine::initialize(cfg, fresh()?, comm)?,
+        Some(c2) => Engine::initialize_overlapped(cfg, model, comm, c2)?,
+        None => Engine::initialize(cfg, model, comm)?,
     };
     drive(engine, &fresh, None, comm, cfg, source, args, log_every)
 }
@@ -923,6 +944,37 @@ fn drive<M: Model>(
     })
 }
 
+/// The candle device `--device` names: `cpu`, `cuda` or `cuda:N` (a CUDA build).
+pub fn open_device(name: &str) -> Result<Device, EngineError> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => {
+                return Err(EngineError::Config(format!(
+                    "--device {name}: allowed: cpu, cuda, cuda:N (N a device ordinal)"
+                )))
+            }
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(EngineError::Config(format!(
+            "--device {name}: this `ds` was built without CUDA support; build one with `bash scripts/cuda-build.sh` (CUDA 13 wheels from PyPI, no GPU needed to build) and run it on a GPU machine"
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    ds_comm::nccl::probe_libraries()?;
+    Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace to driver errors: keep the message.
+        let e = e.to_string();
+        EngineError::Config(format!(
+            "--device {name}: cannot open CUDA device {ordinal}: {}",
+            e.lines().next().unwrap_or("")
+        ))
+    })
+}
+
 /// Runs the main job; progress goes to stderr (rank 0).
 pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     if args.world_size == 0 {
@@ -947,6 +999,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                 "--backend mpi: this `ds` was built without MPI; build it with `cargo build --release -p ds-engine --features mpi` and launch it under `mpirun -np N`".into(),
             ))
         }
+        "nccl" if args.device == "cpu" => {
+            return Err(EngineError::Config(
+                "--backend nccl runs on GPUs (each process on the GPU of its LOCAL_RANK): drop --device cpu, or use --backend local|mpi on the CPU".into(),
+            ))
+        }
         "nccl" if cfg!(feature = "cuda") => {}
         "nccl" => {
             return Err(EngineError::Config(
@@ -966,7 +1023,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     }
     #[cfg(feature = "cuda")]
     let nccl_env = if args.backend == "nccl" {
-        Some(crate::device::gpu_env()?)
+        Some(crate::gpu::gpu_env()?)
     } else {
         None
     };
@@ -1072,6 +1129,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     if let Some(env) = &nccl_env {
         return train_nccl(env, &cfg, &source, args, log_every, entropy, task);
     }
+    // Local ranks (threads) share the device `--device` names.
+    let dev = open_device(&args.device)?;
     let comms = LocalComm::create(ws);
     // A second group of the same ranks for the engine's communication thread (overlap_comm
     // at stages 2-3, the stage-3 prefetch).
@@ -1089,16 +1148,13 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             .map(|(c, c2)| {
                 let cfg = &cfg;
                 let source = &source;
+                let dev = &dev;
                 scope.spawn(move || -> Result<RankResult, EngineError> {
                     if cfg.comms_logger.enabled {
                         let logger = CommsLogger::new(c);
                         let logger2 = c2.map(CommsLogger::new);
                         let l2 = logger2.as_ref().map(|l| l as &(dyn Communicator + Sync));
-                        let mut r = if args.device_engine {
-                            run_rank_device(&logger, &Device::Cpu, cfg, source, args, log_every)?
-                        } else {
-                            run_rank(&logger, l2, cfg, source, args, log_every)?
-                        };
+                        let mut r = run_rank(&logger, l2, dev, cfg, source, args, log_every)?;
                         let mut table = logger.summary_table();
                         if let Some(l) = &logger2 {
                             table.push_str(
@@ -1110,10 +1166,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                         Ok(r)
                     } else {
                         let l2 = c2.as_ref().map(|l| l as &(dyn Communicator + Sync));
-                        if args.device_engine {
-                            return run_rank_device(&c, &Device::Cpu, cfg, source, args, log_every);
-                        }
-                        run_rank(&c, l2, cfg, source, args, log_every)
+                        run_rank(&c, l2, dev, cfg, source, args, log_every)
                     }
                 })
             })
@@ -1227,11 +1280,8 @@ fn train_mpi(
     entropy: Option<f64>,
     task: &str,
 ) -> Result<TrainReport, EngineError> {
-    let r = if args.device_engine {
-        run_rank_device(comm, &Device::Cpu, cfg, source, args, log_every)?
-    } else {
-        run_rank(comm, None, cfg, source, args, log_every)?
-    };
+    let dev = open_device(&args.device)?;
+    let r = run_rank(comm, None, &dev, cfg, source, args, log_every)?;
     let n = r.losses.len();
     let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
     let losses = comm
@@ -1243,10 +1293,10 @@ fn train_mpi(
 }
 
 /// `ds train --backend nccl` (a CUDA build): this process's GPU, an NCCL communicator on
-/// candle's stream, and the [`crate::device::DeviceEngine`].
+/// candle's stream, and the engine with the model on that GPU.
 #[cfg(feature = "cuda")]
 fn train_nccl(
-    env: &crate::device::GpuEnv,
+    env: &crate::gpu::GpuEnv,
     cfg: &ResolvedConfig,
     source: &Source,
     args: &TrainArgs,
@@ -1254,8 +1304,8 @@ fn train_nccl(
     entropy: Option<f64>,
     task: &str,
 ) -> Result<TrainReport, EngineError> {
-    let (dev, comm) = crate::device::open_gpu(env)?;
-    let r = run_rank_device(&comm, &dev, cfg, source, args, log_every)?;
+    let (dev, comm) = crate::gpu::open_gpu(env)?;
+    let r = run_rank(&comm, None, &dev, cfg, source, args, log_every)?;
     let n = r.losses.len();
     let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
     let losses = comm
@@ -1264,200 +1314,6 @@ fn train_nccl(
     let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, (entropy, task))?;
     rep.rank = comm.rank();
     plot(args, rep)
-}
-
-/// One rank of `ds train` on a device with the [`crate::device::DeviceEngine`] (the GPT only;
-/// checkpoints in the host engine's format; the monitors, `wall_clock_breakdown`,
-/// `memory_breakdown`, the flops profile and `activation_checkpointing.profile` as on the host
-/// path, their timers read with the device synchronised). The held-out evaluation runs on the
-/// host from the gathered f32 master weights.
-fn run_rank_device(
-    comm: &dyn Communicator,
-    dev: &Device,
-    cfg: &ResolvedConfig,
-    source: &Source,
-    args: &TrainArgs,
-    log_every: u64,
-) -> Result<RankResult, EngineError> {
-    let refuse = |flag: &str| {
-        Err(EngineError::Config(format!(
-            "{flag}: not supported with --backend nccl (the device engine) yet; drop the flag"
-        )))
-    };
-    if args.model != ModelKind::Gpt {
-        return refuse("--model mlp");
-    }
-    let (ws, rank) = (comm.world_size(), comm.rank());
-    let mut model = Gpt::new(args.shape, args.seed, &Device::Cpu)?;
-    if args.dropout > 0.0 {
-        model.set_dropout(args.dropout, args.seed ^ rank as u64);
-    }
-    let mut e = crate::device::DeviceEngine::initialize(cfg, model, dev, comm)?;
-    if args.ckpt {
-        e.set_checkpoint_policy(ds_ckpt_act::Policy::Every);
-    }
-    say_notes(cfg, rank, e.notes());
-    let mut monitors = Monitors::new(cfg, rank)?;
-    let store = checkpoint_store(args)?;
-    let mut start = 0u64;
-    if let Some(ckpt) = resume_point(args, store.as_ref())? {
-        let t = e.load_checkpoint(&ckpt)?;
-        start = t.global_step;
-        if rank == 0 {
-            eprintln!(
-                "resumed from {} (step {}, saved by {} ranks at ZeRO stage {})",
-                ckpt.dir().display(),
-                t.global_step,
-                ckpt.meta().world_size,
-                ckpt.meta().zero_stage
-            );
-        }
-    }
-    let micro = e.micro_batch_size();
-    let bar = progress_bar(rank, args);
-    let say = |line: String| match &bar {
-        Some(b) => b.suspend(|| eprintln!("{line}")),
-        None => eprintln!("{line}"),
-    };
-    let (mut losses, mut step_ms, mut save_ms) = (vec![], vec![], vec![]);
-    let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
-    let mut saved_at = None;
-    let profile_step = cfg.flops_profiler.profile_step.max(1);
-    for step in start..start + args.steps {
-        // The profiled step's timers are exact: the device is synchronised at their ends.
-        let profiled = cfg.flops_profiler.enabled && step + 1 == profile_step;
-        let printed = log_every > 0 && (step + 1) % log_every == 0;
-        e.set_wall_clock_breakdown(
-            cfg.wall_clock_breakdown
-                || profiled
-                || (printed && cfg.activation_checkpointing.profile),
-        );
-        let t0 = Instant::now();
-        let (loss, rep) = e.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
-        step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        losses.push(loss as f64);
-        if profiled && rank == 0 {
-            say(flops_report(
-                cfg,
-                args.shape,
-                micro,
-                ws,
-                (rep.fwd_ms, rep.bwd_ms, rep.step_ms),
-            )?);
-        }
-        monitors.train_step(cfg, step, loss as f64, rep.lr)?;
-        if let Some(b) = &bar {
-            b.inc(1);
-            b.set_message(format!("loss {loss:.4}"));
-        }
-        (f_acc, b_acc, s_acc) = (f_acc + rep.fwd_ms, b_acc + rep.bwd_ms, s_acc + rep.step_ms);
-        if rep.skipped && rank == 0 {
-            say(overflow_line(
-                cfg,
-                step,
-                rep.loss_scale,
-                e.loss_scale(),
-                e.skipped_steps(),
-            ));
-        }
-        if let (Some(k), Some(store)) = (args.save_interval, &store) {
-            if e.global_steps().is_multiple_of(k) && step + 1 < start + args.steps {
-                let t = Instant::now();
-                e.save_checkpoint(
-                    store,
-                    &format!("global_step{}", e.global_steps()),
-                    cfg.train_batch_size,
-                )?;
-                save_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                saved_at = Some(e.global_steps());
-            }
-        }
-        if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
-            let scale = if cfg.fp16.enabled {
-                format!(", loss_scale={}", e.loss_scale())
-            } else {
-                String::new()
-            };
-            say(format!(
-                "step={}, skipped={}, lr=[{:.6e}], loss={loss:.4}, grad_norm={:.4}{scale}, step_ms={:.1}",
-                step + 1,
-                e.skipped_steps(),
-                rep.lr,
-                rep.grad_norm,
-                step_ms[step_ms.len() - 1]
-            ));
-            if cfg.memory_breakdown {
-                let m = e.memory();
-                let gb = |b: usize| b as f64 / 1e9;
-                say(format!(
-                    "{} | engine state: model {:.3}GB, master {:.3}GB, optimizer {:.3}GB ({}), gradients {:.3}GB",
-                    memory_line(),
-                    gb(m.model_bytes),
-                    gb(m.master_bytes),
-                    gb(m.optimizer_bytes),
-                    if m.offloaded { "host" } else { "device" },
-                    gb(m.grad_bytes)
-                ));
-            }
-            if cfg.activation_checkpointing.profile {
-                for (i, f, b) in e.segment_times() {
-                    say(format!("checkpoint profile | block {i} | forward: {f:.2} ms | recompute+backward: {b:.2} ms"));
-                }
-            }
-            if cfg.wall_clock_breakdown {
-                say(wall_clock_line(f_acc, b_acc, s_acc, log_every as f64));
-            }
-            (f_acc, b_acc, s_acc) = (0.0, 0.0, 0.0);
-        }
-    }
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    if let Some(store) = &store {
-        let tag = format!("global_step{}", e.global_steps());
-        if saved_at != Some(e.global_steps()) {
-            let t = Instant::now();
-            e.save_checkpoint(store, &tag, cfg.train_batch_size)?;
-            save_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        if rank == 0 {
-            eprintln!("saved checkpoint {}", store.root().join(&tag).display());
-        }
-    }
-    // Held-out evaluation of the gathered f32 master weights, on the host (rank 0).
-    let eval = held_out(
-        source,
-        rank,
-        || e.gather_master(),
-        || Ok(Gpt::new(args.shape, args.seed, &Device::Cpu)?),
-    )?;
-    let tensorboard = monitors.finish(&eval, (start + args.steps) * cfg.train_batch_size)?;
-    if let Some(loss) = eval.loss {
-        eprintln!(
-            "held-out: loss {loss:.4}{}",
-            eval.accuracy
-                .map(|a| format!(
-                    ", accuracy {:.1}% of {} problems",
-                    100.0 * a,
-                    eval.problems.unwrap_or(0)
-                ))
-                .unwrap_or_default()
-        );
-    }
-    let m = e.memory();
-    Ok(RankResult {
-        start,
-        eval,
-        tensorboard,
-        losses,
-        step_ms,
-        overhead: vec![],
-        step_ms_during_save: vec![],
-        save_ms,
-        skipped: e.skipped_steps(),
-        state_bytes: m.model_bytes + m.master_bytes + m.optimizer_bytes + m.grad_bytes,
-        comm_table: None,
-    })
 }
 
 /// `ds profile`: the flops profile of one forward pass of the GPT at batch `batch` (after one

@@ -54,14 +54,34 @@ pub trait Model {
     /// Sets the micro-step that keys random masks (dropout); nothing by default.
     fn set_step(&self, _step: u64) {}
 
-    /// Overwrites the values of parameter `index` (present).
+    /// The device the model's parameters live on (the engine builds each batch there); the
+    /// CPU by default. The engine's partitions stay in host memory whatever the device:
+    /// gradients are read back from the device and updated weights installed on it.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    /// Keeps checkpointed blocks' saved inputs in host memory
+    /// (`activation_checkpointing.cpu_checkpointing`) when `on`. Returns whether the model
+    /// honours it; the default honours it only on the CPU (where the inputs already are in
+    /// host memory), and the engine refuses the key otherwise.
+    fn set_cpu_checkpointing(&mut self, _on: bool) -> bool {
+        self.device().is_cpu()
+    }
+
+    /// Synchronises the device before the pass's timers are read (`wall_clock_breakdown`,
+    /// `activation_checkpointing.profile`), so that on a GPU they time the work rather than its
+    /// launch; nothing by default.
+    fn set_sync_timers(&mut self, _on: bool) {}
+
+    /// Overwrites the values of parameter `index` (present), converted to its dtype on its
+    /// device.
     fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
         let p = self.params();
         let Some(np) = p.get(index) else {
             candle_core::bail!("no parameter {index}");
         };
-        np.var
-            .set(&Tensor::from_slice(data, np.var.shape(), &Device::Cpu)?)
+        crate::model::set_var(&np.var, data)
     }
 
     /// The mean loss of `ids` (B, T) against `targets` (B, T) and every parameter's gradient
@@ -138,16 +158,20 @@ impl Model for Gpt {
             .collect()
     }
     fn gather_block(&self, i: usize, flat: &[f32]) -> candle_core::Result<()> {
-        match self.blocks().get(i) {
-            Some(b) => b.set_data(flat),
-            None => candle_core::bail!("no block {i}"),
-        }
+        self.gather_block_flat(i, flat)
     }
     fn release_block(&self, i: usize) -> candle_core::Result<()> {
-        match self.blocks().get(i) {
-            Some(b) => b.release(),
-            None => candle_core::bail!("no block {i}"),
-        }
+        self.release_block_on_device(i)
+    }
+    fn device(&self) -> Device {
+        Gpt::device(self)
+    }
+    fn set_cpu_checkpointing(&mut self, on: bool) -> bool {
+        Gpt::set_cpu_checkpointing(self, on);
+        true
+    }
+    fn set_sync_timers(&mut self, on: bool) {
+        Gpt::set_sync_timers(self, on)
     }
     fn seq_len(&self) -> usize {
         self.shape().seq
@@ -211,26 +235,31 @@ pub struct Mlp {
     head_b: Var,
 }
 
-fn var(data: Vec<f32>, shape: &[usize]) -> candle_core::Result<Var> {
-    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?)
+fn var(data: Vec<f32>, shape: &[usize], dev: &Device) -> candle_core::Result<Var> {
+    Var::from_tensor(&Tensor::from_vec(data, shape, dev)?)
 }
 
 impl Mlp {
-    /// Builds the MLP with N(0, 0.02) weights and zero biases from `seed`.
+    /// Builds the MLP with N(0, 0.02) weights and zero biases from `seed`, on the CPU.
     pub fn new(shape: MlpShape, seed: u64) -> candle_core::Result<Self> {
+        Self::new_on(shape, seed, &Device::Cpu)
+    }
+
+    /// [`Mlp::new`] on any candle device (f32).
+    pub fn new_on(shape: MlpShape, seed: u64, dev: &Device) -> candle_core::Result<Self> {
         let (h, v) = (shape.hidden, shape.vocab);
         let mut rng = Rng::new(seed);
-        let wte = var(rng.normal_vec(v * h, 0.02), &[v, h])?;
+        let wte = var(rng.normal_vec(v * h, 0.02), &[v, h], dev)?;
         let blocks = (0..shape.layers)
             .map(|_| {
                 Ok(RefCell::new([
-                    var(rng.normal_vec(h * h, 0.02), &[h, h])?,
-                    var(vec![0.0; h], &[h])?,
+                    var(rng.normal_vec(h * h, 0.02), &[h, h], dev)?,
+                    var(vec![0.0; h], &[h], dev)?,
                 ]))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let head_w = var(rng.normal_vec(v * h, 0.02), &[v, h])?;
-        let head_b = var(vec![0.0; v], &[v])?;
+        let head_w = var(rng.normal_vec(v * h, 0.02), &[v, h], dev)?;
+        let head_b = var(vec![0.0; v], &[v], dev)?;
         Ok(Mlp {
             shape,
             wte,
@@ -317,9 +346,10 @@ impl Model for Mlp {
         if flat.len() != h * h + h {
             candle_core::bail!("block {i} expects {} values, got {}", h * h + h, flat.len());
         }
+        let dev = self.wte.device();
         *b.borrow_mut() = [
-            var(flat[..h * h].to_vec(), &[h, h])?,
-            var(flat[h * h..].to_vec(), &[h])?,
+            var(flat[..h * h].to_vec(), &[h, h], dev)?,
+            var(flat[h * h..].to_vec(), &[h], dev)?,
         ];
         Ok(())
     }
@@ -327,11 +357,18 @@ impl Model for Mlp {
         let Some(b) = self.blocks.get(i) else {
             candle_core::bail!("no block {i}");
         };
-        *b.borrow_mut() = [var(Vec::new(), &[0])?, var(Vec::new(), &[0])?];
+        // Empty placeholders in host memory (a zero-byte device allocation is an error in CUDA).
+        *b.borrow_mut() = [
+            var(Vec::new(), &[0], &Device::Cpu)?,
+            var(Vec::new(), &[0], &Device::Cpu)?,
+        ];
         Ok(())
     }
     fn seq_len(&self) -> usize {
         self.shape.seq
+    }
+    fn device(&self) -> Device {
+        self.wte.device().clone()
     }
     fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         Mlp::logits(self, ids)

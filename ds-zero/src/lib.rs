@@ -27,7 +27,6 @@
 #![warn(missing_docs)]
 
 pub mod bench;
-pub mod device;
 pub mod estimate;
 pub mod optim;
 pub mod partition;

@@ -85,11 +85,14 @@ enum Command {
         /// Print DeepSpeed's flops profile of step 2 (module depth 1, no detailed tree).
         #[arg(long)]
         flops_profile: bool,
-        /// Train with the device engine (the GPU path: candle autograd, device-side Adam,
-        /// in-place collectives) on the CPU device with local ranks: checks the GPU code path on
-        /// a machine without one. `--backend nccl` always uses it.
+        /// Where the model runs: cpu, cuda or cuda:N (a CUDA build). Default: cpu, or with
+        /// `--backend nccl` the GPU of each process's LOCAL_RANK.
         #[arg(long)]
-        device_engine: bool,
+        device: Option<String>,
+        /// Train the GPT on candle autograd (the path every non-CPU device runs) instead of its
+        /// explicit CPU kernels: the GPU code path on a machine without a GPU.
+        #[arg(long)]
+        autograd: bool,
         #[command(flatten)]
         model: ModelFlags,
         /// Print one JSON document with the results.
@@ -367,7 +370,8 @@ fn main() -> ExitCode {
             save_interval,
             seed,
             flops_profile,
-            device_engine,
+            device,
+            autograd,
             mut model,
             json,
         } => {
@@ -407,6 +411,8 @@ fn main() -> ExitCode {
                 seq: model.seq,
                 vocab: model.vocab,
             };
+            let device = device
+                .unwrap_or_else(|| if backend == "nccl" { "cuda" } else { "cpu" }.to_string());
             let args = ds_engine::train::TrainArgs {
                 model: if model.model == "mlp" {
                     ds_engine::train::ModelKind::Mlp
@@ -439,7 +445,8 @@ fn main() -> ExitCode {
                 resume,
                 flops_profile,
                 save_interval,
-                device_engine,
+                device,
+                autograd,
             };
             match ds_engine::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.

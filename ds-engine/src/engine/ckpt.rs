@@ -471,11 +471,7 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             let full = self.zero.gather_params(self.comm)?;
             let mut off = 0;
             for (p, &n) in self.model.params().iter().zip(&self.sizes) {
-                p.var.set(&Tensor::from_slice(
-                    &full[off..off + n],
-                    p.var.shape(),
-                    &Device::Cpu,
-                )?)?;
+                crate::model::set_var(&p.var, &full[off..off + n])?;
                 off += n;
             }
         }
