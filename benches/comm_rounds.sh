@@ -2,7 +2,7 @@
 # Three interleaved rounds, 2 ranks: LocalComm (`ds bench comm`) beside gloo
 # (../shared/peer/bench_allreduce_gloo.py), and MpiComm beside a plain MPI_Allreduce loop.
 # Needs the peer venv (../shared/peer/install.sh) and a release build with the mpi feature:
-#   cargo build --release -p ds-engine -p ds-comm --features ds-comm/mpi,ds-engine/mpi --bin ds --example mpi_allreduce_baseline
+#   cargo build --release -p ds-cli -p ds-comm --features ds-comm/mpi,ds-cli/mpi --bin ds --example mpi_allreduce_baseline
 # Usage: bash benches/comm_rounds.sh > /tmp/commrounds.log 2>&1
 cd "$(dirname "$0")/.."
 PY=${PEER_VENV:-$HOME/.cache/ds-peer/venv}/bin/python

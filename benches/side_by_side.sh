@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PEER=${PEER_VENV:-$HOME/.cache/ds-peer/venv}
 PY=$PEER/bin/python
 SH=../shared/peer
-cargo build --release -p ds-engine >/dev/null 2>&1 || { echo "build failed"; exit 1; }
+cargo build --release -p ds-cli >/dev/null 2>&1 || { echo "build failed"; exit 1; }
 DS=./target/release/ds
 echo "== machine"; lscpu | grep -E "Model name|^CPU\(s\)"; date -u
 bash $SH/wait_idle.sh 120

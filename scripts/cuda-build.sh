@@ -15,7 +15,7 @@
 #      no wheel ships the driver library and candle links cudarc with `dynamic-linking`;
 #   4. sets CUDA_HOME/CUDA_PATH/CUDA_ROOT, PATH, CUDA_COMPUTE_CAP=90, CUDARC_CUDA_VERSION=13000
 #      (scripts/cuda-env.sh, also usable on its own: `source scripts/cuda-env.sh`);
-#   5. cargo build --release: `ds` (ds-engine, --features cuda) and the `nccl_conformance`
+#   5. cargo build --release: `ds` (ds-cli, --features cuda) and the `nccl_conformance`
 #      example (ds-comm, --features cuda).
 #
 # Pins: a 13.1+ nvcc writes PTX that driver 580 (CUDA 13.0) rejects, and nvcc's own deps (crt,
@@ -96,7 +96,7 @@ DS_CUDA_ENV_NO_STUB_CHECK=1 source "$REPO/scripts/cuda-env.sh"
 
 echo "== libcuda stub: $TK/lib64/stubs/libcuda.so (link time only)"
 run "$CARGO" fetch --quiet
-# the cudarc in the lock file (one version: `cargo tree -i cudarc --features cuda -p ds-engine`)
+# the cudarc in the lock file (one version: `cargo tree -i cudarc --features cuda -p ds-cli`)
 CUDARC_SRC=$("$CARGO" metadata --format-version 1 --all-features | python3 -c '
 import json, os, sys
 m = json.load(sys.stdin)
@@ -117,20 +117,20 @@ echo "   $(grep -c '^int ' "$CACHE/libcuda_stub.c") entry points from $CUDARC_SR
 # ---- 4. build -----------------------------------------------------------------------------------
 nvcc --version | tail -2
 if [ "$CHECK" = 1 ]; then
-  echo "== cargo clippy -D warnings: ds-comm and ds-engine with feature cuda (all targets)"
+  echo "== cargo clippy -D warnings: ds-comm, ds-engine, ds-models and ds-cli with feature cuda (all targets)"
   echo "   (nvcc compiles candle-kernels: minutes)"
-  run "$CARGO" clippy -p ds-engine -p ds-comm --features ds-engine/cuda,ds-comm/cuda \
+  run "$CARGO" clippy -p ds-engine -p ds-models -p ds-cli -p ds-comm --features ds-cli/cuda,ds-engine/cuda,ds-comm/cuda \
     --all-targets -- -D warnings
   END=$(date +%s)
   echo "== check done in $(((END - START) / 60)) min $(((END - START) % 60)) s"
   exit 0
 fi
 # One cargo call for both, so that the dependencies are built once with one feature set (two
-# calls, `-p ds-engine --features cuda --bin ds` then `-p ds-comm --features cuda --example
+# calls, `-p ds-cli --features cuda --bin ds` then `-p ds-comm --features cuda --example
 # nccl_conformance`, would build candle and its kernels twice).
-echo "== cargo build --release: ds (ds-engine, feature cuda) and nccl_conformance (ds-comm, feature cuda)"
+echo "== cargo build --release: ds (ds-cli, feature cuda) and nccl_conformance (ds-comm, feature cuda)"
 echo "   (nvcc compiles candle-kernels: minutes)"
-run "$CARGO" build --release -p ds-engine -p ds-comm --features ds-engine/cuda,ds-comm/cuda \
+run "$CARGO" build --release -p ds-cli -p ds-comm --features ds-cli/cuda,ds-comm/cuda \
   --bin ds --example nccl_conformance
 
 TGT=${CARGO_TARGET_DIR:-$REPO/target}

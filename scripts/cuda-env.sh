@@ -2,7 +2,7 @@
 # scripts/cuda-build.sh made), so that `cargo check/build --features cuda` works by hand:
 #
 #   source scripts/cuda-env.sh
-#   cargo check -p ds-engine --features cuda
+#   cargo check -p ds-cli --features cuda
 #
 # Sets CUDA_HOME/CUDA_PATH/CUDA_ROOT (cudarc links from $CUDA_HOME/lib64 and lib64/stubs), PATH
 # (nvcc), CUDA_COMPUTE_CAP=90 (kernels for sm_90a, H100/H200; no nvidia-smi at build time) and

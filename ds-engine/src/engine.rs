@@ -21,8 +21,8 @@ use ds_zero::{
 };
 
 use crate::lr::{LrSchedule, LrScheduler};
-use crate::model::{BlockEvent, FwdBwd, Gpt};
 use crate::traits::Model;
+use crate::traits::{BlockEvent, FwdBwd};
 use crate::EngineError;
 use ds_ckpt_act::Policy;
 
@@ -79,7 +79,7 @@ pub fn optimizer_spec(cfg: &ResolvedConfig) -> Result<OptimizerSpec, EngineError
 
 /// Refuses what the engine does not run yet, by name (rather than ignoring it), on every
 /// device.
-pub(crate) fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
+pub fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let refuse = |what: &str, why: &str| Err(EngineError::Config(format!("{what}: {why}")));
     if cfg.fp16.enabled && cfg.bf16.enabled {
         return refuse(
@@ -126,7 +126,7 @@ pub(crate) fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
 
 /// The model dtype and loss-scaling rules of a config's `fp16`/`bf16` sections, mapped as
 /// DeepSpeed maps them for the config's ZeRO stage.
-pub(crate) fn zero_precision(cfg: &ResolvedConfig) -> ZeroPrecision {
+pub fn zero_precision(cfg: &ResolvedConfig) -> ZeroPrecision {
     let z = &cfg.zero_optimization;
     if cfg.fp16.enabled {
         let f = &cfg.fp16;
@@ -368,7 +368,7 @@ pub struct TrainStep {
 pub type SegmentTimes = Vec<(usize, f64, f64)>;
 
 /// One rank's training engine, for any [`Model`] (the GPT by default).
-pub struct Engine<'c, M: Model = Gpt> {
+pub struct Engine<'c, M: Model> {
     model: M,
     comm: &'c dyn Communicator,
     /// A second communicator of the same ranks for the communication thread.
@@ -591,7 +591,7 @@ impl<'c, M: Model> Engine<'c, M> {
         Ok(())
     }
 
-    /// All parameters' current values, flat in [`Gpt::params`] order, at every stage (a
+    /// All parameters' current values, flat in [`Model::params`] order, at every stage (a
     /// collective: every rank must call it). This is DeepSpeed's `GatheredParameters` /
     /// `stage3_gather_16bit_weights_on_model_save` as one explicit call that always works.
     pub fn gather_full_params(&self) -> Result<Vec<f32>, EngineError> {

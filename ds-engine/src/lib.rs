@@ -1,11 +1,15 @@
-//! `ds-engine`: composes the `ds-*` component crates into a training harness, and builds the
-//! `ds` command-line tool.
+//! `ds-engine`: composes the `ds-*` component crates into a training harness.
 //!
-//! - [`engine::Engine`]: one rank of a data-parallel run (gradient accumulation, ZeRO through
-//!   `ds-zero`, clipping, LR schedules, activation checkpointing, ZeRO-3 block gathering,
-//!   checkpoints through `ds-checkpoint`);
-//! - [`model`]: the GPT model library, with fused kernels ([`kernels`]);
-//! - [`train`]: the `ds train` / `ds profile` jobs; [`cli`]: `ds check-config`.
+//! - [`engine::Engine`]: one rank of a data-parallel run, for any [`traits::Model`] on any
+//!   candle device (gradient accumulation, ZeRO through `ds-zero`, mixed precision, clipping,
+//!   LR schedules, activation checkpointing, ZeRO-3 block gathering and prefetch, overlapped
+//!   reduction, checkpoints through `ds-checkpoint`);
+//! - [`traits`]: the [`traits::Model`] trait a model implements to be trained;
+//! - [`data`]: the embedded data sets and loaders; [`lr`]: DeepSpeed's LR schedulers;
+//!   [`monitor`]: csv/TensorBoard monitors; [`cli`]: `ds check-config`.
+//!
+//! The model library (GPT, MLP) is the `ds-models` crate and the `ds` command is `ds-cli`;
+//! this crate depends on neither.
 //!
 //! ```
 //! let out = ds_engine::cli::check_config_str(r#"{"train_batch_size": 8}"#, false, 2, &[], false)
@@ -15,17 +19,13 @@
 
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod gpu;
-pub mod kernels;
 pub mod lr;
-pub mod model;
 pub mod monitor;
 pub mod plot;
-pub mod train;
 pub mod traits;
 
 /// Errors of the engine.

@@ -13,8 +13,9 @@ use ds_comm::{Communicator, LocalComm};
 use ds_config::{DeepSpeedConfig, ResolvedConfig};
 use ds_engine::data::{BigramLanguage, DataLoader};
 use ds_engine::engine::Engine;
-use ds_engine::model::{BlockEvent, FwdBwd, Gpt, ModelShape, NamedParam};
+use ds_engine::traits::{BlockEvent, FwdBwd, NamedParam};
 use ds_engine::traits::{GradSink, Model, Policy};
+use ds_models::{Gpt, ModelShape};
 use serde_json::{json, Value};
 
 const SHAPE: ModelShape = ModelShape {

@@ -6,7 +6,7 @@ use ds_comm::{Communicator, LocalComm};
 use ds_config::DeepSpeedConfig;
 use ds_engine::data::{BigramLanguage, DataLoader};
 use ds_engine::engine::Engine;
-use ds_engine::model::{Gpt, ModelShape};
+use ds_models::{Gpt, ModelShape};
 use serde_json::json;
 
 const SHAPE: ModelShape = ModelShape {
@@ -391,7 +391,8 @@ fn custom_loop_steps_at_the_accumulation_boundary() {
 /// global batch, and checkpointing is refused for a model that does not implement it.
 #[test]
 fn mlp_trains_through_the_engine_at_every_stage() {
-    use ds_engine::traits::{Mlp, MlpShape, Model};
+    use ds_engine::traits::Model;
+    use ds_models::{Mlp, MlpShape};
     let shape = MlpShape {
         layers: 2,
         hidden: 16,
@@ -514,7 +515,7 @@ fn tag_validation_across_ranks() {
 #[test]
 fn partitioned_gradients_hold_only_the_shard() {
     let ws = 2;
-    let n = ds_engine::model::gpt_param_count(&SHAPE);
+    let n = ds_models::gpt_param_count(&SHAPE);
     for stage in 0..=3u8 {
         let cfg = config(
             stage,

@@ -11,10 +11,11 @@ use std::ops::Range;
 use candle_core::{Device, Tensor, Var};
 use ds_comm::LocalComm;
 use ds_config::DeepSpeedConfig;
+use ds_engine::data::Rng;
 use ds_engine::data::{BigramLanguage, DataLoader};
 use ds_engine::engine::Engine;
-use ds_engine::model::{BlockEvent, FwdBwd, NamedParam, Rng};
 use ds_engine::traits::{autograd_forward_backward, Model, Policy};
+use ds_engine::traits::{BlockEvent, FwdBwd, NamedParam};
 
 /// A gated token model: embedding, one gated block `x + sigmoid(x G) * tanh(x W)`, and a head.
 struct GatedLm {
@@ -53,7 +54,7 @@ impl GatedLm {
         let gate = (x.matmul(g)?.neg()?.exp()? + 1.0)?.recip()?; // sigmoid
         let x = (&x + (gate * x.matmul(w)?.tanh()?)?)?;
         let logits = x.matmul(&self.head.t()?)?;
-        ds_engine::kernels::cross_entropy(&logits, &targets.flatten_all()?)
+        ds_models::kernels::cross_entropy(&logits, &targets.flatten_all()?)
     }
 }
 

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use ds_comm::LocalComm;
 use ds_config::DeepSpeedConfig;
 use ds_engine::engine::Engine;
-use ds_engine::model::{Gpt, ModelShape};
+use ds_models::{Gpt, ModelShape};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = PathBuf::from(std::env::args().nth(1).ok_or("usage: torch_parity DIR")?);

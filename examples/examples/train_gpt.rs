@@ -2,8 +2,8 @@
 //!
 //! `cargo run --release --example train_gpt`
 
-use ds_engine::model::ModelShape;
-use ds_engine::train::{train, TrainArgs};
+use ds_cli::train::{train, TrainArgs};
+use ds_models::ModelShape;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = train(&TrainArgs {

@@ -4,7 +4,7 @@
 //! `cargo run --release --example zero_memory`
 
 use ds_comm::{Communicator, LocalComm};
-use ds_engine::model::{gpt_param_count, ModelShape};
+use ds_models::{gpt_param_count, ModelShape};
 use ds_zero::estimate::{estimate, Precision};
 use ds_zero::optim::{AdamParams, OptimizerSpec};
 use ds_zero::{ZeroOptimizer, ZeroOptions};

@@ -471,7 +471,7 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             let full = self.zero.gather_params(self.comm)?;
             let mut off = 0;
             for (p, &n) in self.model.params().iter().zip(&self.sizes) {
-                crate::model::set_var(&p.var, &full[off..off + n])?;
+                crate::traits::set_var(&p.var, &full[off..off + n])?;
                 off += n;
             }
         }

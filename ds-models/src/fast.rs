@@ -1350,7 +1350,7 @@ pub(super) fn forward_backward(
     policy: Policy,
     loss_scale: f32,
     hook: &mut dyn FnMut(BlockEvent) -> R<()>,
-    mut sink: Option<&mut crate::traits::GradSink<'_>>,
+    mut sink: Option<&mut ds_engine::traits::GradSink<'_>>,
 ) -> R<FwdBwd> {
     let t0 = Instant::now();
     let cx = Ctx {

@@ -5,8 +5,8 @@
 //! against the machine's matmul peak and memcpy bandwidth in one table.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ds_engine::model::fast::{self, Threads};
-use ds_engine::model::Rng;
+use ds_engine::data::Rng;
+use ds_models::fast::{self, Threads};
 
 const B: usize = 8;
 const T: usize = 128;

@@ -1,6 +1,6 @@
 //! The model library: an ordered list of blocks with named parameters.
 //!
-//! The GPT is the GPT-2 architecture of `../shared/peer/gpt_model.py` (pre-LayerNorm blocks,
+//! The GPT is the GPT-2 architecture of `peer/gpt_model.py` of the workspace's shared folder (pre-LayerNorm blocks,
 //! fused qkv Linear with bias, causal softmax attention, tanh-GELU MLP of 4x width, final
 //! LayerNorm, LM head tied to the token embedding, N(0, 0.02) init, zero biases, no dropout).
 //! Every op is differentiable in candle (candle-nn's fused softmax/layer-norm kernels have no
@@ -8,12 +8,17 @@
 //! receives a gradient.
 
 use std::cell::RefCell;
+use std::ops::Range;
+
+use ds_engine::traits::Model;
 
 #[path = "fast.rs"]
 pub mod fast;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use ds_ckpt_act::{checkpoint_forward, recompute_backward, Mode, Policy, Saved};
+pub use ds_engine::data::Rng;
+pub use ds_engine::traits::{numel, set_var, BlockEvent, FwdBwd, GradSink, NamedParam};
 
 /// The tensor of a parameter for a mode: the `Var` itself (graph recorded) or detached.
 fn w(v: &Var, mode: Mode) -> Tensor {
@@ -21,48 +26,6 @@ fn w(v: &Var, mode: Mode) -> Tensor {
         Mode::Tracked => v.as_tensor().clone(),
         Mode::Untracked => v.as_detached_tensor(),
     }
-}
-
-/// Deterministic generator for initialisation and data (identical on every rank).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded generator.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    /// Next 64 random bits (splitmix64).
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    /// A vector of N(0, std) values.
-    pub fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
-        (0..n).map(|_| (self.normal() * std) as f32).collect()
-    }
-}
-
-/// A named trainable parameter.
-#[derive(Debug, Clone)]
-pub struct NamedParam {
-    /// Dotted name, e.g. `blocks.0.qkv.weight`.
-    pub name: String,
-    /// The variable.
-    pub var: Var,
 }
 
 /// Model shape flags (`--model gpt|mlp --layers L --hidden H --heads A --seq T --batch B --vocab V`).
@@ -95,17 +58,6 @@ impl Default for ModelShape {
 
 fn var(data: Vec<f32>, shape: &[usize], dev: &Device) -> candle_core::Result<Var> {
     Var::from_tensor(&Tensor::from_vec(data, shape, dev)?)
-}
-
-/// Overwrites a variable's values with `data` (f32, the variable's element count), converted
-/// to the variable's dtype on its device.
-pub fn set_var(v: &Var, data: &[f32]) -> candle_core::Result<()> {
-    let t = Tensor::from_slice(data, v.shape(), v.device())?;
-    if v.dtype() == DType::F32 {
-        v.set(&t)
-    } else {
-        v.set(&t.to_dtype(v.dtype())?)
-    }
 }
 
 /// A Linear layer `y = x W^T + b`.
@@ -259,16 +211,6 @@ pub struct GptBlock {
     layers: RefCell<BlockLayers>,
     heads: usize,
     hidden: usize,
-}
-
-/// What [`Gpt::forward_backward_hooked`] asks of its caller around each block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockEvent {
-    /// Block `i` is about to run (forward, or recompute + backward): its parameters must be
-    /// present ([`GptBlock::set_data`]).
-    Gather(usize),
-    /// Block `i` is done for now: its parameters may be released ([`GptBlock::release`]).
-    Release(usize),
 }
 
 /// Errors unless `tensors` have exactly the shapes `want`, in order (`what` names them).
@@ -874,7 +816,7 @@ impl Gpt {
         policy: Policy,
         loss_scale: f32,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
-        sink: &mut crate::traits::GradSink<'_>,
+        sink: &mut GradSink<'_>,
     ) -> candle_core::Result<FwdBwd> {
         if self.fast && fast::supported(self) {
             return fast::forward_backward(
@@ -888,7 +830,7 @@ impl Gpt {
             );
         }
         let fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
-        crate::traits::hand_over_all(fb, loss_scale, sink)
+        ds_engine::traits::hand_over_all(fb, loss_scale, sink)
     }
 
     /// [`Gpt::forward_backward`] calling `hook` around every block:
@@ -1185,22 +1127,6 @@ impl Gpt {
     }
 }
 
-/// Result of [`Gpt::forward_backward`].
-#[derive(Debug)]
-pub struct FwdBwd {
-    /// The loss.
-    pub loss: f32,
-    /// Gradient per parameter ([`Gpt::params`] order), detached.
-    pub grads: Vec<Option<Tensor>>,
-    /// Forward milliseconds (with checkpointing: the forward without inner graphs).
-    pub fwd_ms: f64,
-    /// Backward milliseconds (with checkpointing: including the recomputation).
-    pub bwd_ms: f64,
-    /// Per checkpointed block: (index, forward ms, recompute + backward ms) — what
-    /// `activation_checkpointing.profile` reports.
-    pub segments: Vec<(usize, f64, f64)>,
-}
-
 /// `loss * s` (the loss itself when `s` is 1).
 fn scaled(loss: &Tensor, s: f64) -> candle_core::Result<Tensor> {
     if s == 1.0 {
@@ -1217,17 +1143,77 @@ fn to_candle(e: ds_ckpt_act::CkptError) -> candle_core::Error {
     }
 }
 
-/// Total number of parameter elements.
-pub fn numel(params: &[NamedParam]) -> usize {
-    params.iter().map(|p| p.var.elem_count()).sum()
-}
-
 /// The analytic parameter count of the GPT (for tests and reports).
 pub fn gpt_param_count(s: &ModelShape) -> usize {
     let d = s.hidden;
     let block =
         2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d);
     s.vocab * d + s.seq * d + s.layers * block + 2 * d
+}
+
+impl Model for Gpt {
+    fn params(&self) -> Vec<NamedParam> {
+        Gpt::params(self)
+    }
+    fn param_shapes(&self) -> Vec<Vec<usize>> {
+        Gpt::param_shapes(self)
+    }
+    fn block_param_ranges(&self) -> Vec<Range<usize>> {
+        (0..self.blocks().len())
+            .map(|i| Gpt::block_param_start(i)..Gpt::block_param_start(i) + BLOCK_PARAMS)
+            .collect()
+    }
+    fn gather_block(&self, i: usize, flat: &[f32]) -> candle_core::Result<()> {
+        self.gather_block_flat(i, flat)
+    }
+    fn release_block(&self, i: usize) -> candle_core::Result<()> {
+        self.release_block_on_device(i)
+    }
+    fn device(&self) -> Device {
+        Gpt::device(self)
+    }
+    fn set_cpu_checkpointing(&mut self, on: bool) -> bool {
+        Gpt::set_cpu_checkpointing(self, on);
+        true
+    }
+    fn set_sync_timers(&mut self, on: bool) {
+        Gpt::set_sync_timers(self, on)
+    }
+    fn seq_len(&self) -> usize {
+        self.shape().seq
+    }
+    fn supports_checkpointing(&self) -> bool {
+        true
+    }
+    fn set_step(&self, step: u64) {
+        Gpt::set_step(self, step)
+    }
+    fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        Gpt::logits(self, ids)
+    }
+    fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
+        Gpt::set_param(self, index, data)
+    }
+    fn forward_backward_hooked(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+    ) -> candle_core::Result<FwdBwd> {
+        Gpt::forward_backward_hooked(self, ids, targets, policy, hook)
+    }
+    fn forward_backward_streamed(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        policy: Policy,
+        loss_scale: f32,
+        hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+        sink: &mut GradSink<'_>,
+    ) -> candle_core::Result<FwdBwd> {
+        Gpt::forward_backward_streamed(self, ids, targets, policy, loss_scale, hook, sink)
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@ use candle_core::{Device, Tensor};
 use ds_ckpt_act::Policy;
 use serde::Serialize;
 
-use crate::model::{Gpt, ModelShape, Rng};
-use crate::EngineError;
+use ds_engine::data::Rng;
+use ds_engine::EngineError;
+use ds_models::gpt::{Gpt, ModelShape};
 
 /// Result of [`ckpt_act_bench`] (the keys are a contract).
 #[derive(Debug, Clone, Serialize)]
@@ -134,7 +135,7 @@ pub fn kernels_bench(
     threads: usize,
     reps: usize,
 ) -> Result<KernelBench, EngineError> {
-    use crate::model::fast::{self, Threads};
+    use ds_models::gpt::fast::{self, Threads};
     let th = Threads(threads.max(1));
     let reps = reps.max(1);
     let (b, t, c, h, v) = (batch, shape.seq, shape.hidden, shape.heads, shape.vocab);

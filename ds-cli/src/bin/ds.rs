@@ -53,7 +53,7 @@ enum Command {
         #[arg(long, default_value = "local", value_parser = ["local", "mpi", "nccl"])]
         backend: String,
         /// Optimizer steps.
-        #[arg(long, default_value_t = ds_engine::train::DEFAULT_STEPS)]
+        #[arg(long, default_value_t = ds_cli::train::DEFAULT_STEPS)]
         steps: u64,
         /// Training data instead of the embedded task: a nanoGPT directory with train.bin and
         /// val.bin (uint16 little-endian tokens), or any other file as bytes.
@@ -157,16 +157,16 @@ struct ModelFlags {
     #[arg(long, default_value = "gpt", value_parser = ["gpt", "mlp"])]
     model: String,
     /// Transformer blocks.
-    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.layers)]
+    #[arg(long, default_value_t = ds_cli::train::DEFAULT_SHAPE.layers)]
     layers: usize,
     /// Hidden width.
-    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.hidden, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    #[arg(long, default_value_t = ds_cli::train::DEFAULT_SHAPE.hidden, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     hidden: usize,
     /// Attention heads (must divide --hidden).
-    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.heads, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    #[arg(long, default_value_t = ds_cli::train::DEFAULT_SHAPE.heads, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     heads: usize,
     /// Sequence length.
-    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.seq, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    #[arg(long, default_value_t = ds_cli::train::DEFAULT_SHAPE.seq, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     seq: usize,
     /// Micro-batch per rank (overrides the config's batch keys, keeping its accumulation).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
@@ -178,7 +178,7 @@ struct ModelFlags {
     #[arg(long, default_value_t = 0.0)]
     dropout: f32,
     /// Vocabulary size.
-    #[arg(long, default_value_t = ds_engine::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
+    #[arg(long, default_value_t = ds_cli::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
     vocab: usize,
 }
 
@@ -404,7 +404,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let is_mlp = model.model == "mlp";
-            let shape = ds_engine::model::ModelShape {
+            let shape = ds_models::gpt::ModelShape {
                 layers: model.layers,
                 hidden: model.hidden,
                 heads: model.heads,
@@ -413,15 +413,15 @@ fn main() -> ExitCode {
             };
             let device = device
                 .unwrap_or_else(|| if backend == "nccl" { "cuda" } else { "cpu" }.to_string());
-            let args = ds_engine::train::TrainArgs {
+            let args = ds_cli::train::TrainArgs {
                 model: if model.model == "mlp" {
-                    ds_engine::train::ModelKind::Mlp
+                    ds_cli::train::ModelKind::Mlp
                 } else {
-                    ds_engine::train::ModelKind::Gpt
+                    ds_cli::train::ModelKind::Gpt
                 },
                 task: match task.as_deref() {
-                    Some("bigram") => ds_engine::train::Task::Bigram,
-                    _ => ds_engine::train::Task::Addition { digits },
+                    Some("bigram") => ds_cli::train::Task::Bigram,
+                    _ => ds_cli::train::Task::Addition { digits },
                 },
                 progress: !json,
                 plot,
@@ -431,7 +431,7 @@ fn main() -> ExitCode {
                 steps,
                 data,
                 seed,
-                shape: ds_engine::model::ModelShape {
+                shape: ds_models::gpt::ModelShape {
                     layers: model.layers,
                     hidden: model.hidden,
                     heads: model.heads,
@@ -448,7 +448,7 @@ fn main() -> ExitCode {
                 device,
                 autograd,
             };
-            match ds_engine::train::train(&args) {
+            match ds_cli::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
                 Ok(r) if r.rank != 0 => ExitCode::SUCCESS,
                 Ok(r) if json => print_json(&r),
@@ -522,14 +522,14 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            let shape = ds_engine::model::ModelShape {
+            let shape = ds_models::gpt::ModelShape {
                 layers: model.layers,
                 hidden: model.hidden,
                 heads: model.heads,
                 seq: model.seq,
                 vocab: model.vocab,
             };
-            match ds_engine::train::profile(config.as_deref(), shape, model.batch.unwrap_or(8)) {
+            match ds_cli::train::profile(config.as_deref(), shape, model.batch.unwrap_or(8)) {
                 Ok((report, _)) if !json => {
                     println!("{report}");
                     ExitCode::SUCCESS
@@ -623,7 +623,7 @@ fn main() -> ExitCode {
                     eprintln!("error: need --layers, --seq, --batch >= 1, --vocab >= 2 and --hidden a multiple of --heads");
                     return ExitCode::from(2);
                 }
-                let shape = ds_engine::model::ModelShape {
+                let shape = ds_models::gpt::ModelShape {
                     layers,
                     hidden,
                     heads,
@@ -633,7 +633,7 @@ fn main() -> ExitCode {
                 eprintln!(
                     "bench ckpt-act: GPT {layers} layers x {hidden}, seq {seq}, batch {batch} ..."
                 );
-                match ds_engine::bench::ckpt_act_bench(
+                match ds_cli::bench::ckpt_act_bench(
                     shape,
                     batch,
                     steps,
@@ -719,7 +719,7 @@ fn main() -> ExitCode {
                     eprintln!("error: --hidden must be a positive multiple of --heads, and --seq, --batch, --vocab positive");
                     return ExitCode::from(2);
                 }
-                let shape = ds_engine::model::ModelShape {
+                let shape = ds_models::gpt::ModelShape {
                     layers: 1,
                     hidden,
                     heads,
@@ -728,7 +728,7 @@ fn main() -> ExitCode {
                 };
                 let threads = threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-                match ds_engine::bench::kernels_bench(shape, batch, threads, reps) {
+                match ds_cli::bench::kernels_bench(shape, batch, threads, reps) {
                     Ok(r) if json => print_json(&r),
                     Ok(r) => {
                         println!(

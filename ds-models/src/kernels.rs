@@ -147,7 +147,7 @@ fn fused(t: &Tensor) -> bool {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !fused(logits) {
         // Other devices and 16-bit logits: candle's generic ops, in f32.
-        return crate::model::cross_entropy(&logits.to_dtype(DType::F32)?, targets);
+        return crate::gpt::cross_entropy(&logits.to_dtype(DType::F32)?, targets);
     }
     logits
         .contiguous()?
@@ -407,7 +407,7 @@ pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
             .to_dtype(DType::F32)?
             .affine(scale, 0.0)?
             .broadcast_add(&mask)?;
-        return crate::model::softmax_last(&z)?.to_dtype(dt);
+        return crate::gpt::softmax_last(&z)?.to_dtype(dt);
     }
     x.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
@@ -506,7 +506,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{softmax_last, Rng};
+    use crate::gpt::{softmax_last, Rng};
     use candle_core::{Device, Var, D};
 
     fn rand(rng: &mut Rng, shape: &[usize]) -> Var {
@@ -619,7 +619,7 @@ mod tests {
         let t: Vec<u32> = (0..37).map(|i| (i * 7 % 11) as u32).collect();
         let t = Tensor::from_vec(t, 37, &Device::Cpu).unwrap();
         let a = cross_entropy(x.as_tensor(), &t).unwrap();
-        let b = crate::model::cross_entropy(x.as_tensor(), &t).unwrap();
+        let b = crate::gpt::cross_entropy(x.as_tensor(), &t).unwrap();
         assert!(max_diff(&a, &b) < 1e-5);
         // Upstream gradient 3: the op must scale by it.
         let ga = (a * 3.0).unwrap().backward().unwrap();

@@ -11,11 +11,13 @@ use ds_config::{DeepSpeedConfig, ResolveOptions, ResolvedConfig};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::data::{AdditionTask, BigramLanguage, DataLoader, EvalBatch, TokenDataset};
-use crate::engine::{Engine, TrainStep};
-use crate::model::{gpt_param_count, Gpt, ModelShape, Rng};
-use crate::traits::{Mlp, MlpShape, Model};
-use crate::EngineError;
+use ds_engine::data::Rng;
+use ds_engine::data::{AdditionTask, BigramLanguage, DataLoader, EvalBatch, TokenDataset};
+use ds_engine::engine::{Engine, TrainStep};
+use ds_engine::traits::Model;
+use ds_engine::EngineError;
+use ds_models::gpt::{gpt_param_count, Gpt, ModelShape};
+use ds_models::{Mlp, MlpShape};
 
 /// The embedded default configuration (`examples/configs/gpt_zero2.json`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../examples/configs/gpt_zero2.json");
@@ -306,7 +308,7 @@ pub fn evaluate<M: Model + ?Sized>(
             &Device::Cpu,
         )?;
         let logits = model.logits(&x)?.detach();
-        let l = crate::kernels::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+        let l = ds_models::kernels::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
         loss += f64::from(l) * b as f64;
         preds.extend(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
     }
@@ -545,7 +547,7 @@ fn run_rank(
     if !dev.is_cpu() {
         // Off the CPU the model holds its weights in the model dtype (bf16/fp16 with mixed
         // precision) and trains on candle autograd.
-        model.to_device(dev, crate::engine::zero_precision(cfg).model_dtype())?;
+        model.to_device(dev, ds_engine::engine::zero_precision(cfg).model_dtype())?;
     }
     if args.dropout > 0.0 {
         // Each rank draws its own masks (its own data), reproducibly.
@@ -624,8 +626,8 @@ fn run_rank_mlp(
 
 /// Rank 0's training monitors (`csv_monitor`, `tensorboard`), DeepSpeed's event names.
 struct Monitors {
-    csv: Option<crate::monitor::CsvMonitor>,
-    tb: Option<crate::monitor::TensorBoardMonitor>,
+    csv: Option<ds_engine::monitor::CsvMonitor>,
+    tb: Option<ds_engine::monitor::TensorBoardMonitor>,
 }
 
 impl Monitors {
@@ -635,7 +637,7 @@ impl Monitors {
         Ok(Monitors {
             csv: on(cfg.csv_monitor.enabled)
                 .then(|| {
-                    crate::monitor::CsvMonitor::new(
+                    ds_engine::monitor::CsvMonitor::new(
                         &cfg.csv_monitor.output_path,
                         &cfg.csv_monitor.job_name,
                     )
@@ -643,7 +645,7 @@ impl Monitors {
                 .transpose()?,
             tb: on(cfg.tensorboard.enabled)
                 .then(|| {
-                    crate::monitor::TensorBoardMonitor::new(
+                    ds_engine::monitor::TensorBoardMonitor::new(
                         &cfg.tensorboard.output_path,
                         &cfg.tensorboard.job_name,
                     )
@@ -1023,7 +1025,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     }
     #[cfg(feature = "cuda")]
     let nccl_env = if args.backend == "nccl" {
-        Some(crate::gpu::gpu_env()?)
+        Some(ds_engine::gpu::gpu_env()?)
     } else {
         None
     };
@@ -1055,10 +1057,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
                 )
             }
             Task::Addition { digits } => {
-                if shape.vocab < crate::data::ADD_VOCAB {
+                if shape.vocab < ds_engine::data::ADD_VOCAB {
                     return Err(EngineError::Data(format!(
                         "the addition task needs --vocab >= {} (digits, +, =, ;), got {}",
-                        crate::data::ADD_VOCAB,
+                        ds_engine::data::ADD_VOCAB,
                         shape.vocab
                     )));
                 }
@@ -1211,7 +1213,7 @@ fn plot(args: &TrainArgs, mut r: TrainReport) -> Result<TrainReport, EngineError
     if let Some(p) = path {
         if r.rank == 0 {
             let first = r.steps_before + 1;
-            crate::plot::write_loss_curve(&p, &r.losses, first)?;
+            ds_engine::plot::write_loss_curve(&p, &r.losses, first)?;
         }
         r.loss_curve_png = Some(p.display().to_string());
     }
@@ -1296,7 +1298,7 @@ fn train_mpi(
 /// candle's stream, and the engine with the model on that GPU.
 #[cfg(feature = "cuda")]
 fn train_nccl(
-    env: &crate::gpu::GpuEnv,
+    env: &ds_engine::gpu::GpuEnv,
     cfg: &ResolvedConfig,
     source: &Source,
     args: &TrainArgs,
@@ -1304,7 +1306,7 @@ fn train_nccl(
     entropy: Option<f64>,
     task: &str,
 ) -> Result<TrainReport, EngineError> {
-    let (dev, comm) = crate::gpu::open_gpu(env)?;
+    let (dev, comm) = ds_engine::gpu::open_gpu(env)?;
     let r = run_rank(&comm, None, &dev, cfg, source, args, log_every)?;
     let n = r.losses.len();
     let t = candle_core::Tensor::from_vec(r.losses.clone(), n, &Device::Cpu)?;
