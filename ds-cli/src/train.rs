@@ -274,10 +274,37 @@ fn peak_rss_bytes() -> u64 {
     ds_profiler::vm_hwm_bytes().unwrap_or(0)
 }
 
+/// A language model `ds train` can train and evaluate: token batches, a fixed sequence length
+/// and logits for the held-out evaluation (the GPT and the MLP of `ds-models`).
+pub trait LanguageModel: Model<Batch = ds_engine::traits::Tokens> {
+    /// Tokens per sequence.
+    fn seq_len(&self) -> usize;
+    /// Logits (B*T, V) of `ids` (B, T) on the CPU device.
+    fn logits(&self, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>;
+}
+
+impl LanguageModel for Gpt {
+    fn seq_len(&self) -> usize {
+        self.shape().seq
+    }
+    fn logits(&self, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        Gpt::logits(self, ids)
+    }
+}
+
+impl LanguageModel for Mlp {
+    fn seq_len(&self) -> usize {
+        self.shape().seq
+    }
+    fn logits(&self, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        Mlp::logits(self, ids)
+    }
+}
+
 /// Held-out evaluation of `model` on `inputs`/`targets` (whole sequences of the model's
 /// `seq`): the mean next-token loss, and with `answers` (groups of target indices) the
 /// fraction of groups whose every position's argmax equals its target.
-pub fn evaluate<M: Model + ?Sized>(
+pub fn evaluate<M: LanguageModel + ?Sized>(
     model: &M,
     inputs: &[u32],
     targets: &[u32],
@@ -362,7 +389,7 @@ fn resume_point(
 
 /// Held-out evaluation of a run: every rank calls `gather` (a collective) when the data has a
 /// held-out part; rank 0 evaluates `model()` with the gathered parameters on the host.
-fn held_out<M: Model>(
+fn held_out<M: LanguageModel>(
     source: &Source,
     rank: usize,
     gather: impl FnOnce() -> Result<Vec<f32>, EngineError>,
@@ -389,7 +416,7 @@ fn held_out<M: Model>(
 }
 
 /// [`evaluate`] of `model` with its parameters set from `full` (flat, `params()` order).
-fn evaluate_flat<M: Model>(
+fn evaluate_flat<M: LanguageModel>(
     model: &M,
     full: &[f32],
     inputs: &[u32],
@@ -774,7 +801,7 @@ fn wall_clock_line(fwd: f64, bwd: f64, step: f64, k: f64) -> String {
 /// The training loop over an initialised engine; `fresh` builds a model of the same kind for
 /// the final evaluation.
 #[allow(clippy::too_many_arguments)]
-fn drive<M: Model>(
+fn drive<M: LanguageModel>(
     mut engine: Engine<'_, M>,
     fresh: &dyn Fn() -> Result<M, EngineError>,
     flops: Option<&FlopsReport<'_>>,

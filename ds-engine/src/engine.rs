@@ -678,7 +678,8 @@ impl<'c, M: Model> Engine<'c, M> {
         self.sched.current_lr()
     }
 
-    /// Forward and backward of one micro-batch (`ids`, `targets`: `micro * seq` tokens each).
+    /// Forward and backward of one micro-batch (the model's [`Model::Batch`], or anything that
+    /// converts into it: `(ids, targets)` for a [`crate::traits::Tokens`] model).
     /// At stages 0 and 1 the gradients are added into the accumulation buffer as the model
     /// hands them over; at stages 2 and 3 they are reduced during the backward pass, bucket by
     /// bucket (`reduce_bucket_size`), each rank keeping only its gradient shard — on the
@@ -688,21 +689,9 @@ impl<'c, M: Model> Engine<'c, M> {
     /// the loss and the (forward, backward) milliseconds.
     pub fn forward_backward(
         &mut self,
-        ids: &[u32],
-        targets: &[u32],
+        batch: impl Into<M::Batch>,
     ) -> Result<(f64, f64, f64), EngineError> {
-        let seq = self.model.seq_len();
-        if ids.len() != targets.len() || ids.is_empty() || !ids.len().is_multiple_of(seq) {
-            return Err(EngineError::Data(format!(
-                "a micro-batch needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
-                ids.len(),
-                targets.len()
-            )));
-        }
-        let b = ids.len() / seq;
-        let dev = self.model.device();
-        let x = Tensor::from_slice(ids, (b, seq), &dev)?;
-        let y = Tensor::from_slice(targets, (b, seq), &dev)?;
+        let batch: M::Batch = batch.into();
         // Dropout masks are keyed by the micro-step (identical in a checkpoint recompute).
         self.model.set_step(self.micro_steps);
         self.micro_steps += 1;
@@ -855,7 +844,7 @@ impl<'c, M: Model> Engine<'c, M> {
                     BlockEvent::Release(i) => model.release_block(i),
                 }
             };
-            let fb = model.forward_backward_streamed(&x, &y, policy, loss_scale, &mut hook, &mut sink);
+            let fb = model.forward_backward_streamed(&batch, policy, loss_scale, &mut hook, &mut sink);
             // A prefetch nobody asked for (a model whose order differs) is drained.
             if let Some((_, rx)) = pending.take() {
                 let _ = rx.recv();
@@ -971,15 +960,14 @@ impl<'c, M: Model> Engine<'c, M> {
     }
 
     /// One global batch: `gas` micro-batches given by `batch(m)`, then the step.
-    pub fn train_batch(
+    pub fn train_batch<B: Into<M::Batch>>(
         &mut self,
-        mut batch: impl FnMut(usize) -> (Vec<u32>, Vec<u32>),
+        mut batch: impl FnMut(usize) -> B,
     ) -> Result<TrainStep, EngineError> {
         let lr = self.sched.current_lr();
         let (mut loss, mut fwd, mut bwd, mut model_ms) = (0.0, 0.0, 0.0, 0.0);
         for m in 0..self.gas {
-            let (x, y) = batch(m);
-            let (l, f, b) = self.forward_backward(&x, &y)?;
+            let (l, f, b) = self.forward_backward(batch(m))?;
             loss += l / self.gas as f64;
             fwd += f;
             bwd += b;

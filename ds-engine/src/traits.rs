@@ -1,5 +1,7 @@
-//! What the engine trains: any [`Model`], i.e. an ordered list of blocks with named
-//! parameters that computes its loss and gradients for a batch of token ids.
+//! What the engine trains: any [`Model`], i.e. candle `Var`s with names in a fixed order,
+//! optionally grouped into blocks, and a forward + backward pass over the model's own kind of
+//! micro-batch ([`Model::Batch`]: token ids for a language model, images and labels for a
+//! classifier, ...).
 //!
 //! The model library (`ds-models`) implements it for its GPT (fused kernels, activation
 //! checkpointing, per-block ZeRO-3 gathering) and MLP (plain candle autograd); a user implements
@@ -11,10 +13,44 @@ use candle_core::{DType, Device, Tensor, Var};
 /// The activation-checkpointing policy a [`Model`] receives (re-exported from `ds-ckpt-act`).
 pub use ds_ckpt_act::Policy;
 
-/// A trainable model as the engine sees it: parameters in a fixed order, grouped into blocks
-/// (ZeRO-3's gather granularity; parameters outside every block stay whole on every rank),
-/// and a forward + backward pass over token ids.
+/// A trainable model as the engine sees it: parameters (candle `Var`s on the model's device)
+/// in a fixed order, optionally grouped into blocks (ZeRO-3's gather granularity; parameters
+/// outside every block stay whole on every rank), and a forward + backward pass over one
+/// micro-batch of the model's [`Model::Batch`].
+///
+/// A model without blocks implements four items; ZeRO-3 then keeps every parameter whole on
+/// every rank between steps (only the optimizer state and gradients are partitioned):
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use ds_engine::traits::{autograd_forward_backward, BlockEvent, FwdBwd, Model, NamedParam, Policy};
+///
+/// /// y = w * x, least squares.
+/// struct Scale { w: Var }
+/// impl Model for Scale {
+///     type Batch = (Tensor, Tensor);
+///     fn params(&self) -> Vec<NamedParam> {
+///         vec![NamedParam { name: "w".into(), var: self.w.clone() }]
+///     }
+///     fn param_shapes(&self) -> Vec<Vec<usize>> { vec![vec![1]] }
+///     fn forward_backward_hooked(
+///         &self, (x, y): &(Tensor, Tensor), _policy: Policy,
+///         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
+///     ) -> candle_core::Result<FwdBwd> {
+///         autograd_forward_backward(self, || x.broadcast_mul(&self.w)?.sub(y)?.sqr()?.mean_all(), hook)
+///     }
+/// }
+/// let m = Scale { w: Var::new(&[1f32], &Device::Cpu)? };
+/// let x = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+/// let fb = m.forward_backward_hooked(&(x.clone(), (&x * 3.0)?), Policy::None, &mut |_| Ok(()))?;
+/// // d/dw mean((w x - 3x)^2) at w = 1: mean(2 (w - 3) x^2) = -10
+/// assert_eq!(fb.grads[0].as_ref().unwrap().to_vec1::<f32>()?, vec![-10.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub trait Model {
+    /// One micro-batch as the model takes it (the engine passes it through untouched).
+    type Batch;
+
     /// Unique parameters (their current variables) in a fixed order. A released block's
     /// variables are empty.
     fn params(&self) -> Vec<NamedParam>;
@@ -23,29 +59,27 @@ pub trait Model {
     fn param_shapes(&self) -> Vec<Vec<usize>>;
 
     /// For each block in order, its range of indices into [`Model::params`] (disjoint,
-    /// ascending).
-    fn block_param_ranges(&self) -> Vec<Range<usize>>;
+    /// ascending); none by default.
+    fn block_param_ranges(&self) -> Vec<Range<usize>> {
+        Vec::new()
+    }
 
-    /// Installs block `i`'s parameter values (flat, in [`Model::params`] order).
-    fn gather_block(&self, i: usize, flat: &[f32]) -> candle_core::Result<()>;
+    /// Installs block `i`'s parameter values (flat f32, in [`Model::params`] order), in the
+    /// parameters' dtype on the model's device.
+    fn gather_block(&self, i: usize, _flat: &[f32]) -> candle_core::Result<()> {
+        candle_core::bail!("this model has no block {i}")
+    }
 
     /// Drops block `i`'s parameter storage (ZeRO-3 between uses).
-    fn release_block(&self, i: usize) -> candle_core::Result<()>;
-
-    /// Tokens per sample: a micro-batch is `B * seq_len()` ids and as many targets.
-    fn seq_len(&self) -> usize;
+    fn release_block(&self, i: usize) -> candle_core::Result<()> {
+        candle_core::bail!("this model has no block {i}")
+    }
 
     /// Whether [`Model::forward_backward_hooked`] honours an activation-checkpointing
     /// policy (recomputing blocks in the backward pass). A model without it is refused a
     /// checkpointing config, and at ZeRO-3 gets all blocks gathered around the pass.
     fn supports_checkpointing(&self) -> bool {
         false
-    }
-
-    /// Logits (B*T, V) of `ids` (B, T) for evaluation (greedy accuracy, held-out loss); by
-    /// default an error (a model need not provide them to be trained).
-    fn logits(&self, _ids: &Tensor) -> candle_core::Result<Tensor> {
-        candle_core::bail!("this model does not provide logits for evaluation")
     }
 
     /// Sets the micro-step that keys random masks (dropout); nothing by default.
@@ -81,14 +115,14 @@ pub trait Model {
         set_var(&np.var, data)
     }
 
-    /// The mean loss of `ids` (B, T) against `targets` (B, T) and every parameter's gradient
-    /// (in [`Model::params`] order, detached; `None` = no gradient), calling `hook` with
-    /// [`BlockEvent::Gather`] before a block's parameters are used and
-    /// [`BlockEvent::Release`] when they may be dropped.
+    /// The loss of `batch` and every parameter's gradient (in [`Model::params`] order,
+    /// detached; `None` = no gradient), calling `hook` with [`BlockEvent::Gather`] before a
+    /// block's parameters are used and [`BlockEvent::Release`] when they may be dropped, and
+    /// recomputing the blocks `policy` checkpoints when the model supports it
+    /// ([`Model::supports_checkpointing`]).
     fn forward_backward_hooked(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Self::Batch,
         policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd>;
@@ -107,14 +141,13 @@ pub trait Model {
     /// over each block's gradients right after that block's backward).
     fn forward_backward_streamed(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Self::Batch,
         policy: Policy,
         loss_scale: f32,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
         sink: &mut GradSink<'_>,
     ) -> candle_core::Result<FwdBwd> {
-        let fb = self.forward_backward_hooked(ids, targets, policy, hook)?;
+        let fb = self.forward_backward_hooked(batch, policy, hook)?;
         hand_over_all(fb, loss_scale, sink)
     }
 }
@@ -142,15 +175,13 @@ pub fn hand_over_all(
 pub type GradSink<'a> =
     dyn FnMut(Range<usize>, Vec<Option<Tensor>>) -> candle_core::Result<()> + 'a;
 
-/// A forward + backward pass by candle autograd for any [`Model`] whose loss `loss(ids,
-/// targets)` builds a graph over its parameters: every block is gathered first (the graph
-/// keeps all of them until the backward pass ends) and released after. The building block of
-/// a user model's [`Model::forward_backward_hooked`].
+/// A forward + backward pass by candle autograd for any [`Model`] whose `loss()` builds a graph
+/// over its parameters: every block is gathered first (the graph keeps all of them until the
+/// backward pass ends) and released after. The building block of a model's
+/// [`Model::forward_backward_hooked`].
 pub fn autograd_forward_backward<M: Model + ?Sized>(
     model: &M,
-    loss: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-    ids: &Tensor,
-    targets: &Tensor,
+    loss: impl FnOnce() -> candle_core::Result<Tensor>,
     hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
 ) -> candle_core::Result<FwdBwd> {
     let nblocks = model.block_param_ranges().len();
@@ -158,8 +189,8 @@ pub fn autograd_forward_backward<M: Model + ?Sized>(
         hook(BlockEvent::Gather(i))?;
     }
     let t0 = std::time::Instant::now();
-    let l = loss(ids, targets)?;
-    let value = l.to_scalar::<f32>()?;
+    let l = loss()?;
+    let value = l.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let fwd_ms = t0.elapsed().as_secs_f64() * 1e3;
     let grads = l.backward()?;
     let out: Vec<Option<Tensor>> = model
@@ -179,6 +210,42 @@ pub fn autograd_forward_backward<M: Model + ?Sized>(
         bwd_ms,
         segments: Vec::new(),
     })
+}
+
+/// A micro-batch of token sequences for a language model (the GPT's and the MLP's
+/// [`Model::Batch`]): `B` sequences of the model's length, row-major, and as many next-token
+/// targets (what the data loaders give).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Input token ids.
+    pub ids: Vec<u32>,
+    /// Target token ids, one per input.
+    pub targets: Vec<u32>,
+}
+
+impl From<(Vec<u32>, Vec<u32>)> for Tokens {
+    fn from((ids, targets): (Vec<u32>, Vec<u32>)) -> Self {
+        Tokens { ids, targets }
+    }
+}
+
+impl Tokens {
+    /// The batch as (B, `seq`) u32 tensors on `dev`; an error naming the lengths unless both
+    /// hold the same positive multiple of `seq` ids.
+    pub fn tensors(&self, seq: usize, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = self.ids.len();
+        if seq == 0 || n == 0 || !n.is_multiple_of(seq) || self.targets.len() != n {
+            candle_core::bail!(
+                "a micro-batch needs inputs and targets of equal length, a multiple of seq ({seq}); got {} and {}",
+                n,
+                self.targets.len()
+            );
+        }
+        Ok((
+            Tensor::from_slice(&self.ids, (n / seq, seq), dev)?,
+            Tensor::from_slice(&self.targets, (n / seq, seq), dev)?,
+        ))
+    }
 }
 
 /// A named trainable parameter.

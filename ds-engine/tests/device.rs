@@ -8,13 +8,13 @@
 use std::cell::Cell;
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use ds_comm::{Communicator, LocalComm};
 use ds_config::{DeepSpeedConfig, ResolvedConfig};
 use ds_engine::data::{BigramLanguage, DataLoader};
 use ds_engine::engine::Engine;
 use ds_engine::traits::{BlockEvent, FwdBwd, NamedParam};
-use ds_engine::traits::{GradSink, Model, Policy};
+use ds_engine::traits::{GradSink, Model, Policy, Tokens};
 use ds_models::{Gpt, ModelShape};
 use serde_json::{json, Value};
 
@@ -49,6 +49,7 @@ struct Counted {
 }
 
 impl Model for Counted {
+    type Batch = Tokens;
     fn params(&self) -> Vec<NamedParam> {
         self.gpt.params()
     }
@@ -67,9 +68,6 @@ impl Model for Counted {
     fn release_block(&self, i: usize) -> candle_core::Result<()> {
         Model::release_block(&self.gpt, i)
     }
-    fn seq_len(&self) -> usize {
-        self.gpt.shape().seq
-    }
     fn supports_checkpointing(&self) -> bool {
         true
     }
@@ -81,24 +79,21 @@ impl Model for Counted {
     }
     fn forward_backward_hooked(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Tokens,
         policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
-        self.gpt.forward_backward_hooked(ids, targets, policy, hook)
+        Model::forward_backward_hooked(&self.gpt, batch, policy, hook)
     }
     fn forward_backward_streamed(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Tokens,
         policy: Policy,
         loss_scale: f32,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
         sink: &mut GradSink<'_>,
     ) -> candle_core::Result<FwdBwd> {
-        self.gpt
-            .forward_backward_streamed(ids, targets, policy, loss_scale, hook, sink)
+        Model::forward_backward_streamed(&self.gpt, batch, policy, loss_scale, hook, sink)
     }
 }
 
@@ -333,6 +328,7 @@ fn stage3_with_checkpointing_holds_one_block_at_a_time() {
 fn cpu_checkpointing_is_refused_for_a_model_that_cannot_honour_it() {
     struct NoHost(Gpt);
     impl Model for NoHost {
+        type Batch = Tokens;
         fn params(&self) -> Vec<NamedParam> {
             self.0.params()
         }
@@ -348,20 +344,16 @@ fn cpu_checkpointing_is_refused_for_a_model_that_cannot_honour_it() {
         fn release_block(&self, i: usize) -> candle_core::Result<()> {
             Model::release_block(&self.0, i)
         }
-        fn seq_len(&self) -> usize {
-            self.0.shape().seq
-        }
         fn set_cpu_checkpointing(&mut self, _on: bool) -> bool {
             false
         }
         fn forward_backward_hooked(
             &self,
-            ids: &Tensor,
-            targets: &Tensor,
+            batch: &Tokens,
             policy: Policy,
             hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
         ) -> candle_core::Result<FwdBwd> {
-            self.0.forward_backward_hooked(ids, targets, policy, hook)
+            Model::forward_backward_hooked(&self.0, batch, policy, hook)
         }
     }
     let c = cfg(

@@ -365,8 +365,8 @@ fn custom_loop_steps_at_the_accumulation_boundary() {
     for step in 0..2u64 {
         let before = a.gather_full_params().unwrap();
         for m in 0..4 {
-            let (x, y) = dl.micro_batch(step, m, 0, 1, micro);
-            a.forward_backward(&x, &y).unwrap();
+            a.forward_backward(dl.micro_batch(step, m, 0, 1, micro))
+                .unwrap();
             assert_eq!(a.is_gradient_accumulation_boundary(), m == 3);
             let r = a.step_micro().unwrap();
             assert_eq!(r.is_some(), m == 3, "micro-batch {m}");

@@ -18,7 +18,7 @@ pub mod fast;
 use candle_core::{DType, Device, Tensor, Var, D};
 use ds_ckpt_act::{checkpoint_forward, recompute_backward, Mode, Policy, Saved};
 pub use ds_engine::data::Rng;
-pub use ds_engine::traits::{numel, set_var, BlockEvent, FwdBwd, GradSink, NamedParam};
+pub use ds_engine::traits::{numel, set_var, BlockEvent, FwdBwd, GradSink, NamedParam, Tokens};
 
 /// The tensor of a parameter for a mode: the `Var` itself (graph recorded) or detached.
 fn w(v: &Var, mode: Mode) -> Tensor {
@@ -1152,6 +1152,7 @@ pub fn gpt_param_count(s: &ModelShape) -> usize {
 }
 
 impl Model for Gpt {
+    type Batch = Tokens;
     fn params(&self) -> Vec<NamedParam> {
         Gpt::params(self)
     }
@@ -1179,40 +1180,34 @@ impl Model for Gpt {
     fn set_sync_timers(&mut self, on: bool) {
         Gpt::set_sync_timers(self, on)
     }
-    fn seq_len(&self) -> usize {
-        self.shape().seq
-    }
     fn supports_checkpointing(&self) -> bool {
         true
     }
     fn set_step(&self, step: u64) {
         Gpt::set_step(self, step)
     }
-    fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        Gpt::logits(self, ids)
-    }
     fn set_param(&self, index: usize, data: &[f32]) -> candle_core::Result<()> {
         Gpt::set_param(self, index, data)
     }
     fn forward_backward_hooked(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Tokens,
         policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
-        Gpt::forward_backward_hooked(self, ids, targets, policy, hook)
+        let (ids, targets) = batch.tensors(self.shape.seq, &Gpt::device(self))?;
+        Gpt::forward_backward_hooked(self, &ids, &targets, policy, hook)
     }
     fn forward_backward_streamed(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Tokens,
         policy: Policy,
         loss_scale: f32,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
         sink: &mut GradSink<'_>,
     ) -> candle_core::Result<FwdBwd> {
-        Gpt::forward_backward_streamed(self, ids, targets, policy, loss_scale, hook, sink)
+        let (ids, targets) = batch.tensors(self.shape.seq, &Gpt::device(self))?;
+        Gpt::forward_backward_streamed(self, &ids, &targets, policy, loss_scale, hook, sink)
     }
 }
 

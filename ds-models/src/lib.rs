@@ -38,7 +38,14 @@ pub use mlp::{Mlp, MlpShape};
 mod tests {
     use crate::{Gpt, Mlp, MlpShape, ModelShape};
     use candle_core::{Device, Tensor};
-    use ds_engine::traits::{Model, Policy};
+    use ds_engine::traits::{Model, Policy, Tokens};
+
+    fn tokens(vocab: u32, b: usize, t: usize) -> Tokens {
+        Tokens {
+            ids: (0..b * t).map(|i| (i as u32 * 7 + 3) % vocab).collect(),
+            targets: (0..b * t).map(|i| (i as u32 * 5 + 1) % vocab).collect(),
+        }
+    }
 
     fn batch(vocab: u32, b: usize, t: usize) -> (Tensor, Tensor) {
         let ids: Vec<u32> = (0..b * t).map(|i| (i as u32 * 7 + 3) % vocab).collect();
@@ -76,36 +83,29 @@ mod tests {
             3,
         )
         .unwrap();
-        let models: [(&str, &dyn Model, bool); 3] = [
+        let models: [(&str, &dyn Model<Batch = Tokens>, bool); 3] = [
             ("gpt explicit", &explicit, true),
             ("gpt autograd", &autograd, false),
             ("mlp", &mlp, false),
         ];
-        let (ids, tg) = batch(32, 2, 8);
+        let tok = tokens(32, 2, 8);
         for (name, m, streams) in models {
             let want = m
-                .forward_backward_hooked(&ids, &tg, Policy::None, &mut |_| Ok(()))
+                .forward_backward_hooked(&tok, Policy::None, &mut |_| Ok(()))
                 .unwrap();
             let n = m.params().len();
             let mut got: Vec<Option<Vec<f32>>> = vec![None; n];
             let mut groups = Vec::new();
             let fb = m
-                .forward_backward_streamed(
-                    &ids,
-                    &tg,
-                    Policy::None,
-                    8.0,
-                    &mut |_| Ok(()),
-                    &mut |r, g| {
-                        assert_eq!(r.len(), g.len());
-                        groups.push(r.clone());
-                        for (i, g) in r.zip(g) {
-                            assert!(got[i].is_none(), "{name}: parameter {i} handed over twice");
-                            got[i] = Some(g.unwrap().flatten_all()?.to_vec1::<f32>()?);
-                        }
-                        Ok(())
-                    },
-                )
+                .forward_backward_streamed(&tok, Policy::None, 8.0, &mut |_| Ok(()), &mut |r, g| {
+                    assert_eq!(r.len(), g.len());
+                    groups.push(r.clone());
+                    for (i, g) in r.zip(g) {
+                        assert!(got[i].is_none(), "{name}: parameter {i} handed over twice");
+                        got[i] = Some(g.unwrap().flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    Ok(())
+                })
                 .unwrap();
             assert!(fb.grads.is_empty(), "{name}");
             assert!(
@@ -142,10 +142,9 @@ mod tests {
 
     /// Every parameter of every model in the library receives a non-zero gradient, and the
     /// shapes and block ranges agree with the parameters.
-    fn check_all_grads(m: &dyn Model, vocab: u32, seq: usize) {
-        let (x, y) = batch(vocab, 2, seq);
+    fn check_all_grads(m: &dyn Model<Batch = Tokens>, vocab: u32, seq: usize) {
         let fb = m
-            .forward_backward_hooked(&x, &y, Policy::None, &mut |_| Ok(()))
+            .forward_backward_hooked(&tokens(vocab, 2, seq), Policy::None, &mut |_| Ok(()))
             .unwrap();
         let params = m.params();
         assert_eq!(fb.grads.len(), params.len());
@@ -217,7 +216,7 @@ mod tests {
         .unwrap();
         let (x, y) = batch(10, 2, 4);
         let fb = mlp
-            .forward_backward_hooked(&x, &y, Policy::None, &mut |_| Ok(()))
+            .forward_backward_hooked(&tokens(10, 2, 4), Policy::None, &mut |_| Ok(()))
             .unwrap();
         let idx = mlp.params().len() - 1; // head.bias
         let g = fb.grads[idx].as_ref().unwrap().to_vec1::<f32>().unwrap();

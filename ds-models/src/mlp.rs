@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor, Var};
 use ds_engine::data::Rng;
-use ds_engine::traits::{autograd_forward_backward, BlockEvent, FwdBwd, Model, NamedParam, Policy};
+use ds_engine::traits::{
+    autograd_forward_backward, BlockEvent, FwdBwd, Model, NamedParam, Policy, Tokens,
+};
 
 /// The shape of an [`Mlp`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +95,7 @@ impl Mlp {
 }
 
 impl Model for Mlp {
+    type Batch = Tokens;
     fn params(&self) -> Vec<NamedParam> {
         let mut v = vec![NamedParam {
             name: "wte.weight".into(),
@@ -161,22 +164,16 @@ impl Model for Mlp {
         ];
         Ok(())
     }
-    fn seq_len(&self) -> usize {
-        self.shape.seq
-    }
     fn device(&self) -> Device {
         self.wte.device().clone()
     }
-    fn logits(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        Mlp::logits(self, ids)
-    }
     fn forward_backward_hooked(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Tokens,
         _policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
-        autograd_forward_backward(self, |i, t| self.loss(i, t), ids, targets, hook)
+        let (ids, targets) = batch.tensors(self.shape.seq, self.wte.device())?;
+        autograd_forward_backward(self, || self.loss(&ids, &targets), hook)
     }
 }

@@ -14,7 +14,7 @@ use ds_config::DeepSpeedConfig;
 use ds_engine::data::Rng;
 use ds_engine::data::{BigramLanguage, DataLoader};
 use ds_engine::engine::Engine;
-use ds_engine::traits::{autograd_forward_backward, Model, Policy};
+use ds_engine::traits::{autograd_forward_backward, Model, Policy, Tokens};
 use ds_engine::traits::{BlockEvent, FwdBwd, NamedParam};
 
 /// A gated token model: embedding, one gated block `x + sigmoid(x G) * tanh(x W)`, and a head.
@@ -59,6 +59,7 @@ impl GatedLm {
 }
 
 impl Model for GatedLm {
+    type Batch = Tokens;
     fn params(&self) -> Vec<NamedParam> {
         let [g, w] = &*self.block.borrow();
         [
@@ -95,17 +96,14 @@ impl Model for GatedLm {
         *self.block.borrow_mut() = [var(vec![], &[0])?, var(vec![], &[0])?];
         Ok(())
     }
-    fn seq_len(&self) -> usize {
-        self.seq
-    }
     fn forward_backward_hooked(
         &self,
-        ids: &Tensor,
-        targets: &Tensor,
+        batch: &Tokens,
         _policy: Policy,
         hook: &mut dyn FnMut(BlockEvent) -> candle_core::Result<()>,
     ) -> candle_core::Result<FwdBwd> {
-        autograd_forward_backward(self, |x, y| self.loss(x, y), ids, targets, hook)
+        let (ids, targets) = batch.tensors(self.seq, &Device::Cpu)?;
+        autograd_forward_backward(self, || self.loss(&ids, &targets), hook)
     }
 }
 
