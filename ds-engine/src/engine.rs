@@ -403,6 +403,8 @@ pub struct Engine<'c, M: Model> {
     last_model_ms: f64,
     /// The fused optimizer step's time in the last [`Engine::step`].
     last_optimizer_ms: f64,
+    /// ZeRO-3: which blocks hold their weights now, and the most at once so far.
+    live_blocks: std::cell::RefCell<(Vec<bool>, usize)>,
 }
 
 impl<'c, M: Model> Engine<'c, M> {
@@ -492,10 +494,24 @@ impl<'c, M: Model> Engine<'c, M> {
                     .to_vec1::<f32>()?,
             );
         }
+        // As DeepSpeed does at initialisation: every rank starts from rank 0's parameters (a
+        // model initialised from an unseeded random source differs between ranks otherwise).
+        if comm.world_size() > 1 {
+            let n = init.len();
+            let t = comm.broadcast(&Tensor::from_vec(init, n, &Device::Cpu)?, 0)?;
+            init = t.to_vec1::<f32>()?;
+            let mut off = 0;
+            for p in model.params() {
+                let k = p.var.elem_count();
+                crate::traits::set_var(&p.var, &init[off..off + k])?;
+                off += k;
+            }
+        }
         let precision = zero_precision(cfg);
         let half = precision != ZeroPrecision::F32;
         let zero = ZeroOptimizer::with_precision(&sizes, &init, spec, opts, precision, comm)?;
         let stage3 = z.stage == 3;
+        let nblocks = model.block_param_ranges().len();
         if stage3 {
             // ZeRO-3: block parameters live in the optimizer's shards; the model holds them only
             // while a block runs (gathered before, released after).
@@ -566,6 +582,7 @@ impl<'c, M: Model> Engine<'c, M> {
             ckpt,
             last_model_ms: 0.0,
             last_optimizer_ms: 0.0,
+            live_blocks: std::cell::RefCell::new((vec![false; nblocks], 0)),
         };
         if half {
             // The model's weights are the 16-bit copies of the masters from the start.
@@ -673,6 +690,13 @@ impl<'c, M: Model> Engine<'c, M> {
         &self.zero
     }
 
+    /// ZeRO-3: the most blocks whose full weights were present at once in any pass so far
+    /// (1 when every block is checkpointed and nothing is prefetched; 0 below stage 3, where
+    /// the engine gathers nothing).
+    pub fn peak_gathered_blocks(&self) -> usize {
+        self.live_blocks.borrow().1
+    }
+
     /// The learning rate the next step uses.
     pub fn current_lr(&self) -> f64 {
         self.sched.current_lr()
@@ -708,6 +732,7 @@ impl<'c, M: Model> Engine<'c, M> {
         let (policy, stage3) = (self.policy, self.stage3);
         let (model, zero, comm, comm2) = (&self.model, &self.zero, self.comm, self.comm2);
         let (offsets, acc) = (&self.offsets, &mut self.acc);
+        let live = &self.live_blocks;
         let bucket_cap = zero.options().reduce_bucket_size.max(1);
         let ranges = model.block_param_ranges();
         let overlap = self.overlap && stream;
@@ -820,6 +845,14 @@ impl<'c, M: Model> Engine<'c, M> {
                                 .map_err(|e| err(e.to_string()))?,
                         };
                         model.gather_block(i, &data)?;
+                        {
+                            let mut lb = live.borrow_mut();
+                            if let Some(l) = lb.0.get_mut(i) {
+                                *l = true;
+                            }
+                            let now = lb.0.iter().filter(|&&x| x).count();
+                            lb.1 = lb.1.max(now);
+                        }
                         // Predict the next block: forward 0..n, then backward n-1..0.
                         gathers += 1;
                         if let (Some(tx), Some((max_bucket, max_live))) = (jobs, prefetch) {
@@ -841,7 +874,12 @@ impl<'c, M: Model> Engine<'c, M> {
                         }
                         Ok(())
                     }
-                    BlockEvent::Release(i) => model.release_block(i),
+                    BlockEvent::Release(i) => {
+                        if let Some(l) = live.borrow_mut().0.get_mut(i) {
+                            *l = false;
+                        }
+                        model.release_block(i)
+                    }
                 }
             };
             let fb = model.forward_backward_streamed(&batch, policy, loss_scale, &mut hook, &mut sink);

@@ -7,6 +7,8 @@
 //!   candle autograd over the same layers, which is also the reference the kernels are tested
 //!   against. Activation checkpointing and ZeRO-3's per-block gathering work on both paths.
 //! - [`Mlp`]: a token-wise MLP language model on candle autograd.
+//! - [`CandleModel`]: any candle-nn network built from a `VarMap`, with a loss closure (one
+//!   piece, or embed / blocks / head for per-block ZeRO-3 gathering and checkpointing).
 //!
 //! `ds-engine`'s library does not depend on this crate; the `ds` command (`ds-cli`) does.
 //!
@@ -29,10 +31,12 @@
 pub mod gpt;
 pub mod kernels;
 pub mod mlp;
+pub mod nn;
 
 pub use gpt::fast;
 pub use gpt::{gpt_param_count, Gpt, GptBlock, ModelShape, BLOCK_PARAMS};
 pub use mlp::{Mlp, MlpShape};
+pub use nn::CandleModel;
 
 #[cfg(test)]
 mod tests {
