@@ -22,7 +22,7 @@
 //! 2. every rank: [`FsCheckpointStore::save_rank`]`(tag, meta, shard)`; barrier;
 //! 3. rank 0: [`FsCheckpointStore::finalize`]`(tag, meta, weights, save_latest)`; barrier.
 //!
-//! [`FsCheckpointStore::save_collective`] runs those steps given a barrier closure;
+//! [`CheckpointStore::save_collective`] runs those steps given a barrier closure;
 //! [`CheckpointStore::save`] runs them in one process holding every shard. Loading:
 //! [`CheckpointStore::load`] then [`Checkpoint::load_flat_range`] for the new rank's own range
 //! (any world size, any stage) and [`Checkpoint::read_weight`]. [`consolidate`] writes one

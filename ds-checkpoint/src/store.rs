@@ -405,6 +405,53 @@ pub trait CheckpointStore {
     fn latest(&self) -> Result<Option<String>>;
     /// Tags of the complete checkpoints in the store, sorted.
     fn list(&self) -> Result<Vec<String>>;
+
+    /// Step 1 of the multi-rank save, on rank 0 only, before any rank writes: makes room for
+    /// `tag` (nothing of it may be visible to [`CheckpointStore::load`] until step 3).
+    fn prepare(&self, tag: &str) -> Result<()>;
+    /// Step 2, on every rank (possibly at once, from many processes): writes this rank's shard
+    /// of `tag` durably.
+    fn save_rank(&self, tag: &str, meta: &CheckpointMeta, shard: &RankShard<'_>) -> Result<()>;
+    /// Step 3, on rank 0 only, after every rank's [`CheckpointStore::save_rank`] returned:
+    /// checks that all shards are there, writes the manifest (and `weights` when given),
+    /// makes `tag` visible atomically and, with `save_latest`, points `latest` at it.
+    fn finalize(
+        &self,
+        tag: &str,
+        meta: &CheckpointMeta,
+        weights: Option<&Weights<'_>>,
+        save_latest: bool,
+    ) -> Result<()>;
+    /// Where checkpoint `tag` lives, for messages (a path, a URL, ...).
+    fn location(&self, tag: &str) -> String;
+
+    /// The whole multi-rank protocol for one rank, given the caller's `barrier` (e.g. a
+    /// closure over a `Communicator`'s barrier): rank 0 prepares, barrier, every rank writes
+    /// its shard, barrier, rank 0 finalizes, barrier. `weights` is used on rank 0 only.
+    ///
+    /// If a step fails on one rank, the others may wait in the barrier; callers that cannot
+    /// tolerate that should all-reduce a success flag instead of a plain barrier.
+    fn save_collective(
+        &self,
+        tag: &str,
+        meta: &CheckpointMeta,
+        shard: &RankShard<'_>,
+        weights: Option<&Weights<'_>>,
+        save_latest: bool,
+        barrier: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        validate_tag(tag)?;
+        if shard.rank == 0 {
+            self.prepare(tag)?;
+        }
+        barrier()?;
+        self.save_rank(tag, meta, shard)?;
+        barrier()?;
+        if shard.rank == 0 {
+            self.finalize(tag, meta, weights, save_latest)?;
+        }
+        barrier()
+    }
 }
 
 /// A [`CheckpointStore`] in a directory: `<root>/<tag>/{manifest.json, model.safetensors,
@@ -698,34 +745,6 @@ impl FsCheckpointStore {
         fsync_dir(&self.root)
     }
 
-    /// The whole multi-rank protocol for one rank, given the caller's `barrier` (e.g. a
-    /// closure over a `Communicator`'s barrier): rank 0 prepares, barrier, every rank writes
-    /// its shard, barrier, rank 0 finalizes, barrier. `weights` is used on rank 0 only.
-    ///
-    /// If a step fails on one rank, the others may wait in the barrier; callers that cannot
-    /// tolerate that should all-reduce a success flag instead of a plain barrier.
-    pub fn save_collective(
-        &self,
-        tag: &str,
-        meta: &CheckpointMeta,
-        shard: &RankShard<'_>,
-        weights: Option<&Weights<'_>>,
-        save_latest: bool,
-        barrier: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<()> {
-        validate_tag(tag)?;
-        if shard.rank == 0 {
-            self.prepare(tag)?;
-        }
-        barrier()?;
-        self.save_rank(tag, meta, shard)?;
-        barrier()?;
-        if shard.rank == 0 {
-            self.finalize(tag, meta, weights, save_latest)?;
-        }
-        barrier()
-    }
-
     fn resolve_dir(&self, tag: &str) -> Result<PathBuf> {
         let dir = self.tag_dir(tag)?;
         if dir.join(MANIFEST_FILE).is_file() {
@@ -783,6 +802,28 @@ impl CheckpointStore for FsCheckpointStore {
 
     fn load(&self, tag: Option<&str>) -> Result<Checkpoint> {
         self.open(tag)
+    }
+
+    fn prepare(&self, tag: &str) -> Result<()> {
+        FsCheckpointStore::prepare(self, tag)
+    }
+
+    fn save_rank(&self, tag: &str, meta: &CheckpointMeta, shard: &RankShard<'_>) -> Result<()> {
+        FsCheckpointStore::save_rank(self, tag, meta, shard)
+    }
+
+    fn finalize(
+        &self,
+        tag: &str,
+        meta: &CheckpointMeta,
+        weights: Option<&Weights<'_>>,
+        save_latest: bool,
+    ) -> Result<()> {
+        FsCheckpointStore::finalize(self, tag, meta, weights, save_latest)
+    }
+
+    fn location(&self, tag: &str) -> String {
+        self.root.join(tag).display().to_string()
     }
 
     fn latest(&self) -> Result<Option<String>> {

@@ -729,3 +729,139 @@ fn fp16_overflow_skips_follow_deepspeed() {
         );
     }
 }
+
+/// The engine saves through any [`ds_checkpoint::CheckpointStore`]: a store that wraps the
+/// filesystem one and counts the protocol's calls sees one prepare and one finalize (rank 0)
+/// and one shard per rank, for the plain and the decoupled (background) writer, and what it
+/// saved resumes to the same weights.
+#[test]
+fn checkpoints_go_through_any_checkpoint_store() {
+    use ds_checkpoint::{
+        CheckpointMeta, CheckpointStore, FsCheckpointStore, RankShard, SaveRequest, Weights,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Clone)]
+    struct Counting {
+        inner: FsCheckpointStore,
+        calls: Arc<[AtomicUsize; 3]>,
+    }
+    impl CheckpointStore for Counting {
+        fn save(&self, tag: &str, r: &SaveRequest<'_>) -> ds_checkpoint::Result<()> {
+            self.inner.save(tag, r)
+        }
+        fn load(&self, tag: Option<&str>) -> ds_checkpoint::Result<ds_checkpoint::Checkpoint> {
+            CheckpointStore::load(&self.inner, tag)
+        }
+        fn latest(&self) -> ds_checkpoint::Result<Option<String>> {
+            CheckpointStore::latest(&self.inner)
+        }
+        fn list(&self) -> ds_checkpoint::Result<Vec<String>> {
+            self.inner.list()
+        }
+        fn prepare(&self, tag: &str) -> ds_checkpoint::Result<()> {
+            self.calls[0].fetch_add(1, Ordering::SeqCst);
+            self.inner.prepare(tag)
+        }
+        fn save_rank(
+            &self,
+            tag: &str,
+            meta: &CheckpointMeta,
+            shard: &RankShard<'_>,
+        ) -> ds_checkpoint::Result<()> {
+            self.calls[1].fetch_add(1, Ordering::SeqCst);
+            self.inner.save_rank(tag, meta, shard)
+        }
+        fn finalize(
+            &self,
+            tag: &str,
+            meta: &CheckpointMeta,
+            weights: Option<&Weights<'_>>,
+            save_latest: bool,
+        ) -> ds_checkpoint::Result<()> {
+            self.calls[2].fetch_add(1, Ordering::SeqCst);
+            self.inner.finalize(tag, meta, weights, save_latest)
+        }
+        fn location(&self, tag: &str) -> String {
+            format!("counting:{}", self.inner.location(tag))
+        }
+    }
+    for decoupled in [false, true] {
+        let dir = std::env::temp_dir().join(format!(
+            "ds-engine-store-{}-{decoupled}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Counting {
+            inner: FsCheckpointStore::new(&dir).unwrap(),
+            calls: Arc::new([
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+            ]),
+        };
+        let mut v = config(
+            2,
+            2,
+            1,
+            json!({"type": "AdamW", "params": {"lr": 0.01}}),
+            1.0,
+        )
+        .json()
+        .clone();
+        v["checkpoint"] = json!({"writer": {"type": "fast", "decoupled": decoupled}});
+        let cfg = DeepSpeedConfig::from_value(v).resolve(2).unwrap();
+        let dl = DataLoader::new(BigramLanguage::new(SHAPE.vocab, 1), 1, SHAPE.seq);
+        let saved: Vec<Vec<f32>> = std::thread::scope(|s| {
+            LocalComm::create(2)
+                .into_iter()
+                .map(|comm| {
+                    let (cfg, dl, store) = (&cfg, &dl, &store);
+                    s.spawn(move || {
+                        let m = Gpt::new(SHAPE, 3, &Device::Cpu).unwrap();
+                        let mut e = Engine::initialize(cfg, m, &comm).unwrap();
+                        let micro = e.micro_batch_size();
+                        for step in 0..2 {
+                            e.train_batch(|m| dl.micro_batch(step, m, comm.rank(), 2, micro))
+                                .unwrap();
+                        }
+                        e.save_checkpoint(store, "global_step2", 4).unwrap();
+                        e.wait_checkpoint().unwrap();
+                        e.gather_full_params().unwrap()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        let c: Vec<usize> = store
+            .calls
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(
+            c,
+            vec![1, 2, 1],
+            "decoupled {decoupled}: prepare, save_rank, finalize"
+        );
+        assert_eq!(store.latest().unwrap().as_deref(), Some("global_step2"));
+        // Resume on one rank from the custom store: the same weights.
+        let ckpt = store.load(None).unwrap();
+        let comm = LocalComm::create(1).pop().unwrap();
+        let cfg1 = config(
+            0,
+            1,
+            2,
+            json!({"type": "AdamW", "params": {"lr": 0.01}}),
+            1.0,
+        );
+        let mut e =
+            Engine::initialize(&cfg1, Gpt::new(SHAPE, 9, &Device::Cpu).unwrap(), &comm).unwrap();
+        e.load_checkpoint(&ckpt).unwrap();
+        assert_eq!(e.gather_full_params().unwrap(), saved[0]);
+        assert!(store.location("x").starts_with("counting:"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

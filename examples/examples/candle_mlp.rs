@@ -27,7 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let idx: Vec<usize> = (rank * micro..(rank + 1) * micro)
             .map(|j| ((base + j) * 7919) % n)
             .collect();
-        let x: Vec<f32> = idx.iter().flat_map(|&i| [xs[2 * i], xs[2 * i + 1]]).collect();
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| [xs[2 * i], xs[2 * i + 1]])
+            .collect();
         let y: Vec<u32> = idx.iter().map(|&i| ys[i]).collect();
         Points {
             x: Tensor::from_vec(x, (micro, 2), &Device::Cpu).expect("shape"),

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use candle_core::{Device, Tensor};
 use ds_checkpoint::{
-    AsyncSaver, CheckpointError, CheckpointMeta, FsCheckpointStore, RankShard, Segment,
+    AsyncSaver, CheckpointError, CheckpointMeta, CheckpointStore, RankShard, Segment,
 };
 use ds_comm::{Communicator, ReduceOp};
 use ds_config::ResolvedConfig;
@@ -98,7 +98,7 @@ pub fn validate_tag_across_ranks(
 /// A decoupled save whose rank files are being written; committed (manifest, rename,
 /// `latest`) by rank 0 once every rank's writer has finished.
 struct Pending {
-    store: FsCheckpointStore,
+    store: Box<dyn CheckpointStore + Send + Sync>,
     tag: String,
     meta: CheckpointMeta,
     /// Some rank's writer failed: stop polling, report at the next save or wait.
@@ -211,7 +211,7 @@ impl<M: crate::traits::Model> Engine<'_, M> {
         shard
     }
 
-    /// Saves a checkpoint (a collective: every rank calls it with the same tag): each rank its
+    /// Saves a checkpoint into any [`CheckpointStore`] (a collective: every rank calls it with the same tag): each rank its
     /// fp32 master part and optimizer state (over its flat range, or at ZeRO-3 its chunk of
     /// every parameter), rank 0 the full weights (stages 0-2), the manifest and `latest`
     /// (atomic, `ds-checkpoint`'s protocol). Tags are first compared across ranks per
@@ -222,9 +222,9 @@ impl<M: crate::traits::Model> Engine<'_, M> {
     /// at the first `step()` after every rank's writer finished, or at [`Engine::wait_checkpoint`]
     /// or the next save. A failed write is returned by the next save or wait. Decoupled saves
     /// write no separate model-weights file: weights are read from the fp32 master buffers.
-    pub fn save_checkpoint(
+    pub fn save_checkpoint<S: CheckpointStore + Clone + Send + Sync + 'static>(
         &mut self,
-        store: &FsCheckpointStore,
+        store: &S,
         tag: &str,
         samples_per_step: u64,
     ) -> Result<(), EngineError> {
@@ -251,7 +251,7 @@ impl<M: crate::traits::Model> Engine<'_, M> {
                     .map_err(ck)?;
             }
             self.ckpt.pending = Some(Pending {
-                store: store.clone(),
+                store: Box::new(store.clone()),
                 tag,
                 meta,
                 failed: false,
