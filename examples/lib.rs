@@ -70,6 +70,32 @@ pub struct Points {
     pub y: Tensor,
 }
 
+/// The micro-batches of the classifier over the data set `(xs, ys)`:
+/// `batch(step, micro, rank, ws, micro_batch)` walks the points in a fixed scrambled order,
+/// global batch by global batch (the same at every world size), and rank `r` takes its slice.
+pub fn points_batch<'a>(
+    xs: &'a [f32],
+    ys: &'a [u32],
+    gas: usize,
+) -> impl Fn(u64, usize, usize, usize, usize) -> Points + Sync + 'a {
+    move |step, m, rank, ws, micro| {
+        let n = ys.len();
+        let base = (step as usize * gas + m) * micro * ws;
+        let idx: Vec<usize> = (rank * micro..(rank + 1) * micro)
+            .map(|j| ((base + j) * 7919) % n)
+            .collect();
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| [xs[2 * i], xs[2 * i + 1]])
+            .collect();
+        let y: Vec<u32> = idx.iter().map(|&i| ys[i]).collect();
+        Points {
+            x: Tensor::from_vec(x, (micro, 2), &Device::Cpu).expect("micro x 2 values"),
+            y: Tensor::from_vec(y, micro, &Device::Cpu).expect("micro labels"),
+        }
+    }
+}
+
 /// Hidden layers of the classifier, each a `layers.{i}` block.
 pub const MLP_LAYERS: usize = 2;
 /// Width of the classifier.

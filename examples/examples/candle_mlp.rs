@@ -7,9 +7,9 @@
 //!
 //! `cargo run --release --example candle_mlp`
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use ds_config::DeepSpeedConfig;
-use ds_examples::{mlp_accuracy, mlp_classifier, mlp_varmap, spirals, train_ranks, Points};
+use ds_examples::{mlp_accuracy, mlp_classifier, mlp_varmap, points_batch, spirals, train_ranks};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (xs, ys) = spirals(200, 3);
@@ -21,22 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?
     .resolve(ws)?;
     let n = ys.len();
-    let batch = |step: u64, _m: usize, rank: usize, ws: usize, micro: usize| {
-        // A fresh permutation-like walk over the data set each step; rank r takes its slice.
-        let base = step as usize * micro * ws;
-        let idx: Vec<usize> = (rank * micro..(rank + 1) * micro)
-            .map(|j| ((base + j) * 7919) % n)
-            .collect();
-        let x: Vec<f32> = idx
-            .iter()
-            .flat_map(|&i| [xs[2 * i], xs[2 * i + 1]])
-            .collect();
-        let y: Vec<u32> = idx.iter().map(|&i| ys[i]).collect();
-        Points {
-            x: Tensor::from_vec(x, (micro, 2), &Device::Cpu).expect("shape"),
-            y: Tensor::from_vec(y, micro, &Device::Cpu).expect("shape"),
-        }
-    };
+    let batch = points_batch(&xs, &ys, 1);
     let runs = train_ranks(
         &cfg,
         ws,

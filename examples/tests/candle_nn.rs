@@ -3,7 +3,7 @@
 //! stages 0-3 on 2 ranks to the weights of 1-rank training (within 1e-5), the loss falls,
 //! and at stage 3 with every block checkpointed only one block's weights are held at a time.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use ds_config::{DeepSpeedConfig, ResolvedConfig};
 use ds_engine::data::{BigramLanguage, DataLoader};
 use ds_engine::traits::Tokens;
@@ -31,31 +31,6 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The points of micro-batch `m` of `step`, for `rank` of `ws` (the global batch is the same
-/// at every world size: rank r takes its slice).
-fn points_batch<'a>(
-    xs: &'a [f32],
-    ys: &'a [u32],
-) -> impl Fn(u64, usize, usize, usize, usize) -> Points + Sync + 'a {
-    move |step, m, rank, ws, micro| {
-        let n = ys.len();
-        let global = micro * ws;
-        let base = (step as usize * 2 + m) * global;
-        let idx: Vec<usize> = (rank * micro..(rank + 1) * micro)
-            .map(|j| ((base + j) * 7919) % n)
-            .collect();
-        let x: Vec<f32> = idx
-            .iter()
-            .flat_map(|&i| [xs[2 * i], xs[2 * i + 1]])
-            .collect();
-        let y: Vec<u32> = idx.iter().map(|&i| ys[i]).collect();
-        Points {
-            x: Tensor::from_vec(x, (micro, 2), &Device::Cpu).unwrap(),
-            y: Tensor::from_vec(y, micro, &Device::Cpu).unwrap(),
-        }
-    }
-}
-
 #[test]
 fn candle_nn_mlp_classifier_trains_at_every_stage_on_2_ranks_as_on_1() {
     let (xs, ys) = spirals(100, 3);
@@ -68,7 +43,7 @@ fn candle_nn_mlp_classifier_trains_at_every_stage_on_2_ranks_as_on_1() {
                 steps,
                 ckpt,
                 || mlp_classifier(mlp_varmap(5, &Device::Cpu)?),
-                points_batch(&xs, &ys),
+                points_batch(&xs, &ys, 2),
             );
             let two = train_ranks(
                 &cfg(2, stage, 32),
@@ -76,7 +51,7 @@ fn candle_nn_mlp_classifier_trains_at_every_stage_on_2_ranks_as_on_1() {
                 steps,
                 ckpt,
                 || mlp_classifier(mlp_varmap(5, &Device::Cpu)?),
-                points_batch(&xs, &ys),
+                points_batch(&xs, &ys, 2),
             );
             let one = one.into_iter().next().unwrap().unwrap();
             let two: Vec<RankRun> = two.into_iter().map(|r| r.unwrap()).collect();
@@ -158,7 +133,7 @@ fn candle_nn_llama_decoder_trains_at_every_stage_on_2_ranks_as_on_1() {
 fn every_parameter_gets_a_gradient_and_a_missing_one_is_named() {
     let (xs, ys) = spirals(10, 1);
     let m = mlp_classifier(mlp_varmap(1, &Device::Cpu).unwrap()).unwrap();
-    m.check_gradients(&points_batch(&xs, &ys)(0, 0, 0, 1, 8))
+    m.check_gradients(&points_batch(&xs, &ys, 2)(0, 0, 0, 1, 8))
         .unwrap();
     let s = LlamaShape {
         vocab: 16,
@@ -187,7 +162,7 @@ fn every_parameter_gets_a_gradient_and_a_missing_one_is_named() {
     })
     .unwrap();
     let err = bad
-        .check_gradients(&points_batch(&xs, &ys)(0, 0, 0, 1, 8))
+        .check_gradients(&points_batch(&xs, &ys, 2)(0, 0, 0, 1, 8))
         .unwrap_err();
     assert!(err.to_string().contains("ln.weight"), "{err}");
 }
