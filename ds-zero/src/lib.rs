@@ -5,6 +5,8 @@
 //! - [`partition`]: DeepSpeed's partition layout (stage 1/2: flat group padded to a multiple of
 //!   `2 * world_size` and split into equal contiguous shards; stage 3: per parameter,
 //!   `ceil(numel / world_size)` per rank).
+//! - [`partitioned`]: [`PartitionedOptimizer`], ZeRO driven with a candle program's own `Var`s
+//!   and gradients on any device (`ZeroOptimizer::for_vars`, `step_vars`).
 //! - [`estimate`]: model-state memory per rank for each stage (the ZeRO paper's formulas and
 //!   DeepSpeed's estimators).
 //! - [`zero`]: [`ZeroOptimizer`], the partitioned optimizer, in fp32 or DeepSpeed-style mixed
@@ -30,9 +32,11 @@ pub mod bench;
 pub mod estimate;
 pub mod optim;
 pub mod partition;
+pub mod partitioned;
 pub mod stream;
 pub mod zero;
 
+pub use partitioned::PartitionedOptimizer;
 pub use stream::GradPiece;
 pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions, ZeroPrecision};
 
