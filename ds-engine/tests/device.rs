@@ -370,3 +370,75 @@ fn cpu_checkpointing_is_refused_for_a_model_that_cannot_honour_it() {
     );
     assert_eq!(comm.world_size(), 1);
 }
+
+/// Every config of the corpus (`../shared/ds-configs`) gets the same verdict from the engine
+/// on both paths: accepted by both, or refused by both with the same message naming the key
+/// (the engine has one set of checks for every device).
+#[test]
+fn config_corpus_verdicts_are_the_same_on_both_paths() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/ds-configs");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("skipped: no config corpus at {}", dir.display());
+        return;
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let (mut accepted, mut refused, mut unresolved) = (0, 0, 0);
+    for f in &files {
+        // The world size that makes the config's batch triangle hold, and the values Hugging
+        // Face's integration substitutes for "auto".
+        let resolved = [1usize, 2, 4, 8].iter().find_map(|&ws| {
+            let mut auto = std::collections::BTreeMap::new();
+            auto.insert("train_micro_batch_size_per_gpu".to_string(), json!(4));
+            auto.insert("gradient_accumulation_steps".to_string(), json!(2));
+            auto.insert("train_batch_size".to_string(), json!(8 * ws));
+            auto.insert("scheduler.params.total_num_steps".to_string(), json!(1000));
+            let opts = ds_config::ResolveOptions {
+                world_size: ws,
+                allow_unknown_keys: false,
+                auto_values: auto,
+            };
+            DeepSpeedConfig::from_path(f)
+                .and_then(|c| c.resolve_with(&opts))
+                .ok()
+                .map(|c| (ws, c))
+        });
+        let Some((ws, cfg)) = resolved else {
+            unresolved += 1;
+            continue;
+        };
+        let verdict = |explicit: bool| -> Result<(), String> {
+            std::thread::scope(|s| {
+                let rs: Vec<Result<(), String>> = LocalComm::create(ws)
+                    .into_iter()
+                    .map(|comm| {
+                        let cfg = &cfg;
+                        s.spawn(move || {
+                            let mut gpt = Gpt::new(SHAPE, 1, &Device::Cpu).unwrap();
+                            gpt.set_explicit_kernels(explicit);
+                            Engine::initialize(cfg, gpt, &comm)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect();
+                rs.into_iter().next().unwrap()
+            })
+        };
+        let (a, b) = (verdict(true), verdict(false));
+        assert_eq!(a, b, "{}: the paths disagree", f.display());
+        if a.is_ok() {
+            accepted += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    eprintln!("corpus: {accepted} accepted and {refused} refused by the engine on both paths, {unresolved} refused by the config layer");
+    assert!(accepted > 0 && accepted + refused + unresolved == files.len());
+}
