@@ -21,7 +21,7 @@ cfg() {
 JSON
 }
 for st in 0 1 2 3; do cfg $st; done
-med() { python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(f"{d[\"median_step_ms\"]:.1f} ms (final loss {d[\"final_loss\"]:.5f})")'; }
+med() { python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("%.1f ms (final loss %.5f)" % (d["median_step_ms"], d["final_loss"]))'; }
 for round in 1 2 3; do
   echo "== round $round"
   for bin in OLD NEW; do
