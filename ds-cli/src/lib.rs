@@ -1,4 +1,4 @@
-//! The `ds` command's jobs as a library: [`train`] (`ds train`, `ds profile`) and [`bench`]
+//! The `ds` command's jobs as a library: [`train`] (`ds train`, `ds profile`) and [`mod@bench`]
 //! (`ds bench kernels`, `ds bench ckpt-act`), over [`ds_engine`]'s one engine and
 //! [`ds_models`]' model library.
 //!

@@ -1025,7 +1025,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         "mpi" if cfg!(feature = "mpi") => {}
         "mpi" => {
             return Err(EngineError::Config(
-                "--backend mpi: this `ds` was built without MPI; build it with `cargo build --release -p ds-engine --features mpi` and launch it under `mpirun -np N`".into(),
+                "--backend mpi: this `ds` was built without MPI; build it with `cargo build --release -p ds-cli --features mpi` and launch it under `mpirun -np N`".into(),
             ))
         }
         "nccl" if args.device == "cpu" => {

@@ -1,7 +1,7 @@
 //! One criterion bench per explicit GPT kernel at the reference shape (batch 8, seq 128,
 //! hidden 256, 4 heads, vocab 8192), forward and backward, throughput in FLOP/s ("elements"
 //! are floating-point operations) for matrix products and bytes for memory-bound kernels.
-//! `cargo bench -p ds-engine --bench kernels`; `ds bench kernels` prints the same kernels
+//! `cargo bench -p ds-models --bench kernels`; `ds bench kernels` prints the same kernels
 //! against the machine's matmul peak and memcpy bandwidth in one table.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

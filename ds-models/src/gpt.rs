@@ -803,7 +803,7 @@ impl Gpt {
         self.forward_backward_hooked(ids, targets, policy, &mut |_| Ok(()))
     }
 
-    /// [`crate::traits::Model::forward_backward_streamed`] for the GPT: on the explicit kernels
+    /// [`ds_engine::traits::Model::forward_backward_streamed`] for the GPT: on the explicit kernels
     /// the final LayerNorm's gradients are handed to `sink` after the head's backward, each
     /// block's right after its backward (last block first), and the embeddings' at the end;
     /// the gradients are those of `loss * loss_scale` (the logits' gradient is scaled before
