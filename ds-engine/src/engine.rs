@@ -667,11 +667,12 @@ impl<'c, M: Model> Engine<'c, M> {
         let part = 4 * self.zero.master().len();
         // At stage 3 the model holds only its persistent parameters between passes (plus one
         // gathered block while it runs, not counted here).
-        let held: usize = 4 * self
+        // In the parameters' own dtype (a bf16 model on a GPU holds 2 bytes a weight).
+        let held: usize = self
             .model
             .params()
             .iter()
-            .map(|p| p.var.elem_count())
+            .map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes())
             .sum::<usize>();
         MemoryReport {
             params_bytes: held,
