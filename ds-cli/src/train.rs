@@ -1009,6 +1009,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     if args.world_size == 0 {
         return Err(EngineError::Config("--world-size must be >= 1".into()));
     }
+    if args.steps == 0 {
+        return Err(EngineError::Config(
+            "--steps must be >= 1 (a run of 0 steps has no loss to report)".into(),
+        ));
+    }
     #[cfg(feature = "mpi")]
     let mpi = if args.backend == "mpi" {
         Some(ds_comm::MpiComm::init(ds_comm::MpiCommOptions::default())?)

@@ -941,6 +941,13 @@ fn autograd_path_from_the_cli_and_cuda_without_cuda() {
             assert!(err.contains("scripts/cuda-build.sh"), "{args:?}: {err}");
         }
     }
+    let out = ds(&["train", "--steps", "0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--steps 0 reported a NaN loss with exit 0 before"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--steps must be >= 1"));
     let out = ds(&["train", "--device", "gpu0", "--steps", "1"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
