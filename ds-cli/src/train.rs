@@ -832,6 +832,18 @@ fn drive<M: LanguageModel>(
             );
         }
     }
+    // Step and sample counters must not overflow (a corrupt or edited manifest can claim any
+    // global_step).
+    if start
+        .checked_add(args.steps)
+        .and_then(|end| end.checked_mul(cfg.train_batch_size.max(1)))
+        .is_none()
+    {
+        return Err(EngineError::Checkpoint(format!(
+            "the checkpoint's global_step {start} plus --steps {} overflows the step or sample count (a corrupt manifest?)",
+            args.steps
+        )));
+    }
     let micro = engine.micro_batch_size();
     let bar = progress_bar(rank, args);
     // Log lines go around the progress bar (stderr either way).

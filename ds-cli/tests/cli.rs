@@ -1065,3 +1065,42 @@ fn autograd_path_monitors_timers_and_offload_param() {
     assert!(err.contains("zero_optimization.offload_param"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A manifest that claims a global step near 2^64 (corrupt or edited) is refused on resume
+/// (exit 2, naming the overflow) instead of wrapping the step counter and panicking.
+#[test]
+fn resume_with_an_overflowing_global_step_is_refused() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-gstep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let flags = [
+        "--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "64",
+    ];
+    let mut a = vec!["train", "--steps", "2", "--out", d];
+    a.extend(flags);
+    let out = ds(&a);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = dir.join("global_step2/manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap();
+    assert!(text.contains("\"global_step\": 2"), "{text}");
+    std::fs::write(
+        &m,
+        text.replace(
+            "\"global_step\": 2",
+            "\"global_step\": 18446744073709551614",
+        ),
+    )
+    .unwrap();
+    let mut a = vec!["train", "--steps", "2", "--out", d, "--resume"];
+    a.extend(flags);
+    let out = ds(&a);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("overflows the step or sample count"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
