@@ -47,6 +47,8 @@ pub(crate) struct Ctx<'a> {
     pub issues: Vec<Issue>,
     pub warnings: Vec<String>,
     opts: &'a ResolveOptions,
+    /// The supplied "auto" values a key of the config asked for.
+    used_autos: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 /// Renders a value for a message (JSON text, shortened).
@@ -111,7 +113,11 @@ impl<'a> Ctx<'a> {
 
     /// The override for a key written as `"auto"`, if the caller supplied one.
     fn auto_override(&self, path: &str) -> Option<Value> {
-        self.opts.auto_values.get(path).cloned()
+        let v = self.opts.auto_values.get(path).cloned();
+        if v.is_some() {
+            self.used_autos.borrow_mut().insert(path.to_string());
+        }
+        v
     }
 }
 
@@ -454,6 +460,7 @@ pub(crate) fn resolve(
         issues: Vec::new(),
         warnings: Vec::new(),
         opts,
+        used_autos: Default::default(),
     };
     let mut input = input.clone();
 
@@ -558,6 +565,20 @@ pub(crate) fn resolve(
     }
 
     cross_checks(&mut ctx, &out);
+
+    // A supplied value for a key the config does not write as "auto" is not used: say so
+    // (a typo in the key path, or a config without that "auto").
+    let unused: Vec<String> = opts
+        .auto_values
+        .keys()
+        .filter(|k| !ctx.used_autos.borrow().contains(*k))
+        .cloned()
+        .collect();
+    for k in unused {
+        ctx.warn(format!(
+            "the value supplied for \"auto\" key `{k}` was not used: the config does not write `{k}` as \"auto\""
+        ));
+    }
 
     if ctx.issues.is_empty() {
         Ok((Value::Object(out), ctx.warnings))

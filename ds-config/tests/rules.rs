@@ -710,3 +710,39 @@ fn example_configs_json_and_toml_agree() {
     assert_eq!(a.train_micro_batch_size_per_gpu, 8);
     assert_eq!(a.scheduler.as_ref().unwrap().kind, "WarmupDecayLR");
 }
+
+/// A value supplied for an "auto" key that the config does not write as "auto" (a typo in the
+/// key path, say) is reported, not silently dropped; one that is used is not.
+#[test]
+fn unused_auto_values_are_reported() {
+    let mut auto = std::collections::BTreeMap::new();
+    auto.insert(
+        "train_micro_batch_size_per_gpu".to_string(),
+        serde_json::json!(4),
+    );
+    auto.insert(
+        "train_micro_batch_size_per_gpo".to_string(),
+        serde_json::json!(4),
+    );
+    let opts = ds_config::ResolveOptions {
+        world_size: 2,
+        allow_unknown_keys: false,
+        auto_values: auto,
+    };
+    let r = ds_config::DeepSpeedConfig::from_json_str(
+        r#"{"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto"}"#,
+    )
+    .unwrap()
+    .resolve_with(&opts)
+    .unwrap();
+    assert_eq!(r.train_micro_batch_size_per_gpu, 4);
+    let w = r.warnings.join("\n");
+    assert!(
+        w.contains("`train_micro_batch_size_per_gpo` was not used"),
+        "{w}"
+    );
+    assert!(
+        !w.contains("`train_micro_batch_size_per_gpu` was not used"),
+        "{w}"
+    );
+}
