@@ -1049,6 +1049,21 @@ fn resolve_zero(ctx: &mut Ctx, v: Option<&Value>) -> Value {
 
 fn cross_checks(ctx: &mut Ctx, out: &Map<String, Value>) {
     let o = Value::Object(out.clone());
+    // Bucket sizes: 0 holds nothing (every gradient would need a bucket of its own); tiny
+    // buckets are legal but make every few elements a separate collective.
+    for key in ["reduce_bucket_size", "allgather_bucket_size"] {
+        match get(&o, &["zero_optimization", key]).and_then(Value::as_u64) {
+            Some(0) => ctx.issue(
+                &format!("zero_optimization.{key}"),
+                &json!(0),
+                "a bucket of 0 elements holds nothing; allowed: >= 1 (DeepSpeed's default is 5e8)",
+            ),
+            Some(n) if n < 1000 => ctx.warn(format!(
+                "zero_optimization.{key} = {n}: every {n} elements are a separate collective, which can make a step many times slower than DeepSpeed's default 5e8"
+            )),
+            _ => {}
+        }
+    }
     let fp16 = get_bool(&o, &["fp16", "enabled"]);
     let bf16 = get_bool(&o, &["bf16", "enabled"]);
     if fp16 && bf16 {

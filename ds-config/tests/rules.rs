@@ -746,3 +746,32 @@ fn unused_auto_values_are_reported() {
         "{w}"
     );
 }
+
+/// A bucket size of 0 is refused naming the key; a tiny one resolves with a warning.
+#[test]
+fn tiny_and_zero_bucket_sizes() {
+    let err = DeepSpeedConfig::from_json_str(
+        r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "reduce_bucket_size": 0}}"#,
+    )
+    .unwrap()
+    .resolve(1)
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("zero_optimization.reduce_bucket_size"),
+        "{err}"
+    );
+    let r = DeepSpeedConfig::from_json_str(
+        r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "allgather_bucket_size": 2}}"#,
+    )
+    .unwrap()
+    .resolve(1)
+    .unwrap();
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("zero_optimization.allgather_bucket_size = 2")),
+        "{:?}",
+        r.warnings
+    );
+}
