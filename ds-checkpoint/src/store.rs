@@ -828,12 +828,43 @@ impl CheckpointStore for FsCheckpointStore {
 
     fn latest(&self) -> Result<Option<String>> {
         let p = self.root.join(LATEST_FILE);
-        match fs::read_to_string(&p) {
-            Ok(s) => {
+        let malformed = |reason: String| CheckpointError::Malformed {
+            path: p.clone(),
+            reason,
+        };
+        match fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&p)(e)),
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(malformed(
+                    "not a regular file (a symbolic link, FIFO or directory); `latest` is a small file this store writes".into(),
+                ))
+            }
+            Ok(m) if m.len() > 512 => {
+                return Err(malformed(format!(
+                    "{} bytes; `latest` holds one tag of at most 200 bytes",
+                    m.len()
+                )))
+            }
+            Ok(_) => {}
+        }
+        match fs::read(&p) {
+            Ok(bytes) => {
+                let Ok(s) = String::from_utf8(bytes) else {
+                    return Err(malformed("not UTF-8 text".into()));
+                };
                 let t = s.trim();
-                validate_tag(t).map_err(|e| CheckpointError::Malformed {
-                    path: p.clone(),
-                    reason: e.to_string(),
+                // The reason names the rule broken; the content is shown shortened and escaped.
+                validate_tag(t).map_err(|e| {
+                    let why = match e {
+                        CheckpointError::InvalidTag { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    let preview: String = t.chars().take(40).collect();
+                    malformed(format!(
+                        "the tag {preview:?}{} {why}",
+                        if t.chars().count() > 40 { "..." } else { "" }
+                    ))
                 })?;
                 Ok(Some(t.to_string()))
             }

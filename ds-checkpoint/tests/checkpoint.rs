@@ -807,3 +807,36 @@ fn segments_that_overlap_or_overflow_are_refused() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A `latest` that is huge, a symbolic link (to /etc/passwd, say) or holds a bad tag is an
+/// error naming the file and the rule, without echoing its content.
+#[test]
+fn odd_latest_files_are_refused_without_printing_them() {
+    use ds_checkpoint::CheckpointStore;
+    let dir = std::env::temp_dir().join(format!("ds-ckpt-latest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = ds_checkpoint::FsCheckpointStore::new(&dir).unwrap();
+    let latest = dir.join("latest");
+    std::fs::write(&latest, "x".repeat(10_000)).unwrap();
+    let e = store.latest().unwrap_err().to_string();
+    assert!(
+        e.contains("10000 bytes") && !e.contains("xxxxxxxxxx"),
+        "{e}"
+    );
+    std::fs::remove_file(&latest).unwrap();
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, "root:x:0:0").unwrap();
+    std::os::unix::fs::symlink(&secret, &latest).unwrap();
+    let e = store.latest().unwrap_err().to_string();
+    assert!(
+        e.contains("not a regular file") && !e.contains("root:x"),
+        "{e}"
+    );
+    std::fs::remove_file(&latest).unwrap();
+    std::fs::write(&latest, "../../etc").unwrap();
+    let e = store.latest().unwrap_err().to_string();
+    assert!(e.contains("latest") && e.contains(".."), "{e}");
+    std::fs::write(&latest, "global_step4\n").unwrap();
+    assert_eq!(store.latest().unwrap().as_deref(), Some("global_step4"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
