@@ -285,11 +285,30 @@ fn read_exact_at(file: &File, path: &Path, mut buf: &mut [u8], mut offset: u64) 
     Ok(())
 }
 
+/// Errors unless `path` is a regular file (after following symbolic links): a missing file is
+/// [`CheckpointError::MissingFile`], a FIFO, socket, device or directory is
+/// [`CheckpointError::Malformed`] (reading a FIFO would block forever).
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(CheckpointError::Malformed {
+            path: path.to_path_buf(),
+            reason: "not a regular file (a FIFO, socket, device or directory); checkpoint files are regular files".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CheckpointError::MissingFile {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 impl TensorFile {
     /// Opens `path`, checks it against `expected` (size; then the checksums of the blocks
     /// holding the header, or of the whole file for records without block checksums) and
     /// parses the header.
     pub fn open(path: &Path, expected: Option<&FileRecord>) -> Result<Self> {
+        // Opening a FIFO (or a device) for reading would block until a writer comes.
+        check_regular_file(path)?;
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

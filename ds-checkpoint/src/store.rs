@@ -750,6 +750,10 @@ impl FsCheckpointStore {
         if dir.join(MANIFEST_FILE).is_file() {
             return Ok(dir);
         }
+        if dir.join(MANIFEST_FILE).exists() {
+            // There, but not a regular file (a FIFO would block the reader): say so.
+            crate::format::check_regular_file(&dir.join(MANIFEST_FILE))?;
+        }
         let old = self.old_dir(tag);
         if !dir.exists() && old.join(MANIFEST_FILE).is_file() {
             return Ok(old);
@@ -960,6 +964,7 @@ impl Checkpoint {
     /// Opens a tag directory directly (verifying every file).
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST_FILE);
+        crate::format::check_regular_file(&mpath)?;
         let bytes = match fs::read(&mpath) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

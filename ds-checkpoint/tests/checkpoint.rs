@@ -840,3 +840,37 @@ fn odd_latest_files_are_refused_without_printing_them() {
     assert_eq!(store.latest().unwrap().as_deref(), Some("global_step4"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A FIFO in place of a rank file (or of the manifest) is an error naming it, at once: opening
+/// a FIFO for reading would block until a writer came, so `--resume` and `ds consolidate` hung.
+#[test]
+fn a_fifo_in_place_of_a_checkpoint_file_is_an_error_not_a_hang() {
+    let (dir, store) = corrupt_setup("fifo");
+    for victim in [rank_file_name(1), MANIFEST_FILE.to_string()] {
+        let f = dir.join("t").join(&victim);
+        let saved = std::fs::read(&f).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        let ok = std::process::Command::new("mkfifo")
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = store.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s2.load(Some("t")).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("loading a checkpoint with a FIFO in it hung");
+        let e = got.unwrap_err();
+        assert!(
+            e.contains("not a regular file") && e.contains(&victim),
+            "{e}"
+        );
+        std::fs::remove_file(&f).unwrap();
+        std::fs::write(&f, saved).unwrap();
+    }
+    store.load(Some("t")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
