@@ -1126,6 +1126,27 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             "tokens",
         ),
         Some(p) => {
+            // A stream (/dev/zero, a FIFO) would be read until memory runs out; a text file
+            // is held whole, so its size is checked against the memory available.
+            let meta = std::fs::metadata(p).map_err(|e| {
+                EngineError::Data(format!("cannot read --data {}: {e}", p.display()))
+            })?;
+            if !meta.is_file() {
+                return Err(EngineError::Data(format!(
+                    "--data {}: not a regular file or directory (a device, FIFO or socket would be read without end); allowed: a text file, or a directory holding train.bin and val.bin",
+                    p.display()
+                )));
+            }
+            let avail = ds_profiler::mem_available_bytes().unwrap_or(u64::MAX);
+            // Each byte becomes a u32 token: 5 bytes of memory per byte of text.
+            if meta.len().saturating_mul(5) > avail {
+                return Err(EngineError::Data(format!(
+                    "--data {}: {} bytes of text need about {} bytes of memory as tokens, more than the {avail} available; tokenise it into a nanoGPT train.bin/val.bin directory instead (memory-mapped)",
+                    p.display(),
+                    meta.len(),
+                    meta.len().saturating_mul(5)
+                )));
+            }
             let bytes = std::fs::read(p).map_err(|e| {
                 EngineError::Data(format!("cannot read --data {}: {e}", p.display()))
             })?;

@@ -1104,3 +1104,15 @@ fn resume_with_an_overflowing_global_step_is_refused() {
     assert!(err.contains("overflows the step or sample count"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--data` naming a device or FIFO (read without end before) is refused at once, naming it.
+#[test]
+fn data_that_is_a_stream_is_refused() {
+    let out = ds(&["train", "--data", "/dev/zero", "--steps", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--data /dev/zero: not a regular file"),
+        "{err}"
+    );
+}

@@ -73,7 +73,7 @@ mod timers;
 use std::path::PathBuf;
 
 pub use counts::{Activation, OpCost};
-pub use memory::{vm_hwm_bytes, vm_rss_bytes, CountingAlloc};
+pub use memory::{mem_available_bytes, vm_hwm_bytes, vm_rss_bytes, CountingAlloc};
 pub use profiler::{FlopsProfiler, ScopeGuard};
 pub use report::{
     duration_to_string, flops_rate_to_string, flops_to_string, macs_to_string, number_to_string,

@@ -109,6 +109,17 @@ pub fn vm_hwm_bytes() -> Option<u64> {
     proc_status_kb("VmHWM")
 }
 
+/// Memory the kernel says is available for new allocations (`MemAvailable` in
+/// `/proc/meminfo`), in bytes; `None` where unavailable (non-Linux).
+pub fn mem_available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    s.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemAvailable:")?;
+        let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
 /// Current resident set size in bytes (`VmRSS`); `None` where unavailable.
 pub fn vm_rss_bytes() -> Option<u64> {
     proc_status_kb("VmRSS")
@@ -117,6 +128,22 @@ pub fn vm_rss_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mem_available_is_positive_and_below_the_total_on_linux() {
+        if let (Some(a), Ok(info)) = (
+            mem_available_bytes(),
+            std::fs::read_to_string("/proc/meminfo"),
+        ) {
+            let total: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+                * 1024;
+            assert!(a > 0 && a <= total, "{a} of {total}");
+        }
+    }
 
     #[test]
     fn counting_alloc_tracks_peak() {
