@@ -101,6 +101,8 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     /// Resume from the latest checkpoint in `out` before training.
     pub resume: bool,
+    /// Replace a run already in `out` (without it, `out` holding a run needs `resume`).
+    pub overwrite: bool,
     /// Also save a checkpoint every this many steps (needs `out`; `None`: only at the end).
     pub save_interval: Option<u64>,
     /// Print DeepSpeed's flops profile of step 2 (as `flops_profiler.enabled` with
@@ -134,6 +136,7 @@ impl Default for TrainArgs {
             dropout: 0.0,
             out: None,
             resume: false,
+            overwrite: false,
             save_interval: None,
             flops_profile: false,
             device: "cpu".into(),
@@ -1025,6 +1028,30 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         return Err(EngineError::Config(
             "--steps must be >= 1 (a run of 0 steps has no loss to report)".into(),
         ));
+    }
+    if let Some(out) = &args.out {
+        if args.resume && args.overwrite {
+            return Err(EngineError::Config(
+                "--resume continues the run in --out and --overwrite replaces it: give one".into(),
+            ));
+        }
+        // A run already there is not silently replaced (its checkpoints and `latest`).
+        if !args.resume && !args.overwrite {
+            use ds_checkpoint::CheckpointStore;
+            let store = ds_checkpoint::FsCheckpointStore::new(out)
+                .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+            let tags = store.list().unwrap_or_default();
+            if out.join("latest").exists() || !tags.is_empty() {
+                return Err(EngineError::Config(format!(
+                    "--out {} already holds a run ({}); add --resume to continue it or --overwrite to replace it",
+                    out.display(),
+                    match tags.last() {
+                        Some(t) => format!("{} checkpoint(s), the last {t}", tags.len()),
+                        None => "a `latest` file".to_string(),
+                    }
+                )));
+            }
+        }
     }
     #[cfg(feature = "mpi")]
     let mpi = if args.backend == "mpi" {

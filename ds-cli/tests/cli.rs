@@ -1116,3 +1116,37 @@ fn data_that_is_a_stream_is_refused() {
         "{err}"
     );
 }
+
+/// `--out DIR` over an existing run without `--resume` is refused (it replaced the run's
+/// checkpoints and `latest` silently before); `--overwrite` replaces it; both flags conflict.
+#[test]
+fn out_over_an_existing_run_needs_resume_or_overwrite() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-overwrite-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "train", "--steps", "1", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq",
+            "16", "--vocab", "64", "--out", d,
+        ];
+        a.extend_from_slice(extra);
+        ds(&a)
+    };
+    assert_eq!(run(&[]).status.code(), Some(0));
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already holds a run") && err.contains("global_step1"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap(),
+        "global_step1",
+        "the refused run left the checkpoint alone"
+    );
+    assert_eq!(run(&["--overwrite"]).status.code(), Some(0));
+    assert_eq!(run(&["--resume"]).status.code(), Some(0));
+    assert_eq!(run(&["--resume", "--overwrite"]).status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -75,6 +75,10 @@ enum Command {
         /// Resume from the latest checkpoint in --out (any world size, any ZeRO stage).
         #[arg(long)]
         resume: bool,
+        /// Replace a run already in --out (its checkpoints and `latest`); without it, an --out
+        /// holding a run is refused unless --resume is given.
+        #[arg(long)]
+        overwrite: bool,
         /// Also save a checkpoint into --out every N steps (decoupled, i.e. in the background,
         /// with the config's `checkpoint.writer.decoupled: true`).
         #[arg(long)]
@@ -367,6 +371,7 @@ fn main() -> ExitCode {
             plot,
             out,
             resume,
+            overwrite,
             save_interval,
             seed,
             flops_profile,
@@ -380,6 +385,8 @@ fn main() -> ExitCode {
             // in ./ds-train-out.
             let demo = std::env::args_os().count() == 2;
             let out = out.or_else(|| demo.then(|| PathBuf::from(DEMO_OUT)));
+            // The demonstration run replaces its own earlier output.
+            let overwrite = overwrite || demo;
             let flops_profile = flops_profile || demo;
             model.ckpt |= demo;
             if data.is_some() && task.is_some() {
@@ -443,6 +450,7 @@ fn main() -> ExitCode {
                 dropout: model.dropout,
                 out,
                 resume,
+                overwrite,
                 flops_profile,
                 save_interval,
                 device,
