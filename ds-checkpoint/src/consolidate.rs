@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::error::{io_err, Result};
+use crate::error::{io_err, CheckpointError, Result};
 use crate::format::{write_safetensors, Dtype, FileRecord, TensorOut};
 use crate::store::{Checkpoint, MASTER_BUFFER};
 
@@ -15,6 +15,20 @@ use crate::store::{Checkpoint, MASTER_BUFFER};
 /// full-precision truth, like `zero_to_fp32`), else from the model-weights file. The file is
 /// written next to `out` and renamed into place, so `out` is never left half-written.
 pub fn consolidate(ckpt: &Checkpoint, out: &Path, dtype: Dtype) -> Result<FileRecord> {
+    // Writing into the checkpoint's own directory would replace one of its files (the
+    // manifest's checksums would then no longer match) or add a stray one.
+    let dir = std::fs::canonicalize(ckpt.dir()).map_err(io_err(ckpt.dir()))?;
+    let out_dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if std::fs::canonicalize(out_dir).is_ok_and(|p| p.starts_with(&dir)) {
+        return Err(CheckpointError::InvalidInput(format!(
+            "{}: the output is inside the checkpoint directory {} and would overwrite or add to its files; write it elsewhere",
+            out.display(),
+            ckpt.dir().display()
+        )));
+    }
     let from_master = ckpt.buffer_names().iter().any(|b| b == MASTER_BUFFER);
     let mut data = Vec::with_capacity(ckpt.meta().params.len());
     for p in &ckpt.meta().params {

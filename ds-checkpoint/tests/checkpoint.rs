@@ -874,3 +874,19 @@ fn a_fifo_in_place_of_a_checkpoint_file_is_an_error_not_a_hang() {
     store.load(Some("t")).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Consolidating into the checkpoint's own directory (over its model file, say) is refused
+/// and leaves the checkpoint loadable; the store root beside it is fine.
+#[test]
+fn consolidate_refuses_to_write_into_the_checkpoint() {
+    let (dir, store) = corrupt_setup("consol-self");
+    let ck = store.load(Some("t")).unwrap();
+    let target = dir.join("t").join(MODEL_FILE);
+    let e = consolidate(&ck, &target, Dtype::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inside the checkpoint directory"), "{e}");
+    store.load(Some("t")).unwrap();
+    consolidate(&ck, &dir.join("weights.safetensors"), Dtype::F32).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
