@@ -66,6 +66,73 @@ pub struct DeepSpeedConfig {
     doc: Value,
 }
 
+/// The text of a config file: UTF-8 (a byte-order mark is dropped), or UTF-16 with its
+/// byte-order mark (what some Windows editors save); anything else is an error naming the
+/// line and column of the first byte that is not text.
+fn decode_text(path: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
+    let utf16 = |le: bool| -> Option<String> {
+        let units: Vec<u16> = bytes[2..]
+            .chunks(2)
+            .map(|c| match (c, le) {
+                ([a, b], true) => Some(u16::from_le_bytes([*a, *b])),
+                ([a, b], false) => Some(u16::from_be_bytes([*a, *b])),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        char::decode_utf16(units)
+            .collect::<Result<String, _>>()
+            .ok()
+    };
+    match bytes.get(..2) {
+        Some([0xFF, 0xFE]) | Some([0xFE, 0xFF]) => {
+            return utf16(bytes[0] == 0xFF).ok_or_else(|| ConfigError::Syntax {
+                line: 1,
+                column: 1,
+                message: format!(
+                    "{} starts with a UTF-16 byte-order mark but is not valid UTF-16 text",
+                    path.display()
+                ),
+            })
+        }
+        _ => {}
+    }
+    match String::from_utf8(bytes) {
+        Ok(mut s) => {
+            if s.starts_with('\u{feff}') {
+                s.remove(0);
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let bytes = e.into_bytes();
+            let before = &bytes[..at];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = at
+                - before
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1)
+                + 1;
+            let binary = bytes.iter().take(4096).any(|&b| b == 0);
+            Err(ConfigError::Syntax {
+                line,
+                column,
+                message: format!(
+                    "{} is not UTF-8 text: byte 0x{:02x} at offset {at}{}",
+                    path.display(),
+                    bytes[at],
+                    if binary {
+                        " (it holds NUL bytes: a binary file, not a config)"
+                    } else {
+                        "; save the file as UTF-8"
+                    }
+                ),
+            })
+        }
+    }
+}
+
 impl DeepSpeedConfig {
     /// Reads a file: TOML when the extension is `.toml`, DeepSpeed's JSON dialect otherwise.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
@@ -74,15 +141,7 @@ impl DeepSpeedConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
-            line: 0,
-            column: 0,
-            message: format!(
-                "{} is not UTF-8 text (invalid byte at offset {})",
-                path.display(),
-                e.utf8_error().valid_up_to()
-            ),
-        })?;
+        let text = decode_text(path, bytes)?;
         let is_toml = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("toml"));

@@ -686,7 +686,13 @@ fn files_and_their_errors() {
         .to_string();
     assert!(msg.contains("missing.json"), "{msg}");
     let bin = dir.join("b.json");
+    // A UTF-16 byte-order mark followed by half a code unit.
     std::fs::write(&bin, [0xff, 0xfe, 0x00]).unwrap();
+    assert!(DeepSpeedConfig::from_path(&bin)
+        .unwrap_err()
+        .to_string()
+        .contains("not valid UTF-16"));
+    std::fs::write(&bin, [0x7b, 0xff, 0x00]).unwrap();
     assert!(DeepSpeedConfig::from_path(&bin)
         .unwrap_err()
         .to_string()
@@ -774,4 +780,50 @@ fn tiny_and_zero_bucket_sizes() {
         "{:?}",
         r.warnings
     );
+}
+
+/// Config files in UTF-16 (with a byte-order mark) or UTF-8 with a BOM are read; a binary file
+/// or a stray non-UTF-8 byte is an error naming its line and column (it said "line 0, column 0").
+#[test]
+fn file_encodings() {
+    let dir = std::env::temp_dir().join(format!("ds-config-enc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = "{\n  \"train_batch_size\": 8\n}\n";
+    let mut le = vec![0xFF, 0xFE];
+    le.extend(text.encode_utf16().flat_map(|u| u.to_le_bytes()));
+    let mut be = vec![0xFE, 0xFF];
+    be.extend(text.encode_utf16().flat_map(|u| u.to_be_bytes()));
+    let mut bom = vec![0xEF, 0xBB, 0xBF];
+    bom.extend(text.as_bytes());
+    for (name, bytes) in [("le.json", le), ("be.json", be), ("bom.json", bom)] {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let r = DeepSpeedConfig::from_path(&p).unwrap().resolve(1).unwrap();
+        assert_eq!(r.train_batch_size, 8, "{name}");
+    }
+    let p = dir.join("latin1.json");
+    std::fs::write(
+        &p,
+        b"{\n  \"train_batch_size\": 8,\n  \"x\": \"caf\xe9\"\n}",
+    )
+    .unwrap();
+    match DeepSpeedConfig::from_path(&p).unwrap_err() {
+        ConfigError::Syntax {
+            line,
+            column,
+            message,
+        } => {
+            assert_eq!((line, column), (3, 12), "{message}");
+            assert!(
+                message.contains("0xe9") && message.contains("save the file as UTF-8"),
+                "{message}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    let p = dir.join("bin.json");
+    std::fs::write(&p, [0x7Bu8, 0x00, 0xC3, 0x28, 0x00]).unwrap();
+    let e = DeepSpeedConfig::from_path(&p).unwrap_err().to_string();
+    assert!(e.contains("binary file") && !e.contains("line 0"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
