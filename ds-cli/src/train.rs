@@ -82,7 +82,9 @@ pub struct TrainArgs {
     pub world_size: usize,
     /// `local` (threads sharing memory).
     pub backend: String,
-    /// Optimizer steps.
+    /// The total optimizer step count: a fresh run trains this many steps, a resumed run
+    /// (`resume`) trains from the checkpoint's step up to it (as `max_steps` does elsewhere,
+    /// so re-running an interrupted job's own command line ends where it was meant to).
     pub steps: u64,
     /// Training data instead of the embedded task: a byte-level text file, or a nanoGPT
     /// directory holding `train.bin` and `val.bin` (uint16 little-endian tokens).
@@ -730,10 +732,11 @@ impl Monitors {
 }
 
 /// Rank 0's progress bar (`--progress` on a terminal).
-fn progress_bar(rank: usize, args: &TrainArgs) -> Option<indicatif::ProgressBar> {
+fn progress_bar(rank: usize, args: &TrainArgs, start: u64) -> Option<indicatif::ProgressBar> {
     (rank == 0 && args.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(
         || {
             let b = indicatif::ProgressBar::new(args.steps);
+            b.set_position(start);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
             ) {
@@ -835,20 +838,22 @@ fn drive<M: LanguageModel>(
             );
         }
     }
-    // Step and sample counters must not overflow (a corrupt or edited manifest can claim any
-    // global_step).
-    if start
-        .checked_add(args.steps)
-        .and_then(|end| end.checked_mul(cfg.train_batch_size.max(1)))
-        .is_none()
-    {
-        return Err(EngineError::Checkpoint(format!(
-            "the checkpoint's global_step {start} plus --steps {} overflows the step or sample count (a corrupt manifest?)",
-            args.steps
+    // `--steps` is the total: a resumed run trains from the checkpoint's step up to it.
+    let end = args.steps;
+    if start >= end {
+        return Err(EngineError::Config(format!(
+            "--steps {end} is the total step count and the checkpoint is already at step {start}: nothing to train; raise --steps to train further"
+        )));
+    }
+    // The sample count must not overflow.
+    if end.checked_mul(cfg.train_batch_size.max(1)).is_none() {
+        return Err(EngineError::Config(format!(
+            "--steps {end} x train_batch_size {} overflows the sample count",
+            cfg.train_batch_size
         )));
     }
     let micro = engine.micro_batch_size();
-    let bar = progress_bar(rank, args);
+    let bar = progress_bar(rank, args, start);
     // Log lines go around the progress bar (stderr either way).
     let say = |line: String| match &bar {
         Some(b) => b.suspend(|| eprintln!("{line}")),
@@ -869,7 +874,7 @@ fn drive<M: LanguageModel>(
     let (mut step_ms_during_save, mut save_ms) = (Vec::new(), Vec::new());
     let (mut f_acc, mut b_acc, mut s_acc) = (0.0, 0.0, 0.0);
     let mut saved_at = None;
-    for step in start..start + args.steps {
+    for step in start..end {
         let writing = engine.checkpoint_pending();
         let t0 = Instant::now();
         let r = engine.train_batch(|m| source.micro_batch(step, m, rank, ws, micro))?;
@@ -880,7 +885,7 @@ fn drive<M: LanguageModel>(
             step_ms_during_save.push(ms);
         }
         if let (Some(k), Some(store)) = (args.save_interval, &store) {
-            if engine.global_steps().is_multiple_of(k) && step + 1 < start + args.steps {
+            if engine.global_steps().is_multiple_of(k) && step + 1 < end {
                 let tag = format!("global_step{}", engine.global_steps());
                 let t = Instant::now();
                 engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
@@ -957,7 +962,7 @@ fn drive<M: LanguageModel>(
     // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
     // collective at every stage).
     let eval = held_out(source, rank, || engine.gather_full_params(), fresh)?;
-    let tensorboard = monitors.finish(&eval, (start + args.steps) * cfg.train_batch_size)?;
+    let tensorboard = monitors.finish(&eval, end * cfg.train_batch_size)?;
     if let Some(store) = &store {
         let tag = format!("global_step{}", engine.global_steps());
         if saved_at != Some(engine.global_steps()) {
@@ -1280,7 +1285,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     if let Some(t) = ranks.first().and_then(|r| r.comm_table.as_ref()) {
         eprintln!("{t}");
     }
-    let steps = args.steps as usize;
+    let steps = ranks.first().map_or(0, |r| r.losses.len());
     let losses: Vec<f64> = (0..steps)
         .map(|i| ranks.iter().map(|r| r.losses[i]).sum::<f64>() / ws as f64)
         .collect();
@@ -1332,7 +1337,7 @@ fn report(
     let median = med(&r0.step_ms).unwrap_or(0.0);
     let tokens = cfg.train_batch_size as f64 * shape.seq as f64;
     Ok(TrainReport {
-        steps: args.steps,
+        steps: losses.len() as u64,
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         median_step_ms: median,
         tokens_per_s: if median > 0.0 {

@@ -430,7 +430,8 @@ fn train_save_resume_exact_and_resharded() {
     let straight = run(2, "2", "6", &[]);
     let first = run(2, "2", "3", &["--out", d]);
     assert_eq!(first[..], straight[..3]);
-    let resumed = run(2, "2", "3", &["--out", d, "--resume"]);
+    // --steps is the total: the resumed run trains steps 4-6.
+    let resumed = run(2, "2", "6", &["--out", d, "--resume"]);
     assert_eq!(
         resumed[..],
         straight[3..],
@@ -441,7 +442,7 @@ fn train_save_resume_exact_and_resharded() {
     let _ = std::fs::remove_dir_all(&dir);
     run(2, "2", "3", &["--out", d]);
     let straight3 = run(1, "3", "6", &[]);
-    let resharded = run(1, "3", "3", &["--out", d, "--resume"]);
+    let resharded = run(1, "3", "6", &["--out", d, "--resume"]);
     for (a, b) in resharded.iter().zip(&straight3[3..]) {
         assert!(
             (a - b).abs() <= 1e-5 * b.abs(),
@@ -822,7 +823,7 @@ fn stage3_save_resume_exact_and_resharded() {
             .unwrap();
     assert_eq!(m["meta"]["zero_stage"], 3);
     assert!(m["ranks"][1]["segments"].as_array().unwrap().len() > 1);
-    let resumed = run_losses(&c3, "2", "3", &["--out", d, "--resume", "--dropout", "0.1"]);
+    let resumed = run_losses(&c3, "2", "6", &["--out", d, "--resume", "--dropout", "0.1"]);
     assert_eq!(resumed[..], straight[3..], "stage 3 ws 2: bit-identical");
     for stage in [1u8, 2] {
         let _ = std::fs::remove_dir_all(&dir);
@@ -831,7 +832,7 @@ fn stage3_save_resume_exact_and_resharded() {
         // No dropout here: its masks are drawn per rank, so runs at different world sizes
         // would differ anyway; the global batch is the same.
         let straight3 = run_losses(&c, "3", "6", &[]);
-        let resharded = run_losses(&c, "3", "3", &["--out", d, "--resume"]);
+        let resharded = run_losses(&c, "3", "6", &["--out", d, "--resume"]);
         for (a, b) in resharded.iter().zip(&straight3[3..]) {
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs(),
@@ -870,7 +871,7 @@ fn decoupled_saves_commit_and_resume_exactly() {
             std::fs::read_to_string(dir.join("latest")).unwrap(),
             "global_step3"
         );
-        let resumed = run_losses(&c, "2", "3", &["--out", d, "--resume"]);
+        let resumed = run_losses(&c, "2", "6", &["--out", d, "--resume"]);
         assert_eq!(resumed[..], straight[3..], "stage {stage}");
     }
     // A mock writer writes nothing: refused, not ignored.
@@ -1066,42 +1067,63 @@ fn autograd_path_monitors_timers_and_offload_param() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A manifest that claims a global step near 2^64 (corrupt or edited) is refused on resume
-/// (exit 2, naming the overflow) instead of wrapping the step counter and panicking.
+/// `--steps` is the total step count: a resumed run trains up to it (re-running an
+/// interrupted job's own command line ends where it was meant to), and one whose checkpoint is
+/// already there, or that a corrupt manifest puts near 2^64, is refused (exit 2) instead of
+/// wrapping the step counter.
 #[test]
-fn resume_with_an_overflowing_global_step_is_refused() {
+fn steps_is_the_total_on_resume() {
     let dir = std::env::temp_dir().join(format!("ds-cli-gstep-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
     let flags = [
-        "--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "64",
+        "--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16", "--vocab", "64", "--json",
     ];
-    let mut a = vec!["train", "--steps", "2", "--out", d];
-    a.extend(flags);
-    let out = ds(&a);
+    let run = |steps: &str, resume: bool| {
+        let mut a = vec!["train", "--steps", steps, "--out", d];
+        if resume {
+            a.push("--resume");
+        }
+        a.extend(flags);
+        ds(&a)
+    };
+    let out = run("2", false);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let m = dir.join("global_step2/manifest.json");
+    let out = run("5", true);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"], 3, "steps 3-5 of 5");
+    assert_eq!(v["losses"].as_array().unwrap().len(), 3);
+    assert!(dir.join("global_step5").exists());
+    let out = run("5", true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("already at step 5: nothing to train"), "{err}");
+    let m = dir.join("global_step5/manifest.json");
     let text = std::fs::read_to_string(&m).unwrap();
-    assert!(text.contains("\"global_step\": 2"), "{text}");
+    assert!(text.contains("\"global_step\": 5"), "{text}");
     std::fs::write(
         &m,
         text.replace(
-            "\"global_step\": 2",
+            "\"global_step\": 5",
             "\"global_step\": 18446744073709551614",
         ),
     )
     .unwrap();
-    let mut a = vec!["train", "--steps", "2", "--out", d, "--resume"];
-    a.extend(flags);
-    let out = ds(&a);
+    let out = run("6", true);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("overflows the step or sample count"), "{err}");
+    assert!(err.contains("nothing to train"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1146,7 +1168,13 @@ fn out_over_an_existing_run_needs_resume_or_overwrite() {
         "the refused run left the checkpoint alone"
     );
     assert_eq!(run(&["--overwrite"]).status.code(), Some(0));
-    assert_eq!(run(&["--resume"]).status.code(), Some(0));
+    // (--steps is the total: resuming at step 1 with --steps 1 has nothing to train.)
+    assert_eq!(run(&["--resume"]).status.code(), Some(2));
+    let a = [
+        "train", "--steps", "2", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16",
+        "--vocab", "64", "--out", d, "--resume",
+    ];
+    assert_eq!(ds(&a).status.code(), Some(0));
     assert_eq!(run(&["--resume", "--overwrite"]).status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
