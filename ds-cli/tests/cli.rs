@@ -1178,3 +1178,32 @@ fn out_over_an_existing_run_needs_resume_or_overwrite() {
     assert_eq!(run(&["--resume", "--overwrite"]).status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A checkpoint resumed with another head count (same parameter shapes) is refused naming
+/// both configurations; it resumed silently as a different model before.
+#[test]
+fn resume_with_other_heads_is_refused() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-heads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let run = |steps: &str, heads: &str, resume: bool| {
+        let mut a = vec![
+            "train", "--steps", steps, "--layers", "1", "--hidden", "32", "--heads", heads,
+            "--seq", "16", "--vocab", "64", "--out", d,
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        ds(&a)
+    };
+    assert_eq!(run("1", "2", false).status.code(), Some(0));
+    let out = run("2", "4", true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"heads\":2") && err.contains("\"heads\":4"),
+        "{err}"
+    );
+    assert_eq!(run("2", "2", true).status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

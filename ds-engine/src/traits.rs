@@ -85,6 +85,13 @@ pub trait Model {
     /// Sets the micro-step that keys random masks (dropout); nothing by default.
     fn set_step(&self, _step: u64) {}
 
+    /// The model's hyperparameters that its parameter shapes do not show (a transformer's
+    /// head count, say), saved with checkpoints and compared on load; `Null` (nothing) by
+    /// default.
+    fn config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// The device the model's parameters live on (the engine builds each batch there); the
     /// CPU by default. The engine's partitions stay in host memory whatever the device:
     /// gradients are read back from the device and updated weights installed on it.

@@ -1177,6 +1177,10 @@ impl Model for Gpt {
         Gpt::set_cpu_checkpointing(self, on);
         true
     }
+    fn config(&self) -> serde_json::Value {
+        let s = self.shape;
+        serde_json::json!({"model": "gpt", "layers": s.layers, "hidden": s.hidden, "heads": s.heads, "seq": s.seq, "vocab": s.vocab})
+    }
     fn set_sync_timers(&mut self, on: bool) {
         Gpt::set_sync_timers(self, on)
     }

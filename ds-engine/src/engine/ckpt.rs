@@ -187,6 +187,10 @@ impl<M: crate::traits::Model> Engine<'_, M> {
                 data_sampler: serde_json::json!({"next_step": self.global_steps}),
                 loss_scaler: serde_json::to_value(self.zero.scaler_state())
                     .unwrap_or(serde_json::Value::Null),
+                client_state: match self.model.config() {
+                    serde_json::Value::Null => serde_json::Value::Null,
+                    c => serde_json::json!({ "model": c }),
+                },
                 ..Default::default()
             },
         }
@@ -389,6 +393,16 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             )));
         }
         drop(params);
+        // Hyperparameters the shapes do not show (a GPT's head count): compared when both the
+        // checkpoint and the model state them.
+        let saved_cfg = &ckpt.training().client_state["model"];
+        let cfg = self.model.config();
+        if !saved_cfg.is_null() && !cfg.is_null() && saved_cfg != &cfg {
+            return Err(EngineError::Checkpoint(format!(
+                "checkpoint {} was saved by a model configured {saved_cfg}, this one is {cfg}: the weights would be read as a different model",
+                ckpt.dir().display()
+            )));
+        }
         let read = |name: &str| -> Result<Vec<f32>, EngineError> {
             match self.zero.flat_range() {
                 Some(range) => ckpt.load_flat_range(name, range).map_err(ck),
