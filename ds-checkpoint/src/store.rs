@@ -539,6 +539,45 @@ impl FsCheckpointStore {
         &self.root
     }
 
+    /// Deletes checkpoint `tag` (retention). Refused for the checkpoint `latest` names.
+    pub fn remove(&self, tag: &str) -> Result<()> {
+        let dir = self.tag_dir(tag)?;
+        if CheckpointStore::latest(self)?.as_deref() == Some(tag) {
+            return Err(CheckpointError::InvalidInput(format!(
+                "{tag} is the checkpoint `latest` names; it is not removed"
+            )));
+        }
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    /// Keeps the newest `keep` complete checkpoints (by the step number at the end of their
+    /// tag, then name) and the one `latest` names; deletes the others. Returns the tags
+    /// deleted.
+    pub fn retain_newest(&self, keep: usize) -> Result<Vec<String>> {
+        let latest = CheckpointStore::latest(self)?;
+        let step = |t: &str| -> u64 {
+            let digits: String = t
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            digits.parse().unwrap_or(0)
+        };
+        let mut tags = CheckpointStore::list(self)?;
+        tags.sort_by(|a, b| step(b).cmp(&step(a)).then(b.cmp(a)));
+        let mut removed = Vec::new();
+        for t in tags.into_iter().skip(keep) {
+            if latest.as_deref() != Some(t.as_str()) {
+                self.remove(&t)?;
+                removed.push(t);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Directory of a complete checkpoint.
     pub fn tag_dir(&self, tag: &str) -> Result<PathBuf> {
         validate_tag(tag)?;

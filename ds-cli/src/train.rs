@@ -105,6 +105,8 @@ pub struct TrainArgs {
     pub resume: bool,
     /// Replace a run already in `out` (without it, `out` holding a run needs `resume`).
     pub overwrite: bool,
+    /// Keep only the newest N checkpoints in `out` (overrides `checkpoint.keep_last`).
+    pub keep_last: Option<u64>,
     /// Also save a checkpoint every this many steps (needs `out`; `None`: only at the end).
     pub save_interval: Option<u64>,
     /// Print DeepSpeed's flops profile of step 2 (as `flops_profiler.enabled` with
@@ -139,6 +141,7 @@ impl Default for TrainArgs {
             out: None,
             resume: false,
             overwrite: false,
+            keep_last: None,
             save_interval: None,
             flops_profile: false,
             device: "cpu".into(),
@@ -364,9 +367,17 @@ fn checkpoint_store(
     if args.save_interval == Some(0) {
         return Err(EngineError::Config("--save-interval must be >= 1".into()));
     }
-    if args.out.is_none() && (args.save_interval.is_some() || args.resume) {
+    if args.out.is_none()
+        && (args.save_interval.is_some() || args.resume || args.keep_last.is_some())
+    {
         return Err(EngineError::Config(
-            "--save-interval and --resume need --out DIR (where the checkpoints are)".into(),
+            "--save-interval, --resume and --keep-last need --out DIR (where the checkpoints are)"
+                .into(),
+        ));
+    }
+    if args.keep_last == Some(0) {
+        return Err(EngineError::Config(
+            "--keep-last must be >= 1 (0 would delete the checkpoint just saved)".into(),
         ));
     }
     args.out
@@ -376,6 +387,25 @@ fn checkpoint_store(
                 .map_err(|e| EngineError::Checkpoint(e.to_string()))
         })
         .transpose()
+}
+
+/// Retention (`--keep-last`, `checkpoint.keep_last`), on rank 0 after a save: the newest
+/// `keep` complete checkpoints stay (and the one `latest` names), older ones are deleted.
+fn retain(
+    store: &ds_checkpoint::FsCheckpointStore,
+    keep: Option<u64>,
+    rank: usize,
+) -> Result<(), EngineError> {
+    let Some(k) = keep.filter(|_| rank == 0) else {
+        return Ok(());
+    };
+    let removed = store
+        .retain_newest(usize::try_from(k).unwrap_or(usize::MAX))
+        .map_err(|e| EngineError::Checkpoint(e.to_string()))?;
+    if !removed.is_empty() {
+        eprintln!("keep_last {k}: removed {}", removed.join(", "));
+    }
+    Ok(())
 }
 
 /// With `--resume`: the latest checkpoint of the store.
@@ -824,6 +854,7 @@ fn drive<M: LanguageModel>(
         engine.set_checkpoint_policy(ds_ckpt_act::Policy::Every)?;
     }
     let store = checkpoint_store(args)?;
+    let keep_last = args.keep_last.or(cfg.checkpoint.keep_last);
     let mut start = 0u64;
     if let Some(ckpt) = resume_point(args, store.as_ref())? {
         let t = engine.load_checkpoint(&ckpt)?;
@@ -891,6 +922,7 @@ fn drive<M: LanguageModel>(
                 engine.save_checkpoint(store, &tag, cfg.train_batch_size)?;
                 save_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 saved_at = Some(engine.global_steps());
+                retain(store, keep_last, rank)?;
             }
         }
         losses.push(r.loss);
@@ -971,6 +1003,7 @@ fn drive<M: LanguageModel>(
             save_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
         engine.wait_checkpoint()?;
+        retain(store, keep_last, rank)?;
         if rank == 0 {
             eprintln!("saved checkpoint {}", store.root().join(&tag).display());
         }

@@ -1207,3 +1207,74 @@ fn resume_with_other_heads_is_refused() {
     assert_eq!(run("2", "2", true).status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--keep-last N` (and the config's `checkpoint.keep_last`) keeps the newest N checkpoints of
+/// a run: with a save every step, only they remain, `latest` names the newest, and the run
+/// resumes from it; 0 is refused.
+#[test]
+fn keep_last_keeps_the_newest_checkpoints() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-keep-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let base = [
+        "train",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--vocab",
+        "64",
+        "--out",
+        d,
+        "--save-interval",
+        "1",
+    ];
+    let tags = || {
+        let mut t: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("global_step"))
+            .collect();
+        t.sort();
+        t
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut a = base.to_vec();
+    a.extend(["--steps", "4", "--keep-last", "2"]);
+    let out = ds(&a);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tags(), ["global_step3", "global_step4"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap(),
+        "global_step4"
+    );
+    // The config key, on resume.
+    let c = tmp(
+        "keep1.json",
+        r#"{"train_batch_size": 16, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+            "zero_optimization": {"stage": 2}, "checkpoint": {"keep_last": 1}}"#,
+    );
+    let mut a = base.to_vec();
+    a.extend(["--steps", "6", "--resume", "--config", c.to_str().unwrap()]);
+    let out = ds(&a);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tags(), ["global_step6"]);
+    let mut a = base.to_vec();
+    a.extend(["--steps", "8", "--resume", "--keep-last", "0"]);
+    assert_eq!(ds(&a).status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -337,6 +337,8 @@ pub(crate) static CHECKPOINT: &[F] = &[
     f("parallel_write", Ty::Obj(PARALLEL_WRITE), Obj),
     f("checkpoint_serialization", Bool, B(true)),
     n("writer", Ty::Obj(CHECKPOINT_WRITER), Null),
+    // This runtime's retention: keep only the newest N checkpoints of a run (null: all).
+    n("keep_last", int(1), Null),
 ];
 
 pub(crate) static DATA_TYPES: &[F] = &[n(

@@ -258,6 +258,8 @@ pub struct CheckpointConfig {
     pub use_node_local_storage: bool,
     /// The checkpoint writer (`null`: DeepSpeed's default torch engine).
     pub writer: Option<CheckpointWriterConfig>,
+    /// Keep only the newest N checkpoints of a run (`null`: keep all; not a DeepSpeed key).
+    pub keep_last: Option<u64>,
 }
 
 /// `checkpoint.writer`.

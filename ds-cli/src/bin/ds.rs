@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the `train` variant costs nothing worth boxing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Resolve and validate a DeepSpeed config (JSON or TOML); print it fully resolved as JSON.
@@ -79,6 +81,10 @@ enum Command {
         /// holding a run is refused unless --resume is given.
         #[arg(long)]
         overwrite: bool,
+        /// Keep only the newest N checkpoints in --out, deleting older ones after each save
+        /// (overrides the config's `checkpoint.keep_last`).
+        #[arg(long)]
+        keep_last: Option<u64>,
         /// Also save a checkpoint into --out every N steps (decoupled, i.e. in the background,
         /// with the config's `checkpoint.writer.decoupled: true`).
         #[arg(long)]
@@ -372,6 +378,7 @@ fn main() -> ExitCode {
             out,
             resume,
             overwrite,
+            keep_last,
             save_interval,
             seed,
             flops_profile,
@@ -451,6 +458,7 @@ fn main() -> ExitCode {
                 out,
                 resume,
                 overwrite,
+                keep_last,
                 flops_profile,
                 save_interval,
                 device,
