@@ -1057,6 +1057,59 @@ pub fn open_device(name: &str) -> Result<Device, EngineError> {
     })
 }
 
+/// Refuses, before anything is allocated, a run whose memory cannot fit: a lower bound of what
+/// one rank holds (its weights, its share of the fp32 master weights and Adam moments, and the
+/// activations of one micro-batch through one block and the head) times the ranks in this
+/// process, against the memory the kernel says is available. A lower bound: a run refused here
+/// would abort on allocation (or swap to a halt) anyway.
+fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> {
+    let s = args.shape;
+    let f = |x: usize| x as f64;
+    let (d, t, v, l) = (f(s.hidden), f(s.seq), f(s.vocab), f(s.layers));
+    let micro = f(cfg.train_micro_batch_size_per_gpu.max(1) as usize);
+    let ws = f(args.world_size.max(1));
+    // Parameters, in f64 (the flags can make the count overflow an integer).
+    let block = 12.0 * d * d + 13.0 * d;
+    let params = match args.model {
+        ModelKind::Gpt => v * d + t * d + l * block + 2.0 * d,
+        ModelKind::Mlp => 2.0 * v * d + l * (d * d + d) + v,
+    };
+    let stage = cfg.zero_optimization.stage;
+    let weights = 4.0 * params / if stage == 3 { ws } else { 1.0 };
+    let optimizer = 12.0 * params / if stage >= 1 { ws } else { 1.0 };
+    let heads = f(s.heads.max(1));
+    let activations = 4.0
+        * micro
+        * t
+        * (v + 4.0 * d
+            + if args.model == ModelKind::Gpt {
+                heads * t
+            } else {
+                0.0
+            });
+    let per_rank = weights + optimizer + activations;
+    let local = if args.backend == "local" { ws } else { 1.0 };
+    let need = per_rank * local;
+    let Some(avail) = ds_profiler::mem_available_bytes() else {
+        return Ok(());
+    };
+    if need > avail as f64 {
+        let gb = |b: f64| b / 1e9;
+        return Err(EngineError::Config(format!(
+            "this run needs at least {:.1} GB of memory ({} rank(s) in this process, each at least {:.1} GB: weights {:.1} GB, fp32 master weights and Adam moments {:.1} GB, one micro-batch's activations {:.1} GB; {:.3e} parameters), and {:.1} GB are available; reduce --batch/--seq/--vocab/--hidden/--layers, raise the ZeRO stage or the world size (`ds estimate-memory` gives the model-state formulas)",
+            gb(need),
+            local,
+            gb(per_rank),
+            gb(weights),
+            gb(optimizer),
+            gb(activations),
+            params,
+            gb(avail as f64)
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the main job; progress goes to stderr (rank 0).
 pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     if args.world_size == 0 {
@@ -1153,6 +1206,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     for w in &cfg.warnings {
         eprintln!("warning: {w}");
     }
+    preflight(args, &cfg)?;
     let shape = args.shape;
     let (source, entropy, task) = match &args.data {
         None => match args.task {

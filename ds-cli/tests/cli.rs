@@ -1278,3 +1278,31 @@ fn keep_last_keeps_the_newest_checkpoints() {
     assert_eq!(ds(&a).status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sizes that would abort on allocation (exit 134) or grow until killed are refused up front
+/// (exit 2) with the memory they need and the memory available.
+#[test]
+fn runs_that_cannot_fit_in_memory_are_refused_up_front() {
+    for flags in [
+        &["--batch", "1000000000"][..],
+        &["--seq", "100000"][..],
+        &["--vocab", "100000000000"][..],
+        &["--layers", "1000000000"][..],
+    ] {
+        let mut a = vec!["train", "--steps", "1"];
+        a.extend_from_slice(flags);
+        let t = std::time::Instant::now();
+        let out = ds(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(
+            err.contains("needs at least") && err.contains("available"),
+            "{flags:?}: {err}"
+        );
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "{flags:?} took {:?}",
+            t.elapsed()
+        );
+    }
+}
