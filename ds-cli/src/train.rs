@@ -1057,36 +1057,38 @@ pub fn open_device(name: &str) -> Result<Device, EngineError> {
     })
 }
 
+/// A lower bound of a model's memory, in f64 (the flags can make the counts overflow an
+/// integer): (fp32 weights bytes, one micro-batch's activation bytes through one block and the
+/// head: logits, hidden states, attention scores; parameter count).
+fn memory_lower_bound(kind: ModelKind, s: ModelShape, micro: usize) -> (f64, f64, f64) {
+    let f = |x: usize| x as f64;
+    let (d, t, v, l) = (f(s.hidden), f(s.seq), f(s.vocab), f(s.layers));
+    let block = 12.0 * d * d + 13.0 * d;
+    let params = match kind {
+        ModelKind::Gpt => v * d + t * d + l * block + 2.0 * d,
+        ModelKind::Mlp => 2.0 * v * d + l * (d * d + d) + v,
+    };
+    let scores = if kind == ModelKind::Gpt {
+        f(s.heads.max(1)) * t
+    } else {
+        0.0
+    };
+    let activations = 4.0 * f(micro.max(1)) * t * (v + 4.0 * d + scores);
+    (4.0 * params, activations, params)
+}
+
 /// Refuses, before anything is allocated, a run whose memory cannot fit: a lower bound of what
 /// one rank holds (its weights, its share of the fp32 master weights and Adam moments, and the
 /// activations of one micro-batch through one block and the head) times the ranks in this
 /// process, against the memory the kernel says is available. A lower bound: a run refused here
 /// would abort on allocation (or swap to a halt) anyway.
 fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> {
-    let s = args.shape;
-    let f = |x: usize| x as f64;
-    let (d, t, v, l) = (f(s.hidden), f(s.seq), f(s.vocab), f(s.layers));
-    let micro = f(cfg.train_micro_batch_size_per_gpu.max(1) as usize);
-    let ws = f(args.world_size.max(1));
-    // Parameters, in f64 (the flags can make the count overflow an integer).
-    let block = 12.0 * d * d + 13.0 * d;
-    let params = match args.model {
-        ModelKind::Gpt => v * d + t * d + l * block + 2.0 * d,
-        ModelKind::Mlp => 2.0 * v * d + l * (d * d + d) + v,
-    };
+    let micro = cfg.train_micro_batch_size_per_gpu.max(1) as usize;
+    let ws = args.world_size.max(1) as f64;
+    let (full_weights, activations, params) = memory_lower_bound(args.model, args.shape, micro);
     let stage = cfg.zero_optimization.stage;
-    let weights = 4.0 * params / if stage == 3 { ws } else { 1.0 };
-    let optimizer = 12.0 * params / if stage >= 1 { ws } else { 1.0 };
-    let heads = f(s.heads.max(1));
-    let activations = 4.0
-        * micro
-        * t
-        * (v + 4.0 * d
-            + if args.model == ModelKind::Gpt {
-                heads * t
-            } else {
-                0.0
-            });
+    let weights = full_weights / if stage == 3 { ws } else { 1.0 };
+    let optimizer = 3.0 * full_weights / if stage >= 1 { ws } else { 1.0 };
     let per_rank = weights + optimizer + activations;
     let local = if args.backend == "local" { ws } else { 1.0 };
     let need = per_rank * local;
@@ -1531,6 +1533,20 @@ pub fn profile(
         opts.top_modules = fp.top_modules as usize;
         opts.detailed = fp.detailed;
         opts.output_file = fp.output_file.map(PathBuf::from);
+    }
+    // The forward pass holds the weights and one batch's activations: refused up front when
+    // they cannot fit (it aborted on allocation).
+    let (weights, activations, params) = memory_lower_bound(ModelKind::Gpt, shape, batch);
+    if let Some(avail) = ds_profiler::mem_available_bytes() {
+        if weights + activations > avail as f64 {
+            return Err(EngineError::Config(format!(
+                "profiling this model needs at least {:.1} GB of memory (weights {:.1} GB for {params:.3e} parameters, one batch's activations {:.1} GB), and {:.1} GB are available; reduce --batch/--seq/--vocab/--hidden/--layers",
+                (weights + activations) / 1e9,
+                weights / 1e9,
+                activations / 1e9,
+                avail as f64 / 1e9
+            )));
+        }
     }
     let model = Gpt::new(shape, 0, &Device::Cpu)?;
     let mut rng = Rng::new(1);

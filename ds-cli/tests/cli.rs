@@ -1305,4 +1305,8 @@ fn runs_that_cannot_fit_in_memory_are_refused_up_front() {
             t.elapsed()
         );
     }
+    let out = ds(&["profile", "--seq", "100000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("profiling this model needs at least"), "{err}");
 }
