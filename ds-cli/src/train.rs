@@ -1077,20 +1077,42 @@ fn memory_lower_bound(kind: ModelKind, s: ModelShape, micro: usize) -> (f64, f64
     (4.0 * params, activations, params)
 }
 
+/// The optimizer's fp32 state bytes per parameter (Adam's two moments: 8), 0 without an
+/// optimizer section (the engine refuses that later with its own message).
+fn optimizer_state_bytes(cfg: &ResolvedConfig) -> u64 {
+    ds_engine::engine::optimizer_spec(cfg).map_or(0, |s| s.state_bytes_per_element() as u64)
+}
+
 /// Refuses, before anything is allocated, a run whose memory cannot fit: a lower bound of what
-/// one rank holds (its weights, its share of the fp32 master weights and Adam moments, and the
+/// one rank holds (its model states by `ds estimate-memory`'s formulas, and the
 /// activations of one micro-batch through one block and the head) times the ranks in this
 /// process, against the memory the kernel says is available. A lower bound: a run refused here
 /// would abort on allocation (or swap to a halt) anyway.
 fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let micro = cfg.train_micro_batch_size_per_gpu.max(1) as usize;
-    let ws = args.world_size.max(1) as f64;
-    let (full_weights, activations, params) = memory_lower_bound(args.model, args.shape, micro);
-    let stage = cfg.zero_optimization.stage;
-    let weights = full_weights / if stage == 3 { ws } else { 1.0 };
-    let optimizer = 3.0 * full_weights / if stage >= 1 { ws } else { 1.0 };
-    let per_rank = weights + optimizer + activations;
-    let local = if args.backend == "local" { ws } else { 1.0 };
+    let ws = args.world_size.max(1);
+    let (_, activations, params) = memory_lower_bound(args.model, args.shape, micro);
+    // Model states by `ds estimate-memory`'s formulas (fp32: the host engine keeps f32 weights
+    // in every precision); the parameter count is clamped where it cannot fit anyway.
+    let state_bytes = optimizer_state_bytes(cfg);
+    let est = ds_zero::estimate::estimate(
+        params.min(2f64.powi(56)) as u64,
+        ws as u64,
+        cfg.zero_optimization.stage,
+        ds_zero::estimate::Precision::Fp32,
+        state_bytes,
+    )
+    .map_err(EngineError::Zero)?;
+    let (weights, states) = (
+        est.params_bytes as f64,
+        (est.grads_bytes + est.optimizer_bytes) as f64,
+    );
+    let per_rank = weights + states + activations;
+    let local = if args.backend == "local" {
+        ws as f64
+    } else {
+        1.0
+    };
     let need = per_rank * local;
     let Some(avail) = ds_profiler::mem_available_bytes() else {
         return Ok(());
@@ -1098,12 +1120,12 @@ fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> 
     if need > avail as f64 {
         let gb = |b: f64| b / 1e9;
         return Err(EngineError::Config(format!(
-            "this run needs at least {:.1} GB of memory ({} rank(s) in this process, each at least {:.1} GB: weights {:.1} GB, fp32 master weights and Adam moments {:.1} GB, one micro-batch's activations {:.1} GB; {:.3e} parameters), and {:.1} GB are available; reduce --batch/--seq/--vocab/--hidden/--layers, raise the ZeRO stage or the world size (`ds estimate-memory` gives the model-state formulas)",
+            "this run needs at least {:.1} GB of memory ({} rank(s) in this process, each at least {:.1} GB: weights {:.1} GB, gradients and optimizer state {:.1} GB (`ds estimate-memory`'s formulas), one micro-batch's activations {:.1} GB; {:.3e} parameters), and {:.1} GB are available; reduce --batch/--seq/--vocab/--hidden/--layers, raise the ZeRO stage or the world size",
             gb(need),
             local,
             gb(per_rank),
             gb(weights),
-            gb(optimizer),
+            gb(states),
             gb(activations),
             params,
             gb(avail as f64)

@@ -497,9 +497,7 @@ impl<'c, M: Model> Engine<'c, M> {
         // As DeepSpeed does at initialisation: every rank starts from rank 0's parameters (a
         // model initialised from an unseeded random source differs between ranks otherwise).
         if comm.world_size() > 1 {
-            let n = init.len();
-            let t = comm.broadcast(&Tensor::from_vec(init, n, &Device::Cpu)?, 0)?;
-            init = t.to_vec1::<f32>()?;
+            init = ds_zero::partitioned::broadcast_from_rank0(init, comm)?;
             let mut off = 0;
             for p in model.params() {
                 let k = p.var.elem_count();

@@ -368,7 +368,6 @@ fn cpu_checkpointing_is_refused_for_a_model_that_cannot_honour_it() {
             .contains("activation_checkpointing.cpu_checkpointing"),
         "{err}"
     );
-    assert_eq!(comm.world_size(), 1);
 }
 
 /// Every config of the corpus (`../shared/ds-configs`) gets the same verdict from the engine

@@ -381,6 +381,14 @@ impl<B> Model for CandleModel<B> {
         };
         let n = self.blocks.len();
         let vb = || self.var_builder();
+        // Block `i` on `t`, its parameters tracked or detached (a checkpointed first forward
+        // records no graph).
+        let run_block = |i: usize, t: &Tensor, m: Mode| {
+            self.set_tracked(m == Mode::Tracked);
+            let out = block(vb().pp(format!("{prefix}.{i}")), i, t);
+            self.set_tracked(true);
+            out
+        };
         if policy == Policy::None {
             return autograd_forward_backward(
                 self,
@@ -416,12 +424,7 @@ impl<B> Model for CandleModel<B> {
         let mut x = x0.detach();
         let mut kept = Vec::with_capacity(n);
         for i in 0..n {
-            let seg = |t: &Tensor, m: Mode| {
-                self.set_tracked(m == Mode::Tracked);
-                let r = block(vb().pp(format!("{prefix}.{i}")), i, t);
-                self.set_tracked(true);
-                r
-            };
+            let seg = |t: &Tensor, m: Mode| run_block(i, t, m);
             hook(BlockEvent::Gather(i))?;
             if policy.checkpointed(i, n) {
                 let (y, saved) = checkpoint_forward(&seg, &x).map_err(to_candle)?;
@@ -461,12 +464,7 @@ impl<B> Model for CandleModel<B> {
                         .map(|p| self.var(p))
                         .collect::<candle_core::Result<Vec<_>>>()?;
                     let refs: Vec<&Var> = vars.iter().collect();
-                    let seg = |t: &Tensor, m: Mode| {
-                        self.set_tracked(m == Mode::Tracked);
-                        let out = block(vb().pp(format!("{prefix}.{i}")), i, t);
-                        self.set_tracked(true);
-                        out
-                    };
+                    let seg = |t: &Tensor, m: Mode| run_block(i, t, m);
                     let ts = std::time::Instant::now();
                     let sg = recompute_backward(&seg, &saved, &g, &refs).map_err(to_candle)?;
                     segments.push((i, 0.0, ts.elapsed().as_secs_f64() * 1e3));

@@ -105,16 +105,26 @@ impl ZeroOptimizer {
         for v in vars {
             init.extend(host_f32(v.as_tensor())?);
         }
-        if comm.world_size() > 1 {
-            let n = init.len();
-            init = comm
-                .broadcast(&Tensor::from_vec(init, n, &Device::Cpu)?, 0)?
-                .to_vec1::<f32>()?;
-        }
+        let init = broadcast_from_rank0(init, comm)?;
         let z = Self::with_precision(&sizes, &init, spec, opts, precision, comm)?;
         write_vars(vars, &z.gather_params(comm)?)?;
         Ok(z)
     }
+}
+
+/// Rank 0's `values` on every rank (a collective; the values themselves with one rank), as
+/// DeepSpeed broadcasts the model at initialisation so that every rank starts alike.
+pub fn broadcast_from_rank0(
+    values: Vec<f32>,
+    comm: &dyn Communicator,
+) -> Result<Vec<f32>, ZeroError> {
+    if comm.world_size() == 1 {
+        return Ok(values);
+    }
+    let n = values.len();
+    Ok(comm
+        .broadcast(&Tensor::from_vec(values, n, &Device::Cpu)?, 0)?
+        .to_vec1::<f32>()?)
 }
 
 /// Writes `flat` (parameter order) into `vars`, each in its dtype on its device.
