@@ -30,12 +30,15 @@
 
 pub mod bench;
 pub mod estimate;
+pub mod offload;
 pub mod optim;
 pub mod partition;
 pub mod partitioned;
 pub mod stream;
+pub mod swap;
 pub mod zero;
 
+pub use offload::{NvmeOptions, SwapStats};
 pub use partitioned::PartitionedOptimizer;
 pub use stream::GradPiece;
 pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions, ZeroPrecision};
@@ -49,6 +52,9 @@ pub enum ZeroError {
     /// Optimizer state that does not fit this optimizer.
     #[error("optimizer state: {0}")]
     State(String),
+    /// Swap-file I/O (NVMe offload): the file, the transfer and the system's error.
+    #[error("swap I/O: {0}")]
+    Io(String),
     /// An option outside its allowed range.
     #[error("invalid option: {0}")]
     Option(String),

@@ -225,6 +225,12 @@ impl FlatOptimizer {
         4 * (self.a.len() + self.b.len())
     }
 
+    /// The state buffers, borrowed (as [`OptimizerSpec::state_names`]).
+    pub fn state_slices(&self) -> Vec<&[f32]> {
+        let n = self.spec.state_names().len();
+        [&self.a[..], &self.b[..]].into_iter().take(n).collect()
+    }
+
     /// A copy of the state for checkpoints.
     pub fn state(&self) -> OptimizerState {
         let names = self.spec.state_names();
@@ -310,6 +316,68 @@ impl FlatOptimizer {
                 return Err(ZeroError::State(
                     "Lamb needs parameter boundaries: call step_lamb".into(),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An optimizer whose state buffers live elsewhere (swap files): it keeps the step count
+    /// and steps external state with [`FlatOptimizer::apply_external`].
+    pub(crate) fn without_state(spec: OptimizerSpec, len: usize) -> Self {
+        FlatOptimizer {
+            spec,
+            len,
+            step: 0,
+            a: Vec::new(),
+            b: Vec::new(),
+        }
+    }
+
+    /// Counts one step and returns its number (for [`FlatOptimizer::apply_external`]).
+    pub(crate) fn next_step(&mut self) -> u64 {
+        self.step += 1;
+        self.step
+    }
+
+    /// Sets the step count (checkpoint load of external state).
+    pub(crate) fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Step `t` on a piece of the shard whose state is given (`states` as
+    /// [`OptimizerSpec::state_names`]): the same arithmetic as [`FlatOptimizer::step_scaled`],
+    /// element for element.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_external(
+        &self,
+        t: u64,
+        params: &mut [f32],
+        grads: &[f32],
+        states: &mut [&mut [f32]],
+        lr: f64,
+        gs: f32,
+    ) -> Result<(), ZeroError> {
+        let want = self.spec.state_names().len();
+        if states.len() != want
+            || states.iter().any(|s| s.len() != params.len())
+            || grads.len() != params.len()
+        {
+            return Err(ZeroError::Shape(format!(
+                "external optimizer step: {} parameters, {} gradients, {} state buffers (want {want} of the parameters' length)",
+                params.len(),
+                grads.len(),
+                states.len()
+            )));
+        }
+        match (self.spec, states) {
+            (OptimizerSpec::Adam(p), [a, b]) => adam_step(params, grads, a, b, &p, lr, t, gs),
+            (OptimizerSpec::Sgd(p), [a]) => sgd_step(params, grads, a, &p, lr, t, gs),
+            (OptimizerSpec::Sgd(p), []) => sgd_step(params, grads, &mut [], &p, lr, t, gs),
+            (OptimizerSpec::Lion(p), [a]) => lion_step(params, grads, a, &p, lr, gs),
+            _ => {
+                return Err(ZeroError::Option(
+                    "Lamb needs whole-parameter norms: it cannot step swapped chunks (use Adam, AdamW, SGD or Lion with NVMe offload)".into(),
+                ))
             }
         }
         Ok(())

@@ -33,6 +33,7 @@ use ds_precision::{
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::offload::{NvmeOptions, Offload, SwapStats};
 use crate::optim::{FlatOptimizer, OptimizerSpec, OptimizerState};
 use crate::partition::FlatLayout;
 use crate::ZeroError;
@@ -201,7 +202,7 @@ impl Scaler {
 }
 
 /// An element type that travels through the collectives: f32, or a 16-bit model dtype.
-pub(crate) trait Wire: WithDType + Default {
+pub(crate) trait Wire: WithDType + Default + bytemuck::Pod {
     /// Rounds an f32 to this type (round to nearest even; beyond the range: inf).
     fn narrow(x: f32) -> Self;
     /// The exact f32 value.
@@ -337,6 +338,8 @@ pub struct ZeroOptimizer {
     pub(crate) precision: ZeroPrecision,
     /// Decides from the all-reduced overflow flag whether a step is applied.
     scaler: Scaler,
+    /// ZeRO-Infinity: master weights, optimizer state and/or parameters on disk.
+    pub(crate) offload: Option<Offload>,
 }
 
 /// Stage 3 partitions every parameter on its own (DeepSpeed's `partition_parameters.py`):
@@ -503,6 +506,68 @@ impl ZeroOptimizer {
         precision: ZeroPrecision,
         comm: &dyn Communicator,
     ) -> Result<Self, ZeroError> {
+        let layout = FlatLayout::new(param_sizes, comm.world_size())?;
+        if init.len() != layout.numel {
+            return Err(ZeroError::Shape(format!(
+                "initial parameters have {} elements but the sizes add up to {}",
+                init.len(),
+                layout.numel
+            )));
+        }
+        let ranges = layout.param_ranges.clone();
+        Self::with_precision_streamed(
+            param_sizes,
+            &mut |i| Ok(Cow::Borrowed(&init[ranges[i].clone()])),
+            spec,
+            opts,
+            precision,
+            NvmeOptions::default(),
+            comm,
+        )
+    }
+
+    /// [`ZeroOptimizer::with_precision`] with the initial values handed over one parameter at
+    /// a time (`init(i)`: parameter `i`'s values, called in order 0, 1, ...), so a large model
+    /// never exists twice in memory, and with ZeRO-Infinity's placements (`nvme`: the master
+    /// weights and optimizer state, and at stage 3 the parameters, in swap files under the
+    /// given paths; [`NvmeOptions::default`] keeps everything in memory). With the optimizer
+    /// on disk, Lamb is refused (it needs whole-parameter norms) and stage 0 too.
+    ///
+    /// ```
+    /// use std::borrow::Cow;
+    /// use ds_comm::LocalComm;
+    /// use ds_zero::optim::{AdamParams, OptimizerSpec};
+    /// use ds_zero::{NvmeOptions, ZeroOptimizer, ZeroOptions, ZeroPrecision};
+    ///
+    /// let comm = LocalComm::create(1).remove(0);
+    /// let dir = std::env::temp_dir().join(format!("ds-zero-doc-nvme-{}", std::process::id()));
+    /// let nvme = NvmeOptions { optimizer_path: Some(dir.clone()), param_path: Some(dir.clone()),
+    ///                          chunk_elems: 2048, ..Default::default() };
+    /// let opts = ZeroOptions { stage: 3, gradient_clipping: 0.0, ..Default::default() };
+    /// let spec = OptimizerSpec::Adam(AdamParams { lr: 0.1, ..Default::default() });
+    /// let init = |i: usize| Ok(Cow::Owned(vec![1.0f32 + i as f32; 3000]));
+    /// let mut z = ZeroOptimizer::with_precision_streamed(
+    ///     &[3000, 3000], &mut { init }, spec, opts, ZeroPrecision::F32, nvme, &comm)?;
+    /// z.reduce_gradients(&vec![0.5; 6000], &comm)?;
+    /// z.step(0.1, &comm)?;
+    /// // Adam's first step moves every weight by lr against the gradient's sign.
+    /// let p = z.gather_params(&comm)?;
+    /// assert!((p[0] - 0.9).abs() < 1e-6 && (p[5999] - 1.9).abs() < 1e-6);
+    /// assert!(z.swap_stats().unwrap().bytes_written > 0);
+    /// drop(z); // removes the swap files
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), ds_zero::ZeroError>(())
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn with_precision_streamed<'a>(
+        param_sizes: &[usize],
+        init: &mut dyn FnMut(usize) -> Result<Cow<'a, [f32]>, ZeroError>,
+        spec: OptimizerSpec,
+        opts: ZeroOptions,
+        precision: ZeroPrecision,
+        nvme: NvmeOptions,
+        comm: &dyn Communicator,
+    ) -> Result<Self, ZeroError> {
         let scaler = precision.build_scaler()?;
         if opts.stage > 3 {
             return Err(ZeroError::Option(format!(
@@ -524,40 +589,204 @@ impl ZeroOptimizer {
         }
         let ws = comm.world_size();
         let layout = FlatLayout::new(param_sizes, ws)?;
-        if init.len() != layout.numel {
-            return Err(ZeroError::Shape(format!(
-                "initial parameters have {} elements but the sizes add up to {}",
-                init.len(),
-                layout.numel
-            )));
-        }
         let rank = comm.rank();
         let s3 = (opts.stage == 3).then(|| Stage3Layout::new(&layout, ws));
-        let master = match &s3 {
-            Some(l3) => l3.shard_of(&layout, init, rank),
-            None => {
-                let mut padded = init.to_vec();
-                padded.resize(layout.padded, 0.0);
-                if opts.stage == 0 {
-                    padded
-                } else {
-                    padded[layout.shard(rank)].to_vec()
+        let part_len = match (&s3, opts.stage) {
+            (Some(l3), _) => l3.shard,
+            (None, 0) => layout.padded,
+            (None, _) => layout.shard_len(),
+        };
+        let mut offload = None;
+        if nvme.any() {
+            if opts.stage == 0 {
+                return Err(ZeroError::Option(
+                    "NVMe offload needs ZeRO stage 1, 2 or 3 (stage 0 keeps no partition to swap)"
+                        .into(),
+                ));
+            }
+            if nvme.optimizer_path.is_some() && matches!(spec, OptimizerSpec::Lamb(_)) {
+                return Err(ZeroError::Option(
+                    "optimizer offload to NVMe steps the state in chunks: Lamb needs whole-parameter norms; allowed: Adam, AdamW, SGD or Lion".into(),
+                ));
+            }
+            let mb = precision.model_bytes();
+            let bf = precision.model_dtype() == DType::BF16;
+            offload = Some(Offload::new(
+                nvme,
+                rank,
+                part_len,
+                spec.state_names().len(),
+                mb,
+                bf,
+                opts.stage,
+            )?);
+        }
+        let on_disk = offload.as_ref().is_some_and(|o| o.optimizer_on_disk());
+        // This rank's part, built parameter by parameter; with the optimizer on disk it goes
+        // out in chunks and only one chunk is held.
+        let chunk = offload.as_ref().map_or(usize::MAX, |o| o.opts.chunk());
+        let mut master: Vec<f32> = Vec::new();
+        let mut pending: Vec<f32> = Vec::new();
+        let mut written = 0usize;
+        let flush = |pending: &mut Vec<f32>,
+                     master: &mut Vec<f32>,
+                     written: &mut usize,
+                     all: bool,
+                     offload: &mut Option<Offload>|
+         -> Result<(), ZeroError> {
+            match offload.as_mut() {
+                Some(o) if o.optimizer_on_disk() => {
+                    while pending.len() >= chunk || (all && !pending.is_empty()) {
+                        let n = pending.len().min(chunk);
+                        o.put_chunk(*written, &pending[..n], None)?;
+                        pending.drain(..n);
+                        *written += n;
+                    }
+                }
+                _ => master.append(pending),
+            }
+            Ok(())
+        };
+        if !on_disk {
+            master.reserve_exact(part_len);
+        }
+        let mut flat = 0usize;
+        for (i, r) in layout.param_ranges.iter().enumerate() {
+            let v = init(i)?;
+            if v.len() != r.len() {
+                return Err(ZeroError::Shape(format!(
+                    "initial values of parameter {i}: {} elements, its size is {}",
+                    v.len(),
+                    r.len()
+                )));
+            }
+            match (&s3, opts.stage) {
+                (Some(l3), _) => {
+                    let c = l3.chunks[i];
+                    let lo = (rank * c).min(r.len());
+                    let hi = ((rank + 1) * c).min(r.len());
+                    pending.extend_from_slice(&v[lo..hi]);
+                    pending.resize(pending.len() + c - (hi - lo), 0.0);
+                }
+                (None, 0) => pending.extend_from_slice(&v),
+                (None, _) => {
+                    let sh = layout.shard(rank);
+                    let lo = sh.start.max(flat).min(flat + v.len());
+                    let hi = sh.end.min(flat + v.len()).max(lo);
+                    pending.extend_from_slice(&v[lo - flat..hi - flat]);
                 }
             }
+            flat += v.len();
+            drop(v);
+            flush(&mut pending, &mut master, &mut written, false, &mut offload)?;
+        }
+        // Padding of the flat group (stages 0-2).
+        let have = if on_disk {
+            written + pending.len()
+        } else {
+            master.len() + pending.len()
         };
-        let n = master.len();
+        pending.resize(pending.len() + part_len.saturating_sub(have), 0.0);
+        flush(&mut pending, &mut master, &mut written, true, &mut offload)?;
+        let opt = if on_disk {
+            FlatOptimizer::without_state(spec, part_len)
+        } else {
+            FlatOptimizer::new(spec, part_len)
+        };
+        if let Some(o) = offload.as_mut() {
+            if !o.optimizer_on_disk() {
+                // Parameters on disk, masters in memory: publish the model-dtype copy.
+                o.load_part(&master, &[])?;
+            }
+        }
         Ok(ZeroOptimizer {
             precision,
             scaler,
             s3,
-            opt: FlatOptimizer::new(spec, n),
+            opt,
             grad_scale: 1.0,
-            grads: vec![0.0; n],
+            grads: vec![0.0; part_len],
             master,
             layout,
             rank,
             opts,
+            offload,
         })
+    }
+
+    /// Disk traffic and I/O time of NVMe offload so far (`None` without it).
+    pub fn swap_stats(&self) -> Option<SwapStats> {
+        self.offload
+            .as_ref()
+            .map(|o| *o.stats.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Bytes of model-dtype parameters of this rank's part held in memory under NVMe offload
+    /// (all of them, or `max_in_cpu` with parameter offload); `None` without offload.
+    pub fn resident_param_bytes(&self) -> Option<usize> {
+        self.offload.as_ref().map(|o| o.resident_param_bytes())
+    }
+
+    /// Whether the master weights and optimizer state live in swap files.
+    pub fn optimizer_on_disk(&self) -> bool {
+        self.offload.as_ref().is_some_and(|o| o.optimizer_on_disk())
+    }
+
+    /// Whether (stage 3) the parameters live in swap files.
+    pub fn params_on_disk(&self) -> bool {
+        self.offload.as_ref().is_some_and(|o| o.params_on_disk())
+    }
+
+    /// This rank's swap directory (NVMe offload), and whether its files use `O_DIRECT`.
+    pub fn swap_dir(&self) -> Option<(&std::path::Path, bool)> {
+        self.offload
+            .as_ref()
+            .map(|o| (o.dir(), o.direct().unwrap_or(false)))
+    }
+
+    /// Elements of this rank's part (the master weights it steps).
+    pub fn part_len(&self) -> usize {
+        self.grads.len()
+    }
+
+    /// Starts reading parameters `params` (stage 3, parameters on disk) so that the
+    /// [`ZeroOptimizer::gather_param_range`] of the same range that follows finds them read:
+    /// the engine calls it for the next block while the current one computes. A no-op where
+    /// parameters are in memory.
+    pub fn prefetch_param_range(&self, params: Range<usize>) -> Result<(), ZeroError> {
+        match (&self.offload, &self.s3) {
+            (Some(o), Some(l3)) if o.params_on_disk() => {
+                let np = self.layout.param_ranges.len();
+                if params.start > params.end || params.end > np {
+                    return Err(ZeroError::Shape(format!(
+                        "parameter range {params:?} outside the {np} parameters"
+                    )));
+                }
+                o.prefetch(l3.offsets[params.start], l3.offsets[params.end])
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops the pages that a checkpoint save read from the swap files (through
+    /// [`ZeroOptimizer::master`] and [`ZeroOptimizer::optimizer_state_views`]) from this
+    /// process's memory. A no-op without NVMe offload.
+    pub fn release_swap_views(&self) {
+        if let Some(o) = &self.offload {
+            o.release_views();
+        }
+    }
+
+    /// The model-dtype values of elements `a..b` of this rank's part.
+    pub(crate) fn part_piece<T: Wire>(
+        &self,
+        a: usize,
+        b: usize,
+    ) -> Result<Cow<'_, [T]>, ZeroError> {
+        match &self.offload {
+            Some(o) => o.piece::<T>(a, b),
+            None => Ok(T::narrow_slice(&self.master[a..b])),
+        }
     }
 
     /// The layout (sizes, padding, shards).
@@ -575,9 +804,14 @@ impl ZeroOptimizer {
         &self.opt
     }
 
-    /// This rank's fp32 master weights (the whole padded buffer at stage 0).
+    /// This rank's fp32 master weights (the whole padded buffer at stage 0). With the
+    /// optimizer offloaded to NVMe, a read-only map of the swap file (read as it is used;
+    /// [`ZeroOptimizer::release_swap_views`] drops the pages again).
     pub fn master(&self) -> &[f32] {
-        &self.master
+        match &self.offload {
+            Some(o) if o.optimizer_on_disk() => o.view(0),
+            _ => &self.master,
+        }
     }
 
     /// The training precision.
@@ -628,7 +862,7 @@ impl ZeroOptimizer {
         if self.precision != ZeroPrecision::F32 {
             let b = self.precision.model_bytes();
             let params = if self.s3.is_some() {
-                self.master.len()
+                self.part_len()
             } else {
                 self.layout.numel
             };
@@ -645,7 +879,7 @@ impl ZeroOptimizer {
         }
         let full = 4 * self.layout.numel;
         let params_bytes = if self.opts.stage == 3 {
-            4 * self.master.len()
+            4 * self.part_len()
         } else {
             full
         };
@@ -872,7 +1106,22 @@ impl ZeroOptimizer {
         };
         // One pass: unscaling, averaging factor and clipping applied inside the update.
         let scale = self.grad_scale * (clip_coef / loss_scale) as f32;
-        if let OptimizerSpec::Lamb(_) = self.opt.spec() {
+        if self.optimizer_on_disk() {
+            let t = self.opt.next_step();
+            let (opt, grads) = (&self.opt, &self.grads);
+            let mut err = None;
+            let mut update = |m: &mut [f32], g: &[f32], st: &mut [&mut [f32]]| {
+                if let Err(e) = opt.apply_external(t, m, g, st, lr, scale) {
+                    err.get_or_insert(e);
+                }
+            };
+            if let Some(o) = self.offload.as_mut() {
+                o.step(grads, &mut update)?;
+            }
+            if let Some(e) = err {
+                return Err(e);
+            }
+        } else if let OptimizerSpec::Lamb(_) = self.opt.spec() {
             if scale != 1.0 {
                 self.grads.iter_mut().for_each(|g| *g *= scale);
             }
@@ -880,6 +1129,12 @@ impl ZeroOptimizer {
         } else {
             self.opt
                 .step_scaled(&mut self.master, &self.grads, lr, scale)?;
+        }
+        if let Some(o) = self.offload.as_mut() {
+            if !o.optimizer_on_disk() {
+                // Parameters on disk: publish the updated model-dtype copy.
+                o.load_part(&self.master, &[])?;
+            }
         }
         Ok(StepReport {
             grad_norm: norm,
@@ -969,7 +1224,7 @@ impl ZeroOptimizer {
         if self.s3.is_some() {
             return self.gather_param_range_t(0..self.layout.param_ranges.len(), comm);
         }
-        let mine = T::narrow_slice(&self.master);
+        let mine = self.part_piece::<T>(0, self.part_len())?;
         let mut full = if self.opts.stage == 0 {
             mine.into_owned()
         } else {
@@ -1027,7 +1282,7 @@ impl ZeroOptimizer {
         match &self.s3 {
             Some(l3) => {
                 let piece =
-                    T::narrow_slice(&self.master[l3.offsets[params.start]..l3.offsets[params.end]]);
+                    self.part_piece::<T>(l3.offsets[params.start], l3.offsets[params.end])?;
                 let g = if comm.world_size() == 1 {
                     piece.into_owned()
                 } else {
@@ -1065,20 +1320,77 @@ impl ZeroOptimizer {
 
     /// The optimizer state of this rank's part (for checkpoints).
     pub fn optimizer_state(&self) -> OptimizerState {
-        self.opt.state()
+        let (step, views) = self.optimizer_state_views();
+        OptimizerState {
+            step,
+            buffers: views
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+        }
+    }
+
+    /// The optimizer state of this rank's part without copying it: (applied steps, named
+    /// buffers). With the optimizer offloaded to NVMe the buffers are maps of the swap files.
+    pub fn optimizer_state_views(&self) -> (u64, Vec<(&'static str, &[f32])>) {
+        let names = self.opt.spec().state_names();
+        let step = self.opt.step_count();
+        match &self.offload {
+            Some(o) if o.optimizer_on_disk() => (
+                step,
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| (*n, o.view(k + 1)))
+                    .collect(),
+            ),
+            _ => {
+                let st = self.opt.state_slices();
+                (step, names.iter().copied().zip(st).collect())
+            }
+        }
     }
 
     /// Restores this rank's master weights and optimizer state.
     pub fn load_state(&mut self, master: &[f32], state: &OptimizerState) -> Result<(), ZeroError> {
-        if master.len() != self.master.len() {
+        if master.len() != self.part_len() {
             return Err(ZeroError::State(format!(
                 "master shard of {} elements does not match this rank's {}",
                 master.len(),
-                self.master.len()
+                self.part_len()
             )));
+        }
+        if self.optimizer_on_disk() {
+            let names = self.opt.spec().state_names();
+            let ok = state.buffers.len() == names.len()
+                && state
+                    .buffers
+                    .iter()
+                    .zip(names)
+                    .all(|((n, b), w)| n == w && b.len() == master.len());
+            if !ok {
+                return Err(ZeroError::State(format!(
+                    "expected state buffers {names:?} of {} elements, got {:?}",
+                    master.len(),
+                    state
+                        .buffers
+                        .iter()
+                        .map(|(n, b)| format!("{n} ({})", b.len()))
+                        .collect::<Vec<_>>()
+                )));
+            }
+            let st: Vec<&[f32]> = state.buffers.iter().map(|(_, b)| b.as_slice()).collect();
+            if let Some(o) = self.offload.as_mut() {
+                o.load_part(master, &st)?;
+            }
+            self.opt.set_step(state.step);
+            return Ok(());
         }
         self.opt.load_state(state)?;
         self.master.copy_from_slice(master);
+        if let Some(o) = self.offload.as_mut() {
+            o.load_part(&self.master, &[])?;
+        }
         Ok(())
     }
 }
