@@ -1103,11 +1103,54 @@ fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> 
         state_bytes,
     )
     .map_err(EngineError::Zero)?;
-    let (weights, states) = (
-        est.params_bytes as f64,
-        (est.grads_bytes + est.optimizer_bytes) as f64,
-    );
-    let per_rank = weights + states + activations;
+    let z = &cfg.zero_optimization;
+    let (opt_nvme, param_nvme) = (z.offload_optimizer_to_nvme(), z.offload_param_to_nvme());
+    let mut weights = est.params_bytes as f64;
+    let mut states = (est.grads_bytes + est.optimizer_bytes) as f64;
+    if opt_nvme || param_nvme {
+        // ZeRO-Infinity: what the swap files take off memory, and the plan printed before
+        // training (bytes per rank in memory and on disk, disk traffic per step).
+        let max_in_cpu = z
+            .offload_param
+            .as_ref()
+            .and_then(|o| o.max_in_cpu)
+            .unwrap_or(1_000_000_000);
+        let mb = if cfg.precision() == "fp32" { 4 } else { 2 };
+        let placed = ds_zero::estimate::place(
+            &est,
+            z.stage,
+            opt_nvme,
+            param_nvme,
+            max_in_cpu,
+            cfg.gradient_accumulation_steps,
+            mb,
+        )
+        .map_err(EngineError::Zero)?;
+        let swapped_params = if param_nvme {
+            est.params_bytes
+                .saturating_sub(max_in_cpu.saturating_mul(mb).min(est.params_bytes))
+        } else {
+            0
+        };
+        weights -= swapped_params as f64;
+        states = placed.memory_bytes as f64 - weights;
+        let gb = |b: u64| b as f64 / 1e9;
+        eprintln!(
+            "ZeRO-Infinity plan per rank ({:.3e} parameters, stage {}, optimizer {}, parameters {}): in memory {:.2} GB of model states + {:.2} GB activations (lower bound); on disk {:.2} GB of swap files; disk traffic per step: read {:.2} GB, write {:.2} GB",
+            params,
+            z.stage,
+            if opt_nvme { "nvme" } else { "memory" },
+            if param_nvme { "nvme" } else { "memory" },
+            gb(placed.memory_bytes),
+            activations / 1e9,
+            gb(placed.disk_bytes),
+            gb(placed.disk_read_bytes_per_step),
+            gb(placed.disk_write_bytes_per_step)
+        );
+    }
+    // The model is created whole before the engine takes its parameters over (at ZeRO-3 one
+    // block at a time, releasing each): its fp32 weights are a floor too.
+    let per_rank = (weights + states + activations).max(4.0 * params);
     let local = if args.backend == "local" {
         ws as f64
     } else {

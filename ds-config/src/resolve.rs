@@ -527,6 +527,13 @@ pub(crate) fn resolve(
     }
     let zero = resolve_zero(&mut ctx, input.get("zero_optimization"));
     out.insert("zero_optimization".into(), zero);
+    if input.get("aio").and_then(|a| a.get("use_gds")) == Some(&Value::Bool(true)) {
+        ctx.issue(
+            "aio.use_gds",
+            &Value::Bool(true),
+            "GPUDirect Storage is not run by this runtime (the swap files go through host memory); allowed: false",
+        );
+    }
 
     for (key, what, mode) in schema::NOT_RUN {
         let Some(v) = input.get(*key) else { continue };
@@ -959,12 +966,27 @@ fn resolve_zero(ctx: &mut Ctx, v: Option<&Value>) -> Value {
     let pd = dev(&z, "offload_param");
     for (k, d) in [("offload_optimizer", &od), ("offload_param", &pd)] {
         if d == "nvme" {
-            ctx.issue(
-                &format!("zero_optimization.{k}.device"),
-                &json!("nvme"),
-                "NVMe offload (ZeRO-Infinity) is not run by this runtime; allowed: \"cpu\" or \"none\"",
-            );
+            match z[k]["nvme_path"].as_str() {
+                None => ctx.issue(
+                    &format!("zero_optimization.{k}.nvme_path"),
+                    &z[k]["nvme_path"],
+                    "device \"nvme\" needs the directory of the swap files; allowed: a path on a local disk",
+                ),
+                Some("") => ctx.issue(
+                    &format!("zero_optimization.{k}.nvme_path"),
+                    &json!(""),
+                    "device \"nvme\" needs the directory of the swap files; allowed: a path on a local disk",
+                ),
+                Some(_) => {}
+            }
         }
+    }
+    if pd == "nvme" && od == "cpu" {
+        // DeepSpeed runs this; here the host is the compute device, so "cpu" offload is the
+        // in-memory placement and the combination is simply parameters on disk.
+        ctx.warn(
+            "`zero_optimization.offload_param.device` is \"nvme\" with the optimizer on \"cpu\": parameters are swapped, master weights and optimizer state stay in memory".to_string(),
+        );
     }
     if od != "none" && stage == 0 {
         ctx.issue(

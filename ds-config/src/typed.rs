@@ -53,6 +53,8 @@ pub struct ResolvedConfig {
     pub prescale_gradients: bool,
     /// Pre-divide factor applied before the all-reduce.
     pub gradient_predivide_factor: f64,
+    /// Asynchronous I/O of the NVMe swap files.
+    pub aio: AioConfig,
     /// Progress line every N optimizer steps (`None` = never).
     pub steps_per_print: Option<u64>,
     /// Per-phase timers.
@@ -152,10 +154,46 @@ pub struct Bf16Config {
 /// `zero_optimization.offload_optimizer` / `offload_param`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct OffloadConfig {
-    /// `none` or `cpu` (`nvme` is refused).
+    /// `none`, `cpu` or `nvme` (ZeRO-Infinity).
     pub device: String,
+    /// Directory of the swap files (`nvme`; required there).
+    #[serde(default)]
+    pub nvme_path: Option<String>,
     /// Pinned host buffers.
     pub pin_memory: bool,
+    /// Swap buffers (optimizer: chunk buffers in flight during the step, default 4;
+    /// parameters: default 5).
+    pub buffer_count: u64,
+    /// Parameter swap buffer size in elements (`offload_param`, default 1e8).
+    #[serde(default)]
+    pub buffer_size: Option<u64>,
+    /// Parameter elements kept in memory with `nvme` (`offload_param`, default 1e9).
+    #[serde(default)]
+    pub max_in_cpu: Option<u64>,
+    /// Read the next chunk of optimizer state while updating this one (`offload_optimizer`).
+    #[serde(default)]
+    pub pipeline_read: bool,
+    /// Write a chunk of optimizer state back while updating the next (`offload_optimizer`).
+    #[serde(default)]
+    pub pipeline_write: bool,
+}
+
+/// The `aio` section: asynchronous I/O of the NVMe swap files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AioConfig {
+    /// Bytes per request.
+    pub block_size: u64,
+    /// Requests queued at most.
+    pub queue_depth: u64,
+    /// I/O threads.
+    pub thread_count: u64,
+    /// Submit one request at a time.
+    pub single_submit: bool,
+    /// Overlap request submission and completion (always true here: the I/O threads run
+    /// requests while more are queued).
+    pub overlap_events: bool,
+    /// GPUDirect Storage (refused: no GPU path here).
+    pub use_gds: bool,
 }
 
 /// `zero_optimization`.
@@ -177,6 +215,8 @@ pub struct ZeroConfig {
     pub offload_optimizer: Option<OffloadConfig>,
     /// Parameter offload (stage 3).
     pub offload_param: Option<OffloadConfig>,
+    /// Elements per optimizer sub-group (the chunk the NVMe-offloaded step swaps).
+    pub sub_group_size: u64,
     /// Stage-3 prefetch bucket size (elements).
     pub stage3_prefetch_bucket_size: u64,
     /// Stage-3 parameters smaller than this stay unpartitioned.
@@ -190,6 +230,20 @@ pub struct ZeroConfig {
 }
 
 impl ZeroConfig {
+    /// Whether optimizer state is swapped to disk (ZeRO-Infinity).
+    pub fn offload_optimizer_to_nvme(&self) -> bool {
+        self.offload_optimizer
+            .as_ref()
+            .is_some_and(|o| o.device == "nvme")
+    }
+
+    /// Whether parameters are swapped to disk (ZeRO-Infinity, stage 3).
+    pub fn offload_param_to_nvme(&self) -> bool {
+        self.offload_param
+            .as_ref()
+            .is_some_and(|o| o.device == "nvme")
+    }
+
     /// Whether optimizer state lives in host memory.
     pub fn offload_optimizer_to_cpu(&self) -> bool {
         self.offload_optimizer
@@ -328,6 +382,7 @@ impl ResolvedConfig {
             gradient_allreduce_op: field(&json, "gradient_allreduce_op")?,
             prescale_gradients: field(&json, "prescale_gradients")?,
             gradient_predivide_factor: field(&json, "gradient_predivide_factor")?,
+            aio: field(&json, "aio")?,
             steps_per_print: field(&json, "steps_per_print")?,
             wall_clock_breakdown: field(&json, "wall_clock_breakdown")?,
             memory_breakdown: field(&json, "memory_breakdown")?,

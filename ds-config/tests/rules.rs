@@ -827,3 +827,54 @@ fn file_encodings() {
     assert!(e.contains("binary file") && !e.contains("line 0"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------- ZeRO-Infinity
+
+/// NVMe offload is accepted with a swap directory, its keys typed; without `nvme_path` (or
+/// with GPUDirect Storage) it is refused by name.
+#[test]
+fn nvme_offload_needs_a_path() {
+    let ok = resolve(
+        json!({"train_batch_size": 4, "zero_optimization": {"stage": 3, "sub_group_size": 1e6,
+            "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "buffer_count": 3,
+                                  "pipeline_read": true, "pipeline_write": true},
+            "offload_param": {"device": "nvme", "nvme_path": "/local_nvme", "max_in_cpu": 1e5}},
+            "aio": {"block_size": 262144, "queue_depth": 4, "thread_count": 2}}),
+        1,
+    )
+    .unwrap();
+    let z = &ok.zero_optimization;
+    assert!(z.offload_optimizer_to_nvme() && z.offload_param_to_nvme());
+    let o = z.offload_optimizer.as_ref().unwrap();
+    assert_eq!(o.nvme_path.as_deref(), Some("/local_nvme"));
+    assert_eq!(
+        (o.buffer_count, o.pipeline_read, o.pipeline_write),
+        (3, true, true)
+    );
+    assert_eq!(z.offload_param.as_ref().unwrap().max_in_cpu, Some(100_000));
+    assert_eq!(z.sub_group_size, 1_000_000);
+    assert_eq!(
+        (ok.aio.block_size, ok.aio.queue_depth, ok.aio.thread_count),
+        (262144, 4, 2)
+    );
+    // DeepSpeed's defaults when the section is absent.
+    let d = resolve(json!({"train_batch_size": 4}), 1).unwrap();
+    assert_eq!(
+        (d.aio.block_size, d.aio.queue_depth, d.aio.thread_count),
+        (1_048_576, 8, 1)
+    );
+
+    let e = err(
+        json!({"train_batch_size": 4, "zero_optimization": {"stage": 2,
+            "offload_optimizer": {"device": "nvme"}}}),
+        1,
+    );
+    assert!(issue_at(&e, "zero_optimization.offload_optimizer.nvme_path").contains("swap files"));
+    let e = err(
+        json!({"train_batch_size": 4, "aio": {"use_gds": true}, "zero_optimization": {"stage": 3,
+            "offload_param": {"device": "nvme", "nvme_path": ""}}}),
+        1,
+    );
+    assert!(issue_at(&e, "zero_optimization.offload_param.nvme_path").contains("needs"));
+    assert!(issue_at(&e, "aio.use_gds").contains("GPUDirect"));
+}

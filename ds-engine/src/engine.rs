@@ -124,6 +124,43 @@ pub fn check_supported(cfg: &ResolvedConfig) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Most elements per swapped chunk of the NVMe-offloaded optimizer step: `sub_group_size`
+/// (DeepSpeed's swap unit, 1e9 by default) capped so that `buffer_count` chunks of master
+/// weights and state stay small (16M elements: 64 MiB per buffer).
+pub const MAX_SWAP_CHUNK: u64 = 1 << 24;
+
+/// ZeRO-Infinity placements of a config (`offload_optimizer` / `offload_param` with device
+/// `nvme`, the `aio` section); everything in memory when neither is `nvme`.
+pub fn nvme_options(cfg: &ResolvedConfig) -> ds_zero::NvmeOptions {
+    let z = &cfg.zero_optimization;
+    let nvme = |o: &Option<ds_config::OffloadConfig>| {
+        o.as_ref()
+            .filter(|o| o.device == "nvme")
+            .and_then(|o| o.nvme_path.as_ref())
+            .map(std::path::PathBuf::from)
+    };
+    let oo = z.offload_optimizer.as_ref().filter(|o| o.device == "nvme");
+    let op = z.offload_param.as_ref().filter(|o| o.device == "nvme");
+    let a = &cfg.aio;
+    let us = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    ds_zero::NvmeOptions {
+        optimizer_path: nvme(&z.offload_optimizer),
+        param_path: nvme(&z.offload_param),
+        buffer_count: oo.map_or(4, |o| us(o.buffer_count).max(1)),
+        chunk_elems: us(z.sub_group_size.clamp(1, MAX_SWAP_CHUNK)),
+        pipeline_read: oo.is_some_and(|o| o.pipeline_read),
+        pipeline_write: oo.is_some_and(|o| o.pipeline_write),
+        max_in_cpu: op.and_then(|o| o.max_in_cpu).map_or(1_000_000_000, us),
+        aio: ds_zero::swap::AioOptions {
+            block_size: us(a.block_size),
+            queue_depth: us(a.queue_depth),
+            thread_count: us(a.thread_count),
+            single_submit: a.single_submit,
+            direct: true,
+        },
+    }
+}
+
 /// The model dtype and loss-scaling rules of a config's `fp16`/`bf16` sections, mapped as
 /// DeepSpeed maps them for the config's ZeRO stage.
 pub fn zero_precision(cfg: &ResolvedConfig) -> ZeroPrecision {
@@ -193,6 +230,34 @@ fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool, dev: &Device) -> Vec<St
     }
     if z.offload_optimizer_to_cpu() && on_cpu {
         notes.push("zero_optimization.offload_optimizer.device = cpu: on a CPU-only run the optimizer state and master weights already live in host memory (the same code path)".to_string());
+    }
+    if z.offload_optimizer_to_nvme() {
+        let o = z.offload_optimizer.as_ref();
+        let (pr, pw) = o.map_or((false, false), |o| (o.pipeline_read, o.pipeline_write));
+        notes.push(format!("ZeRO-Infinity: fp32 master weights and optimizer state in swap files under {} (removed at exit), stepped in chunks of {} elements through {} buffers{}{}; reduced gradients stay in memory", o.and_then(|o| o.nvme_path.as_deref()).unwrap_or("?"), z.sub_group_size.clamp(1, MAX_SWAP_CHUNK), o.map_or(4, |o| o.buffer_count), if pr { ", next chunk read during the update" } else { "" }, if pw { ", previous chunk written during the update" } else { "" }));
+        if !(pr && pw) {
+            notes.push("zero_optimization.offload_optimizer: pipeline_read/pipeline_write are false (DeepSpeed's default), so the step waits for each chunk's I/O; set both true to overlap it with the update".to_string());
+        }
+    }
+    if z.offload_param_to_nvme() {
+        let p = z.offload_param.as_ref();
+        notes.push(format!("ZeRO-Infinity: stage-3 parameters in swap files under {} (the first max_in_cpu = {} elements of each rank's part stay in memory); each block is read before it runs, the next block's read started while the current one computes", p.and_then(|o| o.nvme_path.as_deref()).unwrap_or("?"), p.and_then(|o| o.max_in_cpu).unwrap_or(1_000_000_000)));
+        if p.and_then(|o| o.buffer_size).is_some() {
+            notes.push("zero_optimization.offload_param.buffer_size/buffer_count: a block's parameters are read into one buffer of their own size (the block is the swap unit here)".to_string());
+        }
+    }
+    if cfg
+        .zero_optimization
+        .offload_optimizer
+        .as_ref()
+        .is_some_and(|o| o.device == "nvme" && o.pin_memory)
+        || cfg
+            .zero_optimization
+            .offload_param
+            .as_ref()
+            .is_some_and(|o| o.device == "nvme" && o.pin_memory)
+    {
+        notes.push("pin_memory: the swap buffers are 4096-byte-aligned host buffers for O_DIRECT; there is no device to pin them for on the CPU".to_string());
     }
     if z.offload_param.as_ref().is_some_and(|o| o.device == "cpu") {
         notes.push(if on_cpu {
@@ -485,35 +550,55 @@ impl<'c, M: Model> Engine<'c, M> {
         let timers = cfg.wall_clock_breakdown || ac.profile || ac.synchronize_checkpoint_boundary;
         model.set_sync_timers(timers && !dev.is_cpu());
         let sizes: Vec<usize> = model.params().iter().map(|p| p.var.elem_count()).collect();
-        let mut init = Vec::with_capacity(sizes.iter().sum());
-        for p in model.params() {
-            init.extend(
-                p.var
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        // As DeepSpeed does at initialisation: every rank starts from rank 0's parameters (a
-        // model initialised from an unseeded random source differs between ranks otherwise).
-        if comm.world_size() > 1 {
-            init = ds_zero::partitioned::broadcast_from_rank0(init, comm)?;
-            let mut off = 0;
-            for p in model.params() {
-                let k = p.var.elem_count();
-                crate::traits::set_var(&p.var, &init[off..off + k])?;
-                off += k;
-            }
-        }
         let precision = zero_precision(cfg);
         let half = precision != ZeroPrecision::F32;
-        let zero = ZeroOptimizer::with_precision(&sizes, &init, spec, opts, precision, comm)?;
         let stage3 = z.stage == 3;
-        let nblocks = model.block_param_ranges().len();
+        let block_ranges = model.block_param_ranges();
+        let nblocks = block_ranges.len();
+        let nvme = nvme_options(cfg);
+        // The initial values go to the optimizer one parameter at a time (a large model never
+        // exists twice in memory). As DeepSpeed does at initialisation, every rank starts from
+        // rank 0's parameters (a model initialised from an unseeded random source differs
+        // between ranks otherwise). At ZeRO-3 each block is released as soon as its parameters
+        // are in the optimizer's shards: the model holds them only while a block runs.
+        let ws = comm.world_size();
+        let zero = {
+            let model = &model;
+            let mut fill =
+                |i: usize| -> Result<std::borrow::Cow<'static, [f32]>, ds_zero::ZeroError> {
+                    let v = {
+                        let params = model.params();
+                        let p = params.get(i).ok_or_else(|| {
+                            ds_zero::ZeroError::Shape(format!("the model has no parameter {i}"))
+                        })?;
+                        let mut v = p
+                            .var
+                            .flatten_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1::<f32>()?;
+                        if ws > 1 {
+                            v = ds_zero::partitioned::broadcast_from_rank0(v, comm)?;
+                            crate::traits::set_var(&p.var, &v)?;
+                        }
+                        v
+                    };
+                    if stage3 {
+                        if let Some(b) = block_ranges
+                            .iter()
+                            .position(|r| r.end == i + 1 && !r.is_empty())
+                        {
+                            model.release_block(b)?;
+                        }
+                    }
+                    Ok(std::borrow::Cow::Owned(v))
+                };
+            ZeroOptimizer::with_precision_streamed(
+                &sizes, &mut fill, spec, opts, precision, nvme, comm,
+            )?
+        };
         if stage3 {
-            // ZeRO-3: block parameters live in the optimizer's shards; the model holds them only
-            // while a block runs (gathered before, released after).
-            for i in 0..model.block_param_ranges().len() {
+            // Blocks whose parameters are all empty (none) were not released above.
+            for i in 0..nblocks {
                 model.release_block(i)?;
             }
         }
@@ -521,7 +606,7 @@ impl<'c, M: Model> Engine<'c, M> {
             cfg.scheduler.as_ref(),
             cfg.optimizer.as_ref(),
         )?);
-        let n = init.len();
+        let n: usize = sizes.iter().sum();
         let ckpt_ok = model.supports_checkpointing();
         let ckpt = ckpt::CkptState::from_config(cfg)?;
         let mut notes = engine_notes(cfg, comm2.is_some(), &dev);
@@ -662,7 +747,15 @@ impl<'c, M: Model> Engine<'c, M> {
         // Stages 0-1: the full accumulation buffer; stages 2-3: none (gradients are reduced
         // into the shard during the backward pass).
         let full = 4 * self.acc.len();
-        let part = 4 * self.zero.master().len();
+        let part = 4 * self.zero.part_len();
+        // ZeRO-Infinity: master weights and optimizer state on disk hold no memory between
+        // steps; the model-dtype copy of the part kept in memory counts as parameters.
+        let (master_mem, state_mem) = if self.zero.optimizer_on_disk() {
+            (0, 0)
+        } else {
+            (part, self.zero.optimizer().state_bytes())
+        };
+        let resident = self.zero.resident_param_bytes().unwrap_or(0);
         // At stage 3 the model holds only its persistent parameters between passes (plus one
         // gathered block while it runs, not counted here).
         // In the parameters' own dtype (a bf16 model on a GPU holds 2 bytes a weight).
@@ -673,9 +766,9 @@ impl<'c, M: Model> Engine<'c, M> {
             .map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes())
             .sum::<usize>();
         MemoryReport {
-            params_bytes: held,
+            params_bytes: held + resident,
             grads_bytes: full + part,
-            optimizer_bytes: part + self.zero.optimizer().state_bytes(),
+            optimizer_bytes: master_mem + state_mem,
         }
     }
 
@@ -736,6 +829,7 @@ impl<'c, M: Model> Engine<'c, M> {
         let ranges = model.block_param_ranges();
         let overlap = self.overlap && stream;
         let prefetch = self.prefetch;
+        let disk_params = self.zero.params_on_disk();
         // The communication thread runs when something is overlapped (gradient reduction with
         // overlap_comm, or the stage-3 prefetch): it executes jobs in the order the pass issues
         // them, identical on every rank, over the second communicator.
@@ -854,13 +948,14 @@ impl<'c, M: Model> Engine<'c, M> {
                         }
                         // Predict the next block: forward 0..n, then backward n-1..0.
                         gathers += 1;
+                        let next = if gathers < nblocks {
+                            Some(gathers)
+                        } else {
+                            (2 * nblocks).checked_sub(gathers + 1)
+                        }
+                        .filter(|&nx| nx < nblocks);
                         if let (Some(tx), Some((max_bucket, max_live))) = (jobs, prefetch) {
-                            let next = if gathers < nblocks {
-                                Some(gathers)
-                            } else {
-                                (2 * nblocks).checked_sub(gathers + 1)
-                            };
-                            if let Some(nx) = next.filter(|&nx| nx < nblocks) {
+                            if let Some(nx) = next {
                                 let nr = &ranges[nx];
                                 let size = offsets[nr.end] - offsets[nr.start];
                                 let live = offsets[r.end] - offsets[r.start] + size;
@@ -870,6 +965,11 @@ impl<'c, M: Model> Engine<'c, M> {
                                     pending = Some((nx, trx));
                                 }
                             }
+                        } else if let Some(nx) = next.filter(|_| disk_params) {
+                            // ZeRO-Infinity: read the next block's parameters from disk
+                            // while this one computes.
+                            zero.prefetch_param_range(ranges[nx].clone())
+                                .map_err(|e| err(e.to_string()))?;
                         }
                         Ok(())
                     }

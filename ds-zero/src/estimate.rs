@@ -91,9 +91,121 @@ pub fn estimate(
     })
 }
 
+/// ZeRO-Infinity placements of one rank's model states: what stays in memory, what goes to
+/// the swap files, and the disk traffic of one optimizer step (as [`crate::offload`] runs it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PlacedEstimate {
+    /// Model-state bytes held in memory (parameters, gradients, and optimizer state where it
+    /// is not swapped).
+    pub memory_bytes: u64,
+    /// Bytes in swap files on this rank's disk.
+    pub disk_bytes: u64,
+    /// Bytes read from the swap files per optimizer step.
+    pub disk_read_bytes_per_step: u64,
+    /// Bytes written to the swap files per optimizer step.
+    pub disk_write_bytes_per_step: u64,
+}
+
+/// Places an [`estimate`] on memory and disk. `optimizer_nvme`: master weights and optimizer
+/// state swapped (stages 1-3); `param_nvme`: stage-3 parameters swapped except the first
+/// `max_in_cpu` elements of the part; `grad_accum`: micro-batches per step (each reads every
+/// swapped block twice: forward, and the recompute of the backward pass);
+/// `model_bytes`: bytes per model weight (4 fp32, 2 fp16/bf16). In fp32 with both swapped the
+/// parameters are read from the master file (no second copy).
+#[allow(clippy::too_many_arguments)]
+pub fn place(
+    e: &MemoryEstimate,
+    stage: u8,
+    optimizer_nvme: bool,
+    param_nvme: bool,
+    max_in_cpu: u64,
+    grad_accum: u64,
+    model_bytes: u64,
+) -> Result<PlacedEstimate, ZeroError> {
+    if optimizer_nvme && stage == 0 {
+        return Err(ZeroError::Option(
+            "optimizer offload needs ZeRO stage 1, 2 or 3".into(),
+        ));
+    }
+    if param_nvme && stage != 3 {
+        return Err(ZeroError::Option(format!(
+            "parameter offload needs ZeRO stage 3, not {stage}"
+        )));
+    }
+    let mut mem = e.per_rank_bytes;
+    let (mut disk, mut rd, mut wr) = (0u64, 0u64, 0u64);
+    if optimizer_nvme {
+        mem -= e.optimizer_bytes;
+        disk += e.optimizer_bytes;
+        rd += e.optimizer_bytes;
+        wr += e.optimizer_bytes;
+    }
+    if param_nvme {
+        let part = e.params_bytes;
+        let resident = (max_in_cpu.saturating_mul(model_bytes)).min(part);
+        let swapped = part - resident;
+        mem -= swapped;
+        let shared = optimizer_nvme && model_bytes == 4;
+        if !shared {
+            disk += part;
+            wr += part;
+        }
+        rd += swapped.saturating_mul(2).saturating_mul(grad_accum.max(1));
+    }
+    Ok(PlacedEstimate {
+        memory_bytes: mem,
+        disk_bytes: disk,
+        disk_read_bytes_per_step: rd,
+        disk_write_bytes_per_step: wr,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 1e9 fp32 parameters, one rank, stage 3, Adam: 20 GB of model states (weights,
+    /// gradients, master copy, moments). Optimizer on disk:
+    /// 12 GB (master + moments) there, read and written once a step; parameters too: the
+    /// master file serves them, read twice per micro-batch, nothing more written.
+    #[test]
+    fn placements() {
+        let e = estimate(1_000_000_000, 1, 3, Precision::Fp32, 8).unwrap();
+        assert_eq!(e.per_rank_bytes, 20_000_000_000);
+        let p = place(&e, 3, true, false, 0, 1, 4).unwrap();
+        assert_eq!(
+            (p.memory_bytes, p.disk_bytes),
+            (8_000_000_000, 12_000_000_000)
+        );
+        assert_eq!(
+            (p.disk_read_bytes_per_step, p.disk_write_bytes_per_step),
+            (12_000_000_000, 12_000_000_000)
+        );
+        let p = place(&e, 3, true, true, 100_000_000, 2, 4).unwrap();
+        assert_eq!(p.memory_bytes, 4_000_000_000 + 400_000_000);
+        assert_eq!(p.disk_bytes, 12_000_000_000);
+        assert_eq!(
+            p.disk_read_bytes_per_step,
+            12_000_000_000 + 4 * 3_600_000_000
+        );
+        assert_eq!(p.disk_write_bytes_per_step, 12_000_000_000);
+        // Mixed precision, parameters alone: a 2-byte copy on disk, written each step.
+        let m = estimate(1_000_000_000, 1, 3, Precision::Mixed, 8).unwrap();
+        let p = place(&m, 3, false, true, 0, 1, 2).unwrap();
+        assert_eq!(p.disk_bytes, 2_000_000_000);
+        assert_eq!(p.memory_bytes, m.per_rank_bytes - 2_000_000_000);
+        assert!(place(&e, 2, false, true, 0, 1, 4).is_err());
+        assert!(place(
+            &estimate(10, 1, 0, Precision::Fp32, 8).unwrap(),
+            0,
+            true,
+            false,
+            0,
+            1,
+            4
+        )
+        .is_err());
+    }
 
     /// The ZeRO paper's example: Ψ = 7.5B, N = 64, K = 12, mixed precision:
     /// 120 GB -> 31.4 GB -> 16.6 GB -> 1.9 GB.

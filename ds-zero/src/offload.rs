@@ -162,6 +162,13 @@ impl ParamMem {
     }
 }
 
+/// A parameter read started ahead: (shard range, ticket, index of its first element in the
+/// buffer, start time).
+type Prefetch = (Range<usize>, Ticket, usize, Instant);
+
+/// The update of one chunk: (masters, gradients, optimizer state buffers).
+pub(crate) type ChunkUpdate<'a> = dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]) + 'a;
+
 /// The swapped state of one [`crate::ZeroOptimizer`].
 pub(crate) struct Offload {
     pub(crate) opts: NvmeOptions,
@@ -181,7 +188,7 @@ pub(crate) struct Offload {
     resident: usize,
     model_bytes: usize,
     /// A parameter read started ahead: (shard range read, ticket, index of its first element).
-    prefetch: Mutex<Option<(Range<usize>, Ticket, usize, Instant)>>,
+    prefetch: Mutex<Option<Prefetch>>,
     /// Read-only maps of the master and state files, for checkpoints (mapping costs nothing
     /// until read; [`Offload::release_views`] drops the pages again).
     maps: Vec<memmap2::Mmap>,
@@ -467,7 +474,7 @@ impl Offload {
     pub(crate) fn step(
         &mut self,
         grads: &[f32],
-        update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+        update: &mut ChunkUpdate<'_>,
     ) -> Result<(), ZeroError> {
         let t0 = Instant::now();
         let Offload {

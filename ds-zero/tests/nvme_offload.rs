@@ -46,7 +46,10 @@ struct Case {
 
 /// Runs 10 steps; returns every rank's gathered parameters after each step, and its final
 /// (master, optimizer state).
-fn run(c: &Case, dir: Option<PathBuf>) -> Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<Vec<f32>>)> {
+/// Per rank: (gathered parameters after each step, final masters, final optimizer state).
+type RankRun = (Vec<Vec<f32>>, Vec<f32>, Vec<Vec<f32>>);
+
+fn run(c: &Case, dir: Option<PathBuf>) -> Vec<RankRun> {
     let comms = LocalComm::create(c.ws);
     std::thread::scope(|sc| {
         let hs: Vec<_> = comms

@@ -148,6 +148,20 @@ enum Command {
         /// `mixed` (16-bit model, fp32 master and Adam state) or `fp32`.
         #[arg(long, default_value = "mixed", value_parser = ["mixed", "fp32"])]
         precision: String,
+        /// Where the master weights and optimizer state live (`zero_optimization.
+        /// offload_optimizer.device`): `nvme` puts them in swap files.
+        #[arg(long, default_value = "none", value_parser = ["none", "cpu", "nvme"])]
+        offload_optimizer: String,
+        /// Where the stage-3 parameters live (`offload_param.device`).
+        #[arg(long, default_value = "none", value_parser = ["none", "cpu", "nvme"])]
+        offload_param: String,
+        /// Parameter elements kept in memory with `--offload-param nvme` (`max_in_cpu`).
+        #[arg(long, default_value = "1e9", value_parser = parse_count)]
+        max_in_cpu: u64,
+        /// Micro-batches per optimizer step (swapped parameters are read twice per
+        /// micro-batch).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        gradient_accumulation_steps: u64,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
@@ -592,6 +606,10 @@ fn main() -> ExitCode {
             world_size,
             stage,
             precision,
+            offload_optimizer,
+            offload_param,
+            max_in_cpu,
+            gradient_accumulation_steps,
             json,
         } => {
             let prec = if precision == "fp32" {
@@ -599,10 +617,32 @@ fn main() -> ExitCode {
             } else {
                 ds_zero::estimate::Precision::Mixed
             };
+            let mb = if precision == "fp32" { 4 } else { 2 };
             // Adam: 8 bytes of fp32 state per parameter.
-            match ds_zero::estimate::estimate(params, world_size, stage, prec, 8) {
-                Ok(e) if json => print_json(&e),
-                Ok(e) => {
+            let placed =
+                ds_zero::estimate::estimate(params, world_size, stage, prec, 8).and_then(|e| {
+                    let p = ds_zero::estimate::place(
+                        &e,
+                        stage,
+                        offload_optimizer == "nvme",
+                        offload_param == "nvme",
+                        max_in_cpu,
+                        gradient_accumulation_steps,
+                        mb,
+                    )?;
+                    Ok((e, p))
+                });
+            match placed {
+                Ok((e, p)) if json => {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    if let (Some(o), Ok(serde_json::Value::Object(pv))) =
+                        (v.as_object_mut(), serde_json::to_value(p))
+                    {
+                        o.extend(pv);
+                    }
+                    print_json(&v)
+                }
+                Ok((e, p)) => {
                     println!(
                         "ZeRO stage {stage}, {params} params, world size {world_size}, {precision} precision (Adam)"
                     );
@@ -610,6 +650,18 @@ fn main() -> ExitCode {
                     println!("  grads:     {}", gib(e.grads_bytes));
                     println!("  optimizer: {}", gib(e.optimizer_bytes));
                     println!("  per rank:  {}", gib(e.per_rank_bytes));
+                    if p.disk_bytes > 0 || offload_optimizer == "nvme" || offload_param == "nvme" {
+                        println!(
+                            "  placement (optimizer {offload_optimizer}, parameters {offload_param}):"
+                        );
+                        println!("    in memory:        {}", gib(p.memory_bytes));
+                        println!("    on disk:          {}", gib(p.disk_bytes));
+                        println!(
+                            "    disk per step:    read {}, write {}",
+                            gib(p.disk_read_bytes_per_step),
+                            gib(p.disk_write_bytes_per_step)
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -198,19 +198,22 @@ impl<M: crate::traits::Model> Engine<'_, M> {
 
     /// This rank's shard: master weights and optimizer state over its flat range (stages
     /// 0-2) or its chunk of every parameter (stage 3).
+    ///
+    /// Nothing is copied: with NVMe offload the buffers are maps of the swap files, read as
+    /// the writer goes (their pages are dropped after the save).
     fn ckpt_shard(&self) -> RankShard<'_> {
-        let state = self.zero.optimizer_state();
+        let (step, views) = self.zero.optimizer_state_views();
         let mut shard = match self.zero.flat_range() {
-            Some(range) => RankShard::new(self.comm.rank(), range, state.step),
+            Some(range) => RankShard::new(self.comm.rank(), range, step),
             None => {
                 let (len, segs) =
                     stage3_segments(&self.sizes, self.comm.world_size(), self.comm.rank());
-                RankShard::segmented(self.comm.rank(), len, segs, state.step)
+                RankShard::segmented(self.comm.rank(), len, segs, step)
             }
         };
         shard = shard.with_buffer(ds_checkpoint::MASTER_BUFFER, self.zero.master());
-        for (name, buf) in state.buffers {
-            shard.buffers.push((name, Cow::Owned(buf)));
+        for (name, buf) in views {
+            shard.buffers.push((name.to_string(), Cow::Borrowed(buf)));
         }
         shard
     }
@@ -248,6 +251,7 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             }
             barrier().map_err(ck)?;
             let shard = self.ckpt_shard().into_owned();
+            self.zero.release_swap_views();
             let (st, t, m) = (store.clone(), tag.clone(), meta.clone());
             if let Some(saver) = self.ckpt.saver.as_mut() {
                 saver
@@ -277,9 +281,12 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             } else {
                 None
             };
-        store
+        let r = store
             .save_collective(&tag, &meta, &shard, weights.as_ref(), true, &mut barrier)
-            .map_err(ck)
+            .map_err(ck);
+        drop(shard);
+        self.zero.release_swap_views();
+        r
     }
 
     /// Waits for a decoupled save to be written on every rank and commits it (a collective
