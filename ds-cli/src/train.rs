@@ -118,6 +118,9 @@ pub struct TrainArgs {
     /// Train the GPT on candle autograd (the path every non-CPU device runs) instead of its
     /// explicit CPU kernels: the GPU code path on a machine without a GPU.
     pub autograd: bool,
+    /// Held-out sequences evaluated at the end (`None`: 128; 0 skips the evaluation, e.g.
+    /// for a model whose full weights should never be gathered into memory).
+    pub eval_samples: Option<usize>,
 }
 
 impl Default for TrainArgs {
@@ -146,6 +149,7 @@ impl Default for TrainArgs {
             flops_profile: false,
             device: "cpu".into(),
             autograd: false,
+            eval_samples: None,
         }
     }
 }
@@ -205,6 +209,10 @@ pub struct TrainReport {
     /// Median wall time of the `save_checkpoint` calls (with a decoupled writer: the copy to
     /// host buffers and the collectives; else the whole save), `null` without saves.
     pub median_save_call_ms: Option<f64>,
+    /// ZeRO-Infinity (rank 0): bytes read from and written to the swap files, seconds of the
+    /// optimizer steps not hidden behind the update, and of parameter reads (all of them, and
+    /// the part the gathers waited for); `null` without NVMe offload.
+    pub swap: Option<ds_zero::SwapStats>,
     /// The rank that made this report (only rank 0 prints it).
     #[serde(skip)]
     pub rank: usize,
@@ -426,6 +434,7 @@ fn resume_point(
 /// held-out part; rank 0 evaluates `model()` with the gathered parameters on the host.
 fn held_out<M: LanguageModel>(
     source: &Source,
+    samples: usize,
     rank: usize,
     gather: impl FnOnce() -> Result<Vec<f32>, EngineError>,
     model: impl FnOnce() -> Result<M, EngineError>,
@@ -434,7 +443,7 @@ fn held_out<M: LanguageModel>(
         inputs,
         targets,
         answers,
-    }) = eval_data(source)
+    }) = eval_data(source, samples)
     else {
         return Ok(EvalResult::default());
     };
@@ -474,11 +483,14 @@ fn evaluate_flat<M: LanguageModel>(
 }
 
 /// Held-out data of a source: (inputs, targets, answer groups).
-fn eval_data(source: &Source) -> Option<EvalBatch> {
+fn eval_data(source: &Source, n: usize) -> Option<EvalBatch> {
+    if n == 0 {
+        return None;
+    }
     match source {
-        Source::Addition(t) => Some(t.eval_batch(EVAL_SEQUENCES)),
+        Source::Addition(t) => Some(t.eval_batch(n)),
         Source::Tokens(t) => {
-            let (inputs, targets) = t.val_batch(EVAL_SEQUENCES);
+            let (inputs, targets) = t.val_batch(n);
             Some(EvalBatch {
                 inputs,
                 targets,
@@ -511,6 +523,7 @@ struct RankResult {
     skipped: u64,
     state_bytes: usize,
     comm_table: Option<String>,
+    swap: Option<ds_zero::SwapStats>,
 }
 
 /// Threads for one rank's kernels: `DS_NUM_THREADS` when set, else the machine's cores shared
@@ -896,7 +909,7 @@ fn drive<M: LanguageModel>(
         && cfg.zero_optimization.stage < 3
         && args.dropout == 0.0
         && matches!(source, Source::Addition(_)))
-    .then(|| eval_data(source))
+    .then(|| eval_data(source, args.eval_samples.unwrap_or(EVAL_SEQUENCES)))
     .flatten()
     .filter(|e| !e.answers.is_empty());
     let mut losses = Vec::new();
@@ -993,7 +1006,8 @@ fn drive<M: LanguageModel>(
     }
     // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
     // collective at every stage).
-    let eval = held_out(source, rank, || engine.gather_full_params(), fresh)?;
+    let samples = args.eval_samples.unwrap_or(EVAL_SEQUENCES);
+    let eval = held_out(source, samples, rank, || engine.gather_full_params(), fresh)?;
     let tensorboard = monitors.finish(&eval, end * cfg.train_batch_size)?;
     if let Some(store) = &store {
         let tag = format!("global_step{}", engine.global_steps());
@@ -1023,6 +1037,7 @@ fn drive<M: LanguageModel>(
             m.params_bytes + m.grads_bytes + m.optimizer_bytes
         },
         comm_table: None,
+        swap: engine.zero().swap_stats(),
     })
 }
 
@@ -1518,6 +1533,7 @@ fn report(
         median_step_ms_during_save: med(&r0.step_ms_during_save),
         engine_overhead_fraction: med(&r0.overhead).unwrap_or(0.0),
         median_save_call_ms: med(&r0.save_ms),
+        swap: r0.swap,
         rank: 0,
     })
 }

@@ -85,6 +85,10 @@ enum Command {
         /// (overrides the config's `checkpoint.keep_last`).
         #[arg(long)]
         keep_last: Option<u64>,
+        /// Held-out sequences evaluated after training (default 128; 0 skips the evaluation,
+        /// which gathers the full weights into memory).
+        #[arg(long)]
+        eval_samples: Option<usize>,
         /// Also save a checkpoint into --out every N steps (decoupled, i.e. in the background,
         /// with the config's `checkpoint.writer.decoupled: true`).
         #[arg(long)]
@@ -287,6 +291,37 @@ enum BenchCommand {
         json: bool,
     },
     /// Fused AdamW throughput against this machine's memory bandwidth.
+    /// ZeRO-Infinity's swap pipeline: the NVMe-offloaded AdamW step against the disk's own
+    /// direct-I/O read and write bandwidth and the in-memory update, in one run.
+    Offload {
+        /// Directory for the swap files (a local disk).
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        path: PathBuf,
+        /// Elements of the swapped part (12 bytes each on disk; 5e8-style accepted).
+        #[arg(long, default_value = "64M", value_parser = parse_count)]
+        numel: u64,
+        /// Elements per swapped chunk.
+        #[arg(long, default_value = "16M", value_parser = parse_count)]
+        chunk: u64,
+        /// Chunk buffers in flight (`offload_optimizer.buffer_count`).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+        buffer_count: u64,
+        /// I/O threads (`aio.thread_count`).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+        thread_count: u64,
+        /// Bytes per request (`aio.block_size`).
+        #[arg(long, default_value = "1M", value_parser = parse_count)]
+        block_size: u64,
+        /// Requests queued (`aio.queue_depth`).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        queue_depth: u64,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     Adamw {
         /// Elements (5e8-style accepted).
         #[arg(long, default_value = "100000000", value_parser = parse_count)]
@@ -398,6 +433,7 @@ fn main() -> ExitCode {
             flops_profile,
             device,
             autograd,
+            eval_samples,
             mut model,
             json,
         } => {
@@ -477,6 +513,7 @@ fn main() -> ExitCode {
                 save_interval,
                 device,
                 autograd,
+                eval_samples,
             };
             match ds_cli::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
@@ -493,6 +530,23 @@ fn main() -> ExitCode {
                         r.skipped_steps,
                         r.peak_bytes_per_rank as f64 / (1u64 << 20) as f64
                     );
+                    if let Some(sw) = r.swap {
+                        let hidden = if sw.param_read_s > 0.0 {
+                            format!(
+                                "; parameter reads {:.1} s, {:.0}% hidden behind compute",
+                                sw.param_read_s,
+                                100.0 * (1.0 - sw.param_wait_s / sw.param_read_s).clamp(0.0, 1.0)
+                            )
+                        } else {
+                            String::new()
+                        };
+                        println!(
+                            "swap (rank 0): read {:.2} GB, wrote {:.2} GB; optimizer steps' I/O not hidden {:.1} s{hidden}",
+                            sw.bytes_read as f64 / 1e9,
+                            sw.bytes_written as f64 / 1e9,
+                            sw.step_io_wait_s
+                        );
+                    }
                     if let Some(l) = r.val_loss {
                         print!("held-out ({}): loss {l:.4}", r.task);
                         if let (Some(a), Some(n)) = (r.val_accuracy, r.val_problems) {
@@ -818,6 +872,77 @@ fn main() -> ExitCode {
                                 k.kernel, k.shape, k.ms, rate, k.fraction
                             );
                         }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
+            BenchCommand::Offload {
+                path,
+                numel,
+                chunk,
+                buffer_count,
+                thread_count,
+                block_size,
+                queue_depth,
+                steps,
+                json,
+            } => {
+                let us = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+                let need = 12 * numel + 12 * numel.div_ceil(2 << 20) * (8 << 20) / 12;
+                match ds_zero::swap::free_disk_bytes(&path) {
+                    Ok(free) if free < need.saturating_mul(2) => {
+                        eprintln!(
+                            "error: --numel {numel} needs about {} bytes of swap files and as much for the disk probe under {}, which has {free} free; lower --numel",
+                            need,
+                            path.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                    _ => {}
+                }
+                let nvme = ds_zero::NvmeOptions {
+                    buffer_count: us(buffer_count),
+                    chunk_elems: us(chunk),
+                    pipeline_read: true,
+                    pipeline_write: true,
+                    aio: ds_zero::swap::AioOptions {
+                        block_size: us(block_size),
+                        queue_depth: us(queue_depth),
+                        thread_count: us(thread_count),
+                        single_submit: false,
+                        direct: true,
+                    },
+                    ..Default::default()
+                };
+                eprintln!(
+                    "bench offload: {numel} elements ({:.2} GB each way per step) under {} ...",
+                    12.0 * numel as f64 / 1e9,
+                    path.display()
+                );
+                match ds_zero::bench::offload_bench(&path, us(numel), us(steps), nvme) {
+                    Ok(r) if json => print_json(&r),
+                    Ok(r) => {
+                        println!(
+                            "NVMe-offloaded AdamW step: {:.2} s for {:.2} GB read + {:.2} GB written = {:.2} GB/s (I/O wait {:.2} s; in-memory update {:.3} s)",
+                            r.step_s,
+                            r.step_bytes_each_way as f64 / 1e9,
+                            r.step_bytes_each_way as f64 / 1e9,
+                            r.swap_gbps,
+                            r.step_io_wait_s,
+                            r.update_only_s
+                        );
+                        println!(
+                            "disk (direct I/O {}): write {:.2} GB/s, read {:.2} GB/s; the step reaches {:.2} of the disk's read+write bandwidth",
+                            r.direct, r.disk_write_gbps, r.disk_read_gbps, r.disk_fraction
+                        );
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
