@@ -348,6 +348,7 @@ impl Swapper {
             )));
         }
         std::fs::create_dir_all(nvme_path).map_err(|e| io_err(nvme_path, "create nvme_path", e))?;
+        remove_stale(nvme_path);
         let dir = nvme_path.join(format!("ds-swap-{}-rank{rank}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| io_err(&dir, "create swap directory", e))?;
         let (tx, rx) = bounded::<Request>(opts.queue_depth);
@@ -620,6 +621,27 @@ impl Drop for Swapper {
             .drain(..)
         {
             let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Removes swap directories left by processes of this machine that no longer run (a job
+/// killed with SIGKILL cannot remove its own): `ds-swap-<pid>-rank<r>` whose pid has no
+/// `/proc/<pid>`. Swap files are scratch, never the only copy of committed state.
+fn remove_stale(nvme_path: &Path) {
+    let Ok(rd) = std::fs::read_dir(nvme_path) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("ds-swap-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }
