@@ -173,7 +173,7 @@ fn killed_offloaded_run_resumes_from_its_checkpoint() {
         .trim_start_matches("global_step")
         .parse()
         .unwrap();
-    assert!(at >= 3 && at % 3 == 0, "{tag}");
+    assert!(at >= 3 && at.is_multiple_of(3), "{tag}");
     let total = (at + 2).to_string();
     let v = json(&ds(&[
         &common[..],
