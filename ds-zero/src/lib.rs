@@ -8,7 +8,12 @@
 //! - [`partitioned`]: [`PartitionedOptimizer`], ZeRO driven with a candle program's own `Var`s
 //!   and gradients on any device (`ZeroOptimizer::for_vars`, `step_vars`).
 //! - [`estimate`]: model-state memory per rank for each stage (the ZeRO paper's formulas and
-//!   DeepSpeed's estimators).
+//!   DeepSpeed's estimators), and its placement on memory and disk ([`estimate::place`]).
+//! - [`swap`] and [`offload`]: ZeRO-Infinity. Swap files under `nvme_path` (`O_DIRECT`,
+//!   `aio`-style request queue on I/O threads) holding the master weights and optimizer state,
+//!   streamed through the fused optimizer chunk by chunk with reads and writes overlapped, and
+//!   the stage-3 parameters, read per block with the next block prefetched
+//!   ([`ZeroOptimizer::with_precision_streamed`] with [`NvmeOptions`]).
 //! - [`zero`]: [`ZeroOptimizer`], the partitioned optimizer, in fp32 or DeepSpeed-style mixed
 //!   precision ([`ZeroPrecision`]: fp16 with ds-precision's loss scalers, or bf16; fp32 master
 //!   weights and optimizer state, 16-bit model weights and gradient communication).
