@@ -611,6 +611,9 @@ impl<'c, M: Model> Engine<'c, M> {
         let ckpt = ckpt::CkptState::from_config(cfg)?;
         let mut notes = engine_notes(cfg, comm2.is_some(), &dev);
         notes.extend(ckpt::CkptState::notes(cfg));
+        if let Some((dir, false)) = zero.swap_dir() {
+            notes.push(format!("ZeRO-Infinity: the filesystem of {} refused O_DIRECT, so the swap files go through the page cache (what is swapped out may stay in memory as cache; on tmpfs it never leaves memory)", dir.display()));
+        }
         let mut offsets = Vec::with_capacity(sizes.len() + 1);
         offsets.push(0);
         for &s in &sizes {

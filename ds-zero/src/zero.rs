@@ -1351,6 +1351,55 @@ impl ZeroOptimizer {
         }
     }
 
+    /// Restores this rank's master weights and optimizer state piece by piece:
+    /// `read(k, lo, out)` fills elements `lo..lo + out.len()` of buffer `k` of this rank's part
+    /// (0: the fp32 masters; `1 + i`: optimizer state `i` of [`OptimizerSpec::state_names`]).
+    /// With the optimizer on disk the pieces are chunks written straight to the swap files, so
+    /// a part larger than memory loads; otherwise whole buffers, as
+    /// [`ZeroOptimizer::load_state`]. `step`: the optimizer's applied steps.
+    #[allow(clippy::type_complexity)]
+    pub fn load_state_with(
+        &mut self,
+        step: u64,
+        read: &mut dyn FnMut(usize, usize, &mut [f32]) -> Result<(), ZeroError>,
+    ) -> Result<(), ZeroError> {
+        let names = self.opt.spec().state_names();
+        let n = self.part_len();
+        if !self.optimizer_on_disk() {
+            let mut master = vec![0f32; n];
+            read(0, 0, &mut master)?;
+            let mut buffers = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                let mut b = vec![0f32; n];
+                read(1 + i, 0, &mut b)?;
+                buffers.push((name.to_string(), b));
+            }
+            return self.load_state(&master, &OptimizerState { step, buffers });
+        }
+        let Some(o) = self.offload.as_mut() else {
+            return Err(ZeroError::State("no swapped part".into()));
+        };
+        let c = o.opts.chunk();
+        let mut m = vec![0f32; c.min(n)];
+        let mut st: Vec<Vec<f32>> = names.iter().map(|_| vec![0f32; c.min(n)]).collect();
+        let mut lo = 0;
+        while lo < n {
+            let hi = (lo + c).min(n);
+            let k = hi - lo;
+            m[..k].iter_mut().for_each(|x| *x = 0.0);
+            read(0, lo, &mut m[..k])?;
+            for (i, b) in st.iter_mut().enumerate() {
+                b[..k].iter_mut().for_each(|x| *x = 0.0);
+                read(1 + i, lo, &mut b[..k])?;
+            }
+            let views: Vec<&[f32]> = st.iter().map(|b| &b[..k]).collect();
+            o.put_chunk(lo, &m[..k], Some(&views))?;
+            lo = hi;
+        }
+        self.opt.set_step(step);
+        Ok(())
+    }
+
     /// Restores this rank's master weights and optimizer state.
     pub fn load_state(&mut self, master: &[f32], state: &OptimizerState) -> Result<(), ZeroError> {
         if master.len() != self.part_len() {

@@ -410,46 +410,63 @@ impl<M: crate::traits::Model> Engine<'_, M> {
                 ckpt.dir().display()
             )));
         }
-        let read = |name: &str| -> Result<Vec<f32>, EngineError> {
-            match self.zero.flat_range() {
-                Some(range) => ckpt.load_flat_range(name, range).map_err(ck),
+        // This rank's part, piece by piece (a part swapped to disk never has to fit in
+        // memory): elements `lo..` of buffer `name` over its flat range (stages 0-2) or its
+        // chunk of every parameter (stage 3, padding left zero).
+        let flat = self.zero.flat_range();
+        let (_, segs) = stage3_segments(&self.sizes, self.comm.world_size(), self.comm.rank());
+        let read_range = |name: &str, lo: usize, out: &mut [f32]| -> Result<(), EngineError> {
+            match &flat {
+                Some(range) => ckpt
+                    .load_flat_range_into(name, range.start + lo, out)
+                    .map_err(ck),
                 None => {
-                    let (len, segs) =
-                        stage3_segments(&self.sizes, self.comm.world_size(), self.comm.rank());
-                    let mut out = vec![0f32; len];
-                    for s in segs {
-                        let n = s.flat.len();
-                        ckpt.load_flat_range_into(
-                            name,
-                            s.flat.start,
-                            &mut out[s.buffer_offset..s.buffer_offset + n],
-                        )
-                        .map_err(ck)?;
+                    let hi = lo + out.len();
+                    for s in &segs {
+                        let (bo, len) = (s.buffer_offset, s.flat.len());
+                        let (a, b) = (lo.max(bo), hi.min(bo + len));
+                        if a < b {
+                            ckpt.load_flat_range_into(
+                                name,
+                                s.flat.start + (a - bo),
+                                &mut out[a - lo..b - lo],
+                            )
+                            .map_err(ck)?;
+                        }
                     }
-                    Ok(out)
+                    Ok(())
                 }
             }
         };
-        let master = read(ds_checkpoint::MASTER_BUFFER)?;
-        let names: Vec<String> = self
-            .zero
-            .optimizer()
-            .spec()
-            .state_names()
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let mut buffers = Vec::with_capacity(names.len());
-        for n in names {
-            let b = read(&n)?;
-            buffers.push((n, b));
-        }
+        let mut names: Vec<String> = vec![ds_checkpoint::MASTER_BUFFER.to_string()];
+        names.extend(
+            self.zero
+                .optimizer()
+                .spec()
+                .state_names()
+                .iter()
+                .map(|s| s.to_string()),
+        );
         let t = ckpt.training().clone();
-        let state = ds_zero::optim::OptimizerState {
-            step: t.global_step.saturating_sub(t.skipped_steps),
-            buffers,
+        let mut failed: Option<EngineError> = None;
+        let mut read = |k: usize, lo: usize, out: &mut [f32]| -> Result<(), ds_zero::ZeroError> {
+            let r = names
+                .get(k)
+                .ok_or_else(|| EngineError::Data(format!("no state buffer {k}")))
+                .and_then(|n| read_range(n, lo, out));
+            r.map_err(|e| {
+                let msg = e.to_string();
+                failed.get_or_insert(e);
+                ds_zero::ZeroError::State(msg)
+            })
         };
-        self.zero.load_state(&master, &state)?;
+        let loaded = self
+            .zero
+            .load_state_with(t.global_step.saturating_sub(t.skipped_steps), &mut read);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        loaded?;
         if !t.loss_scaler.is_null() {
             match serde_json::from_value::<ds_precision::LossScalerState>(t.loss_scaler.clone()) {
                 Ok(st) => self.zero.load_scaler_state(&st)?,
