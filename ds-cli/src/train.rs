@@ -1151,21 +1151,29 @@ fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> 
         states = placed.memory_bytes as f64 - weights;
         let gb = |b: u64| b as f64 / 1e9;
         eprintln!(
-            "ZeRO-Infinity plan per rank ({:.3e} parameters, stage {}, optimizer {}, parameters {}): in memory {:.2} GB of model states + {:.2} GB activations (lower bound); on disk {:.2} GB of swap files; disk traffic per step: read {:.2} GB, write {:.2} GB",
+            "ZeRO-Infinity plan per rank ({:.3e} parameters, stage {}, optimizer {}, parameters {}): in memory {:.2} GB of model states + {:.2} GB activations (lower bound) + {:.2} GB of gradient buckets (3 x reduce_bucket_size x 4 bytes, transient); on disk {:.2} GB of swap files; disk traffic per step: read {:.2} GB, write {:.2} GB",
             params,
             z.stage,
             if opt_nvme { "nvme" } else { "memory" },
             if param_nvme { "nvme" } else { "memory" },
             gb(placed.memory_bytes),
             activations / 1e9,
+            if z.stage >= 2 { 12.0 * (z.reduce_bucket_size as f64).min(params) / 1e9 } else { 0.0 },
             gb(placed.disk_bytes),
             gb(placed.disk_read_bytes_per_step),
             gb(placed.disk_write_bytes_per_step)
         );
     }
+    // Stages 2-3 stream gradients through buckets of reduce_bucket_size elements: the
+    // bucket, its reduced copy and the pieces handed to the shard (fp32) are transient.
+    let buckets = if z.stage >= 2 {
+        3.0 * 4.0 * (z.reduce_bucket_size as f64).min(params)
+    } else {
+        0.0
+    };
     // The model is created whole before the engine takes its parameters over (at ZeRO-3 one
     // block at a time, releasing each): its fp32 weights are a floor too.
-    let per_rank = (weights + states + activations).max(4.0 * params);
+    let per_rank = (weights + states + activations + buckets).max(4.0 * params);
     let local = if args.backend == "local" {
         ws as f64
     } else {

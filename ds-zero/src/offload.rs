@@ -107,6 +107,8 @@ pub struct SwapStats {
     pub step_io_wait_s: f64,
     /// Seconds of the last optimizer step, all of it.
     pub last_step_s: f64,
+    /// Seconds of all optimizer steps so far.
+    pub step_s: f64,
     /// Seconds gathers waited for parameter reads.
     pub param_wait_s: f64,
     /// Seconds parameter reads took in all (waited for or hidden behind compute).
@@ -617,6 +619,7 @@ impl Offload {
         // submissions blocked on a full queue.
         s.step_io_wait_s += (total - compute_s).max(0.0);
         s.last_step_s = total;
+        s.step_s += total;
         Ok(())
     }
 }

@@ -541,9 +541,10 @@ fn main() -> ExitCode {
                             String::new()
                         };
                         println!(
-                            "swap (rank 0): read {:.2} GB, wrote {:.2} GB; optimizer steps' I/O not hidden {:.1} s{hidden}",
+                            "swap (rank 0): read {:.2} GB, wrote {:.2} GB; optimizer steps {:.1} s, of which I/O not hidden behind the update {:.1} s{hidden}",
                             sw.bytes_read as f64 / 1e9,
                             sw.bytes_written as f64 / 1e9,
+                            sw.step_s,
                             sw.step_io_wait_s
                         );
                     }
