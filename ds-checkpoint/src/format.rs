@@ -63,7 +63,8 @@ pub const BLOCK_BYTES: u64 = 4 << 20;
 pub struct FileRecord {
     /// File size in bytes.
     pub bytes: u64,
-    /// CRC32 (IEEE) of the whole file.
+    /// CRC32 (IEEE) of the whole file (checked when the file is opened: against the
+    /// combination of `block_crc32`, or, without those, against the file's bytes).
     pub crc32: u32,
     /// Size of the checksummed blocks (format version 2; 0 = no block checksums, as in
     /// version 1 manifests).

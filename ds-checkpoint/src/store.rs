@@ -642,7 +642,8 @@ impl RankRecord {
     }
 }
 
-/// The manifest (`manifest.json`) of one tag.
+/// The manifest (`manifest.json`) of one tag. On disk it also holds, as its first key,
+/// [`MANIFEST_CHECKSUM_FIELD`] (format version 3), which is not a field of this struct.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// [`FORMAT_VERSION`] of the writer.
@@ -1255,8 +1256,12 @@ impl BufferIndex {
     }
 }
 
-/// An opened checkpoint: the manifest is parsed, every file's size and header (with its
-/// checksums) checked. Tensor data is verified against the per-block checksums as it is read:
+/// An opened checkpoint: the manifest is checked against its own checksum
+/// ([`MANIFEST_CHECKSUM_FIELD`]) and for consistency (parameters back to back, every element of
+/// every flat buffer held by the ranks exactly once, a record for exactly the files it names),
+/// every file's size, header blocks, whole-file CRC32 (against its block CRC32s) and
+/// safetensors header (offsets ordered, without overlap or hole) checked, and the headers'
+/// tensors, shapes and rank metadata cross-checked with the manifest. Tensor data is verified against the per-block checksums as it is read:
 /// no byte that fails its checksum is ever returned ([`Checkpoint::verify`] checks everything
 /// at once). Reads any range of any flat buffer (resharding) and any weight by name.
 pub struct Checkpoint {
@@ -1278,7 +1283,8 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a tag directory directly (verifying every file).
+    /// Opens a tag directory directly, with every check described on [`Checkpoint`]; the
+    /// first failure is returned, naming the file and what was expected.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST_FILE);
         crate::format::check_regular_file(&mpath)?;
