@@ -517,8 +517,9 @@ impl TensorFile {
             }
             if (offs[1] - offs[0]) as u128 != numel as u128 * dtype.size() as u128 {
                 return Err(bad(&format!(
-                    "{} bytes for shape {shape:?} of {dtype:?}",
-                    offs[1] - offs[0]
+                    "data_offsets {offs:?} span {} bytes, shape {shape:?} of {dtype:?} needs {}",
+                    offs[1] - offs[0],
+                    numel as u128 * dtype.size() as u128
                 )));
             }
             claims.push((offs[0], offs[1], name.clone()));

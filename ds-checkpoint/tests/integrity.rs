@@ -352,3 +352,66 @@ fn consolidate_verifies_every_file_even_what_it_does_not_copy() {
     std::fs::remove_dir_all(&root).ok();
     std::fs::remove_dir_all(&out_dir).ok();
 }
+
+#[test]
+fn the_manifest_checksum_is_the_crc_of_the_rest_and_version_2_manifests_without_one_load() {
+    let (root, tag, store) = setup("v2", 2, true);
+    let mf = tag.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&mf).unwrap();
+    assert!(text.as_bytes().starts_with(SEAL), "{text}");
+    // The recorded value is the CRC32 of the file without its second line (computed here).
+    let recorded = u32::from_str_radix(&text[SEAL.len()..SEAL.len() + 8], 16).unwrap();
+    let mut body = b"{\n".to_vec();
+    body.extend_from_slice(&text.as_bytes()[SEAL.len() + 8 + 3..]);
+    assert_eq!(recorded, crc32fast::hash(&body));
+    let ck = store.load(Some("t")).unwrap();
+    assert_eq!(ck.manifest_checksum(), Some(recorded));
+    assert_eq!(ck.manifest().format_version, FORMAT_VERSION);
+    drop(ck);
+    // As format version 2 wrote it: no checksum line. Accepted (nothing to check it against).
+    edit_manifest(&mf, |v| {
+        v["format_version"] = 2.into();
+        assert!(v
+            .as_object_mut()
+            .unwrap()
+            .remove(MANIFEST_CHECKSUM_FIELD)
+            .is_some());
+    });
+    assert!(!std::fs::read_to_string(&mf)
+        .unwrap()
+        .contains(MANIFEST_CHECKSUM_FIELD));
+    let ck = store.load(Some("t")).unwrap();
+    assert_eq!(ck.manifest_checksum(), None);
+    assert_eq!(
+        ck.read_weight("head.bias").unwrap(),
+        flat(53, 0)[48..53].to_vec()
+    );
+    drop(ck);
+    // Its consistency is still checked.
+    edit_manifest(&mf, |v| v["meta"]["params"][2]["offset"] = 24.into());
+    let e = load_err(&store);
+    assert!(
+        e.contains("\"h0.fc.weight\"") && e.contains("offset 24"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// (Already refused before this change; the message now names the offsets.)
+#[test]
+fn a_tensor_whose_byte_length_is_not_its_shape_times_its_dtype_is_refused() {
+    let (root, tag, store) = setup("shape", 1, false);
+    let name = rank_file_name(0);
+    let (mut header, data) = split_st(&std::fs::read(tag.join(&name)).unwrap());
+    header["master"]["shape"] = serde_json::json!([52]);
+    replace_file_consistently(&tag, &name, &join_st(&header, &data));
+    let e = load_err(&store);
+    assert!(
+        e.contains(&name)
+            && e.contains("\"master\"")
+            && e.contains("[0, 212]")
+            && e.contains("208"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
