@@ -12,8 +12,11 @@ use crate::store::{Checkpoint, MASTER_BUFFER};
 /// Python's `safetensors`.
 ///
 /// Values come from the fp32 [`MASTER_BUFFER`] flat buffer when the checkpoint has one (the
-/// full-precision truth, like `zero_to_fp32`), else from the model-weights file. The file is
-/// written next to `out` and renamed into place, so `out` is never left half-written.
+/// full-precision truth, like `zero_to_fp32`), else from the model-weights file. Every file of
+/// the checkpoint is verified whole first ([`Checkpoint::verify`]), the parts not copied
+/// (optimizer state, the model file) included: an export is not made from a checkpoint with a
+/// corrupt byte anywhere. The file is written next to `out` and renamed into place, so `out`
+/// is never left half-written.
 pub fn consolidate(ckpt: &Checkpoint, out: &Path, dtype: Dtype) -> Result<FileRecord> {
     // Writing into the checkpoint's own directory would replace one of its files (the
     // manifest's checksums would then no longer match) or add a stray one.
@@ -29,6 +32,7 @@ pub fn consolidate(ckpt: &Checkpoint, out: &Path, dtype: Dtype) -> Result<FileRe
             ckpt.dir().display()
         )));
     }
+    ckpt.verify()?;
     let from_master = ckpt.buffer_names().iter().any(|b| b == MASTER_BUFFER);
     let mut data = Vec::with_capacity(ckpt.meta().params.len());
     for p in &ckpt.meta().params {

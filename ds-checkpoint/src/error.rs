@@ -66,6 +66,19 @@ pub enum CheckpointError {
         /// Checksum of the bytes on disk.
         actual: u32,
     },
+    /// The manifest's content does not match the checksum it records of itself
+    /// (`manifest_crc32`): it was edited or corrupted after it was written.
+    #[error("manifest {path} was altered after it was written: its content has crc32 {actual:08x}, its manifest_crc32 field records {expected:08x}{}", detail_suffix(.detail))]
+    ManifestChecksum {
+        /// The manifest file.
+        path: PathBuf,
+        /// Checksum recorded in the manifest.
+        expected: u32,
+        /// Checksum of the manifest's content on disk.
+        actual: u32,
+        /// The first inconsistency found in the altered manifest, if any (what was edited).
+        detail: Option<String>,
+    },
     /// The manifest was written by another format version.
     #[error("manifest {path} has format version {found}, this library reads version {expected}")]
     VersionMismatch {
@@ -118,6 +131,13 @@ pub enum CheckpointError {
     /// The background writer of an [`crate::AsyncSaver`] failed or died.
     #[error("asynchronous checkpoint save failed: {0}")]
     Async(String),
+}
+
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail
+        .as_deref()
+        .map(|d| format!("; {d}"))
+        .unwrap_or_default()
 }
 
 /// Result alias of this crate.

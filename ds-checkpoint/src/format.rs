@@ -63,7 +63,8 @@ pub const BLOCK_BYTES: u64 = 4 << 20;
 pub struct FileRecord {
     /// File size in bytes.
     pub bytes: u64,
-    /// CRC32 (IEEE) of the whole file.
+    /// CRC32 (IEEE) of the whole file (checked when the file is opened: against the
+    /// combination of `block_crc32`, or, without those, against the file's bytes).
     pub crc32: u32,
     /// Size of the checksummed blocks (format version 2; 0 = no block checksums, as in
     /// version 1 manifests).
@@ -232,6 +233,67 @@ pub(crate) struct TensorEntry {
     pub end: u64,
 }
 
+/// Largest safetensors header accepted (the limit of the reference implementation).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The CRC32 of a `len`-byte file from the CRC32s of its `bs`-byte blocks (the last one may
+/// be shorter), without reading it.
+fn combine_blocks(bs: u64, crcs: &[u32], len: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (k, &c) in crcs.iter().enumerate() {
+        let n = bs.min(len.saturating_sub(k as u64 * bs));
+        h.combine(&crc32fast::Hasher::new_with_initial_len(c, n));
+    }
+    h.finalize()
+}
+
+/// The rules of the safetensors format for the tensors' `data_offsets` (`claims`: begin, end
+/// and name of every tensor, relative to the data section of `data_len` bytes): ordered by
+/// offset they must follow one another with neither overlap nor hole, from 0 to the end of the
+/// data section (every byte belongs to exactly one tensor).
+fn check_claims(path: &Path, claims: &mut [(u64, u64, String)], data_len: u64) -> Result<()> {
+    claims.sort();
+    let mut expected = 0u64;
+    let mut prev: Option<&(u64, u64, String)> = None;
+    for c in claims.iter() {
+        let (begin, end, name) = c;
+        if let (true, Some((pb, pe, pn))) = (*begin < expected, prev) {
+            return Err(malformed(
+                path,
+                format!(
+                    "tensors {pn:?} (data_offsets [{pb}, {pe}]) and {name:?} (data_offsets [{begin}, {end}]) overlap; every byte of the data section belongs to one tensor"
+                ),
+            ));
+        }
+        if *begin > expected {
+            let after = prev.map_or(
+                "the start of the data section".to_string(),
+                |(pb, pe, pn)| format!("tensor {pn:?} (data_offsets [{pb}, {pe}])"),
+            );
+            return Err(malformed(
+                path,
+                format!(
+                    "bytes [{expected}, {begin}) of the data section, between {after} and tensor {name:?} (data_offsets [{begin}, {end}]), belong to no tensor"
+                ),
+            ));
+        }
+        expected = *end;
+        prev = Some(c);
+    }
+    if expected != data_len {
+        let after = prev.map_or("no tensor at all".to_string(), |(pb, pe, pn)| {
+            format!("the last tensor {pn:?} (data_offsets [{pb}, {pe}])")
+        });
+        return Err(malformed(
+            path,
+            format!(
+                "bytes [{expected}, {data_len}) of the data section, after {after}, belong to no tensor"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Bytes per conversion piece and per whole-file checksum read.
 const READ_PIECE: usize = 1 << 20;
 /// Most bytes of whole blocks read by one request: large enough to keep the disk busy,
@@ -250,6 +312,8 @@ pub(crate) struct TensorFile {
     /// version 1) or nothing is known about it.
     blocks: Option<(u64, Vec<u32>)>,
     pub tensors: BTreeMap<String, TensorEntry>,
+    /// The header's `__metadata__` (string to string).
+    pub metadata: BTreeMap<String, String>,
 }
 
 fn malformed(path: &Path, reason: impl Into<String>) -> CheckpointError {
@@ -357,7 +421,23 @@ impl TensorFile {
             len,
             blocks,
             tensors: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         };
+        if let (Some(exp), Some((bs, crcs))) = (expected, &f.blocks) {
+            // The whole-file CRC32 is not read back block by block: it must at least be the
+            // combination of the block CRCs (else the manifest's record of the file was
+            // altered).
+            let combined = combine_blocks(*bs, crcs, len);
+            if combined != exp.crc32 {
+                return Err(malformed(
+                    path,
+                    format!(
+                        "the manifest records crc32 {:08x} for this file, but its block checksums combine to {combined:08x} (the manifest's record of the file was altered)",
+                        exp.crc32
+                    ),
+                ));
+            }
+        }
         if let (Some(exp), None) = (expected, &f.blocks) {
             // No block checksums (format version 1): verify the whole file now.
             let actual = f.crc_whole()?;
@@ -379,6 +459,14 @@ impl TensorFile {
                 format!("header length {hlen} exceeds the file size {len}"),
             ));
         }
+        if hlen > MAX_HEADER_BYTES {
+            return Err(malformed(
+                path,
+                format!(
+                    "header length {hlen} exceeds the safetensors limit of {MAX_HEADER_BYTES} bytes"
+                ),
+            ));
+        }
         let mut hbytes = vec![0u8; hlen as usize];
         f.read_verified(8, &mut hbytes)?;
         let data_start = 8 + hlen;
@@ -390,8 +478,18 @@ impl TensorFile {
                 )
             })?;
         let data_len = len - data_start;
+        let mut claims: Vec<(u64, u64, String)> = Vec::with_capacity(header.len());
         for (name, v) in header {
             if name == "__metadata__" {
+                let map = v
+                    .as_object()
+                    .and_then(|m| {
+                        m.iter()
+                            .map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect::<Option<BTreeMap<String, String>>>()
+                    })
+                    .ok_or_else(|| malformed(path, "__metadata__ is not an object of strings"))?;
+                f.metadata = map;
                 continue;
             }
             let bad = |what: &str| malformed(path, format!("tensor {name:?}: {what}"));
@@ -419,10 +517,12 @@ impl TensorFile {
             }
             if (offs[1] - offs[0]) as u128 != numel as u128 * dtype.size() as u128 {
                 return Err(bad(&format!(
-                    "{} bytes for shape {shape:?} of {dtype:?}",
-                    offs[1] - offs[0]
+                    "data_offsets {offs:?} span {} bytes, shape {shape:?} of {dtype:?} needs {}",
+                    offs[1] - offs[0],
+                    numel as u128 * dtype.size() as u128
                 )));
             }
+            claims.push((offs[0], offs[1], name.clone()));
             f.tensors.insert(
                 name,
                 TensorEntry {
@@ -433,6 +533,7 @@ impl TensorFile {
                 },
             );
         }
+        check_claims(path, &mut claims, data_len)?;
         Ok(f)
     }
 

@@ -12,7 +12,8 @@
 //! ```text
 //! <root>/latest                       text: the tag of the newest complete checkpoint
 //! <root>/<tag>/manifest.json          format version, world size, stage, params, training
-//!                                     state, rank ranges, size + CRC32 of every file
+//!                                     state, rank ranges, size + CRC32 of every file, and
+//!                                     (line 2) the CRC32 of the manifest itself
 //! <root>/<tag>/model.safetensors      full weights by parameter name (optional, rank 0)
 //! <root>/<tag>/rank_00000.safetensors rank 0's flat buffers over its (unpadded) range
 //! ```
@@ -83,5 +84,6 @@ pub use store::{
     contiguous_params, rank_file_name, tag_fingerprint, validate_tag, weights_into_owned,
     Checkpoint, CheckpointMeta, CheckpointStore, FsCheckpointStore, Manifest, NamedWeight,
     ParamSpec, RankRecord, RankShard, SaveRequest, Segment, TrainingState, Weights, FORMAT_VERSION,
-    LATEST_FILE, MANIFEST_FILE, MASTER_BUFFER, MIN_FORMAT_VERSION, MODEL_FILE,
+    LATEST_FILE, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, MASTER_BUFFER, MIN_FORMAT_VERSION,
+    MODEL_FILE,
 };

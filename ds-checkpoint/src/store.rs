@@ -13,14 +13,25 @@ use crate::error::{io_err, CheckpointError, Result};
 use crate::format::{write_safetensors, Dtype, FileRecord, TensorFile, TensorOut};
 
 /// Version of the on-disk format written by this library. Version 2 added per-block checksums
-/// (verified as data is read) and segmented rank files (ZeRO-3); version 1 checkpoints are
-/// still read (verified whole when opened). Loading any other version fails with
+/// (verified as data is read) and segmented rank files (ZeRO-3); version 3 a checksum of the
+/// manifest itself ([`MANIFEST_CHECKSUM_FIELD`]), required from that version on. Version 1
+/// and 2 checkpoints are still read (version 1 files verified whole when opened; a manifest
+/// without the checksum field is accepted for those versions, and
+/// [`Checkpoint::manifest_checksum`] is then `None`). Loading any other version fails with
 /// [`CheckpointError::VersionMismatch`].
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this library reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Name of the manifest inside a tag directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The manifest's checksum of itself (format version 3): its second line is
+/// `  "manifest_crc32": "<8 hex digits>",` (the first key of the top-level object), and the
+/// digits are the CRC32 (IEEE) of the file's bytes with that whole line (its newline
+/// included) removed. Loading refuses a manifest whose content does not match, and any
+/// rewriting of the file (an edit, a reformat) is such a mismatch.
+pub const MANIFEST_CHECKSUM_FIELD: &str = "manifest_crc32";
+/// The bytes a sealed manifest starts with, up to the checksum's 8 hex digits.
+const SEAL_PREFIX: &[u8] = b"{\n  \"manifest_crc32\": \"";
 /// Name of the full-weights file inside a tag directory (written by rank 0 when given).
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Name of the file, in the store's root, that holds the tag of the newest complete checkpoint.
@@ -174,32 +185,293 @@ impl CheckpointMeta {
             .unwrap_or(0)
     }
 
-    /// Checks names are unique and parameters do not overlap.
+    /// Checks `world_size > 0`, that names are unique and that the parameters lie back to
+    /// back in order from offset 0 (no overlap, no hole; what [`contiguous_params`] builds and
+    /// what loading requires).
     pub fn validate(&self) -> Result<()> {
         if self.world_size == 0 {
             return Err(CheckpointError::InvalidInput("world_size is 0".into()));
         }
-        let mut names = std::collections::HashSet::new();
-        let mut ranges: Vec<Range<usize>> = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            if !names.insert(p.name.as_str()) {
-                return Err(CheckpointError::InvalidInput(format!(
-                    "parameter name {:?} appears twice",
-                    p.name
-                )));
-            }
-            ranges.push(p.range());
+        check_params(&self.params)
+            .map(|_| ())
+            .map_err(CheckpointError::InvalidInput)
+    }
+}
+
+/// Checks that `params` have unique names and lie back to back in order from offset 0, with
+/// overflow-checked sizes; returns the end of the last one (the flat space's `numel`).
+fn check_params(params: &[ParamSpec]) -> std::result::Result<usize, String> {
+    let mut names = std::collections::HashSet::new();
+    let mut end = 0usize;
+    for (i, p) in params.iter().enumerate() {
+        if !names.insert(p.name.as_str()) {
+            return Err(format!(
+                "params[{i}]: parameter name {:?} appears twice",
+                p.name
+            ));
         }
-        ranges.sort_by_key(|r| r.start);
-        for w in ranges.windows(2) {
-            if w[0].end > w[1].start {
-                return Err(CheckpointError::InvalidInput(format!(
-                    "parameters overlap in the flat space: {:?} and {:?}",
-                    w[0], w[1]
-                )));
+        let numel = p
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| {
+                format!(
+                    "params[{i}] {:?}: shape {:?} overflows the element count",
+                    p.name, p.shape
+                )
+            })?;
+        if p.offset != end {
+            let prev = match i {
+                0 => "the flat space starts at 0".to_string(),
+                _ => format!("the end of params[{}] {:?}", i - 1, params[i - 1].name),
+            };
+            let what = if p.offset > end {
+                format!(
+                    "elements [{end}, {}) would belong to no parameter (a deleted entry?)",
+                    p.offset
+                )
+            } else {
+                format!(
+                    "it would overlap elements [{}, {end}) of the parameters before it",
+                    p.offset
+                )
+            };
+            return Err(format!(
+                "params[{i}] {:?} has offset {}, expected {end} ({prev}): {what}",
+                p.name, p.offset
+            ));
+        }
+        end = end.checked_add(numel).ok_or_else(|| {
+            format!(
+                "params[{i}] {:?}: offset {} + {numel} elements overflows",
+                p.name, p.offset
+            )
+        })?;
+    }
+    Ok(end)
+}
+
+/// Names the parameters that hold flat elements `range`, for messages.
+fn params_in(params: &[ParamSpec], range: Range<usize>) -> String {
+    let hit: Vec<String> = params
+        .iter()
+        .filter(|p| p.offset < range.end && range.start < p.offset.saturating_add(p.numel()))
+        .map(|p| format!("{:?}", p.name))
+        .collect();
+    match hit.len() {
+        0 => "no parameter".into(),
+        1 => format!("parameter {}", hit[0]),
+        n if n <= 3 => format!("parameters {}", hit.join(", ")),
+        n => format!("parameters {}, ... ({n} in all)", hit[..3].join(", ")),
+    }
+}
+
+/// Flat elements `[start, end)` held by a rank: `(start, end, rank)`.
+type RankRun = (usize, usize, usize);
+
+/// Checks that a manifest describes one complete, consistent checkpoint, before any other file
+/// is opened: rank records in order, parameters back to back from 0 up to `numel`, every rank's
+/// ranges inside the flat space and ordered, every flat buffer held for every element of the
+/// flat space exactly once (or whole by every rank that holds it: ZeRO stage 0's replicas),
+/// and a checksum record for exactly the files it names.
+fn check_layout(m: &Manifest) -> std::result::Result<(), String> {
+    let meta = &m.meta;
+    if meta.world_size == 0 {
+        return Err("world_size is 0".into());
+    }
+    if m.ranks.len() != meta.world_size {
+        return Err(format!(
+            "{} rank records for world_size {}",
+            m.ranks.len(),
+            meta.world_size
+        ));
+    }
+    let end = check_params(&meta.params)?;
+    if m.numel != end {
+        return Err(format!(
+            "numel is {} but the parameters end at element {end}{}",
+            m.numel,
+            if m.numel > end {
+                " (a deleted entry after the last parameter?)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let mut named_files: Vec<&str> = Vec::new();
+    if let Some(f) = &m.model_file {
+        named_files.push(f);
+    }
+    // Buffer name -> (flat start, flat end, rank), in order of first appearance.
+    let mut runs: Vec<(&str, Vec<RankRun>)> = Vec::new();
+    for (i, r) in m.ranks.iter().enumerate() {
+        if r.rank != i {
+            return Err(format!("ranks[{i}] says it is rank {}", r.rank));
+        }
+        if r.start > r.end || r.end > m.numel {
+            return Err(format!(
+                "ranks[{i}] holds flat elements [{}, {}), outside the flat space [0, {})",
+                r.start, r.end, m.numel
+            ));
+        }
+        let segs = r.flat_segments();
+        let mut next = r.start;
+        for s in &segs {
+            if s.start > s.end || s.start < next || s.end > r.end {
+                return Err(format!(
+                    "ranks[{i}]: segment [{}, {}) is reversed, overlaps the one before it or lies outside the rank's [{}, {})",
+                    s.start, s.end, r.start, r.end
+                ));
+            }
+            next = s.end;
+        }
+        if let (Some(first), Some(last)) = (segs.first(), segs.last()) {
+            if first.start != r.start || last.end != r.end {
+                return Err(format!(
+                    "ranks[{i}] holds [{}, {}) but its segments span [{}, {})",
+                    r.start, r.end, first.start, last.end
+                ));
             }
         }
-        Ok(())
+        for (k, b) in r.buffers.iter().enumerate() {
+            if r.buffers[..k].contains(b) {
+                return Err(format!("ranks[{i}] lists buffer {b:?} twice"));
+            }
+            let at = match runs.iter().position(|(n, _)| *n == b.as_str()) {
+                Some(p) => p,
+                None => {
+                    runs.push((b.as_str(), Vec::new()));
+                    runs.len() - 1
+                }
+            };
+            runs[at].1.extend(
+                segs.iter()
+                    .filter(|s| s.start < s.end)
+                    .map(|s| (s.start, s.end, i)),
+            );
+        }
+        if named_files.contains(&r.file.as_str()) {
+            return Err(format!(
+                "ranks[{i}] names file {:?}, which another rank or the model file also names",
+                r.file
+            ));
+        }
+        named_files.push(&r.file);
+    }
+    for f in &named_files {
+        if validate_tag(f).is_err() {
+            return Err(format!("unsafe file name {f:?}"));
+        }
+        if !m.files.contains_key(*f) {
+            return Err(format!("no size and checksum record for file {f:?}"));
+        }
+    }
+    if let Some(extra) = m.files.keys().find(|k| !named_files.contains(&k.as_str())) {
+        return Err(format!(
+            "files lists {extra:?}, which neither model_file nor any rank names"
+        ));
+    }
+    for (b, mut list) in runs {
+        if list.iter().all(|&(s, e, _)| s == 0 && e == m.numel) && !list.is_empty() {
+            continue; // replicas: every rank that holds it holds all of it
+        }
+        list.sort_unstable();
+        let mut pos = 0usize;
+        let mut prev: Option<RankRun> = None;
+        for &(s, e, rank) in &list {
+            if let (true, Some((ps, pe, pr))) = (s < pos, prev) {
+                return Err(format!(
+                    "flat buffer {b:?}: ranks[{rank}] holds elements [{s}, {e}) and ranks[{pr}] [{ps}, {pe}); they overlap (only replicas, each holding the whole flat space, may)"
+                ));
+            }
+            if s > pos {
+                return Err(format!(
+                    "flat buffer {b:?}: elements [{pos}, {s}) ({}) are held by no rank",
+                    params_in(&meta.params, pos..s)
+                ));
+            }
+            pos = e;
+            prev = Some((s, e, rank));
+        }
+        if pos < m.numel {
+            return Err(format!(
+                "flat buffer {b:?}: elements [{pos}, {}) ({}) are held by no rank",
+                m.numel,
+                params_in(&meta.params, pos..m.numel)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The manifest's recorded checksum and the checksum of its content, when it starts with the
+/// checksum line ([`MANIFEST_CHECKSUM_FIELD`]); `Ok(None)` when it does not.
+fn manifest_seal(bytes: &[u8]) -> std::result::Result<Option<(u32, u32)>, String> {
+    let Some(rest) = bytes.strip_prefix(SEAL_PREFIX) else {
+        return Ok(None);
+    };
+    let bad = || {
+        format!("its {MANIFEST_CHECKSUM_FIELD} line is not 8 hex digits in quotes followed by a comma and a newline")
+    };
+    let (Some(hex), Some(tail)) = (rest.get(..8), rest.get(8..)) else {
+        return Err(bad());
+    };
+    let Some(body) = tail.strip_prefix(b"\",\n") else {
+        return Err(bad());
+    };
+    let recorded = std::str::from_utf8(hex)
+        .ok()
+        .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(bad)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(b"{\n");
+    h.update(body);
+    Ok(Some((recorded, h.finalize())))
+}
+
+/// The bytes of `manifest.json` for `m`: pretty JSON whose first key is
+/// [`MANIFEST_CHECKSUM_FIELD`], the CRC32 of the rest.
+fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
+    let body =
+        serde_json::to_vec_pretty(m).map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+    let rest = body.strip_prefix(b"{\n").ok_or_else(|| {
+        CheckpointError::InvalidInput("the manifest did not serialize as a JSON object".into())
+    })?;
+    let mut out = format!(
+        "{{\n  \"{MANIFEST_CHECKSUM_FIELD}\": \"{:08x}\",\n",
+        crc32fast::hash(&body)
+    )
+    .into_bytes();
+    out.extend_from_slice(rest);
+    Ok(out)
+}
+
+/// Best effort, for messages about an inconsistent parameter list: the tensors of the model
+/// file that the manifest's params do not list (its deleted entries), as `"; ..."`.
+fn model_file_hint(dir: &Path, m: &Manifest) -> String {
+    let Some(name) = m.model_file.as_deref() else {
+        return String::new();
+    };
+    if validate_tag(name).is_err() {
+        return String::new();
+    }
+    let Ok(f) = TensorFile::open(&dir.join(name), m.files.get(name)) else {
+        return String::new();
+    };
+    let extra: Vec<String> = f
+        .tensors
+        .iter()
+        .filter(|(n, _)| !m.meta.params.iter().any(|p| &p.name == *n))
+        .map(|(n, e)| format!("{n:?} of shape {:?}", e.shape))
+        .collect();
+    if extra.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {name} holds parameter {} which the manifest's params do not list",
+            extra.join(", ")
+        )
     }
 }
 
@@ -370,7 +642,8 @@ impl RankRecord {
     }
 }
 
-/// The manifest (`manifest.json`) of one tag.
+/// The manifest (`manifest.json`) of one tag. On disk it also holds, as its first key,
+/// [`MANIFEST_CHECKSUM_FIELD`] (format version 3), which is not a field of this struct.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// [`FORMAT_VERSION`] of the writer.
@@ -749,8 +1022,13 @@ impl FsCheckpointStore {
             ranks,
             files,
         };
-        let bytes = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| CheckpointError::InvalidInput(e.to_string()))?;
+        // Never write a manifest that loading would refuse (e.g. ranks that leave part of the
+        // flat space unsaved).
+        check_layout(&manifest).map_err(|reason| CheckpointError::IncompleteSave {
+            tag: tag.into(),
+            reason,
+        })?;
+        let bytes = encode_manifest(&manifest)?;
         write_file_synced(&tmp.join(MANIFEST_FILE), &bytes)?;
         fsync_dir(&tmp)?;
         // Move into place. Overwriting an existing tag: move the old one aside first; a crash
@@ -978,13 +1256,18 @@ impl BufferIndex {
     }
 }
 
-/// An opened checkpoint: the manifest is parsed, every file's size and header (with its
-/// checksums) checked. Tensor data is verified against the per-block checksums as it is read:
+/// An opened checkpoint: the manifest is checked against its own checksum
+/// ([`MANIFEST_CHECKSUM_FIELD`]) and for consistency (parameters back to back, every element of
+/// every flat buffer held by the ranks exactly once, a record for exactly the files it names),
+/// every file's size, header blocks, whole-file CRC32 (against its block CRC32s) and
+/// safetensors header (offsets ordered, without overlap or hole) checked, and the headers'
+/// tensors, shapes and rank metadata cross-checked with the manifest. Tensor data is verified against the per-block checksums as it is read:
 /// no byte that fails its checksum is ever returned ([`Checkpoint::verify`] checks everything
 /// at once). Reads any range of any flat buffer (resharding) and any weight by name.
 pub struct Checkpoint {
     dir: PathBuf,
     manifest: Manifest,
+    manifest_crc32: Option<u32>,
     model: Option<TensorFile>,
     ranks: Vec<TensorFile>,
     index: BTreeMap<String, BufferIndex>,
@@ -1000,7 +1283,8 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a tag directory directly (verifying every file).
+    /// Opens a tag directory directly, with every check described on [`Checkpoint`]; the
+    /// first failure is returned, naming the file and what was expected.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST_FILE);
         crate::format::check_regular_file(&mpath)?;
@@ -1030,33 +1314,48 @@ impl Checkpoint {
                 expected: FORMAT_VERSION,
             });
         }
-        let manifest: Manifest =
-            serde_json::from_value(value).map_err(|e| CheckpointError::Malformed {
-                path: mpath.clone(),
-                reason: e.to_string(),
-            })?;
         let bad = |reason: String| CheckpointError::Malformed {
             path: mpath.clone(),
             reason,
         };
-        if manifest.ranks.len() != manifest.meta.world_size {
+        // The manifest's checksum of itself (format version 3; optional before).
+        let seal = manifest_seal(&bytes).map_err(bad)?;
+        let mut value = value;
+        let had_field = value
+            .as_object_mut()
+            .and_then(|o| o.remove(MANIFEST_CHECKSUM_FIELD))
+            .is_some();
+        if seal.is_none() && had_field {
             return Err(bad(format!(
-                "{} rank records for world_size {}",
-                manifest.ranks.len(),
-                manifest.meta.world_size
+                "its {MANIFEST_CHECKSUM_FIELD} field is not the first line of the object as written (`  \"{MANIFEST_CHECKSUM_FIELD}\": \"<8 hex digits>\",` on line 2): the file was rewritten after it was saved"
             )));
         }
-        if manifest.numel != manifest.meta.numel() {
+        if seal.is_none() && found >= 3 {
             return Err(bad(format!(
-                "numel {} but the parameters span {}",
-                manifest.numel,
-                manifest.meta.numel()
+                "no {MANIFEST_CHECKSUM_FIELD} line (required from format version 3, this manifest says {found}): its content cannot be verified"
             )));
         }
-        let open = |name: &str| -> Result<TensorFile> {
-            if validate_tag(name).is_err() {
-                return Err(bad(format!("unsafe file name {name:?}")));
+        let parsed: std::result::Result<Manifest, _> = serde_json::from_value(value);
+        if let Some((recorded, actual)) = seal {
+            if recorded != actual {
+                let detail = match &parsed {
+                    Ok(m) => check_layout(m)
+                        .err()
+                        .map(|e| format!("{e}{}", model_file_hint(dir, m))),
+                    Err(e) => Some(format!("it no longer parses as a manifest: {e}")),
+                };
+                return Err(CheckpointError::ManifestChecksum {
+                    path: mpath.clone(),
+                    expected: recorded,
+                    actual,
+                    detail,
+                });
             }
+        }
+        let manifest = parsed.map_err(|e| bad(e.to_string()))?;
+        check_layout(&manifest)
+            .map_err(|e| bad(format!("{e}{}", model_file_hint(dir, &manifest))))?;
+        let open = |name: &str| -> Result<TensorFile> {
             let rec = manifest
                 .files
                 .get(name)
@@ -1068,25 +1367,48 @@ impl Checkpoint {
         let mut runs: BTreeMap<String, Vec<HeldRun>> = BTreeMap::new();
         for (i, r) in manifest.ranks.iter().enumerate() {
             let segs = r.flat_segments();
-            if r.rank != i
-                || r.start > r.end
-                || r.end > manifest.numel
-                || segs
-                    .iter()
-                    .any(|s| s.start > s.end || s.end > manifest.numel)
-            {
-                return Err(bad(format!("rank record {i} is inconsistent: {r:?}")));
-            }
             let f = open(&r.file)?;
             let held = r.held();
+            let file_bad = |reason: String| CheckpointError::Malformed {
+                path: f.path.clone(),
+                reason,
+            };
+            // The file's own record of whose it is and what it holds (written by save_rank)
+            // must agree with the manifest.
+            if let Some(fr) = f.metadata.get("rank") {
+                if fr != &i.to_string() {
+                    return Err(file_bad(format!(
+                        "its header says rank {fr}, the manifest lists it as ranks[{i}]"
+                    )));
+                }
+            }
+            if let Some(fr) = f.metadata.get("flat_range") {
+                if fr != &format!("{}..{}", r.start, r.end) {
+                    return Err(file_bad(format!(
+                        "its header says it holds flat range {fr}, ranks[{i}] of the manifest says {}..{}",
+                        r.start, r.end
+                    )));
+                }
+            }
+            if let Some(extra) = f.tensors.keys().find(|t| !r.buffers.contains(t)) {
+                return Err(file_bad(format!(
+                    "holds tensor {extra:?}, which ranks[{i}] of the manifest does not list among its buffers {:?}",
+                    r.buffers
+                )));
+            }
             for b in &r.buffers {
                 match f.entry(b) {
                     Some(e) if e.shape == [held] => {}
-                    _ => {
-                        return Err(CheckpointError::Malformed {
-                            path: f.path.clone(),
-                            reason: format!("buffer {b:?} missing or not of {held} elements"),
-                        })
+                    Some(e) => {
+                        return Err(file_bad(format!(
+                            "buffer {b:?} has shape {:?}, ranks[{i}] of the manifest holds {held} elements",
+                            e.shape
+                        )))
+                    }
+                    None => {
+                        return Err(file_bad(format!(
+                            "buffer {b:?}, listed by ranks[{i}] of the manifest, is not in the file"
+                        )))
                     }
                 }
                 let list = runs.entry(b.clone()).or_default();
@@ -1108,6 +1430,18 @@ impl Checkpoint {
             .map(|(b, r)| (b, BufferIndex::new(r)))
             .collect();
         if let Some(m) = &model {
+            if let Some(extra) = m
+                .tensors
+                .keys()
+                .find(|t| !manifest.meta.params.iter().any(|p| &p.name == *t))
+            {
+                return Err(CheckpointError::Malformed {
+                    path: m.path.clone(),
+                    reason: format!(
+                        "holds parameter {extra:?}, which the manifest's params do not list (a deleted entry?)"
+                    ),
+                });
+            }
             for p in &manifest.meta.params {
                 match m.entry(&p.name) {
                     Some(e) if e.shape == p.shape => {}
@@ -1126,6 +1460,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             manifest,
+            manifest_crc32: seal.map(|(recorded, _)| recorded),
             model,
             ranks,
             index,
@@ -1152,6 +1487,12 @@ impl Checkpoint {
     /// The manifest (ranks, files, checksums).
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+    /// The manifest's checksum of itself, verified when it was opened; `None` for a manifest
+    /// written before format version 3, which has none (its content is then only checked for
+    /// consistency, not against a checksum).
+    pub fn manifest_checksum(&self) -> Option<u32> {
+        self.manifest_crc32
     }
     /// Metadata: world size, stage, parameters.
     pub fn meta(&self) -> &CheckpointMeta {

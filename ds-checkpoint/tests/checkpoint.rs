@@ -151,7 +151,7 @@ fn reshard_two_uneven_ranks_into_three_way_split() {
 }
 
 #[test]
-fn missing_coverage_is_an_error_not_zeros() {
+fn missing_coverage_is_refused_at_save_not_read_as_zeros() {
     let dir = tmp_dir("cover");
     let store = FsCheckpointStore::new(&dir).unwrap();
     let m = meta(2, 1, 3);
@@ -162,25 +162,31 @@ fn missing_coverage_is_an_error_not_zeros() {
         RankShard::new(0, 0..10, 3).with_buffer(MASTER_BUFFER, &master[0..10]),
         RankShard::new(1, 10..10, 3).with_buffer(MASTER_BUFFER, &[]),
     ];
-    store
+    let e = store
         .save(
             "t",
             &SaveRequest {
                 meta: m,
                 weights: None,
                 shards,
-                save_latest: false,
+                save_latest: true,
             },
         )
-        .unwrap();
-    assert_eq!(store.latest().unwrap(), None);
-    let ck = store.load(Some("t")).unwrap();
-    match ck.load_flat_range(MASTER_BUFFER, 5..20) {
-        Err(CheckpointError::RangeNotCovered { start, end, .. }) => {
-            assert_eq!((start, end), (10, 20))
+        .unwrap_err();
+    match &e {
+        CheckpointError::IncompleteSave { tag, reason } => {
+            assert_eq!(tag, "t");
+            // [10, 53) holds the rest of "embed.weight" (20 elements) and the 3 others.
+            assert!(reason.contains("[10, 53)"), "{e}");
+            assert!(reason.contains("\"embed.weight\""), "{e}");
         }
-        other => panic!("expected RangeNotCovered, got {other:?}"),
+        other => panic!("expected IncompleteSave, got {other:?}"),
     }
+    assert_eq!(store.latest().unwrap(), None);
+    assert!(matches!(
+        store.load(Some("t")),
+        Err(CheckpointError::TagNotFound { .. })
+    ));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -654,6 +660,12 @@ fn format_version_1_checkpoints_still_load_and_are_verified_whole() {
     let mf = dir.join("t").join(MANIFEST_FILE);
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&mf).unwrap()).unwrap();
     v["format_version"] = serde_json::json!(1);
+    // Version 1 had no checksum of the manifest either.
+    assert!(v
+        .as_object_mut()
+        .unwrap()
+        .remove(MANIFEST_CHECKSUM_FIELD)
+        .is_some());
     for (_, rec) in v["files"].as_object_mut().unwrap().iter_mut() {
         let o = rec.as_object_mut().unwrap();
         o.remove("block_bytes");
@@ -662,6 +674,7 @@ fn format_version_1_checkpoints_still_load_and_are_verified_whole() {
     std::fs::write(&mf, serde_json::to_vec(&v).unwrap()).unwrap();
     let ck = store.load(None).unwrap();
     assert_eq!(ck.manifest().format_version, 1);
+    assert_eq!(ck.manifest_checksum(), None);
     assert_eq!(ck.load_flat_range(MASTER_BUFFER, 0..numel).unwrap(), master);
     drop(ck);
     // Version 1 has only the whole-file CRC: corruption anywhere fails at open.

@@ -537,6 +537,183 @@ fn consolidate_contract() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// CRC32 (IEEE, reflected, polynomial 0xEDB88320), bit by bit: an implementation independent
+/// of the library's.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// Recomputes a manifest's `manifest_crc32` after an edit, by the documented rule (the CRC32
+/// of the file without its second line, `  "manifest_crc32": "<8 hex digits>",`): how a
+/// deliberate hand edit is made loadable.
+fn reseal_manifest(path: &std::path::Path) {
+    const SEAL: &[u8] = b"{\n  \"manifest_crc32\": \"";
+    let bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.starts_with(SEAL),
+        "manifest without its checksum line"
+    );
+    let mut body = b"{\n".to_vec();
+    body.extend_from_slice(&bytes[SEAL.len() + 8 + 3..]);
+    let mut out = format!("{{\n  \"manifest_crc32\": \"{:08x}\",\n", crc32(&body)).into_bytes();
+    out.extend_from_slice(&body[2..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Copies a checkpoint directory tree (files and directories only).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// `ds consolidate` on a checkpoint that lies (an edited manifest byte, an edited parameter
+/// offset, a deleted parameter entry, a corrupt byte of optimizer state it does not copy)
+/// exits 2 naming the file or the parameter, and writes nothing; the untouched copy
+/// consolidates.
+#[test]
+fn consolidate_refuses_checkpoints_that_lie() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-lie-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = dir.join("run");
+    // About 660,000 parameters on one rank: its file (master, exp_avg, exp_avg_sq; 7.9 MB)
+    // spans 2 blocks of 4 MiB, so a byte of exp_avg_sq lies in a block that opening and copying the master
+    // weights never read.
+    let flags = [
+        "--world-size",
+        "1",
+        "--layers",
+        "2",
+        "--hidden",
+        "128",
+        "--heads",
+        "2",
+        "--seq",
+        "8",
+        "--vocab",
+        "2048",
+    ];
+    let mut args = vec![
+        "train",
+        "--steps",
+        "1",
+        "--out",
+        src.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend(flags);
+    let out = ds(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tag = "global_step1";
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join(tag).join("manifest.json")).unwrap())
+            .unwrap();
+    let p3 = manifest["meta"]["params"][3]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    type Tamper = Box<dyn Fn(&std::path::Path)>;
+    let edit = |f: Box<dyn Fn(&mut serde_json::Value)>| -> Tamper {
+        Box::new(move |t: &std::path::Path| {
+            let m = t.join("manifest.json");
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+            f(&mut v);
+            std::fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        })
+    };
+    let cases: Vec<(&str, Tamper, Vec<String>)> = vec![
+        ("untouched", Box::new(|_: &std::path::Path| {}), vec![]),
+        (
+            "manifest byte",
+            Box::new(|t: &std::path::Path| {
+                let m = t.join("manifest.json");
+                let s = std::fs::read_to_string(&m).unwrap();
+                assert!(s.contains("\"dtype\": \"fp32\""));
+                std::fs::write(
+                    &m,
+                    s.replacen("\"dtype\": \"fp32\"", "\"dtype\": \"fp33\"", 1),
+                )
+                .unwrap();
+            }),
+            vec!["manifest.json".into(), "manifest_crc32".into()],
+        ),
+        (
+            "param offset",
+            edit(Box::new(|v| {
+                let o = v["meta"]["params"][3]["offset"].as_u64().unwrap();
+                v["meta"]["params"][3]["offset"] = (o + 1).into();
+            })),
+            vec![format!("\"{p3}\"")],
+        ),
+        (
+            "deleted param",
+            edit(Box::new(|v| {
+                v["meta"]["params"].as_array_mut().unwrap().remove(3);
+            })),
+            vec![format!("\"{p3}\"")],
+        ),
+        (
+            "corrupt optimizer state",
+            Box::new(|t: &std::path::Path| {
+                let f = t.join("rank_00000.safetensors");
+                let mut b = std::fs::read(&f).unwrap();
+                let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+                let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+                let sq = h["exp_avg_sq"]["data_offsets"][0].as_u64().unwrap() as usize;
+                let master = h["master"]["data_offsets"][1].as_u64().unwrap() as usize;
+                let at = b.len() - 3;
+                const BLOCK: usize = 4 << 20;
+                assert!(at > 8 + n + sq && at / BLOCK > (8 + n + master) / BLOCK);
+                b[at] ^= 0x20;
+                std::fs::write(&f, b).unwrap();
+            }),
+            vec!["rank_00000.safetensors".into()],
+        ),
+    ];
+    for (i, (what, tamper, expect)) in cases.iter().enumerate() {
+        let root = dir.join(format!("case{i}"));
+        copy_tree(&src, &root);
+        tamper(&root.join(tag));
+        let dst = dir.join(format!("out{i}.safetensors"));
+        let out = ds(&["consolidate", root.to_str().unwrap(), dst.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if expect.is_empty() {
+            assert_eq!(out.status.code(), Some(0), "{what}: {err}");
+            assert!(dst.is_file(), "{what}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        for e in expect {
+            assert!(err.contains(e.as_str()), "{what}: {e} not in {err}");
+        }
+        assert!(!dst.exists(), "{what}: an output was written");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// nanoGPT token directory, TensorBoard monitor and loss-curve PNG in one small run; the
 /// default addition task reports held-out accuracy keys.
 #[test]
@@ -1120,6 +1297,8 @@ fn steps_is_the_total_on_resume() {
         ),
     )
     .unwrap();
+    // A deliberate edit: resealed, or the manifest's checksum refuses it first.
+    reseal_manifest(&m);
     let out = run("6", true);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

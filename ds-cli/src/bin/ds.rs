@@ -125,7 +125,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Full weights from a sharded checkpoint as one safetensors file (DeepSpeed's zero_to_fp32).
+    /// Full weights from a sharded checkpoint as one safetensors file (DeepSpeed's zero_to_fp32);
+    /// the checkpoint (manifest, headers, every byte) is verified first.
     Consolidate {
         /// The checkpoint directory (holding `latest` and the tags).
         ckpt_dir: PathBuf,
@@ -639,7 +640,17 @@ fn main() -> ExitCode {
             };
             let result = ds_checkpoint::FsCheckpointStore::new(&ckpt_dir)
                 .and_then(|s| s.open(tag.as_deref()))
-                .and_then(|c| ds_checkpoint::consolidate(&c, &out, dt).map(|_| c));
+                .and_then(|c| {
+                    if c.manifest_checksum().is_none() {
+                        eprintln!(
+                            "warning: {} has no manifest checksum (format version {}, written before version 3): its content is checked for consistency only",
+                            c.dir().join(ds_checkpoint::MANIFEST_FILE).display(),
+                            c.manifest().format_version
+                        );
+                    }
+                    // Every file is verified whole before anything is written.
+                    ds_checkpoint::consolidate(&c, &out, dt).map(|_| c)
+                });
             match result {
                 Ok(c) => {
                     eprintln!(
