@@ -825,6 +825,15 @@ impl<'c, M: Model> Engine<'c, M> {
         // of the step).
         let loss_scale = self.zero.loss_scale() as f32;
         let (policy, stage3) = (self.policy, self.stage3);
+        // Stages 2-3: the gradient shard is taken out of the optimizer for the pass and each
+        // bucket's reduced pieces are added into it as they arrive (holding a pass's pieces
+        // until its end would double the gradient memory).
+        let mut part = if stream {
+            self.zero.take_grad_part()
+        } else {
+            Vec::new()
+        };
+        let part_ref = &mut part;
         let (model, zero, comm, comm2) = (&self.model, &self.zero, self.comm, self.comm2);
         let (offsets, acc) = (&self.offsets, &mut self.acc);
         let live = &self.live_blocks;
@@ -838,14 +847,14 @@ impl<'c, M: Model> Engine<'c, M> {
         // them, identical on every rank, over the second communicator.
         let use_thread = comm2.is_some() && (overlap || (stage3 && prefetch.is_some()));
         let mut run = |jobs: Option<&crossbeam::channel::Sender<Job>>| -> Result<(FwdBwd, Vec<GradPiece>, f64), EngineError> {
-            let mut pieces: Vec<GradPiece> = Vec::new();
+            let pieces: Vec<GradPiece> = Vec::new();
             let mut bucket = GradBucket::default();
             // Milliseconds spent in the engine's callbacks inside the model's pass.
             let cb_ms = std::cell::Cell::new(0f64);
             let mut first_err: Option<EngineError> = None;
             // Sends a full bucket to the reduction (here, or on the communication thread).
             let flush = |bucket: &mut GradBucket,
-                             pieces: &mut Vec<GradPiece>|
+                             part: &mut Vec<f32>|
              -> Result<(), EngineError> {
                 let Some((range, data)) = bucket.take() else {
                     return Ok(());
@@ -855,7 +864,8 @@ impl<'c, M: Model> Engine<'c, M> {
                         .send(Job::Reduce(range, data, scale))
                         .map_err(|_| EngineError::Data("the communication thread stopped".into())),
                     _ => {
-                        pieces.extend(zero.reduce_grad_range(range, &data, scale, comm)?);
+                        let got = zero.reduce_grad_range(range, &data, scale, comm)?;
+                        ZeroOptimizer::add_pieces_into(part, &got)?;
                         Ok(())
                     }
                 }
@@ -870,7 +880,7 @@ impl<'c, M: Model> Engine<'c, M> {
                 let r: Result<(), EngineError> = (|| {
                     if stream {
                         if bucket.len() > 0 && bucket.start() != params.end {
-                            flush(&mut bucket, &mut pieces)?;
+                            flush(&mut bucket, &mut *part_ref)?;
                         }
                         let mut flat = vec![0f32; offsets[params.end] - offsets[params.start]];
                         for (i, g) in params.clone().zip(&grads) {
@@ -880,7 +890,7 @@ impl<'c, M: Model> Engine<'c, M> {
                         }
                         bucket.push(params, flat);
                         if bucket.len() >= bucket_cap {
-                            flush(&mut bucket, &mut pieces)?;
+                            flush(&mut bucket, &mut *part_ref)?;
                         }
                     } else {
                         for (i, g) in params.zip(&grads) {
@@ -993,12 +1003,12 @@ impl<'c, M: Model> Engine<'c, M> {
                 return Err(e);
             }
             let fb = fb?;
-            flush(&mut bucket, &mut pieces)?;
+            flush(&mut bucket, &mut *part_ref)?;
             // The model's own compute: its pass minus the time in the engine's callbacks.
             let model_ms = (fb.fwd_ms + fb.bwd_ms - cb_ms.get()).max(0.0);
             Ok((fb, pieces, model_ms))
         };
-        let (fb, mut pieces, model_ms) = if use_thread {
+        let result = if use_thread {
             let comm2 =
                 comm2.ok_or_else(|| EngineError::Config("no second communicator".into()))?;
             std::thread::scope(|sc| -> Result<(FwdBwd, Vec<GradPiece>, f64), EngineError> {
@@ -1034,14 +1044,19 @@ impl<'c, M: Model> Engine<'c, M> {
                 let (fb, mut pieces, model_ms) = main?;
                 pieces.extend(reduced?);
                 Ok((fb, pieces, model_ms))
-            })?
+            })
         } else {
-            run(None)?
+            run(None)
         };
         if stream {
-            self.zero.add_grad_pieces(&pieces)?;
-            pieces.clear();
+            // The shard goes back whatever happened (a failed pass leaves a partial gradient
+            // that the next fresh micro-batch zeroes; a lost shard would break every later step).
+            if let Ok((_, pieces, _)) = &result {
+                ZeroOptimizer::add_pieces_into(&mut part, pieces)?;
+            }
+            self.zero.restore_grad_part(part)?;
         }
+        let (fb, _, model_ms) = result?;
         self.last_model_ms = model_ms;
         self.last_segments = fb.segments;
         Ok((f64::from(fb.loss), fb.fwd_ms, fb.bwd_ms))

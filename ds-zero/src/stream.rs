@@ -196,13 +196,41 @@ impl ZeroOptimizer {
     /// Adds reduced pieces (from [`ZeroOptimizer::reduce_grad_range`] on this rank) into this
     /// rank's gradient shard.
     pub fn add_grad_pieces(&mut self, pieces: &[GradPiece]) -> Result<(), ZeroError> {
+        Self::add_pieces_into(&mut self.grads, pieces)
+    }
+
+    /// Takes this rank's gradient shard out of the optimizer, so that a backward pass can add
+    /// each bucket's reduced pieces into it as they arrive ([`ZeroOptimizer::add_pieces_into`])
+    /// while the optimizer is shared for gathers and reductions; give it back with
+    /// [`ZeroOptimizer::restore_grad_part`] before the step. Holding every piece of a pass until
+    /// its end would double the gradient memory.
+    pub fn take_grad_part(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.grads)
+    }
+
+    /// Gives back the shard taken by [`ZeroOptimizer::take_grad_part`].
+    pub fn restore_grad_part(&mut self, part: Vec<f32>) -> Result<(), ZeroError> {
+        if part.len() != self.part_len() {
+            return Err(ZeroError::Shape(format!(
+                "gradient shard of {} elements given back, this rank's part has {}",
+                part.len(),
+                self.part_len()
+            )));
+        }
+        self.grads = part;
+        Ok(())
+    }
+
+    /// Adds reduced pieces into a gradient shard (taken with
+    /// [`ZeroOptimizer::take_grad_part`]).
+    pub fn add_pieces_into(part: &mut [f32], pieces: &[GradPiece]) -> Result<(), ZeroError> {
+        let n = part.len();
         for p in pieces {
-            let Some(dst) = self.grads.get_mut(p.offset..p.offset + p.values.len()) else {
+            let Some(dst) = part.get_mut(p.offset..p.offset + p.values.len()) else {
                 return Err(ZeroError::Shape(format!(
-                    "gradient piece at {} of {} elements outside the shard of {}",
+                    "gradient piece at {} of {} elements outside the shard of {n}",
                     p.offset,
                     p.values.len(),
-                    self.grads.len()
                 )));
             };
             for (d, &v) in dst.iter_mut().zip(&p.values) {

@@ -746,7 +746,7 @@ impl ZeroOptimizer {
 
     /// Elements of this rank's part (the master weights it steps).
     pub fn part_len(&self) -> usize {
-        self.grads.len()
+        self.opt.len()
     }
 
     /// Starts reading parameters `params` (stage 3, parameters on disk) so that the
