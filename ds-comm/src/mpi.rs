@@ -265,10 +265,17 @@ const DIAG_TAG: i32 = 0x6469;
 
 /// A wait first tests its requests back to back for this long (the common case: the peers are
 /// there and the data moves)...
-pub const SPIN_FOR: Duration = Duration::from_micros(100);
-/// ...then yields the CPU between tests until this much time has passed (other processes of an
-/// oversubscribed job run; MPI keeps progressing a transfer at every test)...
+pub const SPIN_FOR: Duration = Duration::from_millis(1);
+/// ...then yields the CPU every 64 tests until this much time has passed (other processes of an
+/// oversubscribed job run; MPI keeps progressing a transfer at every test), or longer for a
+/// large call: the time its bytes (times the ranks) take at [`SLOW_NS_PER_BYTE`], at most
+/// [`MAX_YIELD_FOR`] (a transfer between sleeping processes crawls: Open MPI moves shared-memory
+/// fragments only inside MPI calls)...
 pub const YIELD_FOR: Duration = Duration::from_millis(20);
+/// A pessimistic transfer rate for [`YIELD_FOR`]: 10 ns per byte (0.1 GB/s).
+pub const SLOW_NS_PER_BYTE: u64 = 10;
+/// The longest yield phase of a large call.
+pub const MAX_YIELD_FOR: Duration = Duration::from_secs(1);
 /// ...then sleeps between tests, from [`FIRST_NAP`] doubling up to this (a stalled peer costs
 /// well under 1% of a core instead of all of it).
 pub const MAX_NAP: Duration = Duration::from_millis(1);
@@ -279,22 +286,39 @@ pub const FIRST_NAP: Duration = Duration::from_micros(20);
 struct Backoff {
     start: Instant,
     nap: Duration,
+    yield_for: Duration,
+    tests: u32,
 }
 
 impl Backoff {
-    fn new() -> Self {
+    /// For a wait on a call that moves `bytes` in all (sets how long it yields before sleeping).
+    fn new(bytes: usize) -> Self {
+        let transfer = Duration::from_nanos((bytes as u64).saturating_mul(SLOW_NS_PER_BYTE));
         Backoff {
             start: Instant::now(),
             nap: FIRST_NAP,
+            yield_for: transfer.clamp(YIELD_FOR, MAX_YIELD_FOR),
+            tests: 0,
         }
+    }
+
+    /// Back to spinning (a request completed: the peers are there and the data moves).
+    fn progressed(&mut self) {
+        self.start = Instant::now();
+        self.nap = FIRST_NAP;
     }
 
     fn pause(&mut self) {
         let waited = self.start.elapsed();
+        self.tests = self.tests.wrapping_add(1);
         if waited < SPIN_FOR {
-            std::hint::spin_loop();
-        } else if waited < YIELD_FOR {
-            std::thread::yield_now();
+            // Test again at once: a transfer progresses only while this process tests.
+        } else if waited < self.yield_for {
+            // Yielding at every test would give the core away to any runnable process: every
+            // 64th.
+            if self.tests.is_multiple_of(64) {
+                std::thread::yield_now();
+            }
         } else {
             std::thread::sleep(self.nap);
             self.nap = (self.nap * 2).min(MAX_NAP);
@@ -575,8 +599,9 @@ impl MpiComm {
 
     /// Tests `reqs` until all complete, `deadline` passes, a peer reports that it gave up on
     /// this communicator, or the process is being terminated. Spins for the first
-    /// [`SPIN_FOR`], then yields the CPU until [`YIELD_FOR`], then sleeps between tests in
-    /// growing steps up to [`MAX_NAP`] (a stalled peer costs no CPU).
+    /// [`SPIN_FOR`], then yields the CPU until [`YIELD_FOR`] (longer for a large call), then
+    /// sleeps between tests in growing steps up to [`MAX_NAP`] (a stalled peer costs almost no
+    /// CPU); back to spinning whenever one of several requests completes.
     ///
     /// On any error the requests are abandoned and the communicator is poisoned: the caller must
     /// leak every buffer they use. A timeout first runs [`MpiComm::diagnose`] to name the silent
@@ -587,12 +612,13 @@ impl MpiComm {
         mut reqs: Vec<ffi::MPI_Request>,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(self.current.get().1.saturating_mul(self.size));
         let mut next_probe = Instant::now() + SPIN_FOR;
         IN_WAIT.store(true, Ordering::SeqCst);
         let res = loop {
             let mut i = 0;
             let mut failed = None;
+            let before = reqs.len();
             while i < reqs.len() {
                 let mut flag: std::os::raw::c_int = 0;
                 let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
@@ -618,6 +644,9 @@ impl MpiComm {
             }
             if reqs.is_empty() {
                 break Ok(());
+            }
+            if reqs.len() < before {
+                backoff.progressed();
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
@@ -735,7 +764,7 @@ impl MpiComm {
             recvs.push((peer, unsafe { r.into_raw().0 }));
         }
         let deadline = Instant::now() + grace;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(0);
         while !recvs.is_empty() && Instant::now() < deadline {
             recvs.retain_mut(|(_, r)| {
                 let mut flag: std::os::raw::c_int = 0;
@@ -1509,7 +1538,7 @@ impl MpiComm {
         let len: usize = dims.iter().product();
         let deadline = self.options.timeout.map(|t| Instant::now() + t);
         let proc_ = self.comm.process_at_rank(src as i32);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(self.current.get().1);
         IN_WAIT.store(true, Ordering::SeqCst);
         let probed = loop {
             if let Some(m) = proc_.immediate_matched_probe() {
