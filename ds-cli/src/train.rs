@@ -1216,6 +1216,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             )))
         }
     }
+    if args.comm_timeout.is_some() && args.backend != "mpi" {
+        eprintln!(
+            "warning: --comm-timeout applies to --backend mpi; ignored with --backend {}",
+            args.backend
+        );
+    }
     if args.model == ModelKind::Mlp && args.dropout > 0.0 {
         return Err(EngineError::Config(
             "--dropout: the MLP has no dropout; use --model gpt or drop the flag".into(),
