@@ -12,4 +12,5 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod comm;
 pub mod train;

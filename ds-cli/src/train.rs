@@ -82,6 +82,12 @@ pub struct TrainArgs {
     pub world_size: usize,
     /// `local` (threads sharing memory).
     pub backend: String,
+    /// `world_size` was asked for (`--world-size`): with `--backend mpi` it must equal the
+    /// MPI job's size (else the job's size is taken).
+    pub world_size_given: bool,
+    /// `--comm-timeout` seconds (0 = forever); `None`: `DS_COMM_TIMEOUT`, else the config's
+    /// `comm_timeout` (see [`crate::comm`]).
+    pub comm_timeout: Option<f64>,
     /// The total optimizer step count: a fresh run trains this many steps, a resumed run
     /// (`resume`) trains from the checkpoint's step up to it (as `max_steps` does elsewhere,
     /// so re-running an interrupted job's own command line ends where it was meant to).
@@ -134,6 +140,8 @@ impl Default for TrainArgs {
             config: None,
             world_size: 2,
             backend: "local".into(),
+            world_size_given: false,
+            comm_timeout: None,
             steps: DEFAULT_STEPS,
             data: None,
             seed: 0,
@@ -740,7 +748,8 @@ impl Monitors {
         Ok(())
     }
 
-    /// The training events of one step (`Train/Samples/train_loss`, `.../lr`).
+    /// The training events of one step (`Train/Samples/train_loss`, `.../lr`) at the samples
+    /// trained after it; `lr` is the rate after the scheduler's step, as DeepSpeed writes it.
     fn train_step(
         &mut self,
         cfg: &ResolvedConfig,
@@ -939,7 +948,9 @@ fn drive<M: LanguageModel>(
             }
         }
         losses.push(r.loss);
-        monitors.train_step(cfg, step, r.loss, r.lr)?;
+        // DeepSpeed writes `Train/Samples/lr` after the scheduler's step, at the sample count
+        // after this step: the rate of the next step (`engine.py::step`).
+        monitors.train_step(cfg, step, r.loss, engine.current_lr())?;
         if let Some(b) = &bar {
             b.inc(1);
             b.set_message(format!("loss {:.4}", r.loss));
@@ -1235,8 +1246,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         }
     }
     #[cfg(feature = "mpi")]
-    let mpi = if args.backend == "mpi" {
-        Some(ds_comm::MpiComm::init(ds_comm::MpiCommOptions::default())?)
+    let mut mpi = if args.backend == "mpi" {
+        let n = args.world_size_given.then_some(args.world_size);
+        Some(crate::comm::init_mpi(args.comm_timeout, n)?)
     } else {
         None
     };
@@ -1270,6 +1282,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             )))
         }
     }
+    if args.comm_timeout.is_some() && args.backend != "mpi" {
+        eprintln!(
+            "warning: --comm-timeout applies to --backend mpi; ignored with --backend {}",
+            args.backend
+        );
+    }
     if args.model == ModelKind::Mlp && args.dropout > 0.0 {
         return Err(EngineError::Config(
             "--dropout: the MLP has no dropout; use --model gpt or drop the flag".into(),
@@ -1287,6 +1305,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         ..args.clone()
     };
     let mut cfg = resolve_config(args)?;
+    #[cfg(feature = "mpi")]
+    if let Some(c) = mpi.as_mut() {
+        crate::comm::apply_config_timeout(c, args.comm_timeout, cfg.comm_timeout)?;
+    }
     if args.flops_profile {
         cfg.flops_profiler.enabled = true;
         cfg.flops_profiler.profile_step = 2;
@@ -1399,7 +1421,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     );
     #[cfg(feature = "mpi")]
     if let Some(comm) = &mpi {
-        return train_mpi(comm, &cfg, &source, args, log_every, entropy, task);
+        // A failure here (a stalled or dead peer, or this rank's own error) ends the job on
+        // every rank with a message and MPI_Abort, never in MPI_Finalize.
+        return train_mpi(comm, &cfg, &source, args, log_every, entropy, task)
+            .map_err(|e| -> EngineError { crate::comm::fail(comm, e) });
     }
     #[cfg(feature = "cuda")]
     if let Some(env) = &nccl_env {

@@ -4,14 +4,18 @@
 //! cargo build -p ds-comm --features mpi --example mpi_conformance
 //! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_conformance
 //! mpirun --allow-run-as-root --oversubscribe -np 3 target/debug/examples/mpi_conformance
-//! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_conformance --stall
+//! mpirun --allow-run-as-root --oversubscribe -np 3 target/debug/examples/mpi_conformance --stall
+//! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_conformance --die
 //! ```
 //!
 //! Exit status 0 when every check passed on every rank. `--stall` instead checks that a stalled
-//! peer makes the others time out (rank 1 sleeps past a 1 s timeout) and that later calls report
-//! the poisoned communicator, for a barrier and, on a second communicator, for a large in-place
-//! all-reduce and reduce-scatter (the ring algorithms' point-to-point steps). `--die` makes rank 1 exit without finalising while the others wait
-//! in a barrier (timeout 30 s): mpirun must end the job with a non-zero status well before that.
+//! peer makes the others time out (rank 1 sleeps past three 1 s timeouts and their 1 s
+//! diagnoses), that every timeout names rank 1 (and only rank 1) as the silent rank, and that
+//! later calls report the poisoned communicator, for a barrier and, on two more communicators,
+//! for a large in-place all-reduce and reduce-scatter (the ring algorithms' point-to-point
+//! steps). `--die` makes rank 1 exit without finalising while the others wait in a barrier
+//! (timeout 30 s): with the termination handler, the others report `PeerFailed` naming rank 1
+//! when mpirun terminates them (well before the timeout), and the job ends non-zero.
 
 use ds_comm::{conformance, CommError, Communicator, MpiComm, MpiCommOptions};
 use std::time::{Duration, Instant};
@@ -97,10 +101,20 @@ fn stall_test() -> i32 {
         return 1;
     };
     if rank == 1 {
-        // Past the two 1 s ring timeouts and the 1 s barrier timeout of the others.
-        std::thread::sleep(Duration::from_millis(4000));
-        // Completes the barrier the others abandoned, so MPI can finalise cleanly.
-        let _ = comm.barrier();
+        // Past the others' three 1 s timeouts, each followed by a 1 s diagnosis.
+        std::thread::sleep(Duration::from_millis(8000));
+        // Completes what the others abandoned in their barrier (the descriptor all-reduce) and
+        // meets their final barrier, with raw MPI calls: `comm.barrier()` would notice the
+        // others' diagnosis messages and give up too.
+        use mpi::collective::{CommunicatorCollectives, SystemOperation};
+        let send = [0i64; 10];
+        let mut recv = [0i64; 10];
+        mpi::request::scope(|sc| {
+            comm.raw()
+                .immediate_all_reduce_into(sc, &send[..], &mut recv[..], SystemOperation::max())
+                .wait();
+        });
+        comm.blocking_barrier();
     } else {
         let (lo, hi) = ds_comm::partition_range(1 << 20, comm.world_size(), rank);
         for (what, res) in [
@@ -116,8 +130,10 @@ fn stall_test() -> i32 {
             ),
         ] {
             match res {
-                Err(CommError::Timeout { op, .. }) if op == what => {
-                    println!("rank {rank}: large {what} timed out as expected")
+                Err(CommError::Timeout {
+                    op, waiting_for, ..
+                }) if op == what && waiting_for == [1] => {
+                    println!("rank {rank}: large {what} timed out as expected, naming rank 1")
                 }
                 other => {
                     eprintln!("rank {rank}: large {what}: expected a timeout, got {other:?}");
@@ -127,9 +143,10 @@ fn stall_test() -> i32 {
         }
         let t0 = Instant::now();
         match comm.barrier() {
-            Err(CommError::Timeout { op, .. }) if op == "barrier" => {
+            Err(e @ CommError::Timeout { .. }) if matches!(&e, CommError::Timeout { op, waiting_for, bytes: Some(0), .. } if op == "barrier" && waiting_for == &[1]) =>
+            {
                 println!(
-                    "rank {rank}: barrier timed out after {:.2} s as expected",
+                    "rank {rank}: barrier timed out after {:.2} s as expected: {e}",
                     t0.elapsed().as_secs_f64()
                 );
             }
@@ -169,13 +186,31 @@ fn die_test() -> i32 {
             return 2;
         }
     };
+    if let Err(e) = ds_comm::install_termination_handler() {
+        eprintln!("mpi_conformance: {e}");
+        return 2;
+    }
     if comm.rank() == 1 {
         eprintln!("rank 1: exiting without MPI_Finalize on purpose");
         std::process::exit(3);
     }
-    let r = comm.barrier();
-    eprintln!("rank {}: barrier returned {r:?}", comm.rank());
-    drop(comm);
-    // Reaching this line means the dead peer went unnoticed: fail.
-    4
+    let t0 = Instant::now();
+    match comm.barrier() {
+        Err(e @ CommError::PeerFailed { peer: 1, .. }) => {
+            // What `ds train` prints before it aborts.
+            eprintln!(
+                "rank {}: after {:.2} s: error: {e}",
+                comm.rank(),
+                t0.elapsed().as_secs_f64()
+            );
+            comm.abort_after_failure(5)
+        }
+        r => {
+            eprintln!("rank {}: barrier returned {r:?}", comm.rank());
+            // Reaching this line means the dead peer went unnoticed: fail (the job would
+            // fail anyway; CI also checks the message).
+            drop(comm);
+            4
+        }
+    }
 }

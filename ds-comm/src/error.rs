@@ -10,10 +10,20 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CommError {
     /// The operation did not complete within the communicator's timeout.
-    #[error("{op} on rank {rank} timed out after {timeout:?}: still waiting for rank(s) {waiting_for:?}")]
+    #[error(
+        "{op}{} on rank {rank} timed out after {timeout:?}: {}",
+        bytes.map(|b| format!(" of {b} bytes")).unwrap_or_default(),
+        if waiting_for.is_empty() {
+            "no silent rank found (every peer answered afterwards: this rank may itself have been stopped or late)".to_string()
+        } else {
+            format!("still waiting for rank(s) {waiting_for:?}")
+        }
+    )]
     Timeout {
         /// The operation that timed out (e.g. `all_reduce`).
         op: String,
+        /// The bytes this rank contributes to the operation, where the backend knows them.
+        bytes: Option<usize>,
         /// The rank that reports the timeout.
         rank: usize,
         /// The ranks that had not reached the operation (empty if unknown).

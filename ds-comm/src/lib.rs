@@ -65,7 +65,7 @@ pub use error::{CommError, Result};
 pub use local::{LocalComm, LocalCommOptions, SMALL_MESSAGE_BYTES};
 pub use logger::CommsLogger;
 #[cfg(feature = "mpi")]
-pub use mpi::{MpiComm, MpiCommOptions};
+pub use mpi::{install_termination_handler, MpiComm, MpiCommOptions};
 #[cfg(feature = "nccl")]
 pub use nccl::{NcclComm, NcclCommOptions};
 

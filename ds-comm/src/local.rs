@@ -355,6 +355,7 @@ impl LocalComm {
                 let mine = st.entered[self.rank];
                 let waiting_for: Vec<usize> = (0..sh.n).filter(|&k| st.entered[k] < mine).collect();
                 let err = CommError::Timeout {
+                    bytes: None,
                     op: op.to_string(),
                     rank: self.rank,
                     waiting_for,
@@ -951,6 +952,7 @@ impl Communicator for LocalComm {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
                         let err = CommError::Timeout {
+                            bytes: None,
                             op: "recv".into(),
                             rank: self.rank,
                             waiting_for: vec![src],

@@ -4,10 +4,28 @@
 //! `--oversubscribe` when N exceeds the cores). Every collective is issued non-blocking
 //! (`MPI_Iallreduce`, `MPI_Ireduce_scatter`, `MPI_Ireduce`, `MPI_Iallgather`, `MPI_Ibcast`,
 //! `MPI_Ibarrier`)
-//! and polled against the timeout, so a stalled peer gives [`CommError::Timeout`] instead of a
-//! hang (an MPI collective cannot be cancelled: its buffers are leaked and the communicator is
-//! poisoned). A peer that dies ends the job through MPI's default error handler (mpirun aborts
-//! the other processes with an error).
+//! and polled against the timeout (default [`DEFAULT_TIMEOUT`], 60 s), so a stalled peer gives
+//! [`CommError::Timeout`] instead of a hang (an MPI collective cannot be cancelled: its buffers
+//! are leaked and the communicator is poisoned). The poll spins for [`SPIN_FOR`], yields until
+//! [`YIELD_FOR`], then sleeps in growing steps up to [`MAX_NAP`]: a rank waiting for a stalled
+//! peer uses almost no CPU.
+//!
+//! Failures, and what Open MPI (4.1, without ULFM) lets a rank observe:
+//! - A peer that stops (SIGSTOP, a hang in its own code, an endless loop): the others time out.
+//!   The first to time out tells every other rank on a private duplicate communicator, and
+//!   listens for a grace period (a quarter of the timeout, 1 to 3 s) for the same message from
+//!   each of them; ranks still waiting notice the message within a millisecond and do the same.
+//!   The error names the op, the bytes and the ranks that did not answer (the silent ones).
+//!   The caller must then end the job with [`MpiComm::abort_after_failure`] (`MPI_Abort`):
+//!   `MPI_Finalize` would wait for the silent rank forever.
+//! - A peer that dies (exits, is killed): on one node no MPI call fails (the shared-memory
+//!   transport does not watch processes); mpirun notices the exit and terminates the other
+//!   processes with SIGTERM, then SIGKILL. With [`install_termination_handler`], a rank
+//!   waiting in a call asks its peers who is still there and returns [`CommError::PeerFailed`]
+//!   naming the dead rank; a rank in computation prints its last call and exits. Between
+//!   nodes, a broken TCP connection makes the call fail: with a timeout the communicators use
+//!   `MPI_ERRORS_RETURN` and every return code is checked, so that failure is reported as an
+//!   error (without a timeout MPI's default handler aborts the job).
 //!
 //! With a timeout, all-reduce and reduce-scatter buffers of at least [`RING_MIN_BYTES`] run a
 //! ring algorithm of this crate over `MPI_Isend`/`MPI_Irecv` (on a duplicated communicator),
@@ -40,12 +58,14 @@ use mpi::request::{Request, StaticScope};
 use mpi::topology::{Color, Communicator as MpiCommunicator, SimpleCommunicator};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Options for [`MpiComm`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct MpiCommOptions {
-    /// Deadline for one collective or point-to-point call. Default 300 s. `None` waits forever
+    /// Deadline for one collective or point-to-point call. Default [`DEFAULT_TIMEOUT`] (60 s).
+    /// `None` waits forever
     /// and issues `all_reduce`, `reduce_scatter` and `all_gather` as blocking MPI calls
     /// (OpenMPI's tuned algorithms, often faster than the polled non-blocking ones; see
     /// BENCHMARKS.md).
@@ -60,10 +80,14 @@ pub struct MpiCommOptions {
     pub ring_min_bytes: usize,
 }
 
+/// The default deadline of one call: a step of a CPU job exchanges its gradients in well under a
+/// minute, and a stalled peer then ends the job in about a minute instead of five.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Default for MpiCommOptions {
     fn default() -> Self {
         Self {
-            timeout: Some(Duration::from_secs(300)),
+            timeout: Some(DEFAULT_TIMEOUT),
             check_calls: true,
             ring_min_bytes: RING_MIN_BYTES,
         }
@@ -78,10 +102,15 @@ pub struct MpiComm {
     /// A duplicate of `comm` for the ring algorithms' point-to-point messages (they never match
     /// the user's `send`/`recv`).
     ring: SimpleCommunicator,
+    /// A second duplicate for the failure diagnosis after a timeout (see [`MpiComm::diagnose`]):
+    /// each rank that gives up tells every other one, and listens for who answers.
+    diag: SimpleCommunicator,
     _universe: Rc<Universe>,
     rank: usize,
     size: usize,
     seq: Cell<u64>,
+    /// The collective in flight: (op code of [`OP_NAMES`], bytes this rank contributes).
+    current: Cell<(i64, usize)>,
     options: MpiCommOptions,
     failure: RefCell<Option<CommError>>,
     /// Receive buffer reused by in-place all-reduce where `MPI_IN_PLACE` is unknown (8-byte
@@ -231,6 +260,184 @@ pub const RING_MIN_BYTES: usize = 64 * 1024;
 /// Tag of the ring messages (on the private duplicate communicator).
 const RING_TAG: i32 = 0x7269;
 
+/// Tag of the failure-diagnosis messages (on the private `diag` duplicate).
+const DIAG_TAG: i32 = 0x6469;
+
+/// A wait first tests its requests back to back for this long (the common case: the peers are
+/// there and the data moves)...
+pub const SPIN_FOR: Duration = Duration::from_millis(1);
+/// ...then yields the CPU every 64 tests until this much time has passed (other processes of an
+/// oversubscribed job run; MPI keeps progressing a transfer at every test), or longer for a
+/// large call: the time its bytes (times the ranks) take at [`SLOW_NS_PER_BYTE`], at most
+/// [`MAX_YIELD_FOR`] (a transfer between sleeping processes crawls: Open MPI moves shared-memory
+/// fragments only inside MPI calls)...
+pub const YIELD_FOR: Duration = Duration::from_millis(20);
+/// A pessimistic transfer rate for [`YIELD_FOR`]: 10 ns per byte (0.1 GB/s).
+pub const SLOW_NS_PER_BYTE: u64 = 10;
+/// The longest yield phase of a large call.
+pub const MAX_YIELD_FOR: Duration = Duration::from_secs(1);
+/// ...then sleeps between tests, from [`FIRST_NAP`] doubling up to this (a stalled peer costs
+/// well under 1% of a core instead of all of it).
+pub const MAX_NAP: Duration = Duration::from_millis(1);
+/// The first sleep of a wait past [`YIELD_FOR`].
+pub const FIRST_NAP: Duration = Duration::from_micros(20);
+
+/// The pause between two tests of a wait: spin, then yield, then sleep in growing steps.
+struct Backoff {
+    start: Instant,
+    nap: Duration,
+    yield_for: Duration,
+    tests: u32,
+}
+
+impl Backoff {
+    /// For a wait on a call that moves `bytes` in all (sets how long it yields before sleeping).
+    fn new(bytes: usize) -> Self {
+        let transfer = Duration::from_nanos((bytes as u64).saturating_mul(SLOW_NS_PER_BYTE));
+        Backoff {
+            start: Instant::now(),
+            nap: FIRST_NAP,
+            yield_for: transfer.clamp(YIELD_FOR, MAX_YIELD_FOR),
+            tests: 0,
+        }
+    }
+
+    /// Back to spinning (a request completed: the peers are there and the data moves).
+    fn progressed(&mut self) {
+        self.start = Instant::now();
+        self.nap = FIRST_NAP;
+    }
+
+    fn pause(&mut self) {
+        let waited = self.start.elapsed();
+        self.tests = self.tests.wrapping_add(1);
+        if waited < SPIN_FOR {
+            // Test again at once: a transfer progresses only while this process tests.
+        } else if waited < self.yield_for {
+            // Yielding at every test would give the core away to any runnable process: every
+            // 64th.
+            if self.tests.is_multiple_of(64) {
+                std::thread::yield_now();
+            }
+        } else {
+            std::thread::sleep(self.nap);
+            self.nap = (self.nap * 2).min(MAX_NAP);
+        }
+    }
+}
+
+/// MPI's text for an error code.
+fn mpi_error_string(rc: std::os::raw::c_int) -> String {
+    // Larger than MPI_MAX_ERROR_STRING of Open MPI (256) and MPICH (1024).
+    let mut buf = vec![0 as std::os::raw::c_char; 4096];
+    let mut len: std::os::raw::c_int = 0;
+    // SAFETY: `buf` holds more than MPI_MAX_ERROR_STRING characters.
+    let rc2 = unsafe { ffi::MPI_Error_string(rc, buf.as_mut_ptr(), &mut len) };
+    if rc2 != ffi::MPI_SUCCESS as std::os::raw::c_int {
+        return format!("error code {rc}");
+    }
+    let bytes: Vec<u8> = buf[..len.clamp(0, buf.len() as i32) as usize]
+        .iter()
+        .map(|&c| c as u8)
+        .collect();
+    format!("{} (code {rc})", String::from_utf8_lossy(&bytes))
+}
+
+/// This process's rank in the world (for the termination handler's message).
+static WORLD_RANK: AtomicUsize = AtomicUsize::new(0);
+/// The call in flight: its code in [`OP_NAMES`] (-1: send/recv or none) and its bytes.
+static CURRENT_OP: AtomicI64 = AtomicI64::new(-1);
+static CURRENT_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// True while a call polls its requests (it then handles [`TERMINATING`] itself).
+static IN_WAIT: AtomicBool = AtomicBool::new(false);
+/// Set by the termination handler while a call polls.
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+/// The status this process is aborting with (0: not aborting): the termination handler then
+/// exits with it silently (the failure was reported).
+static ABORTING: AtomicI32 = AtomicI32::new(0);
+
+/// Makes SIGTERM a reported failure: Open MPI's mpirun ends a job whose process exited (or was
+/// killed) by sending SIGTERM to the others, then SIGKILL after a grace period. With this
+/// handler, a rank waiting in a call stops waiting, asks its peers who is still there
+/// ([`MpiComm::diagnose`], half a second) and returns [`CommError::PeerFailed`] naming the
+/// silent rank; a rank outside a call prints one line naming its last call and exits with
+/// status 143. Install it once, after [`MpiComm::init`].
+pub fn install_termination_handler() -> Result<()> {
+    extern "C" fn on_term(_: libc::c_int) {
+        let aborting = ABORTING.load(Ordering::SeqCst);
+        if aborting != 0 {
+            // SAFETY: _exit(2) is async-signal-safe.
+            unsafe { libc::_exit(aborting) };
+        }
+        if IN_WAIT.load(Ordering::SeqCst) {
+            TERMINATING.store(true, Ordering::SeqCst);
+            return;
+        }
+        // Async-signal-safe: format into a stack buffer, write(2), _exit(2).
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        let mut put = |b: &[u8]| {
+            for &c in b {
+                if n < buf.len() {
+                    buf[n] = c;
+                    n += 1;
+                }
+            }
+        };
+        put(b"error: rank ");
+        put(itoa(
+            WORLD_RANK.load(Ordering::Relaxed) as u64,
+            &mut [0u8; 20],
+        ));
+        put(b": the MPI launcher is terminating the job (SIGTERM; another rank exited or was killed) while this rank computed; its last call: ");
+        let op = CURRENT_OP.load(Ordering::Relaxed);
+        put(
+            match usize::try_from(op).ok().and_then(|i| OP_NAMES.get(i)) {
+                Some(name) => name.as_bytes(),
+                None => b"send/recv",
+            },
+        );
+        put(b" of ");
+        put(itoa(
+            CURRENT_BYTES.load(Ordering::Relaxed) as u64,
+            &mut [0u8; 20],
+        ));
+        put(b" bytes\n");
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(2, buf.as_ptr().cast(), n);
+            libc::_exit(143);
+        }
+    }
+    fn itoa(mut v: u64, out: &mut [u8; 20]) -> &[u8] {
+        let mut i = out.len();
+        loop {
+            i -= 1;
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        &out[i..]
+    }
+    // SAFETY: installs a handler that only touches atomics and async-signal-safe calls.
+    let prev = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_term as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut())
+    };
+    if prev != 0 {
+        return Err(backend_err(format!(
+            "cannot install the SIGTERM handler: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// Extends a borrow to `'static` for a `StaticScope` request. The caller keeps the owner alive
 /// until the request completes, and leaks it if the request is abandoned.
 unsafe fn forever<T>(s: &[T]) -> &'static [T] {
@@ -251,19 +458,33 @@ impl MpiComm {
         let universe = mpi::initialize()
             .ok_or_else(|| backend_err("MPI is already initialised in this process"))?;
         let world = universe.world();
-        Ok(Self::wrap(world, Rc::new(universe), options))
+        let c = Self::wrap(world, Rc::new(universe), options);
+        WORLD_RANK.store(c.rank, Ordering::Relaxed);
+        Ok(c)
     }
 
     fn wrap(comm: SimpleCommunicator, universe: Rc<Universe>, options: MpiCommOptions) -> Self {
         let rank = comm.rank().max(0) as usize;
         let size = comm.size().max(0) as usize;
+        let (ring, diag) = (comm.duplicate(), comm.duplicate());
+        if options.timeout.is_some() {
+            // Every call is polled through `poll`, which checks MPI's return codes: a failure
+            // MPI detects (a broken TCP connection to a dead peer) becomes an error this rank
+            // reports, instead of MPI's default abort without a word from us.
+            for c in [&comm, &ring, &diag] {
+                // SAFETY: a live communicator and a predefined error handler.
+                unsafe { ffi::MPI_Comm_set_errhandler(c.as_raw(), ffi::RSMPI_ERRORS_RETURN) };
+            }
+        }
         MpiComm {
-            ring: comm.duplicate(),
+            ring,
+            diag,
             comm,
             _universe: universe,
             rank,
             size,
             seq: Cell::new(0),
+            current: Cell::new((-1, 0)),
             options,
             failure: RefCell::new(None),
             scratch: RefCell::new(Vec::new()),
@@ -289,6 +510,60 @@ impl MpiComm {
         self.comm.abort(code)
     }
 
+    /// Ends the job after a failure that this rank has reported (`MPI_Abort` with `code`),
+    /// never through `MPI_Finalize`, which would wait for the peers that failed. When the
+    /// failure was a timeout or a terminated job, waits one second first, so that the other
+    /// live ranks (which learn of it through [`MpiComm::diagnose`]'s messages) print their own
+    /// report before the launcher kills them.
+    pub fn abort_after_failure(&self, code: i32) -> ! {
+        use std::io::Write;
+        let _ = std::io::stderr().flush();
+        let _ = std::io::stdout().flush();
+        // The launcher's SIGTERM (another rank aborted first) now just ends this process.
+        ABORTING.store(code, Ordering::SeqCst);
+        if self.failure.borrow().is_some() && self.size > 1 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        self.comm.abort(code)
+    }
+
+    /// The first failure of this communicator (a timeout, a failed peer), if any.
+    pub fn failure(&self) -> Option<CommError> {
+        self.failure.borrow().clone()
+    }
+
+    /// The timeout this communicator polls its calls against.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.options.timeout
+    }
+
+    /// Changes the timeout of later calls (every rank must set the same: `None` makes
+    /// all-reduce, reduce-scatter and all-gather blocking MPI calls, which the peers' polled
+    /// calls would not match). Communicators split off earlier keep theirs.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        if timeout.is_some() != self.options.timeout.is_some() {
+            let handler = if timeout.is_some() {
+                // SAFETY: a predefined error handler.
+                unsafe { ffi::RSMPI_ERRORS_RETURN }
+            } else {
+                // SAFETY: as above.
+                unsafe { ffi::RSMPI_ERRORS_ARE_FATAL }
+            };
+            for c in [&self.comm, &self.ring, &self.diag] {
+                // SAFETY: a live communicator.
+                unsafe { ffi::MPI_Comm_set_errhandler(c.as_raw(), handler) };
+            }
+        }
+        self.options.timeout = timeout;
+    }
+
+    /// Records the call in flight (for the messages of a failure and the termination handler).
+    fn begin(&self, code: i64, bytes: usize) {
+        self.current.set((code, bytes));
+        CURRENT_OP.store(code, Ordering::Relaxed);
+        CURRENT_BYTES.store(bytes, Ordering::Relaxed);
+    }
+
     fn check_failed(&self, op: &str) -> Result<()> {
         match &*self.failure.borrow() {
             Some(f) => Err(CommError::Poisoned {
@@ -300,77 +575,207 @@ impl MpiComm {
         }
     }
 
-    /// Polls `req` until it completes or the deadline passes. On timeout the request is
-    /// abandoned (`mem::forget`): the caller must leak every buffer it uses.
+    /// Polls `req` until it completes or the timeout passes (see [`MpiComm::poll`]).
     fn wait<R: ?Sized>(&self, op: &str, req: Request<'static, R, StaticScope>) -> Result<()> {
         let deadline = self.options.timeout.map(|t| Instant::now() + t);
-        let mut req = req;
-        let mut polls: u32 = 0;
-        loop {
-            match req.test() {
-                Ok(_) => return Ok(()),
-                Err(r) => req = r,
-            }
-            polls = polls.wrapping_add(1);
-            if polls.is_multiple_of(64) {
-                if let Some(d) = deadline {
-                    if Instant::now() >= d {
-                        std::mem::forget(req);
-                        let err = CommError::Timeout {
-                            op: op.into(),
-                            rank: self.rank,
-                            waiting_for: Vec::new(),
-                            timeout: self.options.timeout.unwrap_or_default(),
-                        };
-                        *self.failure.borrow_mut() = Some(err.clone());
-                        return Err(err);
-                    }
-                }
-                std::thread::yield_now();
-            }
-        }
+        self.wait_all(op, vec![req], deadline)
     }
 
-    /// Polls `reqs` until all complete or `deadline` passes. On timeout the requests are
-    /// abandoned (`mem::forget`), the communicator is poisoned, and the caller must leak every
-    /// buffer they use.
+    /// Polls `reqs` until all complete or `deadline` passes (see [`MpiComm::poll`]).
     fn wait_all<T: ?Sized>(
         &self,
         op: &str,
         reqs: Vec<Request<'static, T, StaticScope>>,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let mut pending = reqs;
-        let mut left = Vec::with_capacity(pending.len());
-        let mut polls: u32 = 0;
-        loop {
-            for r in pending.drain(..) {
-                if let Err(r) = r.test() {
-                    left.push(r);
+        // SAFETY: the buffers are `'static` for the requests (the callers keep them alive until
+        // completion and leak them when this returns an error).
+        let raw = reqs
+            .into_iter()
+            .map(|r| unsafe { r.into_raw().0 })
+            .collect();
+        self.poll(op, raw, deadline)
+    }
+
+    /// Tests `reqs` until all complete, `deadline` passes, a peer reports that it gave up on
+    /// this communicator, or the process is being terminated. Spins for the first
+    /// [`SPIN_FOR`], then yields the CPU until [`YIELD_FOR`] (longer for a large call), then
+    /// sleeps between tests in growing steps up to [`MAX_NAP`] (a stalled peer costs almost no
+    /// CPU); back to spinning whenever one of several requests completes.
+    ///
+    /// On any error the requests are abandoned and the communicator is poisoned: the caller must
+    /// leak every buffer they use. A timeout first runs [`MpiComm::diagnose`] to name the silent
+    /// ranks.
+    fn poll(
+        &self,
+        op: &str,
+        mut reqs: Vec<ffi::MPI_Request>,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let mut backoff = Backoff::new(self.current.get().1.saturating_mul(self.size));
+        let mut next_probe = Instant::now() + SPIN_FOR;
+        IN_WAIT.store(true, Ordering::SeqCst);
+        let res = loop {
+            let mut i = 0;
+            let mut failed = None;
+            let before = reqs.len();
+            while i < reqs.len() {
+                let mut flag: std::os::raw::c_int = 0;
+                let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+                // SAFETY: a live request handle; MPI writes `flag` and `status`.
+                let rc = unsafe { ffi::MPI_Test(&mut reqs[i], &mut flag, status.as_mut_ptr()) };
+                if rc != ffi::MPI_SUCCESS as std::os::raw::c_int {
+                    failed = Some(rc);
+                    break;
+                }
+                if flag != 0 {
+                    reqs.swap_remove(i);
+                } else {
+                    i += 1;
                 }
             }
-            std::mem::swap(&mut pending, &mut left);
-            if pending.is_empty() {
-                return Ok(());
+            if let Some(rc) = failed {
+                break Err(self.fail(backend_err(format!(
+                    "{} on rank {}: MPI reported {} (a peer process failed or its connection broke)",
+                    self.describe(op),
+                    self.rank,
+                    mpi_error_string(rc)
+                ))));
             }
-            polls = polls.wrapping_add(1);
-            if polls.is_multiple_of(64) {
-                if let Some(d) = deadline {
-                    if Instant::now() >= d {
-                        pending.into_iter().for_each(std::mem::forget);
-                        let err = CommError::Timeout {
-                            op: op.into(),
-                            rank: self.rank,
-                            waiting_for: Vec::new(),
-                            timeout: self.options.timeout.unwrap_or_default(),
-                        };
-                        *self.failure.borrow_mut() = Some(err.clone());
-                        return Err(err);
-                    }
+            if reqs.is_empty() {
+                break Ok(());
+            }
+            if reqs.len() < before {
+                backoff.progressed();
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                break Err(self.timed_out(op));
+            }
+            if TERMINATING.load(Ordering::SeqCst) {
+                break Err(self.terminated(op));
+            }
+            if now >= next_probe {
+                // A peer that timed out announces it on `diag`: join the diagnosis now, so that
+                // every live rank reports before the job is aborted.
+                next_probe = now + Duration::from_millis(1);
+                if self
+                    .diag
+                    .any_process()
+                    .immediate_probe_with_tag(DIAG_TAG)
+                    .is_some()
+                {
+                    break Err(self.timed_out(op));
                 }
-                std::thread::yield_now();
             }
+            backoff.pause();
+        };
+        IN_WAIT.store(false, Ordering::SeqCst);
+        res
+    }
+
+    /// Records `err` as this communicator's first failure and returns it.
+    fn fail(&self, err: CommError) -> CommError {
+        self.failure.borrow_mut().get_or_insert_with(|| err.clone());
+        err
+    }
+
+    /// `op` with its byte count, for messages.
+    fn describe(&self, op: &str) -> String {
+        let (_, bytes) = self.current.get();
+        format!("{op} of {bytes} bytes")
+    }
+
+    /// The timeout error for `op`, naming the ranks that did not answer [`MpiComm::diagnose`].
+    /// Also the error of a rank that noticed a peer's announcement before its own deadline (the
+    /// op cannot complete: that peer abandoned it, its timeout having passed).
+    fn timed_out(&self, op: &str) -> CommError {
+        let silent = self.diagnose(self.grace());
+        let err = CommError::Timeout {
+            op: op.into(),
+            bytes: Some(self.current.get().1),
+            rank: self.rank,
+            waiting_for: silent,
+            timeout: self.options.timeout.unwrap_or_default(),
+        };
+        self.fail(err)
+    }
+
+    /// The error when the MPI launcher terminates this process (SIGTERM with
+    /// [`install_termination_handler`]): mpirun does so when another process of the job exited.
+    /// The ranks that do not answer [`MpiComm::diagnose`] within half a second are named.
+    fn terminated(&self, op: &str) -> CommError {
+        let silent = self.diagnose(Duration::from_millis(500));
+        let err = match silent.first() {
+            Some(&peer) => CommError::PeerFailed {
+                op: self.describe(op),
+                rank: self.rank,
+                peer,
+                reason: format!(
+                    "exited or was killed: the MPI launcher is terminating the job (SIGTERM), and rank(s) {silent:?} did not answer"
+                ),
+            },
+            None => backend_err(format!(
+                "{} on rank {}: the MPI launcher is terminating the job (SIGTERM); every peer answered, so the rank that failed is outside this communicator",
+                self.describe(op),
+                self.rank
+            )),
+        };
+        self.fail(err)
+    }
+
+    /// How long [`MpiComm::diagnose`] listens after a timeout: a quarter of the timeout, at
+    /// least 1 s and at most 3 s (a job then ends within the timeout plus about 5 s, with
+    /// [`MpiComm::abort_after_failure`]'s second).
+    fn grace(&self) -> Duration {
+        (self.options.timeout.unwrap_or_default() / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(3))
+    }
+
+    /// After a failure: tells every other rank on the `diag` duplicate that this rank gave up
+    /// (its rank, call sequence number and op), then listens up to `grace` for the same message
+    /// from each of them. Live ranks that gave up too (or that notice the message while they
+    /// wait, see [`MpiComm::poll`]) answer; the ranks returned did not: stopped, stuck in
+    /// computation, or dead. The messages' buffers and requests are leaked (the communicator is
+    /// poisoned and the job is about to be aborted).
+    fn diagnose(&self, grace: Duration) -> Vec<usize> {
+        if self.size <= 1 {
+            return Vec::new();
         }
+        let me = [
+            self.rank as i64,
+            self.seq.get() as i64,
+            self.current.get().0,
+        ];
+        let mine: &'static [i64] = Box::leak(Box::new(me));
+        let inbox: &'static mut [i64] = Box::leak(vec![0i64; 3 * self.size].into_boxed_slice());
+        let mut recvs = Vec::new();
+        for (peer, slot) in inbox.chunks_mut(3).enumerate() {
+            if peer == self.rank {
+                continue;
+            }
+            let p = self.diag.process_at_rank(peer as i32);
+            let s = p.immediate_send_with_tag(StaticScope, mine, DIAG_TAG);
+            // SAFETY: `mine` is leaked; the send request is abandoned (never freed: a dead peer
+            // would never take it).
+            let _ = unsafe { s.into_raw() };
+            let r = p.immediate_receive_into_with_tag(StaticScope, slot, DIAG_TAG);
+            // SAFETY: `inbox` is leaked.
+            recvs.push((peer, unsafe { r.into_raw().0 }));
+        }
+        let deadline = Instant::now() + grace;
+        let mut backoff = Backoff::new(0);
+        while !recvs.is_empty() && Instant::now() < deadline {
+            recvs.retain_mut(|(_, r)| {
+                let mut flag: std::os::raw::c_int = 0;
+                // SAFETY: a live request handle.
+                let rc = unsafe { ffi::MPI_Test(r, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+                // An error counts as no answer.
+                !(rc == ffi::MPI_SUCCESS as std::os::raw::c_int && flag != 0)
+            });
+            backoff.pause();
+        }
+        recvs.into_iter().map(|(p, _)| p).collect()
     }
 
     /// One ring step: sends `send` to the next rank and receives `recv` from the previous one.
@@ -506,6 +911,12 @@ impl MpiComm {
         root: usize,
     ) -> Result<()> {
         self.check_failed(name)?;
+        let bytes = match name {
+            // `len` is a shape code for all_gather: the caller set `current`.
+            "all_gather" => self.current.get().1,
+            _ => len.saturating_mul(dtype.map_or(0, |d| d.size_in_bytes())),
+        };
+        self.begin(op_code(name, op), bytes);
         let seq = self.seq.get();
         self.seq.set(seq + 1);
         if !self.options.check_calls || self.size <= 1 {
@@ -1127,24 +1538,31 @@ impl MpiComm {
         let len: usize = dims.iter().product();
         let deadline = self.options.timeout.map(|t| Instant::now() + t);
         let proc_ = self.comm.process_at_rank(src as i32);
-        let (msg, status) = loop {
+        let mut backoff = Backoff::new(self.current.get().1);
+        IN_WAIT.store(true, Ordering::SeqCst);
+        let probed = loop {
             if let Some(m) = proc_.immediate_matched_probe() {
-                break m;
+                break Ok(m);
             }
-            if let Some(d) = deadline {
-                if Instant::now() >= d {
-                    let err = CommError::Timeout {
-                        op: "recv".into(),
-                        rank: self.rank,
-                        waiting_for: vec![src],
-                        timeout: self.options.timeout.unwrap_or_default(),
-                    };
-                    *self.failure.borrow_mut() = Some(err.clone());
-                    return Err(err);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let mut err = self.timed_out("recv");
+                // The peer this receive waits for, whatever the diagnosis found.
+                if let CommError::Timeout { waiting_for, .. } = &mut err {
+                    if !waiting_for.contains(&src) {
+                        waiting_for.push(src);
+                        waiting_for.sort_unstable();
+                    }
                 }
+                *self.failure.borrow_mut() = Some(err.clone());
+                break Err(err);
             }
-            std::thread::yield_now();
+            if TERMINATING.load(Ordering::SeqCst) {
+                break Err(self.terminated("recv"));
+            }
+            backoff.pause();
         };
+        IN_WAIT.store(false, Ordering::SeqCst);
+        let (msg, status) = probed?;
         let got_bytes = status.count(u8::equivalent_datatype()).max(0) as usize;
         let want_bytes = len * dtype.size_in_bytes();
         if status.tag() as i64 != dtype_code(dtype) || got_bytes != want_bytes {
@@ -1287,6 +1705,10 @@ impl Communicator for MpiComm {
             .dims()
             .iter()
             .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
+        self.begin(
+            op_code("all_gather", None),
+            t.elem_count() * t.dtype().size_in_bytes(),
+        );
         self.check("all_gather", None, Some(t.dtype()), shape_code, 0)?;
         with_elem!(t.dtype(), "all_gather", T => self.all_gather_t::<T>(&t))
     }
@@ -1307,6 +1729,10 @@ impl Communicator for MpiComm {
             .dims()
             .iter()
             .fold(t.elem_count(), |a, &d| a.wrapping_mul(31).wrapping_add(d));
+        self.begin(
+            op_code("all_gather", None),
+            t.elem_count() * t.dtype().size_in_bytes(),
+        );
         self.check("all_gather", None, Some(t.dtype()), shape_code, 0)?;
         with_elem!(t.dtype(), "all_gather", T => self.all_gather_into_t::<T>(&t, output))
     }
@@ -1341,6 +1767,7 @@ impl Communicator for MpiComm {
         }
         self.check_failed("send")?;
         let t = data::cpu_contiguous("send", tensor)?;
+        self.begin(-1, t.elem_count() * t.dtype().size_in_bytes());
         with_elem!(t.dtype(), "send", T => self.send_t::<T>(&t, dst))
     }
 
@@ -1353,6 +1780,12 @@ impl Communicator for MpiComm {
         }
         self.check_failed("recv")?;
         data::check_dtype("recv", dtype)?;
+        self.begin(
+            -1,
+            dims.iter()
+                .product::<usize>()
+                .saturating_mul(dtype.size_in_bytes()),
+        );
         with_elem!(dtype, "recv", T => self.recv_t::<T>(src, dims, dtype))
     }
 

@@ -137,6 +137,7 @@ pub fn exchange_blob(
                         let missing: Vec<usize> =
                             (0..env.world_size).filter(|&k| !seen[k]).collect();
                         return Err(CommError::Timeout {
+                            bytes: None,
                             op: "rendezvous".into(),
                             rank: 0,
                             waiting_for: missing,
@@ -182,6 +183,7 @@ pub fn exchange_blob(
                 Err(e) => {
                     if Instant::now() >= deadline {
                         return Err(CommError::Timeout {
+                            bytes: None,
                             op: format!("rendezvous with {addr} (last error: {e})"),
                             rank: env.rank,
                             waiting_for: vec![0],

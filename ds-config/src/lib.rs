@@ -18,7 +18,14 @@
 //!   (pipeline, compression, elasticity, ...) is refused; a disabled one is accepted;
 //! - `steps_per_print` defaults to 10 (DeepSpeed's documented default; its code now defaults
 //!   to no progress output, which hides skipped steps);
-//! - `fp16.min_loss_scale` may be fractional (DeepSpeed's schema wants an integer).
+//! - `fp16.min_loss_scale` may be fractional (DeepSpeed's schema wants an integer);
+//! - a `gradient_accumulation_steps` above [`GAS_WARN_ABOVE`] gives a warning (each optimizer
+//!   step runs that many forward/backward passes per rank), and batch sizes whose product
+//!   overflows are refused.
+//!
+//! Keys of this runtime that DeepSpeed does not have (documented as extensions, validated like
+//! the rest): `comm_timeout` (top level: seconds one MPI call may wait for its peers, default
+//! 60, 0 = forever, at most [`MAX_COMM_TIMEOUT_S`]) and `checkpoint.keep_last` (retention).
 //!
 //! ```
 //! use ds_config::DeepSpeedConfig;
@@ -57,7 +64,8 @@ use serde_json::Value;
 
 pub use error::{ConfigError, Issue};
 pub use parse::{parse_json, parse_toml};
-pub use resolve::ResolveOptions;
+pub use resolve::{ResolveOptions, GAS_WARN_ABOVE};
+pub use schema::MAX_COMM_TIMEOUT_S;
 pub use typed::*;
 
 /// A DeepSpeed configuration as written (parsed, not yet validated).

@@ -431,6 +431,10 @@ fn any_nested_enabled(v: &Value) -> Option<String> {
     rec(v, String::new())
 }
 
+/// A `gradient_accumulation_steps` above this gives a warning: each optimizer step runs that
+/// many forward/backward passes on every rank (1e12 would run for years without a word).
+pub const GAS_WARN_ABOVE: i64 = 65_536;
+
 const BATCH_KEYS: [&str; 3] = [
     "train_batch_size",
     "train_micro_batch_size_per_gpu",
@@ -682,6 +686,11 @@ fn resolve_batch(ctx: &mut Ctx, input: &Map<String, Value>, out: &mut Map<String
             ),
         );
         return;
+    }
+    if gas > GAS_WARN_ABOVE {
+        ctx.warn(format!(
+            "gradient_accumulation_steps = {gas} is very large (above {GAS_WARN_ABOVE}): every optimizer step runs {gas} forward/backward passes of {mb} sample(s) on each of the {ws} rank(s) before the weights change once; a typo? Raise train_micro_batch_size_per_gpu or lower train_batch_size instead"
+        ));
     }
     out.insert(BATCH_KEYS[0].into(), json!(tb));
     out.insert(BATCH_KEYS[1].into(), json!(mb));

@@ -130,7 +130,23 @@ pub(crate) static TOP_SCALARS: &[F] = &[
     f("dump_state", Bool, B(false)),
     f("dataloader_drop_last", Bool, B(false)),
     f("sequence_parallel_size", int(1), I(1)),
+    // This runtime's extension (DeepSpeed has no such key): the deadline in seconds of one
+    // collective or point-to-point call of the MPI backend; a stalled or dead peer ends the job
+    // with an error naming the op and the silent rank(s) instead of a hang. 0 = wait forever
+    // (blocking MPI calls). Overridden by DS_COMM_TIMEOUT and `ds train --comm-timeout`.
+    f(
+        "comm_timeout",
+        Ty::Float {
+            min: 0.0,
+            exclusive: false,
+            max: MAX_COMM_TIMEOUT_S,
+        },
+        F(60.0),
+    ),
 ];
+
+/// The largest `comm_timeout` accepted: one week, in seconds.
+pub const MAX_COMM_TIMEOUT_S: f64 = 604_800.0;
 
 pub(crate) static FP16: &[F] = &[
     f("enabled", Bool, B(false)),

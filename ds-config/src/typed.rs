@@ -61,6 +61,9 @@ pub struct ResolvedConfig {
     pub wall_clock_breakdown: bool,
     /// Memory usage lines.
     pub memory_breakdown: bool,
+    /// This runtime's extension `comm_timeout`: seconds one MPI call may wait for its peers
+    /// (0 = forever). `DS_COMM_TIMEOUT` and `ds train --comm-timeout` override it.
+    pub comm_timeout: f64,
     /// Notes from resolution: deprecated aliases read, `"auto"` values resolved, disabled
     /// sections ignored. Worth showing to the user.
     pub warnings: Vec<String>,
@@ -386,6 +389,7 @@ impl ResolvedConfig {
             steps_per_print: field(&json, "steps_per_print")?,
             wall_clock_breakdown: field(&json, "wall_clock_breakdown")?,
             memory_breakdown: field(&json, "memory_breakdown")?,
+            comm_timeout: field(&json, "comm_timeout")?,
             warnings,
             json,
         })

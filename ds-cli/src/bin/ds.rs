@@ -48,12 +48,18 @@ enum Command {
         /// DeepSpeed config (JSON or TOML); default: the embedded examples/configs/gpt_zero2.json.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Data-parallel ranks.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-        world_size: u32,
+        /// Data-parallel ranks [default: 2; with --backend mpi the processes mpirun started,
+        /// and a different value is refused].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        world_size: Option<u32>,
         /// Collective backend.
         #[arg(long, default_value = "local", value_parser = ["local", "mpi", "nccl"])]
         backend: String,
+        /// Seconds one collective of the MPI backend may wait for its peers before the job
+        /// ends with an error naming the op and the silent rank(s); 0 waits forever. Default:
+        /// $DS_COMM_TIMEOUT, else the config's `comm_timeout`, else 60.
+        #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+        comm_timeout: Option<f64>,
         /// Optimizer steps.
         #[arg(long, default_value_t = ds_cli::train::DEFAULT_STEPS)]
         steps: u64,
@@ -420,6 +426,7 @@ fn main() -> ExitCode {
             config,
             world_size,
             backend,
+            comm_timeout,
             steps,
             data,
             task,
@@ -491,7 +498,9 @@ fn main() -> ExitCode {
                 progress: !json,
                 plot,
                 config,
-                world_size: world_size as usize,
+                world_size: world_size.unwrap_or(2) as usize,
+                world_size_given: world_size.is_some(),
+                comm_timeout,
                 backend,
                 steps,
                 data,
