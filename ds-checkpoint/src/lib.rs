@@ -85,3 +85,8 @@ pub use store::{
     ParamSpec, RankRecord, RankShard, SaveRequest, Segment, TrainingState, Weights, FORMAT_VERSION,
     LATEST_FILE, MANIFEST_FILE, MASTER_BUFFER, MIN_FORMAT_VERSION, MODEL_FILE,
 };
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
