@@ -388,18 +388,45 @@ fn draw<DB: DrawingBackend>(
             .flat_map(|r| finite(&r.train_loss).chain(finite(&r.val_loss)))
             .map(|p| p.1),
     );
+    // Headroom above the curves for the legend (upper right), so that it covers none of
+    // them: its rows at about 21 px each over a plot area of about `height - 150` px.
+    let rows: usize = runs
+        .iter()
+        .map(|r| {
+            1 + usize::from(runs.len() == 1)
+                + usize::from(finite(&r.val_loss).next().is_some())
+                + usize::from(finite(&r.lr).next().is_some())
+        })
+        .sum();
+    let plot_h = (f64::from(opts.height.max(150)) - 150.0).max(100.0);
+    let room = ((rows as f64 * 21.0 + 24.0) / plot_h).clamp(0.08, 0.6);
+    let grow = room / (1.0 - room);
     if wants_log_scale(runs) {
-        let (lo, hi) = (ylo / 1.15, yhi * 1.15);
-        draw_with(root, runs, opts, (x0, x1), (lo..hi).log_scale(), true)
+        let (lo, hi) = (ylo / 1.1, yhi * 1.1);
+        let hi = hi * (hi / lo).powf(grow);
+        draw_with(root, runs, opts, (x0, x1), (lo..hi).log_scale(), None, room)
     } else {
-        let pad = (yhi - ylo) * 0.05;
+        let pad = (yhi - ylo) * 0.04;
         let lo = if ylo >= 0.0 {
             (ylo - pad).max(0.0)
         } else {
             ylo - pad
         };
-        draw_with(root, runs, opts, (x0, x1), lo..yhi + pad, false)
+        let hi = yhi + pad;
+        let hi = hi + (hi - lo) * grow;
+        draw_with(root, runs, opts, (x0, x1), lo..hi, Some(hi - lo), room)
     }
+}
+
+/// Linear tick labels with as many decimals as ticks about `span / 8` apart need (all with
+/// the same number), scientific notation for very small or large values.
+fn fmt_fixed(v: f64, span: f64) -> String {
+    let step = span / 8.0;
+    if v != 0.0 && !(1e-4..1e5).contains(&v.abs()) || step < 1e-6 {
+        return fmt_num(v);
+    }
+    let decimals = (-step.log10().floor()).clamp(0.0, 8.0) as usize;
+    format!("{v:.decimals$}")
 }
 
 /// Tick labels: 3 significant digits, scientific notation for very small or large values.
@@ -421,6 +448,34 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// `(x, lowest, highest)` of `pts` (in x order) in `buckets` runs of consecutive points, x the
+/// middle of each run.
+fn minmax_band(pts: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64, f64)> {
+    let per = pts.len().div_ceil(buckets.max(1)).max(1);
+    pts.chunks(per)
+        .map(|c| {
+            let (lo, hi) = c
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+                    (a.min(p.1), b.max(p.1))
+                });
+            ((c[0].0 + c[c.len() - 1].0) / 2.0, lo, hi)
+        })
+        .collect()
+}
+
+/// Learning-rate tick labels: one notation for the whole axis (`1.5e-4`, `2.0e-4`, ... when
+/// the axis tops out below 0.01).
+fn fmt_lr(v: f64, top: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if top < 0.01 {
+        format!("{v:.1e}")
+    } else {
+        fmt_fixed(v, top)
+    }
+}
+
 /// A count as `12.3K`, `4.56M`, `7.8B` (3 significant digits).
 pub fn fmt_count(v: f64) -> String {
     let (d, unit) = match v.abs() {
@@ -438,7 +493,8 @@ fn draw_with<DB: DrawingBackend, Y>(
     opts: &PlotOptions,
     (x0, x1): (f64, f64),
     y: Y,
-    log: bool,
+    linear_span: Option<f64>,
+    room: f64,
 ) -> Result<(), EngineError>
 where
     Y: AsRangedCoord<Value = f64>,
@@ -446,7 +502,11 @@ where
 {
     let has_lr = runs.iter().any(|r| finite(&r.lr).next().is_some());
     let (_, lr_hi) = span(runs.iter().flat_map(|r| finite(&r.lr)).map(|p| p.1));
-    let lr_hi = if lr_hi > 0.0 { lr_hi * 1.08 } else { 1.0 };
+    let lr_hi = if lr_hi > 0.0 {
+        lr_hi * 1.04 / (1.0 - room)
+    } else {
+        1.0
+    };
     let height = root.dim_in_pixel().1 as f64;
     let font = |px: f64| (FONT, px * height / 600.0);
     let mut chart = ChartBuilder::on(root)
@@ -458,24 +518,36 @@ where
         .build_cartesian_2d(x0..x1, y)
         .map_err(plot_err)?
         .set_secondary_coord(x0..x1, 0.0..lr_hi);
+    // Steps are whole numbers: a short run gets one tick per step and no fractional labels.
+    let short = x1 - x0 < 8.0;
     let x_fmt = |v: &f64| {
         if (v.round() - v).abs() < 1e-9 && v.abs() < 1e7 {
             format!("{}", v.round() as i64)
+        } else if short {
+            String::new()
         } else {
             fmt_num(*v)
         }
     };
+    let y_fmt = |v: &f64| match linear_span {
+        Some(span) => fmt_fixed(*v, span),
+        None => fmt_num(*v),
+    };
     chart
         .configure_mesh()
         .x_desc(&opts.x_label)
-        .y_desc(if log { "loss (log scale)" } else { "loss" })
+        .y_desc(if linear_span.is_none() {
+            "loss (log scale)"
+        } else {
+            "loss"
+        })
         .x_label_formatter(&x_fmt)
-        .y_label_formatter(&|v| fmt_num(*v))
+        .y_label_formatter(&y_fmt)
         .axis_desc_style(font(17.0))
         .label_style(font(14.0))
         .bold_line_style(RGBColor(225, 225, 225))
         .light_line_style(RGBColor(244, 244, 244))
-        .x_labels(8)
+        .x_labels(if short { (x1 - x0) as usize + 1 } else { 8 })
         .y_labels(8)
         .draw()
         .map_err(plot_err)?;
@@ -483,7 +555,7 @@ where
         chart
             .configure_secondary_axes()
             .y_desc("learning rate")
-            .y_label_formatter(&|v| fmt_num(*v))
+            .y_label_formatter(&|v| fmt_lr(*v, lr_hi))
             .axis_desc_style(font(17.0))
             .label_style(font(14.0))
             .draw()
@@ -504,13 +576,28 @@ where
             .smoothing
             .unwrap_or_else(|| default_smoothing(pts.len()));
         let smooth = ema_smooth(&pts.iter().map(|p| p.1).collect::<Vec<_>>(), w);
-        let raw_style = c.mix(if pts.len() > 400 { 0.22 } else { 0.35 });
-        let s = chart
-            .draw_series(LineSeries::new(
-                pts.iter().copied(),
-                raw_style.stroke_width(1),
-            ))
-            .map_err(plot_err)?;
+        // The raw loss, faint: a line, or for more points than pixels the band between
+        // each pixel column's lowest and highest loss (what the line would fill, in one
+        // flat colour).
+        let raw_style = c.mix(0.4);
+        let s = if pts.len() > 1200 {
+            let band = minmax_band(&pts, 600);
+            let outline: Vec<(f64, f64)> = band
+                .iter()
+                .map(|&(x, _, hi)| (x, hi))
+                .chain(band.iter().rev().map(|&(x, lo, _)| (x, lo)))
+                .collect();
+            chart
+                .draw_series(std::iter::once(Polygon::new(outline, c.mix(0.22).filled())))
+                .map_err(plot_err)?
+        } else {
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter().copied(),
+                    raw_style.stroke_width(1),
+                ))
+                .map_err(plot_err)?
+        };
         if !many {
             s.label("train loss")
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], raw_style));
@@ -601,6 +688,11 @@ mod tests {
         assert_eq!(fmt_num(123.0), "123");
         assert_eq!(fmt_count(1_234_567.0), "1.23M");
         assert_eq!(fmt_count(999.0), "999");
+        assert_eq!(fmt_fixed(2.745, 0.04), "2.745");
+        assert_eq!(fmt_fixed(2.75, 0.04), "2.750");
+        assert_eq!(fmt_fixed(3.0, 3.0), "3.0");
+        assert_eq!(fmt_lr(8e-4, 1.4e-3), "8.0e-4");
+        assert_eq!(fmt_lr(0.0, 1.4e-3), "0");
     }
 
     #[test]

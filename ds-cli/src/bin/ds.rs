@@ -668,7 +668,8 @@ fn main() -> ExitCode {
             });
             match result {
                 Ok((n, svg)) => {
-                    eprintln!("wrote {} and {} ({n} runs)", out.display(), svg.display());
+                    let runs = if n == 1 { "run" } else { "runs" };
+                    eprintln!("wrote {} and {} ({n} {runs})", out.display(), svg.display());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
