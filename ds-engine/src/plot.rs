@@ -159,6 +159,11 @@ fn read_monitor_csv(path: &Path) -> Result<Option<Vec<(f64, f64)>>, EngineError>
             )))
         }
     };
+    // A run still writing its monitor may have flushed half a row: only whole lines count.
+    let text = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
         if line.trim().is_empty() {
@@ -208,14 +213,11 @@ impl Default for PlotOptions {
     }
 }
 
-/// The EMA weight for a curve of `n` points: TensorBoard's default 0.6 up to 100 points,
-/// then a window of about `n / 40` points (0.99 at most).
+/// The EMA weight for a curve of `n` points: TensorBoard's default 0.6 up to 625 points,
+/// then a window of about `n / 250` points (a few pixel columns of the picture: the noise
+/// goes, a fast early drop is not smeared out), 0.99 at most.
 pub fn default_smoothing(n: usize) -> f64 {
-    if n <= 100 {
-        0.6
-    } else {
-        (1.0 - 40.0 / n as f64).clamp(0.6, 0.99)
-    }
+    (1.0 - 250.0 / n.max(1) as f64).clamp(0.6, 0.99)
 }
 
 /// TensorBoard's smoothing: an exponential moving average with weight `w` on the previous

@@ -170,7 +170,7 @@ enum Command {
         #[arg(long)]
         samples: bool,
         /// EMA smoothing weight of the train loss in [0, 1) (TensorBoard's slider; default 0.6
-        /// up to 100 steps, more for longer runs).
+        /// up to 625 steps, then a window of about steps/250 points).
         #[arg(long, value_parser = parse_smoothing)]
         smoothing: Option<f64>,
     },
