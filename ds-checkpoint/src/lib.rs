@@ -87,3 +87,8 @@ pub use store::{
     LATEST_FILE, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, MASTER_BUFFER, MIN_FORMAT_VERSION,
     MODEL_FILE,
 };
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -504,3 +504,8 @@ mod tests {
         assert!(recompute_backward(&seg, &saved, &bad, &[&w1]).is_err());
     }
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -14,3 +14,8 @@
 pub mod bench;
 pub mod comm;
 pub mod train;
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

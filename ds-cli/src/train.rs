@@ -19,8 +19,9 @@ use ds_engine::EngineError;
 use ds_models::gpt::{gpt_param_count, Gpt, ModelShape};
 use ds_models::{Mlp, MlpShape};
 
-/// The embedded default configuration (`examples/configs/gpt_zero2.json`).
-pub const DEFAULT_CONFIG: &str = include_str!("../../examples/configs/gpt_zero2.json");
+/// The embedded default configuration (`examples/configs/gpt_zero2.json`, linked as
+/// `ds-cli/configs/gpt_zero2.json` so that the packaged crate carries it).
+pub const DEFAULT_CONFIG: &str = include_str!("../configs/gpt_zero2.json");
 
 /// The main job's defaults: a small GPT that learns 3-digit addition in about a minute on 2
 /// cores.
@@ -522,6 +523,8 @@ struct RankResult {
     eval: EvalResult,
     tensorboard: Option<String>,
     losses: Vec<f64>,
+    /// The learning rate of each step.
+    lrs: Vec<f64>,
     step_ms: Vec<f64>,
     /// Per step: the fraction of its wall time outside the model's compute and the optimizer
     /// step (engine overhead, plus communication at world size > 1).
@@ -922,6 +925,7 @@ fn drive<M: LanguageModel>(
     .flatten()
     .filter(|e| !e.answers.is_empty());
     let mut losses = Vec::new();
+    let mut lrs = Vec::new();
     let mut step_ms = Vec::new();
     let mut overhead = Vec::new();
     let (mut step_ms_during_save, mut save_ms) = (Vec::new(), Vec::new());
@@ -950,6 +954,7 @@ fn drive<M: LanguageModel>(
         losses.push(r.loss);
         // DeepSpeed writes `Train/Samples/lr` after the scheduler's step, at the sample count
         // after this step: the rate of the next step (`engine.py::step`).
+        lrs.push(r.lr);
         monitors.train_step(cfg, step, r.loss, engine.current_lr())?;
         if let Some(b) = &bar {
             b.inc(1);
@@ -1038,6 +1043,7 @@ fn drive<M: LanguageModel>(
         eval,
         tensorboard,
         losses,
+        lrs,
         step_ms,
         overhead,
         step_ms_during_save,
@@ -1500,11 +1506,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
         ws as u64,
         (entropy, task),
     )?;
-    plot(args, r)
+    plot(args, r, &ranks[0].lrs)
 }
 
-/// Writes the loss-curve PNG (`--plot`, or `<out>/loss_curve.png` with `--out`).
-fn plot(args: &TrainArgs, mut r: TrainReport) -> Result<TrainReport, EngineError> {
+/// Writes the loss-curve PNG (`--plot`, or `<out>/loss_curve.png` with `--out`) and an SVG
+/// beside it: the rank-mean train loss, the learning rate `lrs` and the validation loss.
+fn plot(args: &TrainArgs, mut r: TrainReport, lrs: &[f64]) -> Result<TrainReport, EngineError> {
     let path = args
         .plot
         .clone()
@@ -1512,7 +1519,23 @@ fn plot(args: &TrainArgs, mut r: TrainReport) -> Result<TrainReport, EngineError
     if let Some(p) = path {
         if r.rank == 0 {
             let first = r.steps_before + 1;
-            ds_engine::plot::write_loss_curve(&p, &r.losses, first)?;
+            let mut run = ds_engine::plot::RunCurves::from_losses("train", &r.losses, lrs, first);
+            if let Some(v) = r.val_loss {
+                run.val_loss.push(((r.steps_before + r.steps) as f64, v));
+            }
+            let model = match args.model {
+                ModelKind::Gpt => "GPT",
+                ModelKind::Mlp => "MLP",
+            };
+            let title = format!(
+                "{model} ({} params), ZeRO stage {}, world size {}, {}",
+                ds_engine::plot::fmt_count(r.params as f64),
+                r.zero_stage,
+                r.world_size,
+                r.task
+            );
+            let opts = ds_engine::plot::PlotOptions::titled(&title);
+            ds_engine::plot::write_pictures(&p, &[run], &opts)?;
         }
         r.loss_curve_png = Some(p.display().to_string());
     }
@@ -1591,7 +1614,7 @@ fn train_mpi(
         .to_vec1::<f64>()?;
     let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, (entropy, task))?;
     rep.rank = comm.rank();
-    plot(args, rep)
+    plot(args, rep, &r.lrs)
 }
 
 /// `ds train --backend nccl` (a CUDA build): this process's GPU, an NCCL communicator on
@@ -1615,7 +1638,7 @@ fn train_nccl(
         .to_vec1::<f64>()?;
     let mut rep = report(args, cfg, &r, losses, r.state_bytes, 1, (entropy, task))?;
     rep.rank = comm.rank();
-    plot(args, rep)
+    plot(args, rep, &r.lrs)
 }
 
 /// `ds profile`: the flops profile of one forward pass of the GPT at batch `batch` (after one

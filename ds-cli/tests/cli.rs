@@ -772,7 +772,34 @@ fn train_tokens_tensorboard_and_plot() {
     assert!(val.is_finite() && val > 0.0, "{v}");
     assert!(v["val_accuracy"].is_null());
     assert_eq!(v["loss_curve_png"], png.to_str().unwrap());
-    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    // A compressed PNG of the expected size with a drawn plot area, and an SVG beside it.
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.len() < 100_000, "{} bytes", bytes.len());
+    let mut dec = png::Decoder::new(std::io::Cursor::new(&bytes[..]))
+        .read_info()
+        .unwrap();
+    let mut rgb = vec![0; dec.output_buffer_size().unwrap()];
+    let info = dec.next_frame(&mut rgb).unwrap();
+    assert_eq!((info.width, info.height), (960, 600));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let (w, h) = (info.width as usize, info.height as usize);
+    // The plot area (inside the axes and labels): many non-white pixels in many colours.
+    let mut colours = std::collections::HashSet::new();
+    let mut inked = 0;
+    for y in h / 6..h * 5 / 6 {
+        for x in w / 8..w * 7 / 8 {
+            let p = &rgb[(y * w + x) * 3..(y * w + x) * 3 + 3];
+            colours.insert([p[0], p[1], p[2]]);
+            inked += usize::from(p != [255, 255, 255]);
+        }
+    }
+    assert!(colours.len() > 30, "{} colours", colours.len());
+    assert!(inked > 2000, "{inked} non-white pixels");
+    let svg = std::fs::read_to_string(png.with_extension("svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("ZeRO stage"),
+        "{svg:.300}"
+    );
     let tb = v["tensorboard_file"].as_str().unwrap();
     assert!(tb.contains("tbjob/events.out.tfevents."), "{tb}");
     assert!(std::fs::metadata(tb).unwrap().len() > 100);
@@ -1488,4 +1515,51 @@ fn runs_that_cannot_fit_in_memory_are_refused_up_front() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("profiling this model needs at least"), "{err}");
+}
+
+/// `ds plot` overlays several csv_monitor folders in one PNG and SVG, the runs named in the
+/// legend; a folder with no monitor CSV is refused with exit 2.
+#[test]
+fn plot_overlays_csv_monitor_runs() {
+    let dir = std::env::temp_dir().join(format!("ds-cli-plot-{}", std::process::id()));
+    for (job, lr, rate) in [("lr-small", 1e-4, 300.0), ("lr-large", 1e-3, 80.0)] {
+        let d = dir.join("monitor").join(job);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut loss = String::from("step,train_loss\n");
+        let mut lrs = String::from("step,lr\n");
+        for step in 1..=400u64 {
+            let v = 3.0 * (-(step as f64) / rate).exp() + 0.5 + 0.05 * ((step * 7919) % 13) as f64;
+            loss += &format!("{},{v}\n", step * 8);
+            lrs += &format!("{},{lr}\n", step * 8);
+        }
+        std::fs::write(d.join("Train_Samples_train_loss.csv"), loss).unwrap();
+        std::fs::write(d.join("Train_Samples_lr.csv"), lrs).unwrap();
+        std::fs::write(
+            d.join("Eval_Samples_val_loss.csv"),
+            "step,val_loss\n3200,0.9\n",
+        )
+        .unwrap();
+    }
+    let png = dir.join("cmp.png");
+    let out = ds(&[
+        "plot",
+        dir.join("monitor").to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.len() < 100_000, "{} bytes", bytes.len());
+    let svg = std::fs::read_to_string(png.with_extension("svg")).unwrap();
+    assert!(svg.contains("lr-small") && svg.contains("lr-large"));
+    let out = ds(&["plot", dir.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("csv_monitor"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -269,3 +269,8 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
         (**self).split(color, key)
     }
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -195,3 +195,8 @@ impl DeepSpeedConfig {
         ResolvedConfig::from_resolved(json, warnings, opts.world_size)
     }
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

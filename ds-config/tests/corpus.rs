@@ -1,13 +1,25 @@
-//! Every real DeepSpeed config in `../shared/ds-configs/` either resolves or is refused with
-//! the precise reasons listed in `corpus_expectations.tsv` (one row per file, with why).
+//! Every real DeepSpeed config in the corpus (`shared/ds-configs/` beside the workspace, or
+//! `$DS_CONFIG_CORPUS`) either resolves or is refused with the precise reasons listed in
+//! `corpus_expectations.tsv` (one row per file, with why). Skipped, with a message, where
+//! there is no corpus (the crate as packaged for crates.io).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ds_config::{ConfigError, DeepSpeedConfig, ResolveOptions};
 
-fn corpus_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/ds-configs")
+/// `$DS_CONFIG_CORPUS`, else `shared/ds-configs` beside the enclosing workspace (the first
+/// ancestor of this crate whose `Cargo.toml` declares `[workspace]`).
+fn corpus_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("DS_CONFIG_CORPUS") {
+        return Some(PathBuf::from(d));
+    }
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = crate_dir.ancestors().find(|d| {
+        std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
+    })?;
+    let dir = root.parent()?.join("shared/ds-configs");
+    dir.is_dir().then_some(dir)
 }
 
 struct Row {
@@ -41,7 +53,13 @@ fn expectations() -> BTreeMap<String, Row> {
 
 #[test]
 fn every_corpus_file_resolves_or_is_refused_precisely() {
-    let dir = corpus_dir();
+    let Some(dir) = corpus_dir() else {
+        eprintln!(
+            "skipped: no config corpus (shared/ds-configs beside the workspace, or \
+             $DS_CONFIG_CORPUS)"
+        );
+        return;
+    };
     let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
         panic!(
             "the config corpus must be at {} (the shared folder beside the repository): {e}",
@@ -102,6 +120,10 @@ fn every_corpus_file_resolves_or_is_refused_precisely() {
 /// values the HF integration would have filled in are supplied.
 #[test]
 fn hf_auto_files_resolve_with_supplied_values() {
+    let Some(dir) = corpus_dir() else {
+        eprintln!("skipped: no config corpus");
+        return;
+    };
     let mut auto = BTreeMap::new();
     auto.insert(
         "train_micro_batch_size_per_gpu".to_string(),
@@ -128,7 +150,7 @@ fn hf_auto_files_resolve_with_supplied_values() {
         "tatsu-lab__stanford_alpaca__configs__default_offload_opt_param.json",
         "lm-sys__FastChat__playground__deepspeed_config_s3.json",
     ] {
-        let r = DeepSpeedConfig::from_path(corpus_dir().join(name))
+        let r = DeepSpeedConfig::from_path(dir.join(name))
             .and_then(|c| c.resolve_with(&opts))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(r.train_micro_batch_size_per_gpu, 4, "{name}");

@@ -700,10 +700,15 @@ fn files_and_their_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The workspace's example configs: the JSON and TOML forms resolve to the same config.
+/// The workspace's example configs: the JSON and TOML forms resolve to the same config
+/// (skipped outside the workspace: the crate as packaged).
 #[test]
 fn example_configs_json_and_toml_agree() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
+    if !dir.is_dir() {
+        eprintln!("skipped: no workspace example configs at {}", dir.display());
+        return;
+    }
     let a = DeepSpeedConfig::from_path(dir.join("gpt_zero2.json"))
         .unwrap()
         .resolve(2)

@@ -53,3 +53,8 @@ pub enum EngineError {
     #[error("checkpoint: {0}")]
     Checkpoint(String),
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

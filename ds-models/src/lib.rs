@@ -243,3 +243,8 @@ mod tests {
         mlp.set_param(idx, &base).unwrap();
     }
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -70,3 +70,8 @@ pub use scaler::{
     trace_scales, DynamicLossScaler, LossScaler, LossScalerOptions, LossScalerState, NoLossScaler,
     ScalerVariant, SkipReason, StaticLossScaler, StepDecision,
 };
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

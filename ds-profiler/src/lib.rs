@@ -108,3 +108,8 @@ pub enum ProfilerError {
     #[error("invalid argument: {0}")]
     Invalid(String),
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

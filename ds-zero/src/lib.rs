@@ -75,3 +75,8 @@ pub enum ZeroError {
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
 }
+
+/// The README's examples, compiled and run as doc tests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

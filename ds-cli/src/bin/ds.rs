@@ -177,6 +177,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Overlay the loss curves of several runs in one picture (PNG, and an SVG beside it) from
+    /// their CSV monitors (the config's `csv_monitor`), to compare runs without TensorBoard.
+    Plot {
+        /// csv_monitor folders (`<output_path>/<job_name>`, holding Train_Samples_train_loss.csv),
+        /// or folders holding such folders (each one a run, named after its folder).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The PNG to write; the SVG goes beside it (same name, .svg).
+        #[arg(long, short, default_value = "loss_curves.png")]
+        out: PathBuf,
+        /// The picture's title (default: the runs' names).
+        #[arg(long)]
+        title: Option<String>,
+        /// Trained samples on the x axis instead of optimizer steps (compares runs of different
+        /// batch sizes).
+        #[arg(long)]
+        samples: bool,
+        /// EMA smoothing weight of the train loss in [0, 1) (TensorBoard's slider; default 0.6
+        /// up to 625 steps, then a window of about steps/250 points).
+        #[arg(long, value_parser = parse_smoothing)]
+        smoothing: Option<f64>,
+    },
     /// Component benchmarks.
     Bench {
         #[command(subcommand)]
@@ -215,6 +237,14 @@ struct ModelFlags {
     /// Vocabulary size.
     #[arg(long, default_value_t = ds_cli::train::DEFAULT_SHAPE.vocab, value_parser = clap::value_parser!(u64).range(2..).map(|v| v as usize))]
     vocab: usize,
+}
+
+/// `--smoothing`: a weight in [0, 1).
+fn parse_smoothing(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if (0.0..1.0).contains(&w) => Ok(w),
+        _ => Err(format!("{s} is not a smoothing weight in [0, 1)")),
+    }
 }
 
 /// Where `ds train` with no arguments writes its checkpoint and loss curve.
@@ -737,6 +767,36 @@ fn main() -> ExitCode {
                             gib(p.disk_write_bytes_per_step)
                         );
                     }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Plot {
+            dirs,
+            out,
+            title,
+            samples,
+            smoothing,
+        } => {
+            let result = ds_engine::plot::load_csv_runs(&dirs, !samples).and_then(|runs| {
+                let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+                let mut opts = ds_engine::plot::PlotOptions::titled(
+                    &title.unwrap_or_else(|| format!("loss: {}", names.join(" vs "))),
+                );
+                opts.smoothing = smoothing;
+                if samples {
+                    opts.x_label = "samples".into();
+                }
+                ds_engine::plot::write_pictures(&out, &runs, &opts).map(|svg| (runs.len(), svg))
+            });
+            match result {
+                Ok((n, svg)) => {
+                    let runs = if n == 1 { "run" } else { "runs" };
+                    eprintln!("wrote {} and {} ({n} {runs})", out.display(), svg.display());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
