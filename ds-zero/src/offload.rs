@@ -504,21 +504,18 @@ impl Offload {
         let mut free: Vec<Vec<AlignedBuf>> = (0..slots)
             .map(|_| files.iter().map(|_| AlignedBuf::zeroed(4 * c)).collect())
             .collect();
-        let mut reads: VecDeque<(usize, Vec<Ticket>)> = VecDeque::new();
+        let mut reads: VecDeque<Vec<Ticket>> = VecDeque::new();
         let mut writes: VecDeque<(Vec<Ticket>, Option<Ticket>)> = VecDeque::new();
-        let mut wait_s = 0.0;
         let mut compute_s = 0.0;
         let mut next = 0usize;
-        let (mut bytes_r, mut bytes_w) = (0u64, 0u64);
+        let mut bytes_w = 0u64;
         let span = |k: usize| (k * c, ((k + 1) * c).min(n));
         // Waits for the oldest write and returns its buffers.
-        let reclaim = |writes: &mut VecDeque<(Vec<Ticket>, Option<Ticket>)>,
-                       wait_s: &mut f64|
+        let reclaim = |writes: &mut VecDeque<(Vec<Ticket>, Option<Ticket>)>|
          -> Result<Option<Vec<AlignedBuf>>, ZeroError> {
             let Some((ts, pt)) = writes.pop_front() else {
                 return Ok(None);
             };
-            let w = Instant::now();
             let bufs = ts
                 .into_iter()
                 .map(|t| t.wait())
@@ -526,52 +523,46 @@ impl Offload {
             if let Some(pt) = pt {
                 pt.wait()?;
             }
-            *wait_s += w.elapsed().as_secs_f64();
             Ok(Some(bufs))
+        };
+        // Starts reading chunk `k` of every file into `bufs`.
+        let start_read = |k: usize, bufs: Vec<AlignedBuf>| -> Result<Vec<Ticket>, ZeroError> {
+            let (lo, hi) = span(k);
+            files
+                .iter()
+                .zip(bufs)
+                .map(|(f, b)| sw.read(f, lo, b, hi - lo))
+                .collect()
         };
         for k in 0..nchunks {
             // Chunk k's read (issued ahead with pipeline_read, else now).
-            while next <= k {
+            if next <= k {
                 let bufs = match free.pop() {
                     Some(b) => b,
-                    None => reclaim(&mut writes, &mut wait_s)?
+                    None => reclaim(&mut writes)?
                         .ok_or_else(|| ZeroError::Io("swap pipeline: no buffer".into()))?,
                 };
-                let (lo, hi) = span(next);
-                let mut ts = Vec::with_capacity(bufs.len());
-                for (f, b) in files.iter().zip(bufs) {
-                    ts.push(sw.read(f, lo, b, hi - lo)?);
-                }
-                bytes_r += (4 * (hi - lo) * files.len()) as u64;
-                reads.push_back((next, ts));
-                next += 1;
+                reads.push_back(start_read(k, bufs)?);
+                next = k + 1;
             }
-            let Some((_, ts)) = reads.pop_front() else {
+            let Some(ts) = reads.pop_front() else {
                 return Err(ZeroError::Io("swap pipeline: no read in flight".into()));
             };
-            let w = Instant::now();
             let mut bufs = ts
                 .into_iter()
                 .map(|t| t.wait())
                 .collect::<Result<Vec<_>, _>>()?;
-            wait_s += w.elapsed().as_secs_f64();
             if opts.pipeline_read {
                 // Keep reads ahead in the free buffers, and at least one in flight.
                 while next < nchunks && (!free.is_empty() || reads.is_empty()) {
                     let b = match free.pop() {
                         Some(b) => b,
-                        None => match reclaim(&mut writes, &mut wait_s)? {
+                        None => match reclaim(&mut writes)? {
                             Some(b) => b,
                             None => break,
                         },
                     };
-                    let (lo, hi) = span(next);
-                    let mut ts = Vec::with_capacity(b.len());
-                    for (f, b) in files.iter().zip(b) {
-                        ts.push(sw.read(f, lo, b, hi - lo)?);
-                    }
-                    bytes_r += (4 * (hi - lo) * files.len()) as u64;
-                    reads.push_back((next, ts));
+                    reads.push_back(start_read(next, b)?);
                     next += 1;
                 }
             }
@@ -597,20 +588,22 @@ impl Offload {
             if pt.is_some() {
                 bytes_w += (*model_bytes * m) as u64;
             }
-            let mut ts = Vec::with_capacity(bufs.len());
-            for (f, b) in files.iter().zip(bufs) {
-                ts.push(sw.write(f, lo, b, m)?);
-            }
-            bytes_w += (4 * m * files.len()) as u64;
+            let ts = files
+                .iter()
+                .zip(bufs)
+                .map(|(f, b)| sw.write(f, lo, b, m))
+                .collect::<Result<Vec<_>, _>>()?;
             writes.push_back((ts, pt));
             if !opts.pipeline_write {
-                while let Some(b) = reclaim(&mut writes, &mut wait_s)? {
+                while let Some(b) = reclaim(&mut writes)? {
                     free.push(b);
                 }
             }
         }
-        while reclaim(&mut writes, &mut wait_s)?.is_some() {}
-        let _ = wait_s;
+        while reclaim(&mut writes)?.is_some() {}
+        // Every chunk of every file read once and written once.
+        let bytes_r = (4 * n * files.len()) as u64;
+        bytes_w += bytes_r;
         let mut s = lock(stats);
         s.bytes_read += bytes_r;
         s.bytes_written += bytes_w;
