@@ -128,6 +128,11 @@ pub struct TrainArgs {
     /// Held-out sequences evaluated at the end (`None`: 128; 0 skips the evaluation, e.g.
     /// for a model whose full weights should never be gathered into memory).
     pub eval_samples: Option<usize>,
+    /// Held-out evaluation every N steps during training (`Some(0)`: never; `None`: at the
+    /// log lines of `steps_per_print`, on rank 0 at ZeRO stages 0-2 only, and skipped where it
+    /// would take the evaluation past 10% of the run's time). At ZeRO-3 a periodic
+    /// evaluation gathers the full weights (a collective on every rank).
+    pub eval_interval: Option<u64>,
 }
 
 impl Default for TrainArgs {
@@ -159,6 +164,7 @@ impl Default for TrainArgs {
             device: "cpu".into(),
             autograd: false,
             eval_samples: None,
+            eval_interval: None,
         }
     }
 }
@@ -203,6 +209,11 @@ pub struct TrainReport {
     pub val_accuracy: Option<f64>,
     /// Addition: the held-out problems evaluated.
     pub val_problems: Option<usize>,
+    /// The held-out losses of the evaluations during training, as `[step, loss]` pairs
+    /// (`--eval-interval`; the final evaluation is `val_loss`).
+    pub val_curve: Vec<(u64, f64)>,
+    /// Wall seconds spent in held-out evaluation (during training and at the end).
+    pub eval_seconds: f64,
     /// The loss-curve PNG written, if any.
     pub loss_curve_png: Option<String>,
     /// The TensorBoard event file written, if any.
@@ -300,12 +311,29 @@ fn peak_rss_bytes() -> u64 {
 }
 
 /// A language model `ds train` can train and evaluate: token batches, a fixed sequence length
-/// and logits for the held-out evaluation (the GPT and the MLP of `ds-models`).
+/// and a forward for the held-out evaluation (the GPT and the MLP of `ds-models`).
 pub trait LanguageModel: Model<Batch = ds_engine::traits::Tokens> {
     /// Tokens per sequence.
     fn seq_len(&self) -> usize;
     /// Logits (B*T, V) of `ids` (B, T) on the CPU device.
     fn logits(&self, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>;
+    /// The summed next-token loss of `batch` sequences and each position's argmax token,
+    /// without dropout. The default runs [`LanguageModel::logits`]; the GPT runs its explicit
+    /// kernels' forward.
+    fn eval_batch(
+        &self,
+        ids: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> candle_core::Result<(f64, Vec<u32>)> {
+        let seq = ids.len() / batch.max(1);
+        let x = candle_core::Tensor::from_slice(ids, (batch, seq), &Device::Cpu)?;
+        let y = candle_core::Tensor::from_slice(targets, ids.len(), &Device::Cpu)?;
+        let logits = self.logits(&x)?.detach();
+        let l = ds_models::kernels::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+        let preds = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        Ok((f64::from(l) * ids.len() as f64, preds))
+    }
 }
 
 impl LanguageModel for Gpt {
@@ -314,6 +342,14 @@ impl LanguageModel for Gpt {
     }
     fn logits(&self, ids: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
         Gpt::logits(self, ids)
+    }
+    fn eval_batch(
+        &self,
+        ids: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> candle_core::Result<(f64, Vec<u32>)> {
+        self.evaluate_tokens(ids, targets, batch)
     }
 }
 
@@ -327,13 +363,16 @@ impl LanguageModel for Mlp {
 }
 
 /// Held-out evaluation of `model` on `inputs`/`targets` (whole sequences of the model's
-/// `seq`): the mean next-token loss, and with `answers` (groups of target indices) the
-/// fraction of groups whose every position's argmax equals its target.
+/// `seq`) in micro-batches of `micro` sequences (the training micro-batch: the evaluation
+/// never holds more than a training step does): the mean next-token loss (per sequence
+/// position, averaged), and with `answers` (groups of target indices) the fraction of groups
+/// whose every position's argmax equals its target.
 pub fn evaluate<M: LanguageModel + ?Sized>(
     model: &M,
     inputs: &[u32],
     targets: &[u32],
     answers: &[Vec<usize>],
+    micro: usize,
 ) -> Result<(f64, Option<f64>), EngineError> {
     let seq = model.seq_len();
     if inputs.len() != targets.len() || inputs.is_empty() || !inputs.len().is_multiple_of(seq) {
@@ -344,25 +383,18 @@ pub fn evaluate<M: LanguageModel + ?Sized>(
         )));
     }
     let n = inputs.len() / seq;
-    let chunk = 16;
+    let chunk = micro.max(1);
     let mut loss = 0.0;
     let mut preds = Vec::with_capacity(targets.len());
     for c in (0..n).step_by(chunk) {
         let b = chunk.min(n - c);
-        let x = candle_core::Tensor::from_slice(
+        let (l, p) = model.eval_batch(
             &inputs[c * seq..(c + b) * seq],
-            (b, seq),
-            &Device::Cpu,
-        )?;
-        let y = candle_core::Tensor::from_slice(
             &targets[c * seq..(c + b) * seq],
-            b * seq,
-            &Device::Cpu,
+            b,
         )?;
-        let logits = model.logits(&x)?.detach();
-        let l = ds_models::kernels::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
-        loss += f64::from(l) * b as f64;
-        preds.extend(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+        loss += l;
+        preds.extend(p);
     }
     let mut right = 0usize;
     for a in answers {
@@ -374,7 +406,7 @@ pub fn evaluate<M: LanguageModel + ?Sized>(
         right += usize::from(a.iter().all(|&i| preds[i] == targets[i]));
     }
     let acc = (!answers.is_empty()).then(|| right as f64 / answers.len() as f64);
-    Ok((loss / n as f64, acc))
+    Ok((loss / targets.len() as f64, acc))
 }
 
 /// The checkpoint store of `--out`, after checking `--save-interval` and `--resume` against it.
@@ -445,6 +477,7 @@ fn held_out<M: LanguageModel>(
     source: &Source,
     samples: usize,
     rank: usize,
+    micro: usize,
     gather: impl FnOnce() -> Result<Vec<f32>, EngineError>,
     model: impl FnOnce() -> Result<M, EngineError>,
 ) -> Result<EvalResult, EngineError> {
@@ -460,7 +493,7 @@ fn held_out<M: LanguageModel>(
     if rank != 0 {
         return Ok(EvalResult::default());
     }
-    let (loss, acc) = evaluate_flat(&model()?, &full, &inputs, &targets, &answers)?;
+    let (loss, acc) = evaluate_flat(&model()?, &full, &inputs, &targets, &answers, micro)?;
     Ok(EvalResult {
         loss: Some(loss),
         accuracy: acc,
@@ -475,6 +508,7 @@ fn evaluate_flat<M: LanguageModel>(
     inputs: &[u32],
     targets: &[u32],
     answers: &[Vec<usize>],
+    micro: usize,
 ) -> Result<(f64, Option<f64>), EngineError> {
     let mut off = 0;
     for (i, p) in model.params().iter().enumerate() {
@@ -488,7 +522,7 @@ fn evaluate_flat<M: LanguageModel>(
         model.set_param(i, v)?;
         off += n;
     }
-    evaluate(model, inputs, targets, answers)
+    evaluate(model, inputs, targets, answers, micro)
 }
 
 /// Held-out data of a source: (inputs, targets, answer groups).
@@ -521,6 +555,9 @@ struct EvalResult {
 struct RankResult {
     start: u64,
     eval: EvalResult,
+    /// Periodic held-out losses: (step, loss).
+    val_curve: Vec<(u64, f64)>,
+    eval_seconds: f64,
     tensorboard: Option<String>,
     losses: Vec<f64>,
     /// The learning rate of each step.
@@ -915,15 +952,21 @@ fn drive<M: LanguageModel>(
         Some(b) => b.suspend(|| eprintln!("{line}")),
         None => eprintln!("{line}"),
     };
-    // Held-out accuracy in the progress lines: rank 0 holds the whole model at stages 0-2
-    // (without dropout the forward is the deterministic one).
-    let periodic = (rank == 0
-        && cfg.zero_optimization.stage < 3
-        && args.dropout == 0.0
-        && matches!(source, Source::Addition(_)))
-    .then(|| eval_data(source, args.eval_samples.unwrap_or(EVAL_SEQUENCES)))
-    .flatten()
-    .filter(|e| !e.answers.is_empty());
+    // Periodic held-out evaluation (`--eval-interval`; by default at the log lines within a
+    // 10% time budget, rank 0 alone at stages 0-2 where it holds the whole model).
+    let stage3 = cfg.zero_optimization.stage >= 3;
+    let eval_every = match args.eval_interval {
+        Some(k) => k,
+        None if stage3 => 0,
+        None => log_every,
+    };
+    let budgeted = args.eval_interval.is_none();
+    let periodic = (eval_every > 0)
+        .then(|| eval_data(source, args.eval_samples.unwrap_or(EVAL_SEQUENCES)))
+        .flatten();
+    let mut eval_model: Option<M> = None;
+    let (mut eval_secs, mut val_curve) = (0.0f64, Vec::new());
+    let run_t0 = Instant::now();
     let mut losses = Vec::new();
     let mut lrs = Vec::new();
     let mut step_ms = Vec::new();
@@ -979,12 +1022,62 @@ fn drive<M: LanguageModel>(
                 engine.skipped_steps(),
             ));
         }
-        if rank == 0 && log_every > 0 && (step + 1) % log_every == 0 {
-            let val = match &periodic {
-                Some(e) => {
-                    let (_, acc) = evaluate(engine.model(), &e.inputs, &e.targets, &e.answers)?;
-                    format!(", val_acc={:.3}", acc.unwrap_or(0.0))
+        // Periodic evaluation: the same decision on every rank where it is a collective
+        // (ZeRO-3's gather); rank 0 alone decides the budgeted default (no collective).
+        let mut last_eval = None;
+        if let Some(e) = periodic
+            .as_ref()
+            .filter(|_| (step + 1).is_multiple_of(eval_every) && step + 1 < end)
+        {
+            let within_budget = !budgeted
+                || eval_secs <= 0.1 * (run_t0.elapsed().as_secs_f64() - eval_secs).max(0.0);
+            if stage3 || (rank == 0 && within_budget) {
+                let te = Instant::now();
+                let r = if stage3 {
+                    let full = engine.gather_full_params()?;
+                    if rank == 0 {
+                        if eval_model.is_none() {
+                            eval_model = Some(fresh()?);
+                        }
+                        let m = eval_model
+                            .as_ref()
+                            .ok_or_else(|| EngineError::Data("evaluation model missing".into()))?;
+                        Some(evaluate_flat(
+                            m, &full, &e.inputs, &e.targets, &e.answers, micro,
+                        )?)
+                    } else {
+                        None
+                    }
+                } else {
+                    Some(evaluate(
+                        engine.model(),
+                        &e.inputs,
+                        &e.targets,
+                        &e.answers,
+                        micro,
+                    )?)
+                };
+                eval_secs += te.elapsed().as_secs_f64();
+                if let Some((l, a)) = r {
+                    val_curve.push((step + 1, l));
+                    let samples = (step + 1) * cfg.train_batch_size;
+                    monitors.event("Eval/Samples/val_loss", l, samples)?;
+                    if let Some(a) = a {
+                        monitors.event("Eval/Samples/val_accuracy", a, samples)?;
+                    }
+                    last_eval = Some((l, a));
                 }
+            }
+        }
+        let log_line = log_every > 0 && (step + 1).is_multiple_of(log_every);
+        if let (0, false, Some((l, a))) = (rank, log_line, last_eval) {
+            let acc = a.map(|a| format!(", val_acc={a:.3}")).unwrap_or_default();
+            say(format!("step={}, val_loss={l:.4}{acc}", step + 1));
+        }
+        if rank == 0 && log_line {
+            let val = match &last_eval {
+                Some((l, Some(a))) => format!(", val_loss={l:.4}, val_acc={a:.3}"),
+                Some((l, None)) => format!(", val_loss={l:.4}"),
                 None => String::new(),
             };
             let scale = if cfg.fp16.enabled {
@@ -1023,7 +1116,19 @@ fn drive<M: LanguageModel>(
     // Held-out evaluation on rank 0 over the full parameters (gathered by every rank: a
     // collective at every stage).
     let samples = args.eval_samples.unwrap_or(EVAL_SEQUENCES);
-    let eval = held_out(source, samples, rank, || engine.gather_full_params(), fresh)?;
+    let te = Instant::now();
+    let eval = held_out(
+        source,
+        samples,
+        rank,
+        micro,
+        || engine.gather_full_params(),
+        || match eval_model.take() {
+            Some(m) => Ok(m),
+            None => fresh(),
+        },
+    )?;
+    eval_secs += te.elapsed().as_secs_f64();
     let tensorboard = monitors.finish(&eval, end * cfg.train_batch_size)?;
     if let Some(store) = &store {
         let tag = format!("global_step{}", engine.global_steps());
@@ -1041,6 +1146,8 @@ fn drive<M: LanguageModel>(
     Ok(RankResult {
         start,
         eval,
+        val_curve,
+        eval_seconds: eval_secs,
         tensorboard,
         losses,
         lrs,
@@ -1520,8 +1627,13 @@ fn plot(args: &TrainArgs, mut r: TrainReport, lrs: &[f64]) -> Result<TrainReport
         if r.rank == 0 {
             let first = r.steps_before + 1;
             let mut run = ds_engine::plot::RunCurves::from_losses("train", &r.losses, lrs, first);
+            run.val_loss
+                .extend(r.val_curve.iter().map(|&(s, v)| (s as f64, v)));
             if let Some(v) = r.val_loss {
-                run.val_loss.push(((r.steps_before + r.steps) as f64, v));
+                let last = (r.steps_before + r.steps) as f64;
+                if run.val_loss.last().map(|p| p.0) != Some(last) {
+                    run.val_loss.push((last, v));
+                }
             }
             let model = match args.model {
                 ModelKind::Gpt => "GPT",
@@ -1583,6 +1695,8 @@ fn report(
         val_loss: r0.eval.loss,
         val_accuracy: r0.eval.accuracy,
         val_problems: r0.eval.problems,
+        val_curve: r0.val_curve.clone(),
+        eval_seconds: r0.eval_seconds,
         loss_curve_png: None,
         tensorboard_file: r0.tensorboard.clone(),
         steps_before: r0.start,

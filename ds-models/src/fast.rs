@@ -190,6 +190,31 @@ fn gelu_grad_row_body(h: &[f32], d: &mut [f32]) {
     }
 }
 
+/// The vectorised row helpers for the fused candle ops of [`crate::kernels`] (the same code
+/// as the explicit kernels, so the two paths round alike).
+pub(crate) mod rows {
+    /// Maximum of `x`.
+    pub(crate) fn max(x: &[f32]) -> f32 {
+        super::max16(x)
+    }
+    /// `x <- exp(x - shift)`; returns the sum.
+    pub(crate) fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
+        super::exp_shift_sum(x, shift)
+    }
+    /// Dot product.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        super::dot16(a, b)
+    }
+    /// `out <- gelu(h)`.
+    pub(crate) fn gelu(h: &[f32], out: &mut [f32]) {
+        super::gelu_row(h, out)
+    }
+    /// `d <- d * gelu'(h)`.
+    pub(crate) fn gelu_grad(h: &[f32], d: &mut [f32]) {
+        super::gelu_grad_row(h, d)
+    }
+}
+
 // ------------------------------------------------------------------ threads and matmul
 
 /// How a rank runs its kernels: `threads` > 1 splits rows over rayon's pool and runs matrix
@@ -1331,6 +1356,95 @@ fn ce_in_place(cx: Ctx, logits: &mut [f32], tg: &[u32], vocab: usize) -> f64 {
     row_loss.iter().sum::<f64>() / n as f64
 }
 
+/// Held-out evaluation on the explicit kernels: the summed next-token loss over the batch's
+/// positions and each position's argmax token. No dropout, nothing kept for a backward: one
+/// block's activations and the batch's logits are the largest buffers.
+pub(super) fn evaluate(gpt: &Gpt, ids: &[u32], targets: &[u32], b: usize) -> R<(f64, Vec<u32>)> {
+    let cx = Ctx {
+        threads: gpt.threads.max(1),
+    };
+    let s = gpt.shape;
+    let (c, vocab) = (s.hidden, s.vocab);
+    if b == 0 || ids.is_empty() || !ids.len().is_multiple_of(b) {
+        candle_core::bail!("evaluation: {} tokens do not make {b} sequences", ids.len());
+    }
+    let t = ids.len() / b;
+    if t > s.seq {
+        candle_core::bail!(
+            "sequence of {t} tokens is longer than the model's {}",
+            s.seq
+        );
+    }
+    if targets.len() != ids.len() {
+        candle_core::bail!("{} targets for {} inputs", targets.len(), ids.len());
+    }
+    if let Some(bad) = ids.iter().chain(targets).find(|&&k| k as usize >= vocab) {
+        candle_core::bail!("token {bad} outside the vocabulary of {vocab}");
+    }
+    let d = Dims {
+        b,
+        t,
+        c,
+        h: s.heads,
+    };
+    let n = b * t;
+    let mut x = vec![0f32; n * c];
+    {
+        let wte = View::new(&gpt.wte)?;
+        let wpe = View::new(&gpt.wpe)?;
+        let (wte, wpe) = (wte.s(), wpe.s());
+        for (i, row) in x.chunks_mut(c).enumerate() {
+            let (tok, pos) = (ids[i] as usize, i % t);
+            for ((o, &a), &p) in row
+                .iter_mut()
+                .zip(&wte[tok * c..(tok + 1) * c])
+                .zip(&wpe[pos * c..(pos + 1) * c])
+            {
+                *o = a + p;
+            }
+        }
+    }
+    for blk in &gpt.blocks {
+        let (y, acts) = block_fwd(cx, blk, &x, &d, None)?;
+        drop(acts);
+        x = y;
+    }
+    let (lnw, lnb) = (View::new(&gpt.ln_f.weight)?, View::new(&gpt.ln_f.bias)?);
+    let (xf, _, _) = ln_fwd(cx, &x, lnw.s(), lnb.s(), c);
+    drop(x);
+    let wte_v = View::new(&gpt.wte)?;
+    let mut logits = vec![0f32; n * vocab];
+    gemm_into(
+        cx.par(),
+        n,
+        vocab,
+        c,
+        &mut logits,
+        0,
+        vocab,
+        false,
+        mat(&xf, 0, c, 1),
+        mat(wte_v.s(), 0, 1, c),
+        1.0,
+    );
+    let mut row_loss = vec![0f64; n];
+    let mut preds = vec![0u32; n];
+    let (lp, pp) = (SendPtr(row_loss.as_mut_ptr()), SendPtr(preds.as_mut_ptr()));
+    cx.rows(&mut logits, vocab, |i, row| {
+        let mx = max16(row);
+        // The first position of the largest logit, as candle's argmax picks it.
+        let arg = row.iter().position(|&v| v == mx).unwrap_or(0);
+        let zt = row[targets[i] as usize];
+        let sum = exp_shift_sum(row, mx);
+        // SAFETY: row i writes only row_loss[i] and preds[i].
+        unsafe {
+            *lp.get().add(i) = f64::from(mx) + f64::from(sum).ln() - f64::from(zt);
+            *pp.get().add(i) = arg as u32;
+        }
+    });
+    Ok((row_loss.iter().sum(), preds))
+}
+
 thread_local! {
     static LOGITS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -1709,6 +1823,66 @@ mod tests {
         let ids = Tensor::from_vec(draw(), (b, t), &Device::Cpu).unwrap();
         let tg = Tensor::from_vec(draw(), (b, t), &Device::Cpu).unwrap();
         (ids, tg)
+    }
+
+    #[test]
+    fn evaluation_matches_candle_forward_without_dropout() {
+        // The explicit-kernel evaluation against the candle-op forward of the same weights,
+        // with the loss recomputed in f64 from the candle logits; dropout set on the model
+        // must not act (Gpt::logits without dropout is the reference).
+        for (b, t) in [(3, 7), (1, 1), (2, 5)] {
+            let mut g = odd_model(11);
+            g.set_dropout(0.3, 5);
+            let (ids, tg) = batch(&g, b, t, 40 + b as u64);
+            let (ids_v, tg_v) = (u32s(&ids).unwrap(), u32s(&tg).unwrap());
+            let (sum, preds) = evaluate(&g, &ids_v, &tg_v, b).unwrap();
+            g.set_dropout(0.0, 5);
+            let logits = g.logits(&ids).unwrap().to_vec2::<f32>().unwrap();
+            let mut want = 0f64;
+            for (i, row) in logits.iter().enumerate() {
+                let mx = row
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+                let lse = mx
+                    + row
+                        .iter()
+                        .map(|&v| (f64::from(v) - mx).exp())
+                        .sum::<f64>()
+                        .ln();
+                want += lse - f64::from(row[tg_v[i] as usize]);
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |a, (j, &v)| if v > a.1 { (j, v) } else { a },
+                    );
+                // An argmax may differ only between logits equal to f32 rounding.
+                let got = preds[i] as usize;
+                assert!(
+                    got == best.0 || (row[got] - best.1).abs() <= 1e-5 * best.1.abs().max(1.0),
+                    "row {i}: argmax {got} vs {}",
+                    best.0
+                );
+            }
+            assert!(
+                (sum - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "b={b} t={t}: loss sum {sum} vs {want}"
+            );
+            // The candle fallback of Gpt::evaluate_tokens gives the same.
+            g.set_explicit_kernels(false);
+            let (sum2, preds2) = g.evaluate_tokens(&ids_v, &tg_v, b).unwrap();
+            assert!((sum2 - want).abs() <= 1e-5 * want.abs().max(1.0));
+            assert_eq!(preds2.len(), preds.len());
+        }
+        // Bad input is an error, not a panic.
+        let g = odd_model(1);
+        assert!(evaluate(&g, &[1, 2, 3], &[1, 2, 3], 2).is_err());
+        assert!(evaluate(&g, &[1, 2], &[1, 99], 1).is_err());
+        assert!(
+            evaluate(&g, &[0; 8], &[0; 8], 1).is_err(),
+            "longer than seq 7"
+        );
     }
 
     fn assert_close(a: &FwdBwd, r: &FwdBwd, names: &[String]) {

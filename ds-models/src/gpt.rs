@@ -97,12 +97,10 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x
-            .reshape((rows, inp))?
-            .matmul(&w(&self.weight, mode).t()?)?;
+        let x2 = x.reshape((rows, inp))?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(&w(b, mode))?,
-            None => y,
+            Some(b) => crate::kernels::linear(&x2, &w(&self.weight, mode), &w(b, mode))?,
+            None => x2.matmul(&w(&self.weight, mode).t()?)?,
         };
         let mut out = dims;
         let last = out.len() - 1;
@@ -1115,6 +1113,42 @@ impl Gpt {
         let _g = prof.scope("head", "Linear");
         prof.record_linear(&[b, t, d], self.shape.vocab);
         x.matmul(&self.wte.t()?)
+    }
+
+    /// Held-out evaluation of `batch` sequences (`ids` and `targets` hold `batch` x T tokens):
+    /// the summed next-token loss over every position, and each position's argmax token.
+    /// No dropout, and nothing is kept for a backward pass. An f32 model on the CPU runs the
+    /// explicit kernels (the training step's forward); any other runs candle ops.
+    pub fn evaluate_tokens(
+        &self,
+        ids: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> candle_core::Result<(f64, Vec<u32>)> {
+        if self.fast && fast::supported(self) {
+            return fast::evaluate(self, ids, targets, batch);
+        }
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
+            candle_core::bail!(
+                "evaluation: {} tokens do not make {batch} sequences",
+                ids.len()
+            );
+        }
+        if targets.len() != ids.len() {
+            candle_core::bail!("{} targets for {} inputs", targets.len(), ids.len());
+        }
+        let dev = self.wte.device().clone();
+        let x = Tensor::from_slice(ids, (batch, ids.len() / batch), &dev)?;
+        let y = Tensor::from_slice(targets, ids.len(), &dev)?;
+        let mut h = self.embed(&x)?.detach();
+        for blk in &self.blocks {
+            h = blk.forward_mode(&h, Mode::Untracked, None)?;
+        }
+        let logits = self.head(&h)?.detach().to_dtype(DType::F32)?;
+        let n = ids.len() as f64;
+        let mean = crate::kernels::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+        let preds = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        Ok((f64::from(mean) * n, preds))
     }
 
     /// Logits (B*T, V) of `ids` (B, T).

@@ -10,6 +10,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::fast::rows;
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{what}: expected f32");
@@ -71,10 +73,12 @@ impl CustomOp2 for CrossEntropy {
         let total: f64 = x
             .par_chunks(v)
             .zip(t.par_iter())
-            .map(|(row, &k)| {
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let s: f32 = row.iter().map(|&z| (z - m).exp()).sum();
-                f64::from(m + s.ln() - row[k as usize])
+            .map_init(Vec::new, |scratch, (row, &k)| {
+                let m = rows::max(row);
+                scratch.clear();
+                scratch.extend_from_slice(row);
+                let s = rows::exp_shift_sum(scratch, m);
+                f64::from(m) + f64::from(s).ln() - f64::from(row[k as usize])
             })
             .sum();
         Ok((
@@ -120,13 +124,9 @@ impl CustomOp2 for CrossEntropyGrad {
             .zip(x.par_chunks(v))
             .zip(t.par_iter())
             .for_each(|((o, row), &k)| {
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut s = 0f32;
-                for (oi, &z) in o.iter_mut().zip(row) {
-                    let e = (z - m).exp();
-                    *oi = e;
-                    s += e;
-                }
+                let m = rows::max(row);
+                o.copy_from_slice(row);
+                let s = rows::exp_shift_sum(o, m);
                 let r = scale / s;
                 for oi in o.iter_mut() {
                     *oi *= r;
@@ -336,14 +336,10 @@ impl CustomOp1 for CausalSoftmax {
             .for_each(|(ym, xm)| {
                 for i in 0..t {
                     let row = &xm[i * t..i * t + i + 1];
-                    let out = &mut ym[i * t..(i + 1) * t];
-                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
-                    let mut s = 0f32;
-                    for j in 0..=i {
-                        let e = (row[j] * scale - m).exp();
-                        out[j] = e;
-                        s += e;
-                    }
+                    let out = &mut ym[i * t..i * t + i + 1];
+                    out.iter_mut().zip(row).for_each(|(o, &v)| *o = v * scale);
+                    let m = rows::max(out);
+                    let s = rows::exp_shift_sum(out, m);
                     let r = 1.0 / s;
                     for v in out[..=i].iter_mut() {
                         *v *= r;
@@ -386,7 +382,7 @@ impl CustomOp2 for SoftmaxGrad {
         dx.par_chunks_mut(t)
             .zip(y.par_chunks(t).zip(dy.par_chunks(t)))
             .for_each(|(o, (yr, gr))| {
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                let dot = rows::dot(yr, gr);
                 for j in 0..t {
                     o[j] = scale * yr[j] * (gr[j] - dot);
                 }
@@ -416,17 +412,6 @@ pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
 
 // ------------------------------------------------------------------ GELU (tanh)
 
-const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
-const GELU_K: f32 = 0.044_715;
-
-/// tanh through one exp (faster than libm's tanhf, accurate to a few ulp in f32).
-#[inline]
-fn fast_tanh(u: f32) -> f32 {
-    let u = u.clamp(-15.0, 15.0);
-    let e = (2.0 * u).exp();
-    (e - 1.0) / (e + 1.0)
-}
-
 /// GELU with the tanh approximation (PyTorch's `approximate='tanh'`).
 struct Gelu;
 
@@ -441,10 +426,7 @@ impl CustomOp1 for Gelu {
         y.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, xs)| {
-                for (oi, &v) in o.iter_mut().zip(xs) {
-                    let t = fast_tanh(GELU_C * (v + GELU_K * v * v * v));
-                    *oi = 0.5 * v * (1.0 + t);
-                }
+                rows::gelu(xs, o);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -483,12 +465,8 @@ impl CustomOp2 for GeluGrad {
         dx.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
             .for_each(|(o, (xs, gs))| {
-                for ((oi, &v), &gi) in o.iter_mut().zip(xs).zip(gs) {
-                    let t = fast_tanh(GELU_C * (v + GELU_K * v * v * v));
-                    let d = 0.5 * (1.0 + t)
-                        + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_K * v * v);
-                    *oi = gi * d;
-                }
+                o.copy_from_slice(gs);
+                rows::gelu_grad(xs, o);
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -501,6 +479,108 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         return x.gelu();
     }
     x.contiguous()?.apply_op1(Gelu)
+}
+
+// ------------------------------------------------------------------ linear
+
+/// `x W^T + b` for x (N, in), W (out, in), b (out): one matrix product with the bias as its
+/// initial value, and a backward of two products reading the operands in place (no transposed
+/// copies) plus one column sum for the bias, on the explicit kernels' GEMM.
+struct LinearOp;
+
+fn cpu_f32(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => Ok(f32_slice(c, l, what)?.to_vec()),
+        _ => bail!("{what}: expected a CPU tensor"),
+    }
+}
+
+fn threads() -> crate::fast::Threads {
+    crate::fast::Threads(rayon::current_num_threads().max(1))
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let (n, din) = l1.shape().dims2()?;
+        let (dout, win) = l2.shape().dims2()?;
+        if win != din || b.len() != dout {
+            bail!(
+                "{}: x {:?}, weight {:?}, bias {:?} do not fit",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let y = crate::fast::linear_forward(threads(), x, w, b, n, din, dout)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, dout))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, din) = x.dims2()?;
+        let dout = w.dim(0)?;
+        let (xv, wv, dy) = (
+            cpu_f32(x, self.name())?,
+            cpu_f32(w, self.name())?,
+            cpu_f32(grad, self.name())?,
+        );
+        let mut dx = vec![0f32; n * din];
+        let mut dw = vec![0f32; dout * din];
+        let mut db = vec![0f32; dout];
+        crate::fast::linear_backward(
+            threads(),
+            &dy,
+            &xv,
+            &wv,
+            n,
+            din,
+            dout,
+            &mut dx,
+            &mut dw,
+            &mut db,
+        )?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, din), dev)?),
+            Some(Tensor::from_vec(dw, (dout, din), dev)?),
+            Some(Tensor::from_vec(db, dout, dev)?),
+        ))
+    }
+}
+
+/// `x W^T + b` for x (N, in), weight (out, in), bias (out): fused on the CPU in f32 (forward
+/// and backward on the explicit kernels' GEMM), candle's generic matmul and broadcast add
+/// elsewhere.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !(fused(x) && fused(weight) && fused(bias)) {
+        return x.matmul(&weight.t()?)?.broadcast_add(bias);
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)
 }
 
 #[cfg(test)]
@@ -610,6 +690,38 @@ mod tests {
         let gb = (b * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
         assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn linear_matches_matmul_plus_bias_forward_and_backward() {
+        // Odd sizes (not multiples of any SIMD width); the reference is candle's generic
+        // matmul + broadcast add with its own backward, compared in f64-free f32 tolerance.
+        let mut rng = Rng::new(9);
+        for (n, din, dout) in [(13, 7, 5), (1, 1, 1), (33, 17, 29)] {
+            let x = rand(&mut rng, &[n, din]);
+            let w = rand(&mut rng, &[dout, din]);
+            let b = rand(&mut rng, &[dout]);
+            let up =
+                Tensor::from_vec(rng.normal_vec(n * dout, 1.0), (n, dout), &Device::Cpu).unwrap();
+            let a = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+            let r = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap();
+            assert!(max_diff(&a, &r) < 1e-5);
+            let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (r * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w, &b] {
+                let d = max_diff(ga.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(d < 1e-4, "({n},{din},{dout}): {d}");
+            }
+        }
+        // Shapes that do not fit are an error.
+        let x = rand(&mut rng, &[3, 4]);
+        let w = rand(&mut rng, &[2, 5]);
+        let b = rand(&mut rng, &[2]);
+        assert!(linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).is_err());
     }
 
     #[test]

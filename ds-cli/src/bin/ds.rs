@@ -95,6 +95,12 @@ enum Command {
         /// which gathers the full weights into memory).
         #[arg(long)]
         eval_samples: Option<usize>,
+        /// Held-out evaluation every N steps during training (0: only at the end). Default:
+        /// at the log lines (`steps_per_print`) at ZeRO stages 0-2, skipped where it would
+        /// take evaluation past 10% of the run's time; none during training at ZeRO-3 (there
+        /// it gathers the full weights, a collective).
+        #[arg(long)]
+        eval_interval: Option<u64>,
         /// Also save a checkpoint into --out every N steps (decoupled, i.e. in the background,
         /// with the config's `checkpoint.writer.decoupled: true`).
         #[arg(long)]
@@ -472,6 +478,7 @@ fn main() -> ExitCode {
             device,
             autograd,
             eval_samples,
+            eval_interval,
             mut model,
             json,
         } => {
@@ -554,6 +561,7 @@ fn main() -> ExitCode {
                 device,
                 autograd,
                 eval_samples,
+                eval_interval,
             };
             match ds_cli::train::train(&args) {
                 // Under mpirun every process trains; rank 0 reports.
