@@ -705,7 +705,7 @@ struct Tiles {
     k: usize,
 }
 
-const TILES: Tiles = Tiles { q: 64, k: 64 };
+const TILES: Tiles = Tiles { q: 64, k: 256 };
 
 thread_local! {
     /// Per-thread scratch of the blocked attention (tiles of scores and accumulators).
