@@ -1686,8 +1686,7 @@ pub fn profile(
     // The forward pass holds the weights and one batch's activations: refused up front when
     // they cannot fit (it aborted on allocation).
     // The profiled forward runs on candle's ops: the full probabilities.
-    let (weights, activations, params) =
-        memory_lower_bound(ModelKind::Gpt, shape, batch, false);
+    let (weights, activations, params) = memory_lower_bound(ModelKind::Gpt, shape, batch, false);
     if let Some(avail) = ds_profiler::mem_available_bytes() {
         if weights + activations > avail as f64 {
             return Err(EngineError::Config(format!(

@@ -697,15 +697,20 @@ fn gelu_bwd(cx: Ctx, h: &[f32], dg: &mut [f32], cols: usize) {
     });
 }
 
-/// Query rows x key columns of one tile of the blocked attention (measured on the reference
-/// head shape, head dim 64: see BENCHMARKS.md).
+/// Query rows x key columns of one tile of the blocked attention.
 #[derive(Debug, Clone, Copy)]
 struct Tiles {
     q: usize,
     k: usize,
 }
 
-const TILES: Tiles = Tiles { q: 64, k: 256 };
+/// The forward's tiles and the backward's, chosen by measurement at head dim 64 (GPT-2 small's
+/// heads, T 256 to 2048; BENCHMARKS.md): within the noise of a shared machine from 64 to 256
+/// keys and 64 to 128 query rows, slower below (more calls into the GEMM, each packing its
+/// operands). A forward thread holds 64 x 256 scores (64 KiB), a backward thread two tiles of
+/// 64 x 128 and the key tile's dk, dv: cache-resident, and independent of T.
+const FWD_TILES: Tiles = Tiles { q: 64, k: 256 };
+const BWD_TILES: Tiles = Tiles { q: 64, k: 128 };
 
 thread_local! {
     /// Per-thread scratch of the blocked attention (tiles of scores and accumulators).
@@ -729,7 +734,7 @@ fn with_scratch<T>(n: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
 /// tiles up to the diagonal with an online softmax (running maximum and sum), so no more than
 /// one tile of scores exists per thread: memory linear in T.
 fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
-    attn_fwd_tiled(cx, qkv, b, t, c, h, TILES)
+    attn_fwd_tiled(cx, qkv, b, t, c, h, FWD_TILES)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -831,7 +836,7 @@ fn attn_fwd_tiled(
 
 /// Backward of [`attn_fwd`] (FlashAttention-2's): `dqkv` (B*T, 3C) from `dy` (B*T, C), the
 /// forward's output `y` and log-sum-exp `lse`. Each key tile's probabilities are recomputed
-/// from `q`, `k` and `lse`, tile by tile against the query tiles at and below the diagonal,
+/// from `q`, `k` and `lse`, tile by tile against the query rows from the key tile's first on,
 /// with `D = rowsum(dy * y)` computed first; `dk`, `dv` gather in the key tile's scratch,
 /// `dq` in place. One task per head, or, with fewer heads than threads, the key tiles of a
 /// head dealt round-robin to several tasks whose `dq` partial sums are added afterwards in
@@ -848,7 +853,7 @@ fn attn_bwd(
     c: usize,
     h: usize,
 ) -> Vec<f32> {
-    attn_bwd_tiled(cx, dy, qkv, y, lse, b, t, c, h, TILES)
+    attn_bwd_tiled(cx, dy, qkv, y, lse, b, t, c, h, BWD_TILES)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -917,7 +922,7 @@ fn attn_bwd_tiled(
                 let bc = k1 - k0;
                 dk[..bc * hd].fill(0.0);
                 dv[..bc * hd].fill(0.0);
-                for r0 in ((k0 / tq) * tq..t).step_by(tq) {
+                for r0 in (k0..t).step_by(tq) {
                     let r1 = (r0 + tq).min(t);
                     let br = r1 - r0;
                     let kk = k1.min(r1) - k0;
@@ -2079,7 +2084,12 @@ mod tests {
                 let row = |i: usize| bi * t + i;
                 for i in 0..t {
                     let s: Vec<f64> = (0..=i)
-                        .map(|j| (0..hd).map(|e| x(row(i), q0 + e) * x(row(j), k0 + e)).sum::<f64>() * sc)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|e| x(row(i), q0 + e) * x(row(j), k0 + e))
+                                .sum::<f64>()
+                                * sc
+                        })
                         .collect();
                     let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
@@ -2121,37 +2131,41 @@ mod tests {
     #[test]
     fn blocked_attention_matches_f64_reference() {
         let mut rng = Rng::new(11);
-        // (B, T, C, heads): T = 1, T not a multiple of any tile, odd head dims, several heads.
-        for &(b, t, c, h) in &[
-            (1, 1, 3, 1),
-            (2, 7, 6, 2),
-            (1, 13, 15, 3),
-            (2, 33, 8, 2),
-            (1, 130, 64, 2),
-            (3, 70, 12, 1),
+        // (B, T, C, heads, spread of qkv): T = 1, T not a multiple of any tile, odd head dims,
+        // several heads, several key tiles of the default size with large scores (the running
+        // maximum moves: the online softmax rescales).
+        for &(b, t, c, h, sd) in &[
+            (1, 1, 3, 1, 1.5),
+            (2, 7, 6, 2, 1.5),
+            (1, 13, 15, 3, 1.5),
+            (2, 33, 8, 2, 1.5),
+            (1, 130, 64, 2, 1.5),
+            (3, 70, 12, 1, 1.5),
+            (1, 300, 16, 2, 3.0),
         ] {
-            let qkv = rng.normal_vec(b * t * 3 * c, 1.5);
+            let qkv = rng.normal_vec(b * t * 3 * c, sd);
             let dy = rng.normal_vec(b * t * c, 1.0);
             let (yr, gr) = attn_ref(&qkv, &dy, b, t, c, h);
-            for tiles in [
-                TILES,
-                Tiles { q: 1, k: 1 },
-                Tiles { q: 3, k: 5 },
-                Tiles { q: 5, k: 3 },
-                Tiles { q: 64, k: 16 },
-                Tiles { q: 16, k: 128 },
+            let same = |q, k| (Tiles { q, k }, Tiles { q, k });
+            for (ft, bt) in [
+                (FWD_TILES, BWD_TILES),
+                same(1, 1),
+                same(3, 5),
+                same(5, 3),
+                same(64, 16),
+                same(16, 128),
             ] {
                 // Threads 3 with fewer heads than threads deals key tiles to several tasks.
                 for threads in [1, 3] {
                     let cx = Ctx { threads };
-                    let (y, lse) = attn_fwd_tiled(cx, &qkv, b, t, c, h, tiles);
+                    let (y, lse) = attn_fwd_tiled(cx, &qkv, b, t, c, h, ft);
                     assert_eq!(lse.len(), b * h * t);
                     let ey = max_rel(&y, &yr);
-                    let g = attn_bwd_tiled(cx, &dy, &qkv, &y, &lse, b, t, c, h, tiles);
+                    let g = attn_bwd_tiled(cx, &dy, &qkv, &y, &lse, b, t, c, h, bt);
                     let eg = max_rel(&g, &gr);
                     assert!(
                         ey < 2e-6 && eg < 5e-6,
-                        "B {b} T {t} C {c} H {h} {tiles:?} threads {threads}: y {ey:e}, dqkv {eg:e}"
+                        "B {b} T {t} C {c} H {h} {ft:?} {bt:?} threads {threads}: y {ey:e}, dqkv {eg:e}"
                     );
                 }
             }
