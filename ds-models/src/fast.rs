@@ -708,7 +708,9 @@ struct Tiles {
 /// heads, T 256 to 2048; BENCHMARKS.md): within the noise of a shared machine from 64 to 256
 /// keys and 64 to 128 query rows, slower below (more calls into the GEMM, each packing its
 /// operands). A forward thread holds 64 x 256 scores (64 KiB), a backward thread two tiles of
-/// 64 x 128 and the key tile's dk, dv: cache-resident, and independent of T.
+/// 64 x 128 and the key tile's dk, dv: cache-resident, and independent of T. One path for every
+/// T: the full-matrix form was not faster at T 128-256 either (forward+backward within the
+/// noise), so short sequences take these tiles too.
 const FWD_TILES: Tiles = Tiles { q: 64, k: 256 };
 const BWD_TILES: Tiles = Tiles { q: 64, k: 128 };
 
@@ -717,7 +719,8 @@ thread_local! {
     static ATT_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `f` with a zeroed-length-agnostic scratch of `n` values from this thread's pool.
+/// `f` with `n` values of this thread's attention scratch (contents left from earlier calls:
+/// the caller initialises what it reads).
 fn with_scratch<T>(n: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
     let mut s = ATT_SCRATCH.with(|l| std::mem::take(&mut *l.borrow_mut()));
     if s.len() < n {
