@@ -188,23 +188,25 @@ pub fn kernels_bench(
         })?;
         push(&format!("linear {name} backward"), sh, ms, 2.0 * f, 0.0);
     }
-    // Attention.
+    // Attention (blocked, causal): the work counted is the causal half of the score matrix,
+    // 2 products of 2 hd FLOPs per (query, visible key) forward; backward 5 products (the
+    // scores recomputed, then dv, dP, dq, dk), FlashAttention's convention (2.5 x forward).
     let qkv = rng.normal_vec(n * 3 * c, 1.0);
     let dy = rng.normal_vec(n * c, 1.0);
     let hd = c / h.max(1);
-    let f_att = 4.0 * (b * h * t * t * hd) as f64;
+    let f_att = 4.0 * (b * h * hd) as f64 * (t * (t + 1) / 2) as f64;
     let sh = format!("B {b}, heads {h}, T {t}, head dim {hd}");
-    let (_, probs) = fast::attention_forward(th, &qkv, b, t, c, h)?;
+    let (y, lse) = fast::attention_forward(th, &qkv, b, t, c, h)?;
     let ms = median_ms(reps, || {
         fast::attention_forward(th, &qkv, b, t, c, h)?;
         Ok(())
     })?;
     push("causal attention forward", sh.clone(), ms, f_att, 0.0);
     let ms = median_ms(reps, || {
-        fast::attention_backward(th, &dy, &qkv, &probs, b, t, c, h)?;
+        fast::attention_backward(th, &dy, &qkv, &y, &lse, b, t, c, h)?;
         Ok(())
     })?;
-    push("causal attention backward", sh, ms, 2.0 * f_att, 0.0);
+    push("causal attention backward", sh, ms, 2.5 * f_att, 0.0);
     // LayerNorm.
     let x = rng.normal_vec(n * c, 1.0);
     let w = vec![1f32; c];

@@ -1198,8 +1198,17 @@ pub fn open_device(name: &str) -> Result<Device, EngineError> {
 
 /// A lower bound of a model's memory, in f64 (the flags can make the counts overflow an
 /// integer): (fp32 weights bytes, one micro-batch's activation bytes through one block and the
-/// head: logits, hidden states, attention scores; parameter count).
-fn memory_lower_bound(kind: ModelKind, s: ModelShape, micro: usize) -> (f64, f64, f64) {
+/// head: logits, hidden states, attention state; parameter count). The attention state is what
+/// the GPT's path keeps: the explicit CPU kernels (`blocked_attention`) keep one log-sum-exp
+/// per row and head (B*H*T, linear in T; the T x T scores exist one tile per thread at a
+/// time), candle autograd (`--autograd`, non-CPU devices, `ds profile`) the B*H*T*T
+/// probabilities.
+fn memory_lower_bound(
+    kind: ModelKind,
+    s: ModelShape,
+    micro: usize,
+    blocked_attention: bool,
+) -> (f64, f64, f64) {
     let f = |x: usize| x as f64;
     let (d, t, v, l) = (f(s.hidden), f(s.seq), f(s.vocab), f(s.layers));
     let block = 12.0 * d * d + 13.0 * d;
@@ -1207,10 +1216,11 @@ fn memory_lower_bound(kind: ModelKind, s: ModelShape, micro: usize) -> (f64, f64
         ModelKind::Gpt => v * d + t * d + l * block + 2.0 * d,
         ModelKind::Mlp => 2.0 * v * d + l * (d * d + d) + v,
     };
-    let scores = if kind == ModelKind::Gpt {
-        f(s.heads.max(1)) * t
-    } else {
-        0.0
+    // Attention values kept per token.
+    let scores = match kind {
+        ModelKind::Gpt if blocked_attention => f(s.heads.max(1)),
+        ModelKind::Gpt => f(s.heads.max(1)) * t,
+        ModelKind::Mlp => 0.0,
     };
     let activations = 4.0 * f(micro.max(1)) * t * (v + 4.0 * d + scores);
     (4.0 * params, activations, params)
@@ -1230,7 +1240,9 @@ fn optimizer_state_bytes(cfg: &ResolvedConfig) -> u64 {
 fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let micro = cfg.train_micro_batch_size_per_gpu.max(1) as usize;
     let ws = args.world_size.max(1);
-    let (_, activations, params) = memory_lower_bound(args.model, args.shape, micro);
+    // The explicit CPU kernels' blocked attention, unless the GPT trains on candle autograd.
+    let blocked = args.device == "cpu" && !args.autograd;
+    let (_, activations, params) = memory_lower_bound(args.model, args.shape, micro, blocked);
     // Model states by `ds estimate-memory`'s formulas (fp32: the host engine keeps f32 weights
     // in every precision); the parameter count is clamped where it cannot fit anyway.
     let state_bytes = optimizer_state_bytes(cfg);
@@ -1787,7 +1799,8 @@ pub fn profile(
     }
     // The forward pass holds the weights and one batch's activations: refused up front when
     // they cannot fit (it aborted on allocation).
-    let (weights, activations, params) = memory_lower_bound(ModelKind::Gpt, shape, batch);
+    // The profiled forward runs on candle's ops: the full probabilities.
+    let (weights, activations, params) = memory_lower_bound(ModelKind::Gpt, shape, batch, false);
     if let Some(avail) = ds_profiler::mem_available_bytes() {
         if weights + activations > avail as f64 {
             return Err(EngineError::Config(format!(

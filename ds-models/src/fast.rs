@@ -722,155 +722,348 @@ fn gelu_bwd(cx: Ctx, h: &[f32], dg: &mut [f32], cols: usize) {
     });
 }
 
-/// Causal self-attention over `qkv` (B*T, 3C): returns `y` (B*T, C) and the attention
-/// probabilities (B, H, T, T; zero above the diagonal).
-fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
-    let hd = c / h;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut y = vec![0f32; b * t * c];
-    let mut att = vec![0f32; b * h * t * t];
-    let (yp, ap) = (SendPtr(y.as_mut_ptr()), SendPtr(att.as_mut_ptr()));
-    let (ylen, alen) = (y.len(), att.len());
-    cx.each(b * h, |bh| {
-        let (bi, hi) = (bh / h, bh % h);
-        // SAFETY: task (bi, hi) writes only its own T x T probability block and its own
-        // head's columns of y; the slices are rebuilt from pointers of live vectors.
-        let (y, att) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(yp.get(), ylen),
-                std::slice::from_raw_parts_mut(ap.get(), alen),
-            )
-        };
-        let base = bi * t * 3 * c + hi * hd;
-        let aoff = bh * t * t;
-        let p = &mut att[aoff..aoff + t * t];
-        gemm_into(
-            gemm::Parallelism::None,
-            t,
-            t,
-            hd,
-            p,
-            0,
-            t,
-            false,
-            mat(qkv, base, 3 * c, 1),
-            mat(qkv, base + c, 1, 3 * c),
-            scale,
-        );
-        for (r, row) in p.chunks_mut(t).enumerate() {
-            let live = &mut row[..=r];
-            let mx = max16(live);
-            let inv = 1.0 / exp_shift_sum(live, mx);
-            live.iter_mut().for_each(|v| *v *= inv);
-            row[r + 1..].fill(0.0);
-        }
-        let p = &att[aoff..aoff + t * t];
-        gemm_into(
-            gemm::Parallelism::None,
-            t,
-            hd,
-            t,
-            y,
-            bi * t * c + hi * hd,
-            c,
-            false,
-            mat(p, 0, t, 1),
-            mat(qkv, base + 2 * c, 3 * c, 1),
-            1.0,
-        );
-    });
-    (y, att)
+/// Query rows x key columns of one tile of the blocked attention.
+#[derive(Debug, Clone, Copy)]
+struct Tiles {
+    q: usize,
+    k: usize,
 }
 
-/// Backward of [`attn_fwd`]: `dqkv` (B*T, 3C) from `dy` (B*T, C).
+/// The forward's tiles and the backward's, chosen by measurement at head dim 64 (GPT-2 small's
+/// heads, T 256 to 2048; BENCHMARKS.md): within the noise of a shared machine from 64 to 256
+/// keys and 64 to 128 query rows, slower below (more calls into the GEMM, each packing its
+/// operands). A forward thread holds 64 x 256 scores (64 KiB), a backward thread two tiles of
+/// 64 x 128 and the key tile's dk, dv: cache-resident, and independent of T. One path for every
+/// T: the full-matrix form was not faster at T 128-256 either (forward+backward within the
+/// noise), so short sequences take these tiles too.
+const FWD_TILES: Tiles = Tiles { q: 64, k: 256 };
+const BWD_TILES: Tiles = Tiles { q: 64, k: 128 };
+
+thread_local! {
+    /// Per-thread scratch of the blocked attention (tiles of scores and accumulators).
+    static ATT_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` with `n` values of this thread's attention scratch (contents left from earlier calls:
+/// the caller initialises what it reads).
+fn with_scratch<T>(n: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+    let mut s = ATT_SCRATCH.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    if s.len() < n {
+        s.resize(n, 0.0);
+    }
+    let r = f(&mut s[..n]);
+    ATT_SCRATCH.with(|l| *l.borrow_mut() = s);
+    r
+}
+
+/// Causal self-attention over `qkv` (B*T, 3C), blocked (FlashAttention-2's forward): returns
+/// `y` (B*T, C) and the log-sum-exp of every row's scaled scores (B, H, T), all the backward
+/// needs besides `qkv` and `y`. Each task takes one query tile of one head and walks the key
+/// tiles up to the diagonal with an online softmax (running maximum and sum), so no more than
+/// one tile of scores exists per thread: memory linear in T.
+fn attn_fwd(cx: Ctx, qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+    attn_fwd_tiled(cx, qkv, b, t, c, h, FWD_TILES)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_fwd_tiled(
+    cx: Ctx,
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    tl: Tiles,
+) -> (Vec<f32>, Vec<f32>) {
+    let hd = c / h;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (tq, tk) = (tl.q.max(1), tl.k.max(1));
+    let mut y = vec![0f32; b * t * c];
+    let mut lse = vec![0f32; b * h * t];
+    let (yp, lp) = (SendPtr(y.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    let nq = t.div_ceil(tq);
+    cx.each(b * h * nq, |task| {
+        let (bh, qi) = (task / nq, task % nq);
+        let (bi, hi) = (bh / h, bh % h);
+        let (r0, r1) = (qi * tq, ((qi + 1) * tq).min(t));
+        let br = r1 - r0;
+        let qb = bi * t * 3 * c + hi * hd;
+        let (kb, vb) = (qb + c, qb + 2 * c);
+        with_scratch(br * tk + br * hd + 2 * br, |sc| {
+            let (s, rest) = sc.split_at_mut(br * tk);
+            let (o, rest) = rest.split_at_mut(br * hd);
+            let (m, l) = rest.split_at_mut(br);
+            o.fill(0.0);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            for k0 in (0..r1).step_by(tk) {
+                // Keys of this tile that some row of the query tile sees.
+                let kk = (k0 + tk).min(r1) - k0;
+                let s = &mut s[..br * kk];
+                gemm_into(
+                    gemm::Parallelism::None,
+                    br,
+                    kk,
+                    hd,
+                    s,
+                    0,
+                    kk,
+                    false,
+                    mat(qkv, qb + r0 * 3 * c, 3 * c, 1),
+                    mat(qkv, kb + k0 * 3 * c, 1, 3 * c),
+                    scale,
+                );
+                for (r, row) in s.chunks_mut(kk).enumerate() {
+                    let live = (r0 + r + 1).saturating_sub(k0).min(kk);
+                    if live == 0 {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let mx = max16(&row[..live]).max(m[r]);
+                    let sum = exp_shift_sum(&mut row[..live], mx);
+                    row[live..].fill(0.0);
+                    if mx > m[r] && m[r] > f32::NEG_INFINITY {
+                        let a = exp_f32(m[r] - mx);
+                        l[r] *= a;
+                        o[r * hd..(r + 1) * hd].iter_mut().for_each(|v| *v *= a);
+                    }
+                    l[r] += sum;
+                    m[r] = mx;
+                }
+                gemm_into(
+                    gemm::Parallelism::None,
+                    br,
+                    hd,
+                    kk,
+                    o,
+                    0,
+                    hd,
+                    true,
+                    mat(s, 0, kk, 1),
+                    mat(qkv, vb + k0 * 3 * c, 3 * c, 1),
+                    1.0,
+                );
+            }
+            for r in 0..br {
+                let inv = 1.0 / l[r];
+                let yo = (bi * t + r0 + r) * c + hi * hd;
+                // SAFETY: task (bh, qi) writes only rows r0..r1 of its head's columns of y and
+                // entries bh*t + r0..r1 of lse; both vectors outlive the parallel loop.
+                unsafe {
+                    let yr = std::slice::from_raw_parts_mut(yp.get().add(yo), hd);
+                    yr.iter_mut()
+                        .zip(&o[r * hd..(r + 1) * hd])
+                        .for_each(|(d, &v)| *d = v * inv);
+                    *lp.get().add(bh * t + r0 + r) = m[r] + l[r].ln();
+                }
+            }
+        });
+    });
+    (y, lse)
+}
+
+/// Backward of [`attn_fwd`] (FlashAttention-2's): `dqkv` (B*T, 3C) from `dy` (B*T, C), the
+/// forward's output `y` and log-sum-exp `lse`. Each key tile's probabilities are recomputed
+/// from `q`, `k` and `lse`, tile by tile against the query rows from the key tile's first on,
+/// with `D = rowsum(dy * y)` computed first; `dk`, `dv` gather in the key tile's scratch,
+/// `dq` in place. One task per head, or, with fewer heads than threads, the key tiles of a
+/// head dealt round-robin to several tasks whose `dq` partial sums are added afterwards in
+/// task order (the result depends on the thread count only).
 #[allow(clippy::too_many_arguments)]
 fn attn_bwd(
     cx: Ctx,
     dy: &[f32],
     qkv: &[f32],
-    att: &[f32],
+    y: &[f32],
+    lse: &[f32],
     b: usize,
     t: usize,
     c: usize,
     h: usize,
 ) -> Vec<f32> {
+    attn_bwd_tiled(cx, dy, qkv, y, lse, b, t, c, h, BWD_TILES)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd_tiled(
+    cx: Ctx,
+    dy: &[f32],
+    qkv: &[f32],
+    y: &[f32],
+    lse: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    tl: Tiles,
+) -> Vec<f32> {
     let hd = c / h;
     let scale = 1.0 / (hd as f32).sqrt();
+    let (tq, tk) = (tl.q.max(1), tl.k.max(1));
+    let bhn = b * h;
+    let nk = t.div_ceil(tk);
+    let np = if cx.threads > bhn && bhn > 0 {
+        cx.threads.div_ceil(bhn).min(nk).max(1)
+    } else {
+        1
+    };
+    // D[bh, r] = dy_r . y_r over the head's columns.
+    let mut dd = vec![0f32; bhn * t];
+    cx.rows(&mut dd, t.max(1), |bh, row| {
+        let (bi, hi) = (bh / h, bh % h);
+        for (r, d) in row.iter_mut().enumerate() {
+            let o = (bi * t + r) * c + hi * hd;
+            *d = dot16(&dy[o..o + hd], &y[o..o + hd]);
+        }
+    });
     let mut dqkv = vec![0f32; b * t * 3 * c];
+    let mut parts: Vec<Vec<f32>> = if np > 1 {
+        (0..bhn * np).map(|_| vec![0f32; t * hd]).collect()
+    } else {
+        Vec::new()
+    };
     let dp = SendPtr(dqkv.as_mut_ptr());
     let dlen = dqkv.len();
-    cx.each(b * h, |bh| {
+    let pp = SendPtr(parts.as_mut_ptr());
+    let dd = &dd;
+    cx.each(bhn * np, |task| {
+        let (bh, p) = (task / np, task % np);
         let (bi, hi) = (bh / h, bh % h);
-        // SAFETY: task (bi, hi) writes only its own head's columns of its own rows of dqkv.
-        let dqkv = unsafe { std::slice::from_raw_parts_mut(dp.get(), dlen) };
-        let base = bi * t * 3 * c + hi * hd;
-        let yoff = bi * t * c + hi * hd;
-        let p = &att[bh * t * t..(bh + 1) * t * t];
-        let mut ds = vec![0f32; t * t];
-        // dP = dy_h v^T
-        gemm_into(
-            gemm::Parallelism::None,
-            t,
-            t,
-            hd,
-            &mut ds,
-            0,
-            t,
-            false,
-            mat(dy, yoff, c, 1),
-            mat(qkv, base + 2 * c, 1, 3 * c),
-            1.0,
-        );
-        // dv = P^T dy_h
-        gemm_into(
-            gemm::Parallelism::None,
-            t,
-            hd,
-            t,
-            dqkv,
-            base + 2 * c,
-            3 * c,
-            false,
-            mat(p, 0, 1, t),
-            mat(dy, yoff, c, 1),
-            1.0,
-        );
-        // dS = P * (dP - rowdot(P, dP)) * scale
-        for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-            let dot = dot16(&drow[..=r], &prow[..=r]);
-            for (d, &pv) in drow[..=r].iter_mut().zip(&prow[..=r]) {
-                *d = pv * (*d - dot) * scale;
+        let qb = bi * t * 3 * c + hi * hd;
+        let (kb, vb) = (qb + c, qb + 2 * c);
+        let yb = bi * t * c + hi * hd;
+        // Where this task's q gradient goes: the head's q columns of dqkv when it is the head's
+        // one task, else its own partial buffer.
+        let (dqp, dq_len, dqoff, dqld) = if np > 1 {
+            // SAFETY: `parts` holds bhn * np buffers, `task` indexes one, used by this task only.
+            let part = unsafe { &mut *pp.get().add(task) };
+            (SendPtr(part.as_mut_ptr()), part.len(), 0, hd)
+        } else {
+            (dp, dlen, qb, 3 * c)
+        };
+        with_scratch(2 * tq * tk + 2 * tk * hd, |sc| {
+            let (s, rest) = sc.split_at_mut(tq * tk);
+            let (ds, rest) = rest.split_at_mut(tq * tk);
+            let (dk, dv) = rest.split_at_mut(tk * hd);
+            for j in (p..nk).step_by(np) {
+                let (k0, k1) = (j * tk, ((j + 1) * tk).min(t));
+                let bc = k1 - k0;
+                dk[..bc * hd].fill(0.0);
+                dv[..bc * hd].fill(0.0);
+                for r0 in (k0..t).step_by(tq) {
+                    let r1 = (r0 + tq).min(t);
+                    let br = r1 - r0;
+                    let kk = k1.min(r1) - k0;
+                    let s = &mut s[..br * kk];
+                    let ds = &mut ds[..br * kk];
+                    // P = exp(scale q k^T - lse), zero above the diagonal.
+                    gemm_into(
+                        gemm::Parallelism::None,
+                        br,
+                        kk,
+                        hd,
+                        s,
+                        0,
+                        kk,
+                        false,
+                        mat(qkv, qb + r0 * 3 * c, 3 * c, 1),
+                        mat(qkv, kb + k0 * 3 * c, 1, 3 * c),
+                        scale,
+                    );
+                    for (r, row) in s.chunks_mut(kk).enumerate() {
+                        let live = (r0 + r + 1).saturating_sub(k0).min(kk);
+                        exp_shift_sum(&mut row[..live], lse[bh * t + r0 + r]);
+                        row[live..].fill(0.0);
+                    }
+                    // dv += P^T dy
+                    gemm_into(
+                        gemm::Parallelism::None,
+                        kk,
+                        hd,
+                        br,
+                        dv,
+                        0,
+                        hd,
+                        true,
+                        mat(s, 0, 1, kk),
+                        mat(dy, yb + r0 * c, c, 1),
+                        1.0,
+                    );
+                    // dP = dy v^T, then dS = P (dP - D) scale
+                    gemm_into(
+                        gemm::Parallelism::None,
+                        br,
+                        kk,
+                        hd,
+                        ds,
+                        0,
+                        kk,
+                        false,
+                        mat(dy, yb + r0 * c, c, 1),
+                        mat(qkv, vb + k0 * 3 * c, 1, 3 * c),
+                        1.0,
+                    );
+                    for (r, (drow, prow)) in ds.chunks_mut(kk).zip(s.chunks(kk)).enumerate() {
+                        let dr = dd[bh * t + r0 + r];
+                        for (d, &pv) in drow.iter_mut().zip(prow) {
+                            *d = pv * (*d - dr) * scale;
+                        }
+                    }
+                    // dq += dS k ; dk += dS^T q
+                    // SAFETY: task (bh, p) writes the q columns of head bh only when it is the
+                    // head's one task (np == 1), else its own partial buffer; the slice lives
+                    // for this one product.
+                    let dq = unsafe { std::slice::from_raw_parts_mut(dqp.get(), dq_len) };
+                    gemm_into(
+                        gemm::Parallelism::None,
+                        br,
+                        hd,
+                        kk,
+                        dq,
+                        dqoff + r0 * dqld,
+                        dqld,
+                        true,
+                        mat(ds, 0, kk, 1),
+                        mat(qkv, kb + k0 * 3 * c, 3 * c, 1),
+                        1.0,
+                    );
+                    gemm_into(
+                        gemm::Parallelism::None,
+                        kk,
+                        hd,
+                        br,
+                        dk,
+                        0,
+                        hd,
+                        true,
+                        mat(ds, 0, 1, kk),
+                        mat(qkv, qb + r0 * 3 * c, 3 * c, 1),
+                        1.0,
+                    );
+                }
+                // SAFETY: the k and v columns of head bh in the rows of key tile j are written
+                // by this task only (j = p mod np); the slice lives for this copy.
+                let dqkv = unsafe { std::slice::from_raw_parts_mut(dp.get(), dlen) };
+                for r in 0..bc {
+                    let o = (bi * t + k0 + r) * 3 * c + hi * hd;
+                    dqkv[o + c..o + c + hd].copy_from_slice(&dk[r * hd..(r + 1) * hd]);
+                    dqkv[o + 2 * c..o + 2 * c + hd].copy_from_slice(&dv[r * hd..(r + 1) * hd]);
+                }
             }
-            drow[r + 1..].fill(0.0);
-        }
-        // dq = dS k ; dk = dS^T q
-        gemm_into(
-            gemm::Parallelism::None,
-            t,
-            hd,
-            t,
-            dqkv,
-            base,
-            3 * c,
-            false,
-            mat(&ds, 0, t, 1),
-            mat(qkv, base + c, 3 * c, 1),
-            1.0,
-        );
-        gemm_into(
-            gemm::Parallelism::None,
-            t,
-            hd,
-            t,
-            dqkv,
-            base + c,
-            3 * c,
-            false,
-            mat(&ds, 0, 1, t),
-            mat(qkv, base, 3 * c, 1),
-            1.0,
-        );
+        });
     });
+    if np > 1 {
+        for (task, part) in parts.iter().enumerate() {
+            let (bi, hi) = (task / np / h, task / np % h);
+            for (r, row) in part.chunks(hd).enumerate() {
+                let o = (bi * t + r) * 3 * c + hi * hd;
+                dqkv[o..o + hd]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(d, &v)| *d += v);
+            }
+        }
+    }
     dqkv
 }
 
@@ -1019,8 +1212,11 @@ fn attn_check(qkv: usize, b: usize, t: usize, c: usize, heads: usize) -> R<()> {
     check_len("attention qkv", qkv, b * t * 3 * c)
 }
 
-/// Causal self-attention of `qkv` (B*T, 3C: queries, keys, values): `(y, probs)` with `y`
-/// (B*T, C) and the attention probabilities (B, heads, T, T), zero above the diagonal.
+/// Causal self-attention of `qkv` (B*T, 3C: queries, keys, values), blocked
+/// (FlashAttention-2's algorithm on the host): `(y, lse)` with `y` (B*T, C) and the log-sum-exp
+/// of each row's scaled attention scores (B, heads, T), which with `qkv` and `y` is all
+/// [`attention_backward`] needs. The T x T probabilities are never stored: memory is linear in
+/// T (one tile of scores per thread besides the output).
 pub fn attention_forward(
     th: Threads,
     qkv: &[f32],
@@ -1033,13 +1229,15 @@ pub fn attention_forward(
     Ok(attn_fwd(th.cx(), qkv, b, t, c, heads))
 }
 
-/// Backward of [`attention_forward`]: the gradient of `qkv`.
+/// Backward of [`attention_forward`]: the gradient of `qkv` from `dy` (B*T, C), the forward's
+/// output `y` and its `lse`; each tile's probabilities are recomputed from `q`, `k` and `lse`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     th: Threads,
     dy: &[f32],
     qkv: &[f32],
-    probs: &[f32],
+    y: &[f32],
+    lse: &[f32],
     b: usize,
     t: usize,
     c: usize,
@@ -1047,8 +1245,9 @@ pub fn attention_backward(
 ) -> R<Vec<f32>> {
     attn_check(qkv.len(), b, t, c, heads)?;
     check_len("attention dy", dy.len(), b * t * c)?;
-    check_len("attention probs", probs.len(), b * heads * t * t)?;
-    Ok(attn_bwd(th.cx(), dy, qkv, probs, b, t, c, heads))
+    check_len("attention y", y.len(), b * t * c)?;
+    check_len("attention lse", lse.len(), b * heads * t)?;
+    Ok(attn_bwd(th.cx(), dy, qkv, y, lse, b, t, c, heads))
 }
 
 /// Mean softmax cross-entropy of `logits` (rows of `vocab`) against `targets`, fused with its
@@ -1140,7 +1339,8 @@ struct Acts {
     mean1: Vec<f32>,
     rstd1: Vec<f32>,
     qkv: Vec<f32>,
-    att: Vec<f32>,
+    /// Per (batch, head, row) log-sum-exp of the attention scores (B*H*T: linear in T).
+    lse: Vec<f32>,
     y: Vec<f32>,
     x1: Vec<f32>,
     xn2: Vec<f32>,
@@ -1178,7 +1378,7 @@ fn block_fwd(
     let (n, c) = (d.b * d.t, d.c);
     let (xn1, mean1, rstd1) = ln_fwd(cx, x, v[0].s(), v[1].s(), c);
     let qkv = linear_fwd(cx, &xn1, v[2].s(), v[3].s(), n, c, 3 * c);
-    let (y, att) = attn_fwd(cx, &qkv, d.b, d.t, c, d.h);
+    let (y, lse) = attn_fwd(cx, &qkv, d.b, d.t, c, d.h);
     let mut a = linear_fwd(cx, &y, v[4].s(), v[5].s(), n, c, c);
     if let Some(mk) = mask(key, a.len(), 0) {
         a.iter_mut().zip(mk).for_each(|(a, m)| *a *= m);
@@ -1200,7 +1400,7 @@ fn block_fwd(
             mean1,
             rstd1,
             qkv,
-            att,
+            lse,
             y,
             x1,
             xn2,
@@ -1301,7 +1501,7 @@ fn block_bwd(
         g_projb,
     );
     drop(da);
-    let dqkv = attn_bwd(cx, &dy, &a.qkv, &a.att, d.b, d.t, c, d.h);
+    let dqkv = attn_bwd(cx, &dy, &a.qkv, &a.y, &a.lse, d.b, d.t, c, d.h);
     drop(dy);
     let mut dxn1 = dxn2;
     linear_bwd(
@@ -2040,6 +2240,115 @@ mod tests {
             .sum()
     }
 
+    /// Naive causal attention in f64 over the full T x T matrix: `y`, and the gradient of
+    /// `qkv` for the output gradient `dy` (the analytic softmax backward).
+    fn attn_ref(
+        qkv: &[f32],
+        dy: &[f32],
+        b: usize,
+        t: usize,
+        c: usize,
+        h: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let hd = c / h;
+        let sc = 1.0 / (hd as f64).sqrt();
+        let x = |r: usize, col: usize| f64::from(qkv[r * 3 * c + col]);
+        let mut y = vec![0f64; b * t * c];
+        let mut g = vec![0f64; b * t * 3 * c];
+        for bi in 0..b {
+            for hi in 0..h {
+                let (q0, k0, v0) = (hi * hd, c + hi * hd, 2 * c + hi * hd);
+                let row = |i: usize| bi * t + i;
+                for i in 0..t {
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|e| x(row(i), q0 + e) * x(row(j), k0 + e))
+                                .sum::<f64>()
+                                * sc
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                    let p: Vec<f64> = s.iter().map(|v| (v - mx).exp() / z).collect();
+                    let dyr = |e: usize| f64::from(dy[row(i) * c + hi * hd + e]);
+                    for e in 0..hd {
+                        y[row(i) * c + hi * hd + e] =
+                            (0..=i).map(|j| p[j] * x(row(j), v0 + e)).sum();
+                    }
+                    // dP_j = dy_i . v_j ; dS_j = P_j (dP_j - sum_k P_k dP_k)
+                    let dpv: Vec<f64> = (0..=i)
+                        .map(|j| (0..hd).map(|e| dyr(e) * x(row(j), v0 + e)).sum())
+                        .collect();
+                    let dot: f64 = p.iter().zip(&dpv).map(|(a, b)| a * b).sum();
+                    for j in 0..=i {
+                        let ds = p[j] * (dpv[j] - dot) * sc;
+                        for e in 0..hd {
+                            g[row(i) * 3 * c + q0 + e] += ds * x(row(j), k0 + e);
+                            g[row(j) * 3 * c + k0 + e] += ds * x(row(i), q0 + e);
+                            g[row(j) * 3 * c + v0 + e] += p[j] * dyr(e);
+                        }
+                    }
+                }
+            }
+        }
+        (y, g)
+    }
+
+    fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        got.iter()
+            .zip(want)
+            .map(|(&a, &b)| (f64::from(a) - b).abs())
+            .fold(0f64, f64::max)
+            / scale
+    }
+
+    #[test]
+    fn blocked_attention_matches_f64_reference() {
+        let mut rng = Rng::new(11);
+        // (B, T, C, heads, spread of qkv): T = 1, T not a multiple of any tile, odd head dims,
+        // several heads, several key tiles of the default size with large scores (the running
+        // maximum moves: the online softmax rescales).
+        for &(b, t, c, h, sd) in &[
+            (1, 1, 3, 1, 1.5),
+            (2, 7, 6, 2, 1.5),
+            (1, 13, 15, 3, 1.5),
+            (2, 33, 8, 2, 1.5),
+            (1, 130, 64, 2, 1.5),
+            (3, 70, 12, 1, 1.5),
+            (1, 300, 16, 2, 3.0),
+        ] {
+            let qkv = rng.normal_vec(b * t * 3 * c, sd);
+            let dy = rng.normal_vec(b * t * c, 1.0);
+            let (yr, gr) = attn_ref(&qkv, &dy, b, t, c, h);
+            let same = |q, k| (Tiles { q, k }, Tiles { q, k });
+            for (ft, bt) in [
+                (FWD_TILES, BWD_TILES),
+                same(1, 1),
+                same(3, 5),
+                same(5, 3),
+                same(64, 16),
+                same(16, 128),
+            ] {
+                // Threads 3 with fewer heads than threads deals key tiles to several tasks.
+                for threads in [1, 3] {
+                    let cx = Ctx { threads };
+                    let (y, lse) = attn_fwd_tiled(cx, &qkv, b, t, c, h, ft);
+                    assert_eq!(lse.len(), b * h * t);
+                    let ey = max_rel(&y, &yr);
+                    let g = attn_bwd_tiled(cx, &dy, &qkv, &y, &lse, b, t, c, h, bt);
+                    let eg = max_rel(&g, &gr);
+                    assert!(
+                        ey < 2e-6 && eg < 5e-6,
+                        "B {b} T {t} C {c} H {h} {ft:?} {bt:?} threads {threads}: y {ey:e}, dqkv {eg:e}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn public_kernels_match_central_differences() {
         let th = Threads(1);
@@ -2048,8 +2357,8 @@ mod tests {
         let (b, t, c, h) = (2, 5, 6, 2);
         let qkv = rng.normal_vec(b * t * 3 * c, 1.0);
         let r = rng.normal_vec(b * t * c, 1.0);
-        let (_, probs) = attention_forward(th, &qkv, b, t, c, h).unwrap();
-        let g = attention_backward(th, &r, &qkv, &probs, b, t, c, h).unwrap();
+        let (y, lse) = attention_forward(th, &qkv, b, t, c, h).unwrap();
+        let g = attention_backward(th, &r, &qkv, &y, &lse, b, t, c, h).unwrap();
         let f = |x: &[f32]| weighted(&attention_forward(th, x, b, t, c, h).unwrap().0, &r);
         fd_check("attention", &f, &qkv, &g);
         // Causality: a later token's query/key/value never changes an earlier output.
