@@ -1201,8 +1201,8 @@ pub fn open_device(name: &str) -> Result<Device, EngineError> {
 /// head: logits, hidden states, attention state; parameter count). The attention state is what
 /// the GPT's path keeps: the explicit CPU kernels (`blocked_attention`) keep one log-sum-exp
 /// per row and head (B*H*T, linear in T; the T x T scores exist one tile per thread at a
-/// time), candle autograd (`--autograd`, non-CPU devices, `ds profile`) the B*H*T*T
-/// probabilities.
+/// time; candle autograd on the CPU through the same blocked kernels), candle autograd on
+/// other devices and `ds profile` the B*H*T*T probabilities.
 fn memory_lower_bound(
     kind: ModelKind,
     s: ModelShape,
@@ -1240,8 +1240,9 @@ fn optimizer_state_bytes(cfg: &ResolvedConfig) -> u64 {
 fn preflight(args: &TrainArgs, cfg: &ResolvedConfig) -> Result<(), EngineError> {
     let micro = cfg.train_micro_batch_size_per_gpu.max(1) as usize;
     let ws = args.world_size.max(1);
-    // The explicit CPU kernels' blocked attention, unless the GPT trains on candle autograd.
-    let blocked = args.device == "cpu" && !args.autograd;
+    // The blocked attention of the CPU (the explicit kernels, and candle autograd's fused
+    // attention op on the CPU); other devices run candle's generic attention.
+    let blocked = args.device == "cpu";
     let (_, activations, params) = memory_lower_bound(args.model, args.shape, micro, blocked);
     // Model states by `ds estimate-memory`'s formulas (fp32: the host engine keeps f32 weights
     // in every precision); the parameter count is clamped where it cannot fit anyway.

@@ -375,24 +375,8 @@ impl GptBlock {
         drop: Option<DropKey>,
     ) -> candle_core::Result<Tensor> {
         let l = self.layers.borrow();
-        let (b, t, c) = x.dims3()?;
-        let h = self.heads;
-        let hd = c / h;
         let qkv = l.qkv.forward_mode(&l.ln1.forward_mode(x, mode)?, mode)?;
-        let split = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, i * c, c)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let att = q.matmul(&k.t()?)?;
-        let att = crate::kernels::causal_softmax(&att, 1.0 / (hd as f64).sqrt())?;
-        let y = att
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, c))?;
+        let y = crate::kernels::causal_attention(&qkv, self.heads)?;
         let a = apply_dropout(l.proj.forward_mode(&y, mode)?, drop, 0)?;
         let x = (x + a)?;
         let h = l.fc.forward_mode(&l.ln2.forward_mode(&x, mode)?, mode)?;

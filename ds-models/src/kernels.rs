@@ -583,6 +583,101 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)
 }
 
+// ------------------------------------------------------------------ causal attention
+
+/// Causal self-attention of `qkv` (B*T, 3C) to `y` (B*T, C) on the explicit kernels' blocked
+/// (FlashAttention-2) attention: the forward keeps one log-sum-exp per row and head for its
+/// backward, never the T x T probabilities.
+struct AttentionOp {
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    /// The forward's log-sum-exp (B, H, T), read by the backward.
+    lse: std::sync::Mutex<Vec<f32>>,
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s, l, self.name())?;
+        let (y, lse) =
+            crate::fast::attention_forward(threads(), qkv, self.b, self.t, self.c, self.heads)?;
+        match self.lse.lock() {
+            Ok(mut g) => *g = lse,
+            Err(_) => bail!("{}: state lock poisoned", self.name()),
+        }
+        Ok((CpuStorage::F32(y), Shape::from((self.b * self.t, self.c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let qkv = cpu_f32(arg, self.name())?;
+        let y = cpu_f32(res, self.name())?;
+        let dy = cpu_f32(grad, self.name())?;
+        let lse = match self.lse.lock() {
+            Ok(g) => g.clone(),
+            Err(_) => bail!("{}: state lock poisoned", self.name()),
+        };
+        let d = crate::fast::attention_backward(
+            threads(),
+            &dy,
+            &qkv,
+            &y,
+            &lse,
+            self.b,
+            self.t,
+            self.c,
+            self.heads,
+        )?;
+        Ok(Some(Tensor::from_vec(d, arg.shape(), arg.device())?))
+    }
+}
+
+/// Causal self-attention with `heads` heads of `qkv` (B, T, 3C) (queries, keys, values side
+/// by side, as the GPT's fused projection writes them) to (B, T, C), scaled by
+/// 1/sqrt(head dim): fused and blocked on the CPU in f32, candle's generic ops (with the
+/// T x T probabilities) elsewhere.
+pub fn causal_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    if heads == 0 || c3 % 3 != 0 || c % heads != 0 {
+        bail!(
+            "causal attention: qkv {:?} does not split into 3 x {heads} heads",
+            qkv.dims()
+        );
+    }
+    let hd = c / heads;
+    if !fused(qkv) {
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let att = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f64).sqrt())?;
+        return att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, c));
+    }
+    let op = AttentionOp {
+        b,
+        t,
+        c,
+        heads,
+        lse: std::sync::Mutex::new(Vec::new()),
+    };
+    qkv.reshape((b * t, c3))?
+        .contiguous()?
+        .apply_op1(op)?
+        .reshape((b, t, c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,6 +785,70 @@ mod tests {
         let gb = (b * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
         assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn causal_attention_matches_the_generic_form_forward_and_backward() {
+        // The fused blocked attention against candle's matmuls + masked softmax (the path
+        // other devices run), on odd shapes: head dim 3, T not a multiple of any tile.
+        let mut rng = Rng::new(12);
+        for (b, t, heads, hd) in [(2, 7, 3, 3), (1, 1, 1, 4), (1, 70, 2, 5)] {
+            let c = heads * hd;
+            let qkv = rand(&mut rng, &[b, t, 3 * c]);
+            let up =
+                Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b, t, c), &Device::Cpu).unwrap();
+            let a = causal_attention(qkv.as_tensor(), heads).unwrap();
+            let split = |i: usize| {
+                qkv.narrow(2, i * c, c)
+                    .unwrap()
+                    .reshape((b, t, heads, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let (q, k, v) = (split(0), split(1), split(2));
+            let s = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+            let mask: Vec<f32> = (0..t * t)
+                .map(|i| {
+                    if i % t > i / t {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+            let p = candle_nn_free_softmax(&s.broadcast_add(&mask).unwrap());
+            let r = p
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, t, c))
+                .unwrap();
+            assert!(max_diff(&a, &r) < 1e-5, "({b},{t},{heads},{hd})");
+            let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (r * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(ga.get(&qkv).unwrap(), gr.get(&qkv).unwrap());
+            assert!(d < 1e-4, "({b},{t},{heads},{hd}): {d}");
+        }
+        let qkv = rand(&mut rng, &[1, 2, 10]);
+        assert!(
+            causal_attention(qkv.as_tensor(), 2).is_err(),
+            "10 is not 3 x C"
+        );
+    }
+
+    /// Softmax over the last dimension from candle's differentiable primitives.
+    fn candle_nn_free_softmax(x: &Tensor) -> Tensor {
+        let m = x.max_keepdim(D::Minus1).unwrap();
+        let e = x.broadcast_sub(&m).unwrap().exp().unwrap();
+        let s = e.sum_keepdim(D::Minus1).unwrap();
+        e.broadcast_div(&s).unwrap()
     }
 
     #[test]
