@@ -116,19 +116,15 @@ fn finish(mx: &[u32; LANES], sq_norm: f64, numel: usize) -> GradStats {
 /// `inv_scale` is `1 / scale_used`, the reciprocal of the loss scale used for this step's
 /// backward pass (see the crate docs on DeepSpeed issue #2686).
 pub fn unscale_check_norm_f32(grads: &mut [f32], inv_scale: f32) -> GradStats {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { unscale_check_norm_f32_avx2(grads, inv_scale) };
-    }
-    unscale_check_norm_f32_generic(grads, inv_scale)
+    unscale_check_norm_f32_simd(grads, inv_scale)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unscale_check_norm_f32_avx2(grads: &mut [f32], inv_scale: f32) -> GradStats {
-    unscale_check_norm_f32_generic(grads, inv_scale)
-}
+// Compiled for each `ds_simd` level (AVX-512, AVX2+FMA, baseline), run at `ds_simd::level()`;
+// every level gives the same bits (explicit lanes, no fused multiply-add).
+ds_simd::dispatch!(
+    fn unscale_check_norm_f32_simd, unscale_check_norm_f32_at =>
+        unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStats
+);
 
 #[inline(always)]
 fn unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStats {
@@ -143,19 +139,12 @@ fn unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStat
 /// Read-only pass: inf/nan check and squared norm of the values as they are (DeepSpeed's order:
 /// the norm of the still-scaled gradients, then [`deepspeed_combined_scale`]).
 pub fn check_norm_f32(grads: &[f32]) -> GradStats {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { check_norm_f32_avx2(grads) };
-    }
-    check_norm_f32_generic(grads)
+    check_norm_f32_simd(grads)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn check_norm_f32_avx2(grads: &[f32]) -> GradStats {
-    check_norm_f32_generic(grads)
-}
+ds_simd::dispatch!(
+    fn check_norm_f32_simd, check_norm_f32_at => check_norm_f32_generic(grads: &[f32]) -> GradStats
+);
 
 #[inline(always)]
 fn check_norm_f32_generic(grads: &[f32]) -> GradStats {

@@ -532,17 +532,7 @@ fn adam_step(
         decay,
         step_size,
     };
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    for_chunks(p, g, m, v, |p, g, m, v| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            unsafe { adam_rows_avx2(p, g, m, v, &k) };
-            return;
-        }
-        adam_rows(p, g, m, v, &k);
-    });
+    for_chunks(p, g, m, v, |p, g, m, v| adam_rows_simd(p, g, m, v, &k));
 }
 
 /// The per-step constants of the Adam update.
@@ -560,8 +550,8 @@ struct AdamConsts {
 }
 
 /// The Adam update over one chunk (vectorised by the compiler; the crate targets baseline
-/// x86-64, i.e. 4-lane SSE, unless called through [`adam_rows_avx2`]). No fused multiply-add,
-/// so every build gives bit-identical results.
+/// x86-64, i.e. 4-lane SSE, unless called through [`adam_rows_simd`]). No fused multiply-add,
+/// so every build and every SIMD level gives bit-identical results.
 #[inline(always)]
 fn adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts) {
     let n = p.len().min(g.len()).min(m.len()).min(v.len());
@@ -578,13 +568,12 @@ fn adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamCon
     }
 }
 
-/// [`adam_rows`] compiled for AVX2 (8 lanes: the square roots and divisions no longer bound the
-/// pass on CPUs without AVX-512).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn adam_rows_avx2(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts) {
-    adam_rows(p, g, m, v, k)
-}
+ds_simd::dispatch!(
+    /// [`adam_rows`] compiled for AVX-512 and AVX2+FMA as well, run at `ds_simd::level()` (8 or
+    /// 16 lanes: the square roots and divisions no longer bound the pass).
+    fn adam_rows_simd, adam_rows_at =>
+        adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts)
+);
 
 fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t: u64, gs: f32) {
     let lr = lr as f32;
