@@ -128,7 +128,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Kept::Graph(xin, y) => {
                 let g = (y * &upstream)?.sum_all()?.backward()?;
                 let dx = g.get(xin.as_tensor()).ok_or("no input gradient")?.detach();
-                let dp = bv.iter().map(|(_, v)| g.get(v.as_tensor()).map(|t| t.detach()));
+                let dp = bv
+                    .iter()
+                    .map(|(_, v)| g.get(v.as_tensor()).map(|t| t.detach()));
                 (dx, dp.collect())
             }
         };
@@ -140,7 +142,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // --- equal bit for bit
     let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
-        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
     };
     assert_eq!(
         loss.to_scalar::<f32>()?.to_bits(),
@@ -151,10 +157,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     for name in names {
-        let want = ref_grads.get(vars[name].as_tensor()).ok_or("no reference gradient")?;
+        let want = ref_grads
+            .get(vars[name].as_tensor())
+            .ok_or("no reference gradient")?;
         assert_eq!(bits(&grads[name])?, bits(want)?, "{name}: gradients differ");
     }
-    let checkpointed: Vec<usize> = (0..BLOCKS).filter(|&i| policy.checkpointed(i, BLOCKS)).collect();
+    let checkpointed: Vec<usize> = (0..BLOCKS)
+        .filter(|&i| policy.checkpointed(i, BLOCKS))
+        .collect();
     println!(
         "loss {:.6}; blocks {checkpointed:?} checkpointed ({saved_bytes} bytes of saved inputs); \
          all {} parameter gradients equal the plain run's bit for bit",

@@ -36,7 +36,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for i in 0..len {
             let k = (i + 1) as f32;
             check(sum[i] == tri * k, r, "all_reduce sum", i)?;
-            check((avg[i] - tri * k / ws as f32).abs() <= 1e-6 * tri * k, r, "avg", i)?;
+            check(
+                (avg[i] - tri * k / ws as f32).abs() <= 1e-6 * tri * k,
+                r,
+                "avg",
+                i,
+            )?;
             check(max[i] == ws as f32 * k, r, "all_reduce max", i)?;
         }
 

@@ -90,7 +90,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let gs = scaled_loss.backward()?;
         let g: Vec<Tensor> = vars
             .iter()
-            .map(|v| gs.get(v).map(|g| g.detach()).ok_or("a parameter got no gradient"))
+            .map(|v| {
+                gs.get(v)
+                    .map(|g| g.detach())
+                    .ok_or("a parameter got no gradient")
+            })
             .collect::<Result<_, _>>()?;
         assert!(g.iter().all(|g| g.dtype() == DType::F16));
         // One pass: fp16 -> fp32, * 1/scale, inf/nan flag, squared norm.
@@ -99,12 +103,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let report = mp.finish_step(stats, &mut grads)?;
 
         if SPIKES.contains(&step) {
-            assert!(report.decision.is_skip(), "step {step}: {}", report.decision);
-            assert_eq!(master.flat(), &before[..], "a skipped step moved the weights");
+            assert!(
+                report.decision.is_skip(),
+                "step {step}: {}",
+                report.decision
+            );
+            assert_eq!(
+                master.flat(),
+                &before[..],
+                "a skipped step moved the weights"
+            );
             println!("step {step}: {}", report.decision);
             continue;
         }
-        assert!(report.decision.is_step(), "step {step}: {}", report.decision);
+        assert!(
+            report.decision.is_step(),
+            "step {step}: {}",
+            report.decision
+        );
         // Adam on the fp32 master weights, then the fp16 model gets their rounded copy.
         t += 1;
         let (b1, b2, lr) = (0.9f32, 0.999f32, 1e-2f32);
@@ -137,7 +153,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(scales[53], 8192.0);
     assert_eq!(mp.skipped_steps(), 2);
     let (first, last) = (losses[0], losses[STEPS - 1]);
-    assert!(last < 0.5 * first, "the loss did not fall: {first} -> {last}");
+    assert!(
+        last < 0.5 * first,
+        "the loss did not fall: {first} -> {last}"
+    );
     println!(
         "loss {first:.4} -> {last:.4} in fp16 with fp32 master weights; 2 steps skipped, scale 4096 -> 8192 -> 4096 -> 8192"
     );

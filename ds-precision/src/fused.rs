@@ -146,6 +146,42 @@ ds_simd::dispatch!(
     fn check_norm_f32_simd, check_norm_f32_at => check_norm_f32_generic(grads: &[f32]) -> GradStats
 );
 
+/// Every SIMD level this CPU has gives the scalar path's bits (gradients, squared norm,
+/// overflow flag); levels above the CPU's are clamped by `ds_simd`.
+#[cfg(test)]
+mod simd_levels {
+    use super::*;
+    use ds_simd::Level;
+
+    #[test]
+    fn every_level_equals_scalar_bitwise() {
+        for n in [0usize, 1, 7, 64, 1000, 70_001] {
+            for bad in [None, Some(f32::INFINITY), Some(f32::NAN)] {
+                let mut g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+                if let (Some(b), true) = (bad, n > 3) {
+                    g[n / 2] = b;
+                }
+                let s = Level::Scalar;
+                let want = check_norm_f32_at(s, &g);
+                let mut gs = g.clone();
+                let want_u = unscale_check_norm_f32_at(s, &mut gs, 1.0 / 1024.0);
+                for l in ds_simd::available() {
+                    let got = check_norm_f32_at(l, &g);
+                    assert_eq!(got.sq_norm.to_bits(), want.sq_norm.to_bits(), "{l} {n}");
+                    assert_eq!(got.has_inf_or_nan, want.has_inf_or_nan, "{l} {n}");
+                    let mut gl = g.clone();
+                    let got_u = unscale_check_norm_f32_at(l, &mut gl, 1.0 / 1024.0);
+                    assert_eq!(got_u.sq_norm.to_bits(), want_u.sq_norm.to_bits(), "{l} {n}");
+                    assert_eq!(got_u.has_inf_or_nan, want_u.has_inf_or_nan, "{l} {n}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&gl), bits(&gs), "{l} {n}");
+                }
+                assert_eq!(want.has_inf_or_nan, bad.is_some() && n > 3);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn check_norm_f32_generic(grads: &[f32]) -> GradStats {
     let mut mx = [0u32; LANES];

@@ -72,7 +72,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let model = Mlp {
         layers: (0..3)
-            .map(|i| ProfiledLinear::new(vb.clone(), &format!("fc{}", i + 1), widths[i], widths[i + 1]))
+            .map(|i| {
+                ProfiledLinear::new(
+                    vb.clone(),
+                    &format!("fc{}", i + 1),
+                    widths[i],
+                    widths[i + 1],
+                )
+            })
             .collect::<candle_core::Result<_>>()?,
     };
     let x = Tensor::randn(0f32, 1.0, (m, widths[0]), &dev)?;
@@ -96,14 +103,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         assert_eq!(layer.flops, matmul as u64, "{}", layer.name);
         assert_eq!(layer.macs, (m * n * k) as u64, "{}", layer.name);
         assert_eq!(layer.params, (k * n + n) as u64, "{}", layer.name);
-        println!("{}: {} FLOPs = 2 * {m} * {n} * {k}", layer.name, layer.flops);
+        println!(
+            "{}: {} FLOPs = 2 * {m} * {n} * {k}",
+            layer.name, layer.flops
+        );
         want_total += matmul as u64;
     }
     let relu = (m * widths[1] + m * widths[2]) as u64; // one FLOP per element
     assert_eq!(prof.total_flops(), want_total + relu);
     assert_eq!(
         prof.total_params() as usize,
-        varmap.all_vars().iter().map(|v| v.elem_count()).sum::<usize>()
+        varmap
+            .all_vars()
+            .iter()
+            .map(|v| v.elem_count())
+            .sum::<usize>()
     );
     let report = prof.model_profile_report(
         &ProfilerOptions::default(),
@@ -144,15 +158,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("{}", timers.log_global_step(false));
-    assert_eq!(prof.total_flops(), want_total + relu, "disabled: nothing recorded");
+    assert_eq!(
+        prof.total_flops(),
+        want_total + relu,
+        "disabled: nothing recorded"
+    );
     assert_eq!(tput.timed_steps(), steps - 2); // the first 2 are warm-up, as DeepSpeed
-    // FLOP/s over samples/s is the FLOPs of one sample: 3 x forward (forward + 2 x backward).
-    let (fps, sps) = (tput.avg_flops_per_sec().unwrap(), tput.avg_samples_per_sec().unwrap());
+                                               // FLOP/s over samples/s is the FLOPs of one sample: 3 x forward (forward + 2 x backward).
+    let (fps, sps) = (
+        tput.avg_flops_per_sec().unwrap(),
+        tput.avg_samples_per_sec().unwrap(),
+    );
     let per_sample = 3.0 * fwd_flops / m as f64;
     assert!((fps / sps - per_sample).abs() <= 1e-9 * per_sample);
     let mfu = tput.mfu().unwrap();
     assert!(mfu > 0.0, "MFU {mfu}");
-    for t in [FORWARD_GLOBAL_TIMER, BACKWARD_GLOBAL_TIMER, STEP_GLOBAL_TIMER] {
+    for t in [
+        FORWARD_GLOBAL_TIMER,
+        BACKWARD_GLOBAL_TIMER,
+        STEP_GLOBAL_TIMER,
+    ] {
         assert!(timers.elapsed(t, false) > std::time::Duration::ZERO, "{t}");
     }
     let (first, last) = (losses[0], losses[losses.len() - 1]);

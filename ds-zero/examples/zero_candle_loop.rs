@@ -34,7 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (rank, r) in results.into_iter().enumerate() {
         let (first, last, w) = r?;
         println!("rank {rank}: loss {first:.5} -> {last:.5}");
-        assert!(last < first / 10.0, "rank {rank}: the loss did not fall tenfold");
+        assert!(
+            last < first / 10.0,
+            "rank {rank}: the loss did not fall tenfold"
+        );
         weights.push(w);
     }
     assert!(

@@ -575,6 +575,53 @@ ds_simd::dispatch!(
         adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts)
 );
 
+/// Every SIMD level this CPU has steps Adam to the scalar path's bits (parameters and both
+/// moments); levels above the CPU's are clamped by `ds_simd`.
+#[cfg(test)]
+mod simd_levels {
+    use super::*;
+    use ds_simd::Level;
+
+    #[test]
+    fn every_level_equals_scalar_bitwise() {
+        let k = AdamConsts {
+            gs: 0.5,
+            l2: 0.0,
+            b1f: 0.9,
+            ib1: 0.1,
+            b2f: 0.999,
+            ib2: 1.0 - 0.999,
+            rsqrt_bc2: 1.0 / (1.0f32 - 0.999 * 0.999).sqrt(),
+            eps: 1e-8,
+            decay: 1.0 - 1e-3 * 0.01,
+            step_size: 1e-3 / (1.0 - 0.9 * 0.9),
+        };
+        for n in [0usize, 1, 15, 1000, 4099] {
+            let init = |salt: f32| {
+                (0..n)
+                    .map(|i| ((i as f32 + salt) * 0.61).sin())
+                    .collect::<Vec<f32>>()
+            };
+            let g = init(1.0);
+            let run = |l: Level| {
+                let (mut p, mut m, mut v) = (
+                    init(2.0),
+                    init(3.0),
+                    init(4.0).iter().map(|x| x * x).collect::<Vec<_>>(),
+                );
+                for _ in 0..3 {
+                    adam_rows_at(l, &mut p, &g, &mut m, &mut v, &k);
+                }
+                [p, m, v].map(|b| b.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+            };
+            let want = run(Level::Scalar);
+            for l in ds_simd::available() {
+                assert_eq!(run(l), want, "{l} {n}");
+            }
+        }
+    }
+}
+
 fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t: u64, gs: f32) {
     let lr = lr as f32;
     let wd = h.weight_decay as f32;
