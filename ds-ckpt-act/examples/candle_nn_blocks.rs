@@ -95,6 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if policy.checkpointed(i, BLOCKS) {
             let (y, saved) = checkpoint_forward(&seg, &h)?;
             saved_bytes += saved.bytes();
+            assert!(saved.on_host()); // a CPU model: the saved input is in host memory
             kept.push(Kept::Input(saved));
             h = y;
         } else {

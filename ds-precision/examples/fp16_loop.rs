@@ -50,6 +50,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Tensor::zeros(1, DType::F32, &dev)?,
     ];
     let mut master = MasterWeights::from_tensors(&init.iter().collect::<Vec<_>>())?;
+    assert_eq!(master.num_params(), 4);
+    assert_eq!(master.numel(), IN * HID + HID + HID + 1);
     let vars = master
         .to_model_tensors(DType::F16, &dev)?
         .iter()
@@ -62,7 +64,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         window: 20,
         ..Default::default() // hysteresis 2, min scale 1: DeepSpeed's defaults
     };
-    let mut mp = MixedPrecision::new(PrecisionPolicy::fp16(opts).with_clip_grad(1.0))?;
+    let policy = PrecisionPolicy::fp16(opts).with_clip_grad(1.0);
+    let mut mp = MixedPrecision::new(policy.clone())?;
 
     let n = master.numel();
     let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
@@ -152,6 +155,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(scales[52], 4096.0);
     assert_eq!(scales[53], 8192.0);
     assert_eq!(mp.skipped_steps(), 2);
+    // The scaler's state goes into a checkpoint and comes back on resume.
+    let state = mp.scaler().state();
+    let mut resumed = MixedPrecision::new(policy)?;
+    resumed.scaler_mut().load_state(&state)?;
+    assert_eq!(resumed.loss_scale(), mp.loss_scale());
+    assert_eq!(resumed.skipped_steps(), 2);
     let (first, last) = (losses[0], losses[STEPS - 1]);
     assert!(
         last < 0.5 * first,

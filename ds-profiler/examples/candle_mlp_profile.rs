@@ -2,8 +2,8 @@
 //! it opens a named scope on a `FlopsProfiler`, states its parameter count and reports its
 //! matrix product. The counted FLOPs are checked against the formula of a matrix product,
 //! `2 * m * n * k` for an `(m x k) . (k x n)` (plus one FLOP per ReLU element, DeepSpeed's rule),
-//! layer by layer; then DeepSpeed's report is printed. Then the model trains a few steps with
-//! `Timers` (the `wall_clock_breakdown` line) and `ThroughputTimer` (samples/s, TFLOPS and MFU
+//! layer by layer (dropout counts none); then DeepSpeed's report is printed. Then the model
+//! trains two epochs of steps with `Timers` (the `wall_clock_breakdown` lines) and `ThroughputTimer` (samples/s, TFLOPS and MFU
 //! from the profiled forward FLOPs), whose figures are checked against each other.
 //!
 //! `cargo run -p ds-profiler --example candle_mlp_profile`
@@ -12,7 +12,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use ds_profiler::{
     measure_matmul_peak_gflops, Activation, FlopsProfiler, ProfilerOptions, ReportContext,
-    ThroughputTimer, Timers, BACKWARD_GLOBAL_TIMER, FORWARD_GLOBAL_TIMER, STEP_GLOBAL_TIMER,
+    ThroughputTimer, Timers, BACKWARD_GLOBAL_TIMER, BACKWARD_MICRO_TIMER, FORWARD_GLOBAL_TIMER,
+    FORWARD_MICRO_TIMER, STEP_GLOBAL_TIMER, STEP_MICRO_TIMER,
 };
 
 /// A candle-nn `Linear` that reports itself to the profiler.
@@ -45,9 +46,10 @@ impl ProfiledLinear {
     }
 }
 
-/// `fc1 -> relu -> fc2 -> relu -> fc3`.
+/// `fc1 -> relu -> dropout -> fc2 -> relu -> dropout -> fc3`.
 struct Mlp {
     layers: Vec<ProfiledLinear>,
+    dropout: f32,
 }
 
 impl Mlp {
@@ -59,6 +61,8 @@ impl Mlp {
             if i + 1 < self.layers.len() {
                 prof.record_activation(Activation::Relu, h.dims());
                 h = h.relu()?;
+                prof.record_dropout(h.dims()); // DeepSpeed counts no FLOPs for dropout
+                h = candle_nn::ops::dropout(&h, self.dropout)?;
             }
         }
         Ok(h)
@@ -81,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
             })
             .collect::<candle_core::Result<_>>()?,
+        dropout: 0.1,
     };
     let x = Tensor::randn(0f32, 1.0, (m, widths[0]), &dev)?;
     // Labels: which of the first 10 inputs is largest (learnable by the MLP).
@@ -133,29 +138,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prof.set_enabled(false); // one relaxed atomic load per record from here on
     let fwd_flops = (want_total + relu) as f64;
     let peak = measure_matmul_peak_gflops(&dev, 256, 10)? * 1e9;
-    let steps = 30u64;
+    let (epochs, steps_per_epoch) = (2u64, 15u64);
+    let steps = epochs * steps_per_epoch;
     let mut tput = ThroughputTimer::new(m, 2, 10)
         .with_fwd_flops(fwd_flops, 0.0)
         .with_peak_flops(peak);
     let mut timers = Timers::new();
     let mut opt = SGD::new(varmap.all_vars(), 0.1)?;
     let mut losses = vec![];
-    for _ in 0..steps {
-        tput.start();
-        timers.start(FORWARD_GLOBAL_TIMER);
-        let logits = model.forward(&prof, &x)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        timers.stop(FORWARD_GLOBAL_TIMER);
-        timers.start(BACKWARD_GLOBAL_TIMER);
-        let grads = loss.backward()?;
-        timers.stop(BACKWARD_GLOBAL_TIMER);
-        timers.start(STEP_GLOBAL_TIMER);
-        opt.step(&grads)?;
-        timers.stop(STEP_GLOBAL_TIMER);
-        losses.push(loss.to_scalar::<f32>()?);
-        if let Some(line) = tput.stop(true, true) {
-            println!("{line}");
+    // One micro-step per optimizer step here: DeepSpeed's engine times both the micro-step
+    // (`fwd_microstep`, ...) and the global step (`fwd`, ...) timers around each phase.
+    let phase = |timers: &mut Timers, micro: &str, global: &str, start: bool| {
+        for name in [micro, global] {
+            if start {
+                timers.start(name)
+            } else {
+                timers.stop(name)
+            }
         }
+    };
+    for epoch in 0..epochs {
+        for _ in 0..steps_per_epoch {
+            tput.start();
+            phase(&mut timers, FORWARD_MICRO_TIMER, FORWARD_GLOBAL_TIMER, true);
+            assert!(timers.timer(FORWARD_GLOBAL_TIMER).is_running());
+            let logits = model.forward(&prof, &x)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            phase(
+                &mut timers,
+                FORWARD_MICRO_TIMER,
+                FORWARD_GLOBAL_TIMER,
+                false,
+            );
+            phase(
+                &mut timers,
+                BACKWARD_MICRO_TIMER,
+                BACKWARD_GLOBAL_TIMER,
+                true,
+            );
+            let grads = loss.backward()?;
+            phase(
+                &mut timers,
+                BACKWARD_MICRO_TIMER,
+                BACKWARD_GLOBAL_TIMER,
+                false,
+            );
+            phase(&mut timers, STEP_MICRO_TIMER, STEP_GLOBAL_TIMER, true);
+            opt.step(&grads)?;
+            phase(&mut timers, STEP_MICRO_TIMER, STEP_GLOBAL_TIMER, false);
+            assert!(!timers.timer(STEP_GLOBAL_TIMER).is_running());
+            losses.push(loss.to_scalar::<f32>()?);
+            if let Some(line) = tput.stop(true, true) {
+                println!("{line}");
+            }
+        }
+        // The micro-step timers summed over the epoch, then reset.
+        println!("epoch {epoch}: {}", timers.log_micro_step(true));
+        tput.update_epoch_count();
     }
     println!("{}", timers.log_global_step(false));
     assert_eq!(

@@ -79,16 +79,6 @@ impl Level {
             Level::Avx512 => "avx512",
         }
     }
-
-    /// The `#[target_feature(enable = ..)]` list a kernel is compiled with at this level
-    /// (empty for [`Level::Scalar`]).
-    pub fn target_features(self) -> &'static str {
-        match self {
-            Level::Scalar => "",
-            Level::Avx2 => "avx2,fma",
-            Level::Avx512 => "avx512f,avx512vl,avx2,fma",
-        }
-    }
 }
 
 impl fmt::Display for Level {

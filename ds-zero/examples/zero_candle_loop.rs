@@ -95,7 +95,7 @@ fn run_rank(
         // Each rank its own half of the batch: y = sum(x) with x in a rank-specific pattern.
         let xs: Vec<f32> = (0..16 * inp)
             .map(|i| {
-                (((i + step * 7 + comm.rank() * 1000) * 2654435761usize) % 1000) as f32 / 1000.0
+                (((i + step * 7 + comm.rank() * 977) * 2654435761usize) % 1000) as f32 / 1000.0
                     - 0.5
             })
             .collect();
