@@ -149,6 +149,7 @@ ds_simd::dispatch!(
 /// keep their lanes explicit and use no fused multiply-add). Levels above the CPU's are clamped
 /// by `ds_simd`, so this runs everywhere and covers what the machine can run.
 #[cfg(test)]
+#[allow(clippy::items_after_test_module)] // kept beside the dispatch it tests
 mod simd_levels {
     use super::*;
     use ds_simd::Level;

@@ -578,6 +578,7 @@ ds_simd::dispatch!(
 /// Every SIMD level this CPU has steps Adam to the scalar path's bits (parameters and both
 /// moments); levels above the CPU's are clamped by `ds_simd`.
 #[cfg(test)]
+#[allow(clippy::items_after_test_module)] // kept beside the dispatch it tests
 mod simd_levels {
     use super::*;
     use ds_simd::Level;
