@@ -5,7 +5,7 @@
 //!
 //! The model library (`ds-models`) implements it for its GPT (fused kernels, activation
 //! checkpointing, per-block ZeRO-3 gathering) and MLP (plain candle autograd); a user implements
-//! it for their own network (see `examples/examples/custom_model.rs`).
+//! it for their own network (see this crate's `examples/custom_model.rs`).
 
 use std::ops::Range;
 

@@ -116,61 +116,101 @@ fn exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32 {
     sum16_body(x)
 }
 
-/// Defines `$name` calling the `#[inline(always)]` body `$body` compiled for AVX-512 or
-/// AVX2+FMA when the CPU has them (detected at run time, cached by std), portable otherwise:
-/// the crate is built for baseline x86-64, where loops vectorise to 4-lane SSE only.
-macro_rules! simd_dispatch {
-    ($(#[$m:meta])* fn $name:ident => $body:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                fn v4($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn v3($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
-                    // SAFETY: the CPU has the features `v4` is compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `v3` is compiled for.
-                    return unsafe { v3($($arg),*) };
+// The kernels below are `#[inline(always)]` bodies compiled for AVX-512, AVX2+FMA and the
+// baseline by `ds_simd::dispatch!` (the level detected once, `DS_SIMD` lowers it): the crate is
+// built for baseline x86-64, where loops vectorise to 4-lane SSE only. Each `*_at` variant runs
+// a chosen level (the tests compare every level with the scalar path).
+ds_simd::dispatch!(
+    /// Sum of `x` (16 lanes).
+    fn sum16, sum16_at => sum16_body(x: &[f32]) -> f32
+);
+ds_simd::dispatch!(
+    /// Dot product (16 lanes).
+    fn dot16, dot16_at => dot16_body(a: &[f32], b: &[f32]) -> f32
+);
+ds_simd::dispatch!(
+    /// Maximum of `x` (16 lanes).
+    fn max16, max16_at => max16_body(x: &[f32]) -> f32
+);
+ds_simd::dispatch!(
+    /// `x <- exp(x - shift)` in place; returns the sum of the results.
+    fn exp_shift_sum, exp_shift_sum_at => exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32
+);
+ds_simd::dispatch!(
+    /// GELU of a row.
+    fn gelu_row, gelu_row_at => gelu_row_body(h: &[f32], out: &mut [f32])
+);
+ds_simd::dispatch!(
+    /// `d <- d * gelu'(h)` over a row.
+    fn gelu_grad_row, gelu_grad_row_at => gelu_grad_row_body(h: &[f32], d: &mut [f32])
+);
+
+/// Every SIMD level this CPU has gives the scalar path's bits, kernel by kernel (the bodies
+/// keep their lanes explicit and use no fused multiply-add). Levels above the CPU's are clamped
+/// by `ds_simd`, so this runs everywhere and covers what the machine can run.
+#[cfg(test)]
+#[allow(clippy::items_after_test_module)] // kept beside the dispatch it tests
+mod simd_levels {
+    use super::*;
+    use ds_simd::Level;
+
+    fn data(n: usize, salt: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + salt) * 0.731).sin() * 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_level_equals_scalar_bitwise() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for n in [0usize, 1, 15, 16, 17, 1000, 4099] {
+            let (x, y) = (data(n, 0.0), data(n, 7.0));
+            let s = Level::Scalar;
+            for l in ds_simd::available() {
+                assert_eq!(
+                    sum16_at(l, &x).to_bits(),
+                    sum16_at(s, &x).to_bits(),
+                    "{l} {n}"
+                );
+                assert_eq!(dot16_at(l, &x, &y).to_bits(), dot16_at(s, &x, &y).to_bits());
+                assert_eq!(max16_at(l, &x).to_bits(), max16_at(s, &x).to_bits());
+                let (mut a, mut b) = (x.clone(), x.clone());
+                let (ra, rb) = (
+                    exp_shift_sum_at(l, &mut a, 1.5),
+                    exp_shift_sum_at(s, &mut b, 1.5),
+                );
+                assert_eq!(
+                    (ra.to_bits(), bits(&a)),
+                    (rb.to_bits(), bits(&b)),
+                    "{l} {n}"
+                );
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                gelu_row_at(l, &x, &mut a);
+                gelu_row_at(s, &x, &mut b);
+                assert_eq!(bits(&a), bits(&b), "{l} {n}");
+                let (mut a, mut b) = (y.clone(), y.clone());
+                gelu_grad_row_at(l, &x, &mut a);
+                gelu_grad_row_at(s, &x, &mut b);
+                assert_eq!(bits(&a), bits(&b), "{l} {n}");
+                // The transpose (AVX registers at Avx2 and above), one and two threads.
+                for (rows, cols) in [(8, 8), (13, 21), (64, 40)] {
+                    let a = data(rows * cols, 3.0);
+                    for threads in [1, 2] {
+                        let cx = Ctx { threads };
+                        let (mut t1, mut t2) = (vec![0f32; a.len()], vec![0f32; a.len()]);
+                        transpose_into_at(l, cx, &a, rows, cols, &mut t1);
+                        transpose_into_at(s, cx, &a, rows, cols, &mut t2);
+                        assert_eq!(bits(&t1), bits(&t2), "{l} {rows}x{cols}");
+                        // t (cols, rows) = a (rows, cols)^T
+                        assert_eq!(t2[rows], a[1]);
+                        assert_eq!(t2[cols * rows - 1], a[rows * cols - 1]);
+                        assert_eq!(t2[(cols - 1) * rows], a[cols - 1]);
+                    }
                 }
             }
-            $body($($arg),*)
         }
-    };
+    }
 }
-
-simd_dispatch!(
-    /// Sum of `x` (16 lanes).
-    fn sum16 => sum16_body(x: &[f32]) -> f32
-);
-simd_dispatch!(
-    /// Dot product (16 lanes).
-    fn dot16 => dot16_body(a: &[f32], b: &[f32]) -> f32
-);
-simd_dispatch!(
-    /// Maximum of `x` (16 lanes).
-    fn max16 => max16_body(x: &[f32]) -> f32
-);
-simd_dispatch!(
-    /// `x <- exp(x - shift)` in place; returns the sum of the results.
-    fn exp_shift_sum => exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32
-);
-simd_dispatch!(
-    /// GELU of a row.
-    fn gelu_row => gelu_row_body(h: &[f32], out: &mut [f32])
-);
-simd_dispatch!(
-    /// `d <- d * gelu'(h)` over a row.
-    fn gelu_grad_row => gelu_grad_row_body(h: &[f32], d: &mut [f32])
-);
 
 #[inline(always)]
 fn gelu_row_body(h: &[f32], out: &mut [f32]) {
@@ -433,18 +473,28 @@ thread_local! {
 }
 
 /// `t (cols, rows) = a (rows, cols)^T`, both row-major: 8 x 8 blocks (transposed in AVX
-/// registers where the CPU has AVX), so that each block reads and writes eight cache lines;
-/// strips of eight rows of `t` split over the threads.
+/// registers at `ds_simd` level AVX2 and above), so that each block reads and writes eight
+/// cache lines; strips of eight rows of `t` split over the threads.
 fn transpose_into(cx: Ctx, a: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+    transpose_into_at(ds_simd::level(), cx, a, rows, cols, t)
+}
+
+/// [`transpose_into`] at a chosen SIMD level (clamped to what the CPU supports).
+fn transpose_into_at(
+    level: ds_simd::Level,
+    cx: Ctx,
+    a: &[f32],
+    rows: usize,
+    cols: usize,
+    t: &mut [f32],
+) {
     const B: usize = 8;
     assert!(a.len() == rows * cols && t.len() == rows * cols);
     if rows == 0 || cols == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    let avx = std::arch::is_x86_feature_detected!("avx");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx = false;
+    // `Level::Avx2` and above mean AVX (with AVX2 and FMA) was detected.
+    let avx = cfg!(target_arch = "x86_64") && ds_simd::clamp(level) >= ds_simd::Level::Avx2;
     let strip = |si: usize, out: &mut [f32]| {
         // `out` holds rows c0.. of `t`, i.e. columns c0.. of `a`.
         let c0 = si * B;
@@ -453,7 +503,7 @@ fn transpose_into(cx: Ctx, a: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
             let nr = B.min(rows - r0);
             if avx && nr == B && nc == B {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX was detected; the block's eight rows of eight values lie inside
+                // SAFETY: AVX was detected (`avx`); the block's eight rows of eight values lie inside
                 // `a` (r0 + 8 <= rows, c0 + 8 <= cols) and inside `out` (8 rows of `rows`).
                 unsafe {
                     transpose8x8_avx(

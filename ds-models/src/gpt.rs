@@ -1492,4 +1492,54 @@ mod tests {
         assert_eq!(la[..s.seq - 1], lb[..s.seq - 1]);
         assert_ne!(la[s.seq - 1], lb[s.seq - 1]);
     }
+
+    #[test]
+    fn fused_layer_norm_equals_the_generic_ops() {
+        let dev = Device::Cpu;
+        let d = 48;
+        let ln = LayerNorm::new(d, &dev).unwrap();
+        let wv: Vec<f32> = (0..d).map(|i| 1.0 + (i as f32 * 0.3).sin() * 0.5).collect();
+        let bv: Vec<f32> = (0..d).map(|i| (i as f32 * 0.7).cos() * 0.1).collect();
+        ln.weight
+            .set(&Tensor::from_vec(wv, d, &dev).unwrap())
+            .unwrap();
+        ln.bias
+            .set(&Tensor::from_vec(bv, d, &dev).unwrap())
+            .unwrap();
+        let xv: Vec<f32> = (0..3 * 5 * d)
+            .map(|i| (i as f32 * 0.13).sin() * 2.0 + 0.5)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(xv, (3, 5, d), &dev).unwrap()).unwrap();
+        let r = Tensor::from_vec(
+            (0..3 * 5 * d)
+                .map(|i| (i as f32 * 0.29).cos())
+                .collect::<Vec<f32>>(),
+            (3, 5, d),
+            &dev,
+        )
+        .unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y,
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(ln.weight.as_tensor()).unwrap().clone(),
+                g.get(ln.bias.as_tensor()).unwrap().clone(),
+            ]
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        };
+        let fused = run(ln.forward(x.as_tensor()).unwrap());
+        let generic = run(ln.forward_generic(x.as_tensor()).unwrap());
+        for (what, (a, b)) in ["y", "dx", "dweight", "dbias"]
+            .iter()
+            .zip(fused.iter().zip(&generic))
+        {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-4, "{what}: max abs diff {diff}");
+        }
+    }
 }

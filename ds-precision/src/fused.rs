@@ -116,19 +116,15 @@ fn finish(mx: &[u32; LANES], sq_norm: f64, numel: usize) -> GradStats {
 /// `inv_scale` is `1 / scale_used`, the reciprocal of the loss scale used for this step's
 /// backward pass (see the crate docs on DeepSpeed issue #2686).
 pub fn unscale_check_norm_f32(grads: &mut [f32], inv_scale: f32) -> GradStats {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { unscale_check_norm_f32_avx2(grads, inv_scale) };
-    }
-    unscale_check_norm_f32_generic(grads, inv_scale)
+    unscale_check_norm_f32_simd(grads, inv_scale)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unscale_check_norm_f32_avx2(grads: &mut [f32], inv_scale: f32) -> GradStats {
-    unscale_check_norm_f32_generic(grads, inv_scale)
-}
+// Compiled for each `ds_simd` level (AVX-512, AVX2+FMA, baseline), run at `ds_simd::level()`;
+// every level gives the same bits (explicit lanes, no fused multiply-add).
+ds_simd::dispatch!(
+    fn unscale_check_norm_f32_simd, unscale_check_norm_f32_at =>
+        unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStats
+);
 
 #[inline(always)]
 fn unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStats {
@@ -143,18 +139,48 @@ fn unscale_check_norm_f32_generic(grads: &mut [f32], inv_scale: f32) -> GradStat
 /// Read-only pass: inf/nan check and squared norm of the values as they are (DeepSpeed's order:
 /// the norm of the still-scaled gradients, then [`deepspeed_combined_scale`]).
 pub fn check_norm_f32(grads: &[f32]) -> GradStats {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { check_norm_f32_avx2(grads) };
-    }
-    check_norm_f32_generic(grads)
+    check_norm_f32_simd(grads)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn check_norm_f32_avx2(grads: &[f32]) -> GradStats {
-    check_norm_f32_generic(grads)
+ds_simd::dispatch!(
+    fn check_norm_f32_simd, check_norm_f32_at => check_norm_f32_generic(grads: &[f32]) -> GradStats
+);
+
+/// Every SIMD level this CPU has gives the scalar path's bits (gradients, squared norm,
+/// overflow flag); levels above the CPU's are clamped by `ds_simd`.
+#[cfg(test)]
+#[allow(clippy::items_after_test_module)] // kept beside the dispatch it tests
+mod simd_levels {
+    use super::*;
+    use ds_simd::Level;
+
+    #[test]
+    fn every_level_equals_scalar_bitwise() {
+        for n in [0usize, 1, 7, 64, 1000, 70_001] {
+            for bad in [None, Some(f32::INFINITY), Some(f32::NAN)] {
+                let mut g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+                if let (Some(b), true) = (bad, n > 3) {
+                    g[n / 2] = b;
+                }
+                let s = Level::Scalar;
+                let want = check_norm_f32_at(s, &g);
+                let mut gs = g.clone();
+                let want_u = unscale_check_norm_f32_at(s, &mut gs, 1.0 / 1024.0);
+                for l in ds_simd::available() {
+                    let got = check_norm_f32_at(l, &g);
+                    assert_eq!(got.sq_norm.to_bits(), want.sq_norm.to_bits(), "{l} {n}");
+                    assert_eq!(got.has_inf_or_nan, want.has_inf_or_nan, "{l} {n}");
+                    let mut gl = g.clone();
+                    let got_u = unscale_check_norm_f32_at(l, &mut gl, 1.0 / 1024.0);
+                    assert_eq!(got_u.sq_norm.to_bits(), want_u.sq_norm.to_bits(), "{l} {n}");
+                    assert_eq!(got_u.has_inf_or_nan, want_u.has_inf_or_nan, "{l} {n}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&gl), bits(&gs), "{l} {n}");
+                }
+                assert_eq!(want.has_inf_or_nan, bad.is_some() && n > 3);
+            }
+        }
+    }
 }
 
 #[inline(always)]

@@ -532,17 +532,7 @@ fn adam_step(
         decay,
         step_size,
     };
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    for_chunks(p, g, m, v, |p, g, m, v| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            unsafe { adam_rows_avx2(p, g, m, v, &k) };
-            return;
-        }
-        adam_rows(p, g, m, v, &k);
-    });
+    for_chunks(p, g, m, v, |p, g, m, v| adam_rows_simd(p, g, m, v, &k));
 }
 
 /// The per-step constants of the Adam update.
@@ -560,8 +550,8 @@ struct AdamConsts {
 }
 
 /// The Adam update over one chunk (vectorised by the compiler; the crate targets baseline
-/// x86-64, i.e. 4-lane SSE, unless called through [`adam_rows_avx2`]). No fused multiply-add,
-/// so every build gives bit-identical results.
+/// x86-64, i.e. 4-lane SSE, unless called through [`adam_rows_simd`]). No fused multiply-add,
+/// so every build and every SIMD level gives bit-identical results.
 #[inline(always)]
 fn adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts) {
     let n = p.len().min(g.len()).min(m.len()).min(v.len());
@@ -578,12 +568,59 @@ fn adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamCon
     }
 }
 
-/// [`adam_rows`] compiled for AVX2 (8 lanes: the square roots and divisions no longer bound the
-/// pass on CPUs without AVX-512).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn adam_rows_avx2(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts) {
-    adam_rows(p, g, m, v, k)
+ds_simd::dispatch!(
+    /// [`adam_rows`] compiled for AVX-512 and AVX2+FMA as well, run at `ds_simd::level()` (8 or
+    /// 16 lanes: the square roots and divisions no longer bound the pass).
+    fn adam_rows_simd, adam_rows_at =>
+        adam_rows(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamConsts)
+);
+
+/// Every SIMD level this CPU has steps Adam to the scalar path's bits (parameters and both
+/// moments); levels above the CPU's are clamped by `ds_simd`.
+#[cfg(test)]
+#[allow(clippy::items_after_test_module)] // kept beside the dispatch it tests
+mod simd_levels {
+    use super::*;
+    use ds_simd::Level;
+
+    #[test]
+    fn every_level_equals_scalar_bitwise() {
+        let k = AdamConsts {
+            gs: 0.5,
+            l2: 0.0,
+            b1f: 0.9,
+            ib1: 0.1,
+            b2f: 0.999,
+            ib2: 1.0 - 0.999,
+            rsqrt_bc2: 1.0 / (1.0f32 - 0.999 * 0.999).sqrt(),
+            eps: 1e-8,
+            decay: 1.0 - 1e-3 * 0.01,
+            step_size: 1e-3 / (1.0 - 0.9 * 0.9),
+        };
+        for n in [0usize, 1, 15, 1000, 4099] {
+            let init = |salt: f32| {
+                (0..n)
+                    .map(|i| ((i as f32 + salt) * 0.61).sin())
+                    .collect::<Vec<f32>>()
+            };
+            let g = init(1.0);
+            let run = |l: Level| {
+                let (mut p, mut m, mut v) = (
+                    init(2.0),
+                    init(3.0),
+                    init(4.0).iter().map(|x| x * x).collect::<Vec<_>>(),
+                );
+                for _ in 0..3 {
+                    adam_rows_at(l, &mut p, &g, &mut m, &mut v, &k);
+                }
+                [p, m, v].map(|b| b.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+            };
+            let want = run(Level::Scalar);
+            for l in ds_simd::available() {
+                assert_eq!(run(l), want, "{l} {n}");
+            }
+        }
+    }
 }
 
 fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t: u64, gs: f32) {
