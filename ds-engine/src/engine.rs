@@ -935,7 +935,8 @@ impl<'c, M: Model> Engine<'c, M> {
         let live = &self.live_blocks;
         let bucket_cap = zero.options().reduce_bucket_size.max(1);
         let ranges = model.block_param_ranges();
-        let overlap = self.overlap && stream;
+        let direct = stream && self.zero.direct_accumulation(comm.world_size());
+        let overlap = self.overlap && stream && !direct;
         let prefetch = self.prefetch;
         let disk_params = self.zero.params_on_disk();
         // The communication thread runs when something is overlapped (gradient reduction with
@@ -980,7 +981,26 @@ impl<'c, M: Model> Engine<'c, M> {
                 }
                 let _t = CallbackTimer::start(&cb_ms);
                 let r: Result<(), EngineError> = (|| {
-                    if stream {
+                    if direct {
+                        // One rank, fp32: the gradients are added straight into the part
+                        // (what the reduction would add, bit for bit, without its buffers).
+                        for (i, g) in params.zip(&grads) {
+                            let Some(dst) = part_ref.get_mut(offsets[i]..offsets[i + 1]) else {
+                                return Err(EngineError::Data(format!(
+                                    "parameter {i} outside the gradient part"
+                                )));
+                            };
+                            let st = match g {
+                                Some(g) => copy_grad(g, dst, scale, true, boundary)?,
+                                None if boundary => GradStats::of(dst),
+                                None => GradStats::ZERO,
+                            };
+                            if boundary {
+                                let (a, n) = stats_ref.get();
+                                stats_ref.set((a.add(st), n + dst.len()));
+                            }
+                        }
+                    } else if stream {
                         if bucket.len() > 0 && bucket.start() != params.end {
                             flush(&mut bucket, &mut *part_ref)?;
                         }

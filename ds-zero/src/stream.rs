@@ -25,6 +25,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::zero::{bucketed_reduce_scatter, to_tensor, to_vec, GradStats, Wire, ZeroOptimizer};
+use crate::ZeroPrecision;
 use crate::ZeroError;
 
 /// Reduced gradients that belong to this rank's shard: `values` go to shard elements
@@ -242,6 +243,19 @@ impl ZeroOptimizer {
             self.grad_stats = Some(stats);
         }
         Ok(())
+    }
+
+    /// Whether, on `world_size` ranks, a rank's streamed gradients may be added straight into
+    /// its taken gradient part ([`ZeroOptimizer::take_grad_part`]) at their flat offsets,
+    /// times the caller's scale, instead of going through
+    /// [`ZeroOptimizer::reduce_grad_range`]: one rank, fp32, no pre-division. The part then
+    /// holds parameter `i` at its flat offset (stage 2's one shard, stage 3's one chunk per
+    /// parameter) and the result is the same, bit for bit, without the reduction's buffers.
+    pub fn direct_accumulation(&self, world_size: usize) -> bool {
+        world_size == 1
+            && self.partitions_gradients()
+            && self.precision == ZeroPrecision::F32
+            && self.pre_scale(1).0 == 1.0
     }
 
     /// Elements of this rank's part that the pieces of one full streamed pass cover (all of
