@@ -458,7 +458,8 @@ impl VarWriter {
             let v = &self.vars[i];
             if lo < hi && v.elem_count() == pe - ps {
                 let src = &vals[lo - at..hi - at];
-                let r = ds_zero::zero::with_f32_mut(v, |d| d[lo - ps..hi - ps].copy_from_slice(src));
+                let r =
+                    ds_zero::zero::with_f32_mut(v, |d| d[lo - ps..hi - ps].copy_from_slice(src));
                 if let Err(e) = r {
                     let mut g = self.err.lock().unwrap_or_else(|p| p.into_inner());
                     g.get_or_insert_with(|| e.to_string());
@@ -1263,10 +1264,11 @@ impl<'c, M: Model> Engine<'c, M> {
             match &writer {
                 Some(w) => {
                     if self.zero.options().stage > 0 && self.comm.world_size() > 1 {
-                        self.zero.gather_params_visit(self.comm, true, &mut |at, v| {
-                            w.write_par(at, v);
-                            Ok(())
-                        })?;
+                        self.zero
+                            .gather_params_visit(self.comm, true, &mut |at, v| {
+                                w.write_par(at, v);
+                                Ok(())
+                            })?;
                         w.check()?;
                     }
                 }

@@ -116,7 +116,8 @@ pub fn adamw_bench(numel: usize, steps: usize) -> Result<AdamwBench, ZeroError> 
     let mut t_boundary = Vec::with_capacity(steps);
     let mut local = g.clone();
     // The model's weights: a tensor of its own, written in place by the update pass.
-    let model = candle_core::Tensor::zeros(numel, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let model =
+        candle_core::Tensor::zeros(numel, candle_core::DType::F32, &candle_core::Device::Cpu)?;
     let failed = std::sync::atomic::AtomicBool::new(false);
     let publish = |at: usize, v: &[f32]| {
         let r = crate::zero::with_f32_mut(&model, |d| d[at..at + v.len()].copy_from_slice(v));
@@ -135,7 +136,9 @@ pub fn adamw_bench(numel: usize, steps: usize) -> Result<AdamwBench, ZeroError> 
         }
     }
     if failed.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ZeroError::Shape("writing the model tensor in place failed".into()));
+        return Err(ZeroError::Shape(
+            "writing the model tensor in place failed".into(),
+        ));
     }
     let s_boundary = median(t_boundary);
     let bytes = numel as f64 * ADAMW_BYTES_PER_ELEMENT as f64;

@@ -505,8 +505,8 @@ fn for_chunks<F>(
     g: &[f32],
     a: &mut [f32],
     b: &mut [f32],
-    f: F,
     publish: Option<&Publish<'_>>,
+    f: F,
 ) where
     F: Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync + Send,
 {
@@ -593,7 +593,7 @@ fn adam_step(
     };
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    for_chunks(p, g, m, v, |p, g, m, v| {
+    for_chunks(p, g, m, v, publish, |p, g, m, v| {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the CPU supports AVX2 (checked above).
@@ -601,7 +601,7 @@ fn adam_step(
             return;
         }
         adam_rows(p, g, m, v, &k);
-    }, publish);
+    });
 }
 
 /// The per-step constants of the Adam update.
@@ -664,14 +664,14 @@ fn sgd_step(
     let first = t == 1;
     let mut empty: [f32; 0] = [];
     if h.momentum == 0.0 {
-        for_chunks(p, g, &mut [], &mut empty, |p, g, _, _| {
+        for_chunks(p, g, &mut [], &mut empty, publish, |p, g, _, _| {
             for i in 0..p.len() {
                 p[i] -= lr * (gs * g[i] + wd * p[i]);
             }
-        }, publish);
+        });
         return;
     }
-    for_chunks(p, g, buf, &mut empty, |p, g, b, _| {
+    for_chunks(p, g, buf, &mut empty, publish, |p, g, b, _| {
         for i in 0..p.len() {
             let gi = gs * g[i] + wd * p[i];
             let bi = if first { gi } else { mu * b[i] + damp * gi };
@@ -679,7 +679,7 @@ fn sgd_step(
             let d = if nesterov { gi + mu * bi } else { bi };
             p[i] -= lr * d;
         }
-    }, publish);
+    });
 }
 
 fn lion_step(
@@ -695,7 +695,7 @@ fn lion_step(
     let decay = (1.0 - lr * h.weight_decay) as f32;
     let lr = lr as f32;
     let mut empty: [f32; 0] = [];
-    for_chunks(p, g, m, &mut empty, |p, g, m, _| {
+    for_chunks(p, g, m, &mut empty, publish, |p, g, m, _| {
         for i in 0..p.len() {
             let gi = gs * g[i];
             let c = b1 * m[i] + (1.0 - b1) * gi;
@@ -709,5 +709,5 @@ fn lion_step(
             p[i] = p[i] * decay - lr * u;
             m[i] = b2 * m[i] + (1.0 - b2) * gi;
         }
-    }, publish);
+    });
 }

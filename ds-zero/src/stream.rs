@@ -25,8 +25,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::zero::{bucketed_reduce_scatter, to_tensor, to_vec, GradStats, Wire, ZeroOptimizer};
-use crate::ZeroPrecision;
 use crate::ZeroError;
+use crate::ZeroPrecision;
 
 /// Reduced gradients that belong to this rank's shard: `values` go to shard elements
 /// `offset .. offset + values.len()`.
