@@ -430,7 +430,7 @@ fn apply_grad(src: &[f32], dst: &mut [f32], s: f32, accumulate: bool, stats: boo
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .map(|(d, x)| one(d, x))
-        .reduce(|| GradStats::ZERO, GradStats::add)
+        .reduce(|| GradStats::ZERO, GradStats::combine)
 }
 
 /// Writes flat parameter values straight into the model's variables (their CPU f32 storage,
@@ -966,7 +966,7 @@ impl<'c, M: Model> Engine<'c, M> {
                         if boundary {
                             let (st, c) = ZeroOptimizer::add_pieces_into_stats(part, &got)?;
                             let (a, n) = stats_ref.get();
-                            stats_ref.set((a.add(st), n + c));
+                            stats_ref.set((a.combine(st), n + c));
                         } else {
                             ZeroOptimizer::add_pieces_into(part, &got)?;
                         }
@@ -998,7 +998,7 @@ impl<'c, M: Model> Engine<'c, M> {
                             };
                             if boundary {
                                 let (a, n) = stats_ref.get();
-                                stats_ref.set((a.add(st), n + dst.len()));
+                                stats_ref.set((a.combine(st), n + dst.len()));
                             }
                         }
                     } else if stream {
@@ -1029,7 +1029,7 @@ impl<'c, M: Model> Engine<'c, M> {
                             };
                             if boundary {
                                 let (a, n) = stats_ref.get();
-                                stats_ref.set((a.add(st), n + dst.len()));
+                                stats_ref.set((a.combine(st), n + dst.len()));
                             }
                         }
                     }
@@ -1187,7 +1187,7 @@ impl<'c, M: Model> Engine<'c, M> {
                     let (st, c) = ZeroOptimizer::add_pieces_into_stats(&mut part, pieces)?;
                     let (a, n) = stats.get();
                     self.zero
-                        .restore_grad_part_with_stats(part, a.add(st), n + c)?;
+                        .restore_grad_part_with_stats(part, a.combine(st), n + c)?;
                 }
                 Ok((_, pieces, _)) => {
                     ZeroOptimizer::add_pieces_into(&mut part, pieces)?;

@@ -323,9 +323,9 @@ fn add_pieces(
             dst.par_chunks_mut(CHUNK)
                 .zip(p.values.par_chunks(CHUNK))
                 .map(|(d, v)| add(d, v))
-                .reduce(|| GradStats::ZERO, GradStats::add)
+                .reduce(|| GradStats::ZERO, GradStats::combine)
         };
-        st = st.add(s);
+        st = st.combine(s);
         covered += p.values.len();
     }
     Ok((st, covered))

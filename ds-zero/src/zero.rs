@@ -288,7 +288,7 @@ fn widen_into<T: Wire>(dst: &mut [f32], src: &[T]) -> GradStats {
             }
             GradStats::of_serial(d)
         })
-        .reduce(|| GradStats::ZERO, GradStats::add)
+        .reduce(|| GradStats::ZERO, GradStats::combine)
 }
 
 /// The squared L2 norm (accumulated in f64) and finiteness of a gradient buffer, computed in
@@ -313,7 +313,7 @@ impl GradStats {
     pub fn of(s: &[f32]) -> GradStats {
         s.par_chunks(1 << 15)
             .map(GradStats::of_serial)
-            .reduce(|| GradStats::ZERO, GradStats::add)
+            .reduce(|| GradStats::ZERO, GradStats::combine)
     }
 
     /// The statistics of `s` on the calling thread.
@@ -326,7 +326,7 @@ impl GradStats {
     }
 
     /// The statistics of two disjoint buffers together.
-    pub fn add(self, o: GradStats) -> GradStats {
+    pub fn combine(self, o: GradStats) -> GradStats {
         GradStats {
             sq_norm: self.sq_norm + o.sq_norm,
             finite: self.finite && o.finite,
@@ -346,8 +346,9 @@ impl GradStats {
 /// # Ok::<(), ds_zero::ZeroError>(())
 /// ```
 pub fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, ZeroError> {
+    type Write<'f, R> = Box<dyn FnOnce(&mut [f32]) -> R + 'f>;
     struct Op<'f, R> {
-        f: std::cell::RefCell<Option<Box<dyn FnOnce(&mut [f32]) -> R + 'f>>>,
+        f: std::cell::RefCell<Option<Write<'f, R>>>,
         out: std::cell::RefCell<Option<R>>,
     }
     impl<R> candle_core::InplaceOp1 for Op<'_, R> {
@@ -1446,6 +1447,7 @@ impl ZeroOptimizer {
     /// assert_eq!(model, vec![1.0, 2.0, 3.0]);
     /// # Ok::<(), ds_zero::ZeroError>(())
     /// ```
+    #[allow(clippy::type_complexity)]
     pub fn gather_params_visit(
         &mut self,
         comm: &dyn Communicator,
@@ -1747,7 +1749,7 @@ fn scale_into_impl(dst: &mut [f32], src: &[f32], s: f32, stats: bool) -> GradSta
                 GradStats::ZERO
             }
         })
-        .reduce(|| GradStats::ZERO, GradStats::add)
+        .reduce(|| GradStats::ZERO, GradStats::combine)
 }
 
 /// All-reduce (sum) of a padded buffer in buckets.

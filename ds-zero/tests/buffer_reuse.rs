@@ -97,7 +97,7 @@ fn run_rank(c: &dyn Communicator, stage: u8, streamed: bool) -> Vec<Vec<f32>> {
                 let sp = z.param_span(grp.clone()).unwrap();
                 let p = z.reduce_grad_range(grp, &g[sp], 1.0, c).unwrap();
                 let (s, n) = ZeroOptimizer::add_pieces_into_stats(&mut part, &p).unwrap();
-                st = st.add(s);
+                st = st.combine(s);
                 cov += n;
             }
             z.restore_grad_part_with_stats(part, st, cov).unwrap();
