@@ -17,8 +17,10 @@ use ds_config::ResolvedConfig;
 use ds_precision::LossScalerOptions;
 use ds_zero::optim::{AdamParams, LambParams, LionParams, OptimizerSpec, SgdParams};
 use ds_zero::{
-    GradPiece, MemoryReport, StepReport, ZeroError, ZeroOptimizer, ZeroOptions, ZeroPrecision,
+    GradPiece, GradStats, MemoryReport, StepReport, ZeroError, ZeroOptimizer, ZeroOptions,
+    ZeroPrecision,
 };
+use rayon::prelude::*;
 
 use crate::lr::{LrSchedule, LrScheduler};
 use crate::traits::Model;
@@ -374,8 +376,16 @@ impl Drop for CallbackTimer<'_> {
 }
 
 /// `dst = s * g` (or `dst += s * g`), reading the gradient tensor's storage in place when it is
-/// a contiguous f32 CPU tensor (the explicit kernels' gradients are).
-fn copy_grad(g: &Tensor, dst: &mut [f32], s: f32, accumulate: bool) -> Result<(), EngineError> {
+/// a contiguous f32 CPU tensor (the explicit kernels' gradients are), in parallel chunks; with
+/// `stats`, the squared norm and finiteness of what was written, each chunk checked while it
+/// is in cache (the accumulation pass before a step gives the step its gradient norm).
+fn copy_grad(
+    g: &Tensor,
+    dst: &mut [f32],
+    s: f32,
+    accumulate: bool,
+    stats: bool,
+) -> Result<GradStats, EngineError> {
     if g.elem_count() != dst.len() {
         return Err(EngineError::Data(format!(
             "a gradient of {} elements for a parameter of {}",
@@ -383,25 +393,102 @@ fn copy_grad(g: &Tensor, dst: &mut [f32], s: f32, accumulate: bool) -> Result<()
             dst.len()
         )));
     }
-    let apply = |src: &[f32], dst: &mut [f32]| match (accumulate, s == 1.0) {
-        (false, true) => dst.copy_from_slice(src),
-        (false, false) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * s),
-        (true, _) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v * s),
-    };
     let (storage, layout) = g.storage_and_layout();
     if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
         (&*storage, layout.contiguous_offsets())
     {
-        apply(&v[a..b], dst);
-        return Ok(());
+        return Ok(apply_grad(&v[a..b], dst, s, accumulate, stats));
     }
     drop(storage);
     let v = g
         .flatten_all()?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1::<f32>()?;
-    apply(&v, dst);
-    Ok(())
+    Ok(apply_grad(&v, dst, s, accumulate, stats))
+}
+
+/// Elements per parallel work item of the engine's flat passes.
+const CHUNK: usize = 1 << 15;
+
+/// The arithmetic of [`copy_grad`].
+fn apply_grad(src: &[f32], dst: &mut [f32], s: f32, accumulate: bool, stats: bool) -> GradStats {
+    let one = |d: &mut [f32], x: &[f32]| {
+        match (accumulate, s == 1.0) {
+            (false, true) => d.copy_from_slice(x),
+            (false, false) => d.iter_mut().zip(x).for_each(|(d, &v)| *d = v * s),
+            (true, _) => d.iter_mut().zip(x).for_each(|(d, &v)| *d += v * s),
+        }
+        if stats {
+            GradStats::of_serial(d)
+        } else {
+            GradStats::ZERO
+        }
+    };
+    if dst.len() < 2 * CHUNK {
+        return one(dst, src);
+    }
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .map(|(d, x)| one(d, x))
+        .reduce(|| GradStats::ZERO, GradStats::combine)
+}
+
+/// Writes flat parameter values straight into the model's variables (their CPU f32 storage,
+/// in place): how updated weights reach the model without a gathered copy or new tensors.
+/// Callable from several threads at once for disjoint ranges; the first error is kept.
+struct VarWriter {
+    vars: Vec<candle_core::Var>,
+    /// Flat offset of each parameter (prefix sums of the sizes).
+    offsets: Vec<usize>,
+    /// Flat offset of what [`VarWriter::write_part`] calls offset 0 (this rank's part).
+    base: usize,
+    err: std::sync::Mutex<Option<String>>,
+}
+
+impl VarWriter {
+    /// `vals` into flat elements `at ..`; parameters absent from the model (a released ZeRO-3
+    /// block) and the padding past the last parameter are skipped.
+    fn write(&self, at: usize, vals: &[f32]) {
+        let end = at + vals.len();
+        let np = self.vars.len();
+        let mut i = self.offsets.partition_point(|&o| o <= at).saturating_sub(1);
+        while i < np && self.offsets[i] < end {
+            let (ps, pe) = (self.offsets[i], self.offsets[i + 1]);
+            let (lo, hi) = (ps.max(at), pe.min(end));
+            let v = &self.vars[i];
+            if lo < hi && v.elem_count() == pe - ps {
+                let src = &vals[lo - at..hi - at];
+                let r =
+                    ds_zero::zero::with_f32_mut(v, |d| d[lo - ps..hi - ps].copy_from_slice(src));
+                if let Err(e) = r {
+                    let mut g = self.err.lock().unwrap_or_else(|p| p.into_inner());
+                    g.get_or_insert_with(|| e.to_string());
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// [`VarWriter::write`] at an offset into this rank's part.
+    fn write_part(&self, at: usize, vals: &[f32]) {
+        self.write(self.base + at, vals);
+    }
+
+    /// [`VarWriter::write`] of a long run, in parallel chunks.
+    fn write_par(&self, at: usize, vals: &[f32]) {
+        vals.par_chunks(CHUNK)
+            .enumerate()
+            .for_each(|(k, c)| self.write(at + k * CHUNK, c));
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        match self.err.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(EngineError::Data(format!(
+                "installing the updated weights in the model: {e}"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What one optimizer step (one global batch) did on this rank.
@@ -459,6 +546,9 @@ pub struct Engine<'c, M: Model> {
     policy: Policy,
     /// `acc` holds stale values: the next micro-batch overwrites instead of accumulating.
     acc_fresh: bool,
+    /// The statistics (squared norm, finiteness) of `acc` as the boundary micro-batch left it,
+    /// taken in its accumulation pass: the step needs no norm pass of its own.
+    acc_stats: Option<GradStats>,
     last_segments: SegmentTimes,
     notes: Vec<String>,
     stage3: bool,
@@ -652,6 +742,7 @@ impl<'c, M: Model> Engine<'c, M> {
             micro_steps: 0,
             pending: 0,
             acc_fresh: true,
+            acc_stats: None,
             last_segments: Vec::new(),
             notes,
             // ZeRO-3 releases a block's parameters after its forward pass, so every block is
@@ -815,6 +906,12 @@ impl<'c, M: Model> Engine<'c, M> {
         self.model.set_step(self.micro_steps);
         self.micro_steps += 1;
         self.pending += 1;
+        // The last micro-batch before the step: its accumulation (or reduction) pass takes
+        // the gradient norm on the way.
+        let boundary = self.pending.is_multiple_of(self.gas);
+        self.acc_stats = None;
+        let stats = std::cell::Cell::new((GradStats::ZERO, 0usize));
+        let stats_ref = &stats;
         let fresh = std::mem::replace(&mut self.acc_fresh, false);
         let stream = self.zero.partitions_gradients();
         if stream {
@@ -839,7 +936,8 @@ impl<'c, M: Model> Engine<'c, M> {
         let live = &self.live_blocks;
         let bucket_cap = zero.options().reduce_bucket_size.max(1);
         let ranges = model.block_param_ranges();
-        let overlap = self.overlap && stream;
+        let direct = stream && self.zero.direct_accumulation(comm.world_size());
+        let overlap = self.overlap && stream && !direct;
         let prefetch = self.prefetch;
         let disk_params = self.zero.params_on_disk();
         // The communication thread runs when something is overlapped (gradient reduction with
@@ -865,7 +963,13 @@ impl<'c, M: Model> Engine<'c, M> {
                         .map_err(|_| EngineError::Data("the communication thread stopped".into())),
                     _ => {
                         let got = zero.reduce_grad_range(range, &data, scale, comm)?;
-                        ZeroOptimizer::add_pieces_into(part, &got)?;
+                        if boundary {
+                            let (st, c) = ZeroOptimizer::add_pieces_into_stats(part, &got)?;
+                            let (a, n) = stats_ref.get();
+                            stats_ref.set((a.combine(st), n + c));
+                        } else {
+                            ZeroOptimizer::add_pieces_into(part, &got)?;
+                        }
                         Ok(())
                     }
                 }
@@ -878,14 +982,33 @@ impl<'c, M: Model> Engine<'c, M> {
                 }
                 let _t = CallbackTimer::start(&cb_ms);
                 let r: Result<(), EngineError> = (|| {
-                    if stream {
+                    if direct {
+                        // One rank, fp32: the gradients are added straight into the part
+                        // (what the reduction would add, bit for bit, without its buffers).
+                        for (i, g) in params.zip(&grads) {
+                            let Some(dst) = part_ref.get_mut(offsets[i]..offsets[i + 1]) else {
+                                return Err(EngineError::Data(format!(
+                                    "parameter {i} outside the gradient part"
+                                )));
+                            };
+                            let st = match g {
+                                Some(g) => copy_grad(g, dst, scale, true, boundary)?,
+                                None if boundary => GradStats::of(dst),
+                                None => GradStats::ZERO,
+                            };
+                            if boundary {
+                                let (a, n) = stats_ref.get();
+                                stats_ref.set((a.combine(st), n + dst.len()));
+                            }
+                        }
+                    } else if stream {
                         if bucket.len() > 0 && bucket.start() != params.end {
                             flush(&mut bucket, &mut *part_ref)?;
                         }
                         let mut flat = vec![0f32; offsets[params.end] - offsets[params.start]];
                         for (i, g) in params.clone().zip(&grads) {
                             if let Some(g) = g {
-                                copy_grad(g, &mut flat[offsets[i] - offsets[params.start]..offsets[i + 1] - offsets[params.start]], 1.0, false)?;
+                                copy_grad(g, &mut flat[offsets[i] - offsets[params.start]..offsets[i + 1] - offsets[params.start]], 1.0, false, false)?;
                             }
                         }
                         bucket.push(params, flat);
@@ -895,10 +1018,18 @@ impl<'c, M: Model> Engine<'c, M> {
                     } else {
                         for (i, g) in params.zip(&grads) {
                             let dst = &mut acc[offsets[i]..offsets[i + 1]];
-                            match g {
-                                Some(g) => copy_grad(g, dst, scale, !fresh)?,
-                                None if fresh => dst.iter_mut().for_each(|a| *a = 0.0),
-                                None => {}
+                            let st = match g {
+                                Some(g) => copy_grad(g, dst, scale, !fresh, boundary)?,
+                                None if fresh => {
+                                    dst.iter_mut().for_each(|a| *a = 0.0);
+                                    GradStats::ZERO
+                                }
+                                None if boundary => GradStats::of(dst),
+                                None => GradStats::ZERO,
+                            };
+                            if boundary {
+                                let (a, n) = stats_ref.get();
+                                stats_ref.set((a.combine(st), n + dst.len()));
                             }
                         }
                     }
@@ -1051,10 +1182,23 @@ impl<'c, M: Model> Engine<'c, M> {
         if stream {
             // The shard goes back whatever happened (a failed pass leaves a partial gradient
             // that the next fresh micro-batch zeroes; a lost shard would break every later step).
-            if let Ok((_, pieces, _)) = &result {
-                ZeroOptimizer::add_pieces_into(&mut part, pieces)?;
+            match &result {
+                Ok((_, pieces, _)) if boundary => {
+                    let (st, c) = ZeroOptimizer::add_pieces_into_stats(&mut part, pieces)?;
+                    let (a, n) = stats.get();
+                    self.zero
+                        .restore_grad_part_with_stats(part, a.combine(st), n + c)?;
+                }
+                Ok((_, pieces, _)) => {
+                    ZeroOptimizer::add_pieces_into(&mut part, pieces)?;
+                    self.zero.restore_grad_part(part)?;
+                }
+                Err(_) => self.zero.restore_grad_part(part)?,
             }
-            self.zero.restore_grad_part(part)?;
+        } else if boundary && result.is_ok() {
+            // Every element of the accumulation buffer was written in this pass.
+            let (a, n) = stats.get();
+            self.acc_stats = (n == self.acc.len()).then_some(a);
         }
         let (fb, _, model_ms) = result?;
         self.last_model_ms = model_ms;
@@ -1095,15 +1239,41 @@ impl<'c, M: Model> Engine<'c, M> {
         self.pending = 0;
         let lr = self.sched.current_lr();
         if !self.zero.partitions_gradients() {
-            self.zero.reduce_gradients_swap(&mut self.acc, self.comm)?;
+            let st = self.acc_stats.take();
+            self.zero
+                .reduce_gradients_swap_stats(&mut self.acc, st, self.comm)?;
         }
         // The next micro-batch writes its gradients instead of adding them: no zeroing pass.
         self.acc_fresh = true;
         let t = Instant::now();
-        let report = self.zero.step(lr, self.comm)?;
+        // fp32 on the CPU: the update pass writes the new weights straight into the model's
+        // variables (this rank's part; at stages 1-2 the other ranks' shards follow from an
+        // all-gather into a buffer kept across steps).
+        let writer = self.var_writer();
+        let report = match &writer {
+            Some(w) => {
+                let publish = |at: usize, v: &[f32]| w.write_part(at, v);
+                let r = self.zero.step_with(lr, self.comm, Some(&publish))?;
+                w.check()?;
+                r
+            }
+            None => self.zero.step(lr, self.comm)?,
+        };
         self.last_optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
         if report.applied {
-            self.refresh_model_params()?;
+            match &writer {
+                Some(w) => {
+                    if self.zero.options().stage > 0 && self.comm.world_size() > 1 {
+                        self.zero
+                            .gather_params_visit(self.comm, true, &mut |at, v| {
+                                w.write_par(at, v);
+                                Ok(())
+                            })?;
+                        w.check()?;
+                    }
+                }
+                None => self.refresh_model_params()?,
+            }
             self.sched.step();
         } else {
             self.skipped_steps += 1;
@@ -1112,6 +1282,45 @@ impl<'c, M: Model> Engine<'c, M> {
         // A decoupled checkpoint is committed at the first boundary after it is written.
         self.poll_checkpoint()?;
         Ok(report)
+    }
+
+    /// The in-place writer of updated weights when this run can use it: fp32, master weights
+    /// and parameters in memory, every present parameter a contiguous f32 CPU variable, and
+    /// this rank's part a contiguous run of the flat parameters (stages 0-2; stage 3 on one
+    /// rank, whose shard is every parameter whole).
+    fn var_writer(&self) -> Option<VarWriter> {
+        let z = &self.zero;
+        if z.precision() != &ZeroPrecision::F32 || z.swap_dir().is_some() {
+            return None;
+        }
+        let base = match z.flat_range() {
+            Some(r) => r.start,
+            None if self.comm.world_size() == 1 => 0,
+            None => return None,
+        };
+        let vars: Vec<candle_core::Var> = self.model.params().into_iter().map(|p| p.var).collect();
+        if vars.len() != self.sizes.len() {
+            return None;
+        }
+        for (v, &n) in vars.iter().zip(&self.sizes) {
+            if self.stage3 && v.elem_count() == 0 {
+                // A released block: gathered again when it runs.
+                continue;
+            }
+            let ok = v.device().is_cpu()
+                && v.dtype() == candle_core::DType::F32
+                && v.is_contiguous()
+                && v.elem_count() == n;
+            if !ok {
+                return None;
+            }
+        }
+        Some(VarWriter {
+            vars,
+            offsets: self.offsets.clone(),
+            base,
+            err: std::sync::Mutex::new(None),
+        })
     }
 
     /// One global batch: `gas` micro-batches given by `batch(m)`, then the step.

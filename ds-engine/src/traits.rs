@@ -291,8 +291,17 @@ pub struct FwdBwd {
 }
 
 /// Overwrites a variable's values with `data` (f32, the variable's element count), converted
-/// to the variable's dtype on its device.
+/// to the variable's dtype on its device. A contiguous f32 CPU variable is written in place
+/// (its storage locked for writing meanwhile): no intermediate tensor.
 pub fn set_var(v: &Var, data: &[f32]) -> candle_core::Result<()> {
+    if v.device().is_cpu()
+        && v.dtype() == DType::F32
+        && v.is_contiguous()
+        && v.elem_count() == data.len()
+    {
+        return ds_zero::zero::with_f32_mut(v, |d| d.copy_from_slice(data))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()));
+    }
     let t = Tensor::from_slice(data, v.shape(), v.device())?;
     if v.dtype() == DType::F32 {
         v.set(&t)

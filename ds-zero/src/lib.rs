@@ -46,7 +46,7 @@ pub mod zero;
 pub use offload::{NvmeOptions, SwapStats};
 pub use partitioned::PartitionedOptimizer;
 pub use stream::GradPiece;
-pub use zero::{MemoryReport, StepReport, ZeroOptimizer, ZeroOptions, ZeroPrecision};
+pub use zero::{GradStats, MemoryReport, StepReport, ZeroOptimizer, ZeroOptions, ZeroPrecision};
 
 /// Errors of the ZeRO crate.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,13 @@ const CHUNK: usize = 1 << 15;
 /// Below this many elements the update runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
 
+/// Where a fused step hands each updated piece of the parameters:
+/// `publish(offset, values)`, `values` being the new parameters `offset .. offset +
+/// values.len()` of the shard, called right after that piece's update while it is still in
+/// cache (so that copying the weights into the model costs only their write), possibly from
+/// several threads at once for disjoint pieces. Every element is handed over exactly once.
+pub type Publish<'a> = dyn Fn(usize, &[f32]) + Sync + 'a;
+
 /// Hyper-parameters of Adam/AdamW.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamParams {
@@ -301,16 +308,47 @@ impl FlatOptimizer {
         lr: f64,
         grad_scale: f32,
     ) -> Result<(), ZeroError> {
+        self.step_scaled_publish(params, grads, lr, grad_scale, None)
+    }
+
+    /// [`FlatOptimizer::step_scaled`] that hands every updated piece of `params` to `publish`
+    /// (see [`Publish`]) inside the same pass, e.g. to write the new weights into the model's
+    /// own storage without a second pass over the master weights. Same arithmetic, bit for
+    /// bit.
+    ///
+    /// ```
+    /// use std::sync::Mutex;
+    /// use ds_zero::optim::{FlatOptimizer, OptimizerSpec, SgdParams};
+    ///
+    /// let mut opt = FlatOptimizer::new(OptimizerSpec::Sgd(SgdParams { lr: 0.5, ..Default::default() }), 3);
+    /// let mut p = vec![1.0f32, 2.0, 3.0];
+    /// let model = Mutex::new(vec![0f32; 3]);
+    /// let publish = |off: usize, v: &[f32]| {
+    ///     model.lock().unwrap()[off..off + v.len()].copy_from_slice(v);
+    /// };
+    /// opt.step_scaled_publish(&mut p, &[1.0, 1.0, 1.0], 0.5, 1.0, Some(&publish))?;
+    /// assert_eq!(*model.lock().unwrap(), vec![0.5, 1.5, 2.5]);
+    /// # Ok::<(), ds_zero::ZeroError>(())
+    /// ```
+    pub fn step_scaled_publish(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        grad_scale: f32,
+        publish: Option<&Publish<'_>>,
+    ) -> Result<(), ZeroError> {
         self.check(params, grads)?;
         self.step += 1;
         let t = self.step;
         let gs = grad_scale;
+        let pb = publish;
         match self.spec {
             OptimizerSpec::Adam(p) => {
-                adam_step(params, grads, &mut self.a, &mut self.b, &p, lr, t, gs)
+                adam_step(params, grads, &mut self.a, &mut self.b, &p, lr, t, gs, pb)
             }
-            OptimizerSpec::Sgd(p) => sgd_step(params, grads, &mut self.a, &p, lr, t, gs),
-            OptimizerSpec::Lion(p) => lion_step(params, grads, &mut self.a, &p, lr, gs),
+            OptimizerSpec::Sgd(p) => sgd_step(params, grads, &mut self.a, &p, lr, t, gs, pb),
+            OptimizerSpec::Lion(p) => lion_step(params, grads, &mut self.a, &p, lr, gs, pb),
             OptimizerSpec::Lamb(_) => {
                 self.step -= 1;
                 return Err(ZeroError::State(
@@ -370,10 +408,14 @@ impl FlatOptimizer {
             )));
         }
         match (self.spec, states) {
-            (OptimizerSpec::Adam(p), [a, b]) => adam_step(params, grads, a, b, &p, lr, t, gs),
-            (OptimizerSpec::Sgd(p), [a]) => sgd_step(params, grads, a, &p, lr, t, gs),
-            (OptimizerSpec::Sgd(p), []) => sgd_step(params, grads, &mut [], &p, lr, t, gs),
-            (OptimizerSpec::Lion(p), [a]) => lion_step(params, grads, a, &p, lr, gs),
+            (OptimizerSpec::Adam(p), [a, b]) => {
+                adam_step(params, grads, a, b, &p, lr, t, gs, None)
+            }
+            (OptimizerSpec::Sgd(p), [a]) => sgd_step(params, grads, a, &p, lr, t, gs, None),
+            (OptimizerSpec::Sgd(p), []) => {
+                sgd_step(params, grads, &mut [], &p, lr, t, gs, None)
+            }
+            (OptimizerSpec::Lion(p), [a]) => lion_step(params, grads, a, &p, lr, gs, None),
             _ => {
                 return Err(ZeroError::Option(
                     "Lamb needs whole-parameter norms: it cannot step swapped chunks (use Adam, AdamW, SGD or Lion with NVMe offload)".into(),
@@ -456,14 +498,24 @@ impl FlatOptimizer {
     }
 }
 
-/// Runs `f` over aligned chunks of up to four slices, in parallel when large.
-fn for_chunks<F>(p: &mut [f32], g: &[f32], a: &mut [f32], b: &mut [f32], f: F)
-where
+/// Runs `f` over aligned chunks of up to four slices, in parallel when large, handing each
+/// updated chunk of `p` to `publish` right after `f`.
+fn for_chunks<F>(
+    p: &mut [f32],
+    g: &[f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    publish: Option<&Publish<'_>>,
+    f: F,
+) where
     F: Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync + Send,
 {
     let n = p.len();
     if n < PARALLEL_MIN {
         f(p, g, a, b);
+        if let Some(pb) = publish {
+            pb(0, p);
+        }
         return;
     }
     let pa: Vec<&mut [f32]> = p.chunks_mut(CHUNK).collect();
@@ -474,7 +526,13 @@ where
         .zip(ga)
         .zip(aa)
         .zip(ba)
-        .for_each(|(((p, g), a), b)| f(p, g, a, b));
+        .enumerate()
+        .for_each(|(k, (((p, g), a), b))| {
+            f(p, g, a, b);
+            if let Some(pb) = publish {
+                pb(k * CHUNK, p);
+            }
+        });
 }
 
 /// Chunks of a state buffer, or empty slices when the optimizer keeps no such buffer.
@@ -497,6 +555,7 @@ fn adam_step(
     lr: f64,
     t: u64,
     gs: f32,
+    publish: Option<&Publish<'_>>,
 ) {
     let (b1, b2) = h.betas;
     let ti = t.min(i32::MAX as u64) as i32;
@@ -532,7 +591,9 @@ fn adam_step(
         decay,
         step_size,
     };
-    for_chunks(p, g, m, v, |p, g, m, v| adam_rows_simd(p, g, m, v, &k));
+    for_chunks(p, g, m, v, publish, |p, g, m, v| {
+        adam_rows_simd(p, g, m, v, &k)
+    });
 }
 
 /// The per-step constants of the Adam update.
@@ -623,7 +684,17 @@ mod simd_levels {
     }
 }
 
-fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t: u64, gs: f32) {
+#[allow(clippy::too_many_arguments)]
+fn sgd_step(
+    p: &mut [f32],
+    g: &[f32],
+    buf: &mut [f32],
+    h: &SgdParams,
+    lr: f64,
+    t: u64,
+    gs: f32,
+    publish: Option<&Publish<'_>>,
+) {
     let lr = lr as f32;
     let wd = h.weight_decay as f32;
     let mu = h.momentum as f32;
@@ -632,14 +703,14 @@ fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t
     let first = t == 1;
     let mut empty: [f32; 0] = [];
     if h.momentum == 0.0 {
-        for_chunks(p, g, &mut [], &mut empty, |p, g, _, _| {
+        for_chunks(p, g, &mut [], &mut empty, publish, |p, g, _, _| {
             for i in 0..p.len() {
                 p[i] -= lr * (gs * g[i] + wd * p[i]);
             }
         });
         return;
     }
-    for_chunks(p, g, buf, &mut empty, |p, g, b, _| {
+    for_chunks(p, g, buf, &mut empty, publish, |p, g, b, _| {
         for i in 0..p.len() {
             let gi = gs * g[i] + wd * p[i];
             let bi = if first { gi } else { mu * b[i] + damp * gi };
@@ -650,12 +721,20 @@ fn sgd_step(p: &mut [f32], g: &[f32], buf: &mut [f32], h: &SgdParams, lr: f64, t
     });
 }
 
-fn lion_step(p: &mut [f32], g: &[f32], m: &mut [f32], h: &LionParams, lr: f64, gs: f32) {
+fn lion_step(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    h: &LionParams,
+    lr: f64,
+    gs: f32,
+    publish: Option<&Publish<'_>>,
+) {
     let (b1, b2) = (h.betas.0 as f32, h.betas.1 as f32);
     let decay = (1.0 - lr * h.weight_decay) as f32;
     let lr = lr as f32;
     let mut empty: [f32; 0] = [];
-    for_chunks(p, g, m, &mut empty, |p, g, m, _| {
+    for_chunks(p, g, m, &mut empty, publish, |p, g, m, _| {
         for i in 0..p.len() {
             let gi = gs * g[i];
             let c = b1 * m[i] + (1.0 - b1) * gi;

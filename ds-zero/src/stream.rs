@@ -22,9 +22,11 @@ use std::ops::Range;
 use candle_core::DType;
 use ds_comm::{Communicator, ReduceOp};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
-use crate::zero::{bucketed_reduce_scatter, to_tensor, to_vec, Wire, ZeroOptimizer};
+use crate::zero::{bucketed_reduce_scatter, to_tensor, to_vec, GradStats, Wire, ZeroOptimizer};
 use crate::ZeroError;
+use crate::ZeroPrecision;
 
 /// Reduced gradients that belong to this rank's shard: `values` go to shard elements
 /// `offset .. offset + values.len()`.
@@ -71,6 +73,7 @@ impl ZeroOptimizer {
         if first {
             self.grads.iter_mut().for_each(|g| *g = 0.0);
         }
+        self.grad_stats = None;
         Ok(())
     }
 
@@ -196,6 +199,7 @@ impl ZeroOptimizer {
     /// Adds reduced pieces (from [`ZeroOptimizer::reduce_grad_range`] on this rank) into this
     /// rank's gradient shard.
     pub fn add_grad_pieces(&mut self, pieces: &[GradPiece]) -> Result<(), ZeroError> {
+        self.grad_stats = None;
         Self::add_pieces_into(&mut self.grads, pieces)
     }
 
@@ -205,6 +209,7 @@ impl ZeroOptimizer {
     /// [`ZeroOptimizer::restore_grad_part`] before the step. Holding every piece of a pass until
     /// its end would double the gradient memory.
     pub fn take_grad_part(&mut self) -> Vec<f32> {
+        self.grad_stats = None;
         std::mem::take(&mut self.grads)
     }
 
@@ -218,27 +223,112 @@ impl ZeroOptimizer {
             )));
         }
         self.grads = part;
+        self.grad_stats = None;
         Ok(())
+    }
+
+    /// [`ZeroOptimizer::restore_grad_part`] with the statistics that
+    /// [`ZeroOptimizer::add_pieces_into_stats`] took while adding the last micro-batch's
+    /// pieces, `covered` being the elements those pieces covered: when they cover every
+    /// element a full pass reduces into this rank's part ([`ZeroOptimizer::streamed_cover`]),
+    /// the next step uses the statistics instead of a norm pass of its own.
+    pub fn restore_grad_part_with_stats(
+        &mut self,
+        part: Vec<f32>,
+        stats: GradStats,
+        covered: usize,
+    ) -> Result<(), ZeroError> {
+        self.restore_grad_part(part)?;
+        if covered == self.streamed_cover() {
+            self.grad_stats = Some(stats);
+        }
+        Ok(())
+    }
+
+    /// Whether, on `world_size` ranks, a rank's streamed gradients may be added straight into
+    /// its taken gradient part ([`ZeroOptimizer::take_grad_part`]) at their flat offsets,
+    /// times the caller's scale, instead of going through
+    /// [`ZeroOptimizer::reduce_grad_range`]: one rank, fp32, no pre-division. The part then
+    /// holds parameter `i` at its flat offset (stage 2's one shard, stage 3's one chunk per
+    /// parameter) and the result is the same, bit for bit, without the reduction's buffers.
+    pub fn direct_accumulation(&self, world_size: usize) -> bool {
+        world_size == 1
+            && self.partitions_gradients()
+            && self.precision == ZeroPrecision::F32
+            && self.pre_scale(1).0 == 1.0
+    }
+
+    /// Elements of this rank's part that the pieces of one full streamed pass cover (all of
+    /// them at stage 3; at stage 2 the shard less its padding past the last parameter).
+    pub fn streamed_cover(&self) -> usize {
+        match &self.s3 {
+            Some(l3) => l3.shard,
+            None => {
+                let sh = self.layout.shard(self.rank);
+                self.layout.numel.min(sh.end).saturating_sub(sh.start)
+            }
+        }
+    }
+
+    /// [`ZeroOptimizer::add_pieces_into`] that returns the statistics of the sums it wrote
+    /// (taken on each piece while it is in cache) and the elements covered: adding the last
+    /// micro-batch of an accumulation step this way gives the step's gradient norm with no
+    /// pass of its own (pieces must not overlap).
+    pub fn add_pieces_into_stats(
+        part: &mut [f32],
+        pieces: &[GradPiece],
+    ) -> Result<(GradStats, usize), ZeroError> {
+        add_pieces(part, pieces, true)
     }
 
     /// Adds reduced pieces into a gradient shard (taken with
     /// [`ZeroOptimizer::take_grad_part`]).
     pub fn add_pieces_into(part: &mut [f32], pieces: &[GradPiece]) -> Result<(), ZeroError> {
-        let n = part.len();
-        for p in pieces {
-            let Some(dst) = part.get_mut(p.offset..p.offset + p.values.len()) else {
-                return Err(ZeroError::Shape(format!(
-                    "gradient piece at {} of {} elements outside the shard of {n}",
-                    p.offset,
-                    p.values.len(),
-                )));
-            };
-            for (d, &v) in dst.iter_mut().zip(&p.values) {
-                *d += v;
-            }
-        }
-        Ok(())
+        add_pieces(part, pieces, false).map(|_| ())
     }
+}
+
+/// Adds the pieces into `part` (in parallel chunks), with the statistics of the sums when
+/// `stats` (each chunk checked while in cache) and the elements covered.
+fn add_pieces(
+    part: &mut [f32],
+    pieces: &[GradPiece],
+    stats: bool,
+) -> Result<(GradStats, usize), ZeroError> {
+    const CHUNK: usize = 1 << 15;
+    let n = part.len();
+    let mut st = GradStats::ZERO;
+    let mut covered = 0;
+    for p in pieces {
+        let Some(dst) = part.get_mut(p.offset..p.offset + p.values.len()) else {
+            return Err(ZeroError::Shape(format!(
+                "gradient piece at {} of {} elements outside the shard of {n}",
+                p.offset,
+                p.values.len(),
+            )));
+        };
+        let add = |d: &mut [f32], v: &[f32]| {
+            for (a, &b) in d.iter_mut().zip(v) {
+                *a += b;
+            }
+            if stats {
+                GradStats::of_serial(d)
+            } else {
+                GradStats::ZERO
+            }
+        };
+        let s = if dst.len() < 2 * CHUNK {
+            add(dst, &p.values)
+        } else {
+            dst.par_chunks_mut(CHUNK)
+                .zip(p.values.par_chunks(CHUNK))
+                .map(|(d, v)| add(d, v))
+                .reduce(|| GradStats::ZERO, GradStats::combine)
+        };
+        st = st.combine(s);
+        covered += p.values.len();
+    }
+    Ok((st, covered))
 }
 
 #[cfg(test)]

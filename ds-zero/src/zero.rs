@@ -34,7 +34,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::offload::{NvmeOptions, Offload, SwapStats};
-use crate::optim::{FlatOptimizer, OptimizerSpec, OptimizerState};
+use crate::optim::{FlatOptimizer, OptimizerSpec, OptimizerState, Publish};
 use crate::partition::FlatLayout;
 use crate::ZeroError;
 
@@ -277,15 +277,147 @@ pub(crate) fn narrow_scaled_into<T: Wire>(dst: &mut [T], src: &[f32], s: f32) {
         });
 }
 
-/// `dst[i] = f32(src[i])`, in parallel.
-fn widen_into<T: Wire>(dst: &mut [f32], src: &[T]) {
+/// `dst[i] = f32(src[i])`, in parallel, with the squared norm and finiteness of what was
+/// written (each chunk checked while it is in cache).
+fn widen_into<T: Wire>(dst: &mut [f32], src: &[T]) -> GradStats {
     dst.par_chunks_mut(1 << 15)
         .zip(src.par_chunks(1 << 15))
-        .for_each(|(d, x)| {
+        .map(|(d, x)| {
             for (a, &b) in d.iter_mut().zip(x) {
                 *a = b.widen();
             }
-        });
+            GradStats::of_serial(d)
+        })
+        .reduce(|| GradStats::ZERO, GradStats::combine)
+}
+
+/// The squared L2 norm (accumulated in f64) and finiteness of a gradient buffer, computed in
+/// the pass that wrote it (accumulation, reduction) so that [`ZeroOptimizer::step`] needs no
+/// pass of its own over the gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradStats {
+    /// Sum of the squares (of the finite elements, as ds-precision's fused check counts them).
+    pub sq_norm: f64,
+    /// No element is inf or nan.
+    pub finite: bool,
+}
+
+impl GradStats {
+    /// The statistics of an empty (or all-zero) buffer.
+    pub const ZERO: GradStats = GradStats {
+        sq_norm: 0.0,
+        finite: true,
+    };
+
+    /// The statistics of `s`, in parallel chunks (ds-precision's fused check per chunk).
+    pub fn of(s: &[f32]) -> GradStats {
+        s.par_chunks(1 << 15)
+            .map(GradStats::of_serial)
+            .reduce(|| GradStats::ZERO, GradStats::combine)
+    }
+
+    /// The statistics of `s` on the calling thread.
+    pub fn of_serial(s: &[f32]) -> GradStats {
+        let st = ds_precision::check_norm_f32(s);
+        GradStats {
+            sq_norm: st.sq_norm,
+            finite: !st.has_inf_or_nan,
+        }
+    }
+
+    /// The statistics of two disjoint buffers together.
+    pub fn combine(self, o: GradStats) -> GradStats {
+        GradStats {
+            sq_norm: self.sq_norm + o.sq_norm,
+            finite: self.finite && o.finite,
+        }
+    }
+}
+
+/// Calls `f` with the elements of a contiguous f32 CPU tensor, writable in place (its storage
+/// locked for writing meanwhile): how the persistent communication buffers and the model's
+/// variables are overwritten without building new tensors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let t = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu)?;
+/// ds_zero::zero::with_f32_mut(&t.narrow(0, 1, 2)?, |s| s.fill(1.0))?;
+/// assert_eq!(t.to_vec1::<f32>()?, vec![0.0, 1.0, 1.0, 0.0]);
+/// # Ok::<(), ds_zero::ZeroError>(())
+/// ```
+pub fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, ZeroError> {
+    type Write<'f, R> = Box<dyn FnOnce(&mut [f32]) -> R + 'f>;
+    struct Op<'f, R> {
+        f: std::cell::RefCell<Option<Write<'f, R>>>,
+        out: std::cell::RefCell<Option<R>>,
+    }
+    impl<R> candle_core::InplaceOp1 for Op<'_, R> {
+        fn name(&self) -> &'static str {
+            "ds-zero-write-in-place"
+        }
+        fn cpu_fwd(
+            &self,
+            storage: &mut candle_core::CpuStorage,
+            layout: &candle_core::Layout,
+        ) -> candle_core::Result<()> {
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                candle_core::bail!("writing in place needs a contiguous tensor");
+            };
+            let candle_core::CpuStorage::F32(v) = storage else {
+                candle_core::bail!("writing in place needs an f32 tensor");
+            };
+            let Some(f) = self.f.borrow_mut().take() else {
+                candle_core::bail!("in-place write ran twice");
+            };
+            *self.out.borrow_mut() = Some(f(&mut v[a..b]));
+            Ok(())
+        }
+    }
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return Err(ZeroError::Shape(format!(
+            "writing in place needs an f32 CPU tensor, got {:?} on {:?}",
+            t.dtype(),
+            t.device()
+        )));
+    }
+    let op = Op {
+        f: std::cell::RefCell::new(Some(Box::new(f))),
+        out: std::cell::RefCell::new(None),
+    };
+    t.inplace_op1(&op)?;
+    op.out
+        .into_inner()
+        .ok_or_else(|| ZeroError::Shape("the in-place write did not run".into()))
+}
+
+/// Calls `f` with the elements of a contiguous f32 CPU tensor, read in place.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ZeroError> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Ok(f(&v[a..b]))
+        }
+        _ => Err(ZeroError::Shape(
+            "reading in place needs a contiguous f32 CPU tensor".into(),
+        )),
+    }
+}
+
+/// The f32 CPU buffer of `len` elements kept in `slot` (allocated, zeroed, on first use).
+fn persistent(slot: &mut Option<Tensor>, len: usize) -> Result<Tensor, ZeroError> {
+    match slot {
+        Some(t) if t.elem_count() == len => Ok(t.clone()),
+        _ => {
+            let t = Tensor::zeros(len, DType::F32, &Device::Cpu)?;
+            *slot = Some(t.clone());
+            Ok(t)
+        }
+    }
+}
+
+/// `dst = src`, in parallel, with the statistics of what was written.
+fn copy_stats(dst: &mut [f32], src: &[f32]) -> GradStats {
+    scale_into_stats(dst, src, 1.0)
 }
 
 /// What one optimizer step did.
@@ -340,6 +472,16 @@ pub struct ZeroOptimizer {
     scaler: Scaler,
     /// ZeRO-Infinity: master weights, optimizer state and/or parameters on disk.
     pub(crate) offload: Option<Offload>,
+    /// The statistics of `grads` when the pass that wrote them computed them (consumed by the
+    /// next step; any other change of `grads` clears them).
+    pub(crate) grad_stats: Option<GradStats>,
+    /// Stages 0-2 over several ranks: a padded flat buffer (the gradients reduced in place,
+    /// then at stages 1-2 the all-gathered parameters), allocated once: a fresh buffer per
+    /// step costs its page faults every step.
+    full_buf: Option<Tensor>,
+    /// Stages 1-2 over several ranks: a shard-sized buffer (the reduce-scatter's output, then
+    /// the all-gather's input), allocated once.
+    shard_buf: Option<Tensor>,
 }
 
 /// Stage 3 partitions every parameter on its own (DeepSpeed's `partition_parameters.py`):
@@ -705,6 +847,9 @@ impl ZeroOptimizer {
             s3,
             opt,
             grad_scale: 1.0,
+            grad_stats: None,
+            full_buf: None,
+            shard_buf: None,
             grads: vec![0.0; part_len],
             master,
             layout,
@@ -948,6 +1093,7 @@ impl ZeroOptimizer {
         let (before, after) = self.pre_scale(ws);
         // The post-reduction factor is applied inside the optimizer pass, not here.
         self.grad_scale = after;
+        self.grad_stats = None;
         if let Some(l3) = &self.s3 {
             let mut buf = l3.rank_major(&self.layout, local);
             if before != 1.0 {
@@ -958,31 +1104,58 @@ impl ZeroOptimizer {
             } else {
                 bucketed_reduce_scatter(&buf, l3.shard, self.opts.reduce_bucket_size, comm)?
             };
-            self.grads.copy_from_slice(&part);
+            self.grad_stats = Some(copy_stats(&mut self.grads, &part));
             return Ok(());
         }
+        let n = local.len();
         if ws == 1 {
-            // Nothing to reduce: one parallel copy into the persistent gradient buffer.
-            let n = local.len();
-            scale_into(&mut self.grads[..n], local, before);
+            // Nothing to reduce: one parallel copy into the persistent gradient buffer, the
+            // norm taken on the way.
+            let st = scale_into_stats(&mut self.grads[..n], local, before);
             self.grads[n..].iter_mut().for_each(|g| *g = 0.0);
+            self.grad_stats = Some(st);
             return Ok(());
         }
-        let mut buf: Vec<f32> = vec![0.0; self.layout.padded];
-        scale_into(&mut buf[..local.len()], local, before);
+        let padded = self.layout.padded;
+        let shard = self.layout.shard_len();
+        let bucket = self.opts.reduce_bucket_size.max(1);
+        // One bucket (DeepSpeed's default 5e8 elements covers most models): reduce in a
+        // buffer allocated once, in place, and take the norm while copying the result out.
+        let one_bucket = if self.opts.stage == 0 {
+            padded <= bucket
+        } else {
+            bucket / ws >= shard
+        };
+        if one_bucket {
+            let buf = persistent(&mut self.full_buf, padded)?;
+            with_f32_mut(&buf, |b| {
+                scale_into(&mut b[..n], local, before);
+                b[n..].iter_mut().for_each(|g| *g = 0.0);
+            })?;
+            let st = if self.opts.stage == 0 {
+                comm.all_reduce_inplace(&buf, ReduceOp::Sum)?;
+                let grads = &mut self.grads;
+                with_f32(&buf, |b| copy_stats(grads, b))?
+            } else {
+                // Stages 1-2 keep only their shard of the reduced gradient: a reduce-scatter
+                // moves half the data of an all-reduce (DeepSpeed's stage 1/2 with
+                // reduce_scatter on); the result lands in the buffer's own shard.
+                let out = persistent(&mut self.shard_buf, shard)?;
+                comm.reduce_scatter_into(&buf, &out, ReduceOp::Sum)?;
+                let grads = &mut self.grads;
+                with_f32(&out, |b| copy_stats(grads, b))?
+            };
+            self.grad_stats = Some(st);
+            return Ok(());
+        }
+        let mut buf: Vec<f32> = vec![0.0; padded];
+        scale_into(&mut buf[..n], local, before);
         let reduced = if self.opts.stage == 0 {
             bucketed_all_reduce(buf, self.opts.reduce_bucket_size, comm)?
         } else {
-            // Stages 1-3 keep only their shard of the reduced gradient: a reduce-scatter moves
-            // half the data of an all-reduce (DeepSpeed's stage 1/2 with reduce_scatter on).
-            bucketed_reduce_scatter(
-                &buf,
-                self.layout.shard_len(),
-                self.opts.reduce_bucket_size,
-                comm,
-            )?
+            bucketed_reduce_scatter(&buf, shard, self.opts.reduce_bucket_size, comm)?
         };
-        self.grads.copy_from_slice(&reduced);
+        self.grad_stats = Some(copy_stats(&mut self.grads, &reduced));
         Ok(())
     }
 
@@ -1005,7 +1178,7 @@ impl ZeroOptimizer {
             } else {
                 bucketed_reduce_scatter(&buf, l3.shard, self.opts.reduce_bucket_size, comm)?
             };
-            widen_into(&mut self.grads, &part);
+            self.grad_stats = Some(widen_into(&mut self.grads, &part));
             return Ok(());
         }
         let mut buf = vec![T::default(); self.layout.padded];
@@ -1022,7 +1195,7 @@ impl ZeroOptimizer {
                 comm,
             )?
         };
-        widen_into(&mut self.grads, &reduced);
+        self.grad_stats = Some(widen_into(&mut self.grads, &reduced));
         Ok(())
     }
 
@@ -1032,6 +1205,20 @@ impl ZeroOptimizer {
     pub fn reduce_gradients_swap(
         &mut self,
         local: &mut Vec<f32>,
+        comm: &dyn Communicator,
+    ) -> Result<(), ZeroError> {
+        self.reduce_gradients_swap_stats(local, None, comm)
+    }
+
+    /// [`ZeroOptimizer::reduce_gradients_swap`] given the statistics of `local`
+    /// ([`GradStats::of`] of exactly these values, e.g. taken by the accumulation pass that
+    /// wrote them): when the storage is taken over, the step uses them instead of a norm pass
+    /// of its own. Otherwise they are ignored (the reduction takes the norm of its result on
+    /// the way).
+    pub fn reduce_gradients_swap_stats(
+        &mut self,
+        local: &mut Vec<f32>,
+        stats: Option<GradStats>,
         comm: &dyn Communicator,
     ) -> Result<(), ZeroError> {
         let (before, after) = self.pre_scale(comm.world_size());
@@ -1046,6 +1233,7 @@ impl ZeroOptimizer {
             std::mem::swap(&mut self.grads, local);
             local.truncate(n);
             self.grad_scale = after;
+            self.grad_stats = stats;
             return Ok(());
         }
         self.reduce_gradients(local, comm)
@@ -1063,16 +1251,34 @@ impl ZeroOptimizer {
     /// factor inside the single optimizer pass. An overflow at the dynamic scaler's minimum
     /// scale is [`ZeroError::Precision`] on every rank.
     pub fn step(&mut self, lr: f64, comm: &dyn Communicator) -> Result<StepReport, ZeroError> {
-        // One parallel pass: squared norm and finiteness of this rank's gradients.
-        let (sq, finite) = self
-            .grads
-            .par_chunks(1 << 15)
-            .map(|c| {
-                // ds-precision's fused pass (vectorised, f64 accumulation per block).
-                let st = ds_precision::check_norm_f32(c);
-                (st.sq_norm, !st.has_inf_or_nan)
-            })
-            .reduce(|| (0.0, true), |a, b| (a.0 + b.0, a.1 && b.1));
+        self.step_with(lr, comm, None)
+    }
+
+    /// [`ZeroOptimizer::step`] that hands the updated fp32 master weights of this rank's part
+    /// to `publish(offset, values)` (offsets into the part: see [`Publish`]) inside the
+    /// update pass, while each piece is still in cache, so that installing the new weights in
+    /// the model costs their write only; the engine writes them straight into the model's
+    /// variables. Not called on a skipped step. With Lamb or an NVMe-offloaded optimizer the
+    /// whole part is handed over once after the update. The values are the fp32 masters: with
+    /// 16-bit precision the model's weights are their rounding
+    /// ([`ZeroOptimizer::gather_params`]).
+    ///
+    /// The step's gradient norm comes from the pass that wrote the gradients when it took it
+    /// ([`ZeroOptimizer::reduce_gradients`], [`ZeroOptimizer::reduce_gradients_swap_stats`],
+    /// [`ZeroOptimizer::restore_grad_part_with_stats`]); otherwise from a pass of its own.
+    pub fn step_with(
+        &mut self,
+        lr: f64,
+        comm: &dyn Communicator,
+        publish: Option<&Publish<'_>>,
+    ) -> Result<StepReport, ZeroError> {
+        // Squared norm and finiteness of this rank's gradients: taken when they were written,
+        // or one parallel pass (ds-precision's fused check, f64 accumulation per block).
+        let st = match self.grad_stats.take() {
+            Some(st) => st,
+            None => GradStats::of(&self.grads),
+        };
+        let (sq, finite) = (st.sq_norm, st.finite);
         let (sq, finite) = if self.opts.stage == 0 {
             // Every rank holds the identical full reduced gradient.
             (sq, finite)
@@ -1121,14 +1327,21 @@ impl ZeroOptimizer {
             if let Some(e) = err {
                 return Err(e);
             }
+            if let Some(pb) = publish {
+                pb(0, self.master());
+                self.release_swap_views();
+            }
         } else if let OptimizerSpec::Lamb(_) = self.opt.spec() {
             if scale != 1.0 {
                 self.grads.iter_mut().for_each(|g| *g *= scale);
             }
             self.lamb_step(lr, comm)?;
+            if let Some(pb) = publish {
+                pb(0, &self.master);
+            }
         } else {
             self.opt
-                .step_scaled(&mut self.master, &self.grads, lr, scale)?;
+                .step_scaled_publish(&mut self.master, &self.grads, lr, scale, publish)?;
         }
         if let Some(o) = self.offload.as_mut() {
             if !o.optimizer_on_disk() {
@@ -1208,6 +1421,71 @@ impl ZeroOptimizer {
             DType::BF16 => Ok(bf16::widen_vec(self.gather_params_t::<bf16>(comm)?)),
             _ => self.gather_params_t::<f32>(comm),
         }
+    }
+
+    /// The updated parameters, handed to `visit(flat_offset, values)` in unpadded pieces
+    /// instead of one new buffer: at stages 1-2 over several ranks in fp32 with the parameters
+    /// in memory and one all-gather bucket, the shards are all-gathered into a buffer
+    /// allocated once and visited rank by rank (this rank's own shard left out with
+    /// `skip_own`, e.g. when [`ZeroOptimizer::step_with`] published it already); otherwise
+    /// [`ZeroOptimizer::gather_params`] in one piece. A collective, as `gather_params`.
+    ///
+    /// ```
+    /// use ds_comm::LocalComm;
+    /// use ds_zero::optim::{OptimizerSpec, SgdParams};
+    /// use ds_zero::{ZeroOptimizer, ZeroOptions};
+    ///
+    /// let comm = LocalComm::create(1).remove(0);
+    /// let opts = ZeroOptions { stage: 1, gradient_clipping: 0.0, ..Default::default() };
+    /// let spec = OptimizerSpec::Sgd(SgdParams { lr: 1.0, ..Default::default() });
+    /// let mut z = ZeroOptimizer::new(&[3], &[1.0, 2.0, 3.0], spec, opts, &comm)?;
+    /// let mut model = vec![0f32; 3];
+    /// z.gather_params_visit(&comm, false, &mut |at, v| {
+    ///     model[at..at + v.len()].copy_from_slice(v);
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!(model, vec![1.0, 2.0, 3.0]);
+    /// # Ok::<(), ds_zero::ZeroError>(())
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn gather_params_visit(
+        &mut self,
+        comm: &dyn Communicator,
+        skip_own: bool,
+        visit: &mut dyn FnMut(usize, &[f32]) -> Result<(), ZeroError>,
+    ) -> Result<(), ZeroError> {
+        let ws = comm.world_size();
+        let s = self.part_len();
+        let numel = self.layout.numel;
+        let fast = self.s3.is_none()
+            && self.opts.stage > 0
+            && ws > 1
+            && self.precision == ZeroPrecision::F32
+            && self.offload.is_none()
+            && self.opts.allgather_bucket_size / ws >= s;
+        if !fast {
+            let full = self.gather_params(comm)?;
+            return visit(0, &full);
+        }
+        let inp = persistent(&mut self.shard_buf, s)?;
+        let out = persistent(&mut self.full_buf, ws * s)?;
+        let master = &self.master;
+        with_f32_mut(&inp, |b| scale_into(b, master, 1.0))?;
+        comm.all_gather_into(&inp, &out)?;
+        let rank = self.rank;
+        with_f32(&out, |o| -> Result<(), ZeroError> {
+            for r in 0..ws {
+                if skip_own && r == rank {
+                    continue;
+                }
+                let lo = (r * s).min(numel);
+                let hi = ((r + 1) * s).min(numel);
+                if lo < hi {
+                    visit(lo, &o[lo..hi])?;
+                }
+            }
+            Ok(())
+        })?
     }
 
     /// [`ZeroOptimizer::gather_params`] as a 1-D tensor of the model dtype (`F16`/`BF16`
@@ -1446,9 +1724,18 @@ impl ZeroOptimizer {
 
 /// `dst = src * s`, in parallel.
 fn scale_into(dst: &mut [f32], src: &[f32], s: f32) {
+    scale_into_impl(dst, src, s, false);
+}
+
+/// [`scale_into`] with the statistics of what was written (each chunk checked in cache).
+fn scale_into_stats(dst: &mut [f32], src: &[f32], s: f32) -> GradStats {
+    scale_into_impl(dst, src, s, true)
+}
+
+fn scale_into_impl(dst: &mut [f32], src: &[f32], s: f32, stats: bool) -> GradStats {
     dst.par_chunks_mut(1 << 15)
         .zip(src.par_chunks(1 << 15))
-        .for_each(|(d, x)| {
+        .map(|(d, x)| {
             if s == 1.0 {
                 d.copy_from_slice(x);
             } else {
@@ -1456,7 +1743,13 @@ fn scale_into(dst: &mut [f32], src: &[f32], s: f32) {
                     *a = b * s;
                 }
             }
-        });
+            if stats {
+                GradStats::of_serial(d)
+            } else {
+                GradStats::ZERO
+            }
+        })
+        .reduce(|| GradStats::ZERO, GradStats::combine)
 }
 
 /// All-reduce (sum) of a padded buffer in buckets.

@@ -487,6 +487,7 @@ impl<M: crate::traits::Model> Engine<'_, M> {
             .unwrap_or(t.global_step as i64 - 1);
         self.sched.set_last_batch_iteration(last);
         self.acc_fresh = true;
+        self.acc_stats = None;
         Ok(t)
     }
 
