@@ -1455,11 +1455,18 @@ mod tests {
             let ids = Tensor::zeros((b, s.seq), DType::U32, &Device::Cpu).unwrap();
             let logits = m.profile_forward(&ids, &prof).unwrap();
             prof.stop_profile();
-            // Same values as the training path.
-            assert_eq!(
+            // Same values as the training path (which runs the fused CPU linear and
+            // attention ops: equal within f32 rounding, not bit for bit).
+            let (p, r) = (
                 logits.to_vec2::<f32>().unwrap(),
-                m.logits(&ids).unwrap().to_vec2::<f32>().unwrap()
+                m.logits(&ids).unwrap().to_vec2::<f32>().unwrap(),
             );
+            assert_eq!((p.len(), p[0].len()), (r.len(), r[0].len()));
+            for (pr, rr) in p.iter().zip(&r) {
+                for (a, b) in pr.iter().zip(rr) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+                }
+            }
             let (b, t, d, v, h) = (
                 b as u64,
                 s.seq as u64,
