@@ -1606,6 +1606,25 @@ fn ce_in_place(cx: Ctx, logits: &mut [f32], tg: &[u32], vocab: usize) -> f64 {
     row_loss.iter().sum::<f64>() / n as f64
 }
 
+/// Token plus position embedding of `ids` (sequences of `t` tokens): (B*T, C).
+fn embed(gpt: &Gpt, ids: &[u32], t: usize, c: usize) -> R<Vec<f32>> {
+    let mut x = vec![0f32; ids.len() * c];
+    let wte = View::new(&gpt.wte)?;
+    let wpe = View::new(&gpt.wpe)?;
+    let (wte, wpe) = (wte.s(), wpe.s());
+    for (i, row) in x.chunks_mut(c).enumerate() {
+        let (tok, pos) = (ids[i] as usize, i % t);
+        for ((o, &a), &p) in row
+            .iter_mut()
+            .zip(&wte[tok * c..(tok + 1) * c])
+            .zip(&wpe[pos * c..(pos + 1) * c])
+        {
+            *o = a + p;
+        }
+    }
+    Ok(x)
+}
+
 /// Held-out evaluation on the explicit kernels: the summed next-token loss over the batch's
 /// positions and each position's argmax token. No dropout, nothing kept for a backward: one
 /// block's activations and the batch's logits are the largest buffers.
@@ -1638,22 +1657,7 @@ pub(super) fn evaluate(gpt: &Gpt, ids: &[u32], targets: &[u32], b: usize) -> R<(
         h: s.heads,
     };
     let n = b * t;
-    let mut x = vec![0f32; n * c];
-    {
-        let wte = View::new(&gpt.wte)?;
-        let wpe = View::new(&gpt.wpe)?;
-        let (wte, wpe) = (wte.s(), wpe.s());
-        for (i, row) in x.chunks_mut(c).enumerate() {
-            let (tok, pos) = (ids[i] as usize, i % t);
-            for ((o, &a), &p) in row
-                .iter_mut()
-                .zip(&wte[tok * c..(tok + 1) * c])
-                .zip(&wpe[pos * c..(pos + 1) * c])
-            {
-                *o = a + p;
-            }
-        }
-    }
+    let mut x = embed(gpt, ids, t, c)?;
     for blk in &gpt.blocks {
         let (y, acts) = block_fwd(cx, blk, &x, &d, None)?;
         drop(acts);
@@ -1750,23 +1754,7 @@ pub(super) fn forward_backward(
     let nblocks = gpt.blocks.len();
 
     // Embedding.
-    let mut x = vec![0f32; n * c];
-    {
-        let wte = View::new(&gpt.wte)?;
-        let wpe = View::new(&gpt.wpe)?;
-        let (wte, wpe) = (wte.s(), wpe.s());
-        for (i, row) in x.chunks_mut(c).enumerate() {
-            let tok = ids[i] as usize;
-            let pos = i % t;
-            for ((o, &a), &p) in row
-                .iter_mut()
-                .zip(&wte[tok * c..(tok + 1) * c])
-                .zip(&wpe[pos * c..(pos + 1) * c])
-            {
-                *o = a + p;
-            }
-        }
-    }
+    let mut x = embed(gpt, &ids, t, c)?;
 
     // Blocks forward.
     enum Kept {
