@@ -5,7 +5,8 @@
 //! loop is DeepSpeed's: `forward_backward` then `step_micro` for every micro-batch, 2
 //! micro-batches per optimizer step (gradient accumulation); the update happens at the
 //! accumulation boundary only. Checked: the engine steps exactly there, and the loss falls
-//! most of the way from `ln(vocab)` to the data's entropy.
+//! most of the way from `ln(vocab)` to the data's entropy. Rank 0 then draws its loss curve
+//! with `ds_engine::plot::write_loss_curve` (a compressed PNG and an SVG beside it).
 //!
 //! `cargo run -p ds-engine --example custom_model`
 
@@ -124,19 +125,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lang = BigramLanguage::new(vocab, 1);
     let entropy = lang.entropy();
     let data = DataLoader::new(lang, 1, seq);
-    let results: Vec<Result<(f64, f64), String>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<f64>, String>> = std::thread::scope(|s| {
         LocalComm::create(ws)
             .into_iter()
             .map(|comm| {
                 let (cfg, data) = (&cfg, &data);
-                s.spawn(move || -> Result<(f64, f64), String> {
-                    let run = || -> Result<(f64, f64), Box<dyn std::error::Error>> {
+                s.spawn(move || -> Result<Vec<f64>, String> {
+                    let run = || -> Result<Vec<f64>, Box<dyn std::error::Error>> {
                         let model = GatedLm::new(vocab, hidden, seq, 0)?;
                         let mut engine = Engine::initialize(cfg, model, &comm)?;
                         let micro = engine.micro_batch_size();
                         let rank = ds_comm::Communicator::rank(&comm);
-                        let mut first = f64::NAN;
-                        let mut last = f64::NAN;
+                        let mut losses = Vec::new();
                         let gas = engine.gradient_accumulation_steps();
                         assert_eq!(gas, 2); // 16 = 4 per micro-batch x 2 ranks x 2
                         for step in 0..STEPS {
@@ -151,13 +151,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 let report = engine.step_micro()?;
                                 assert_eq!(report.is_some(), boundary);
                             }
-                            if step == 0 {
-                                first = loss;
-                            }
-                            last = loss;
+                            losses.push(loss);
                         }
                         assert_eq!(engine.global_steps(), STEPS);
-                        Ok((first, last))
+                        Ok(losses)
                     };
                     run().map_err(|e| e.to_string())
                 })
@@ -168,7 +165,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect()
     });
     for (rank, r) in results.into_iter().enumerate() {
-        let (first, last) = r?;
+        let losses = r?;
+        let (first, last) = (losses[0], losses[losses.len() - 1]);
+        if rank == 0 {
+            let dir = std::env::temp_dir().join(format!("ds-custom-model-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let png = dir.join("loss_curve.png");
+            // Steps are numbered from 1, as the engine counts them.
+            ds_engine::plot::write_loss_curve(&png, &losses, 1)?;
+            let bytes = std::fs::metadata(&png)?.len();
+            assert!(
+                bytes > 1000 && bytes < 100_000,
+                "loss_curve.png is {bytes} bytes"
+            );
+            assert!(png.with_extension("svg").is_file());
+            println!("loss curve: {} ({bytes} bytes) and its .svg", png.display());
+            std::fs::remove_dir_all(&dir)?;
+        }
         let ln_v = (vocab as f64).ln();
         assert!(
             last < entropy + 0.5 * (ln_v - entropy),

@@ -441,3 +441,36 @@ fn config_corpus_verdicts_are_the_same_on_both_paths() {
     eprintln!("corpus: {accepted} accepted and {refused} refused by the engine on both paths, {unresolved} refused by the config layer");
     assert!(accepted > 0 && accepted + refused + unresolved == files.len());
 }
+
+/// ZeRO-3 recomputes every block (a block's weights are released after its forward pass), so
+/// its policy is `Every` from the start and a request for another is ignored; below stage 3
+/// the policy follows `number_checkpoints` and then the caller.
+#[test]
+fn checkpoint_policy_follows_the_config_and_stage_3_keeps_every_block() {
+    let comm = LocalComm::create(1).pop().unwrap();
+    for (stage, extra, want_initial) in [
+        (1u8, json!({}), Policy::None),
+        (
+            1,
+            json!({"activation_checkpointing": {"number_checkpoints": 1}}),
+            Policy::Count(1),
+        ),
+        (3, json!({}), Policy::Every),
+    ] {
+        let mut extra = extra;
+        extra["zero_optimization"] = json!({ "stage": stage });
+        let c = cfg(1, extra);
+        let gpt = Gpt::new(SHAPE, 7, &Device::Cpu).unwrap();
+        let mut e = Engine::initialize(&c, gpt, &comm).unwrap();
+        assert_eq!(e.checkpoint_policy(), want_initial, "stage {stage}");
+        e.set_checkpoint_policy(Policy::None).unwrap();
+        let want = if stage == 3 {
+            Policy::Every
+        } else {
+            Policy::None
+        };
+        assert_eq!(e.checkpoint_policy(), want, "stage {stage} after set(None)");
+        e.set_checkpoint_policy(Policy::Every).unwrap();
+        assert_eq!(e.checkpoint_policy(), Policy::Every, "stage {stage}");
+    }
+}
