@@ -1,5 +1,5 @@
 //! The `ds` command's jobs as a library: [`train`] (`ds train`, `ds profile`) and [`mod@bench`]
-//! (`ds bench kernels`, `ds bench ckpt-act`), over [`ds_engine`]'s one engine and
+//! (`ds bench kernels`, `ds bench ckpt-act`), [`gemm`] (`ds bench gemm`), over [`ds_engine`]'s one engine and
 //! [`ds_models`]' model library.
 //!
 //! ```no_run
@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod comm;
+pub mod gemm;
 pub mod train;
 
 /// The README's examples, compiled and run as doc tests (`cargo test --doc`).

@@ -258,6 +258,41 @@ const DEMO_OUT: &str = "ds-train-out";
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The matrix products of a GPT step on every GEMM backend at hand (the `gemm` crate and
+    /// CBLAS libraries loaded at run time), side by side, and the machine's measured f32
+    /// matrix peak. Defaults: the GPT-2-small shape (hidden 768, 12 layers, vocab 50304,
+    /// 4 x 256 tokens).
+    Gemm {
+        /// Hidden width.
+        #[arg(long, default_value_t = 768)]
+        hidden: usize,
+        /// MLP width (default 4 x hidden).
+        #[arg(long)]
+        ff: Option<usize>,
+        /// Vocabulary (the tied head's width).
+        #[arg(long, default_value_t = 50304)]
+        vocab: usize,
+        /// Tokens per micro-batch (batch x sequence).
+        #[arg(long, default_value_t = 1024)]
+        rows: usize,
+        /// Transformer blocks (how often a block's products run per micro-batch).
+        #[arg(long, default_value_t = 12)]
+        layers: usize,
+        /// The `gemm` crate's threads (default: the machine's cores). Loaded libraries take
+        /// theirs from MKL_NUM_THREADS / OPENBLAS_NUM_THREADS / BLIS_NUM_THREADS.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// A CBLAS library to compare, NAME=PATH (repeatable), e.g.
+        /// `mkl=/opt/mkl/lib/libmkl_rt.so.3`, `blis=/usr/lib/x86_64-linux-gnu/libblis.so.4`.
+        #[arg(long)]
+        blas: Vec<String>,
+        /// Seconds of timed calls per product and backend (at least 3 calls).
+        #[arg(long, default_value_t = 0.3)]
+        min_secs: f64,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Activation checkpointing: peak memory and step time with and without it.
     CkptAct {
         /// Transformer blocks.
@@ -907,6 +942,97 @@ fn main() -> ExitCode {
                     Err(e) => {
                         eprintln!("error: {e}");
                         ExitCode::from(2)
+                    }
+                }
+            }
+            BenchCommand::Gemm {
+                hidden,
+                ff,
+                vocab,
+                rows,
+                layers,
+                threads,
+                blas,
+                min_secs,
+                json,
+            } => {
+                if hidden == 0 || vocab == 0 || rows == 0 || layers == 0 || ff == Some(0) {
+                    eprintln!(
+                        "error: --hidden, --ff, --vocab, --rows and --layers must be positive"
+                    );
+                    return ExitCode::from(2);
+                }
+                if !(min_secs.is_finite() && min_secs >= 0.0) {
+                    eprintln!("error: --min-secs must be a non-negative number of seconds");
+                    return ExitCode::from(2);
+                }
+                let mut libs = Vec::new();
+                for spec in &blas {
+                    let Some((name, path)) = spec.split_once('=') else {
+                        eprintln!("error: --blas {spec}: expected NAME=PATH, e.g. mkl=/opt/mkl/lib/libmkl_rt.so.3");
+                        return ExitCode::from(2);
+                    };
+                    match ds_cli::gemm::Cblas::load(name, path) {
+                        Ok(l) => libs.push(l),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                let threads = threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                let shapes =
+                    ds_cli::gemm::gpt_shapes(hidden, ff.unwrap_or(4 * hidden), vocab, rows, layers);
+                match ds_cli::gemm::gemm_bench(&shapes, threads, &libs, min_secs) {
+                    Ok(r) if json => print_json(&r),
+                    Ok(r) => {
+                        let names: Vec<String> = std::iter::once("gemm-crate".to_string())
+                            .chain(libs.iter().map(|l| l.name().to_string()))
+                            .collect();
+                        println!("GEMM backends, f32, GFLOP/s at the best of repeated calls (gemm crate: {} threads)", r.threads);
+                        for (n, p) in &r.libraries {
+                            println!("  {n}: {p}");
+                        }
+                        print!("{:<22} {:>22} {:>4}", "product", "m x k x n", "");
+                        for n in &names {
+                            print!(" {n:>12}");
+                        }
+                        println!("  fastest");
+                        for sr in &r.shapes {
+                            let s = &sr.shape;
+                            print!(
+                                "{:<22} {:>22} {:>4}",
+                                s.name,
+                                format!("{} x {} x {}", s.m, s.k, s.n),
+                                format!("{:?}", s.layout)
+                            );
+                            for t in &sr.timings {
+                                print!(" {:>12.1}", t.gflops);
+                            }
+                            println!("  {}", sr.fastest);
+                        }
+                        for t in &r.totals {
+                            println!(
+                                "step total {:<20} {:>10.1} ms  {:>8.1} GFLOP/s",
+                                t.backend, t.step_ms, t.gflops
+                            );
+                        }
+                        println!(
+                            "step total {:<20} {:>10.1} ms  {:>8.1} GFLOP/s",
+                            r.best_per_shape.backend,
+                            r.best_per_shape.step_ms,
+                            r.best_per_shape.gflops
+                        );
+                        println!(
+                            "measured f32 matrix peak: {:.1} GFLOP/s ({})",
+                            r.peak_gflops, r.peak_at
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
                     }
                 }
             }
