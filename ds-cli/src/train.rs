@@ -847,6 +847,17 @@ fn say_notes(cfg: &ResolvedConfig, rank: usize, notes: &[String]) {
     for n in notes {
         eprintln!("note: {n}");
     }
+    if let Ok(Some(b)) = ds_models::blas::init(1) {
+        eprintln!(
+            "note: {}={}: the explicit kernels' large f32 products run on this CBLAS library ({})",
+            ds_models::blas::ENV,
+            b.path(),
+            b.threads_set_by().map_or(
+                "its threads from its own environment variables".to_string(),
+                |f| { format!("threads set with {f}") }
+            )
+        );
+    }
     if cfg.json()["dump_state"] == serde_json::Value::Bool(true) {
         eprintln!(
             "dump_state: resolved config {}",
@@ -1347,6 +1358,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
             "--steps must be >= 1 (a run of 0 steps has no loss to report)".into(),
         ));
     }
+    // DS_BLAS: a CBLAS library for the explicit kernels' products, opened once with each
+    // rank's share of the cores; a bad path stops the run here.
+    ds_models::blas::init(kernel_threads(args.world_size)).map_err(EngineError::Config)?;
     if let Some(out) = &args.out {
         if args.resume && args.overwrite {
             return Err(EngineError::Config(

@@ -1566,3 +1566,72 @@ fn plot_overlays_csv_monitor_runs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("csv_monitor"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `DS_BLAS`: the explicit kernels' products on a CBLAS library opened at run time train to
+/// the same loss as the `gemm` crate within f32 rounding of a different summation order
+/// (Debian's OpenBLAS or BLIS; skipped with a message when neither is installed), and a path
+/// that is not a library stops the run with exit 2 naming it.
+#[test]
+fn ds_blas_library_trains_like_the_gemm_crate() {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+        "/usr/lib/x86_64-linux-gnu/libblis.so.4",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    let bad = Command::new(env!("CARGO_BIN_EXE_ds"))
+        .args(["train", "--steps", "1"])
+        .env("DS_BLAS", "/nonexistent/libnope.so")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("DS_BLAS=/nonexistent/libnope.so"), "{err}");
+    let Some(lib) = lib else {
+        eprintln!("no system CBLAS (libopenblas0 / libblis4): skipped");
+        return;
+    };
+    // fc2's depth (4 x 192 = 768) and the weight gradients' (2 x 4 x 64 tokens) are longer
+    // than one accumulation chain, so the libraries really sum in another order.
+    let args = [
+        "train",
+        "--steps",
+        "6",
+        "--hidden",
+        "192",
+        "--heads",
+        "3",
+        "--world-size",
+        "1",
+        "--json",
+    ];
+    let run = |blas: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ds"));
+        c.args(args).env_remove("DS_BLAS");
+        if let Some(b) = blas {
+            c.env("DS_BLAS", b);
+        }
+        let out = c.output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["final_loss"].as_f64().unwrap(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (own, _) = run(None);
+    let (lib_loss, notes) = run(Some(lib));
+    assert!(
+        notes.contains(&format!("DS_BLAS={lib}")),
+        "no note naming the library: {notes}"
+    );
+    assert!(
+        (own - lib_loss).abs() <= 1e-4 * own.abs(),
+        "final loss {own} (gemm crate) vs {lib_loss} ({lib})"
+    );
+}

@@ -357,6 +357,29 @@ fn gemm_into(
         }
         return;
     }
+    if let Some(blas) = crate::blas::for_product(mm, k, n) {
+        // SAFETY: as for the gemm crate's call below.
+        let done = unsafe {
+            blas.sgemm(
+                mm,
+                n,
+                k,
+                scale,
+                a.data.as_ptr().add(a.off),
+                a.rs,
+                a.cs,
+                b.data.as_ptr().add(b.off),
+                b.rs,
+                b.cs,
+                if acc { 1.0 } else { 0.0 },
+                dst.as_mut_ptr().add(doff),
+                ldd,
+            )
+        };
+        if done {
+            return;
+        }
+    }
     // SAFETY: the three operands were checked to lie inside their slices; `dst` is borrowed
     // mutably and cannot alias `a` or `b`.
     unsafe {

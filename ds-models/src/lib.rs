@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod blas;
 pub mod gpt;
 pub mod kernels;
 pub mod mlp;

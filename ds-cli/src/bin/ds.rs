@@ -1065,6 +1065,18 @@ fn main() -> ExitCode {
                 };
                 let threads = threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                match ds_models::blas::init(threads) {
+                    Ok(Some(b)) => eprintln!(
+                        "note: {}={}: the large products run on it",
+                        ds_models::blas::ENV,
+                        b.path()
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
                 match ds_cli::bench::kernels_bench(shape, batch, threads, reps) {
                     Ok(r) if json => print_json(&r),
                     Ok(r) => {

@@ -1,0 +1,296 @@
+//! An optional CBLAS library for the explicit kernels' f32 matrix products, chosen at run time
+//! with `DS_BLAS=PATH` (MKL's `libmkl_rt.so`, OpenBLAS, BLIS, ... any LP64 CBLAS).
+//!
+//! Unset (the default), every product runs on the `gemm` crate, and the build links no
+//! system library either way: the library is opened with `dlopen` at the first product. Which
+//! backend is fastest depends on the processor and the shape (`ds bench gemm` measures them
+//! side by side; BENCHMARKS.md records the choice per machine). Only the large products go to
+//! the library: the forward, input-gradient and weight-gradient products of the linear layers
+//! and the head. The blocked attention's tiles stay on the `gemm` crate.
+//!
+//! The library computes in its own order of additions, so results differ from the `gemm`
+//! crate's within f32 rounding; every rank of a run must use the same backend (the `ds`
+//! command passes its environment to every rank it starts).
+//!
+//! ```
+//! // With DS_BLAS unset, no library is used.
+//! if std::env::var_os(ds_models::blas::ENV).is_none() {
+//!     assert!(ds_models::blas::init(1).unwrap().is_none());
+//! }
+//! ```
+
+use std::sync::OnceLock;
+
+/// The environment variable naming the CBLAS shared library.
+pub const ENV: &str = "DS_BLAS";
+
+/// Products with fewer multiply-adds than this stay on the `gemm` crate (a library call's
+/// fixed cost is not worth it there).
+pub const MIN_MACS: usize = 1 << 18;
+
+type CblasSgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+
+/// A CBLAS library opened at run time.
+pub struct Blas {
+    path: String,
+    // Keeps the library mapped while `sgemm` may be called.
+    _lib: libloading::Library,
+    sgemm: CblasSgemm,
+    threads: Option<String>,
+}
+
+impl std::fmt::Debug for Blas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blas").field("path", &self.path).finish()
+    }
+}
+
+impl Blas {
+    /// Opens the library at `path` and finds `cblas_sgemm`; sets its thread count to
+    /// `threads` through whichever of `openblas_set_num_threads`, `MKL_Set_Num_Threads` or
+    /// `bli_thread_set_num_threads` it exports.
+    pub fn open(path: &str, threads: usize) -> Result<Blas, String> {
+        // SAFETY: opening a shared library runs its initialisers; the user named a BLAS.
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| format!("{ENV}={path}: cannot open the library: {e}"))?;
+        // SAFETY: `cblas_sgemm` has this signature in every LP64 CBLAS.
+        let sgemm = *unsafe { lib.get::<CblasSgemm>(b"cblas_sgemm\0") }.map_err(|e| {
+            format!("{ENV}={path}: it has no cblas_sgemm ({e}); name a CBLAS library")
+        })?;
+        let n = i32::try_from(threads.max(1)).unwrap_or(i32::MAX);
+        let mut set = None;
+        for sym in [
+            "openblas_set_num_threads",
+            "MKL_Set_Num_Threads",
+            "bli_thread_set_num_threads",
+        ] {
+            let name = format!("{sym}\0");
+            // SAFETY: each of these takes the thread count as a C int and returns nothing
+            // (BLIS's takes a dim_t, a 64-bit integer: passed as such below).
+            unsafe {
+                if sym.starts_with("bli_") {
+                    if let Ok(f) = lib.get::<unsafe extern "C" fn(i64)>(name.as_bytes()) {
+                        f(n as i64);
+                        set = Some(sym.to_string());
+                        break;
+                    }
+                } else if let Ok(f) = lib.get::<unsafe extern "C" fn(i32)>(name.as_bytes()) {
+                    f(n);
+                    set = Some(sym.to_string());
+                    break;
+                }
+            }
+        }
+        Ok(Blas {
+            path: path.to_string(),
+            _lib: lib,
+            sgemm,
+            threads: set,
+        })
+    }
+
+    /// The library's path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Which call set the library's thread count (`None`: it exports none we know; it then
+    /// follows its own environment variables).
+    pub fn threads_set_by(&self) -> Option<&str> {
+        self.threads.as_deref()
+    }
+
+    /// `C[m,n] (row stride ldc) = beta C + alpha A B`, A element (i,p) at `a[i*ars + p*acs]`,
+    /// B element (p,j) at `b[p*brs + j*bcs]`. Returns false (nothing done) when an operand
+    /// has no unit stride or a size does not fit 32 bits: the caller runs its own kernel.
+    ///
+    /// # Safety
+    /// The pointers must reach every element the sizes and strides name, and `c` must not
+    /// alias `a` or `b`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        brs: usize,
+        bcs: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) -> bool {
+        const ROW_MAJOR: i32 = 101;
+        const NO: i32 = 111;
+        const T: i32 = 112;
+        // Row-major with leading dimension ld (>= columns), or its transpose.
+        let op = |rs: usize, cs: usize, cols: usize| {
+            if cs == 1 && rs >= cols.max(1) {
+                Some((NO, rs))
+            } else if rs == 1 && cs >= 1 {
+                Some((T, cs))
+            } else {
+                None
+            }
+        };
+        let (Some((ta, lda)), Some((tb, ldb))) = (op(ars, acs, k), op(brs, bcs, n)) else {
+            return false;
+        };
+        // A transposed operand's leading dimension must cover its stored rows' length.
+        if (ta == T && lda < m) || (tb == T && ldb < k) {
+            return false;
+        }
+        let i = |x: usize| i32::try_from(x).ok();
+        let (Some(m), Some(n), Some(k), Some(lda), Some(ldb), Some(ldc)) =
+            (i(m), i(n), i(k), i(lda), i(ldb), i(ldc))
+        else {
+            return false;
+        };
+        // SAFETY: the caller guarantees the operands; the layout arguments match them.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+            );
+        }
+        true
+    }
+}
+
+static BLAS: OnceLock<Result<Option<Blas>, String>> = OnceLock::new();
+
+/// Opens the library `DS_BLAS` names (once per process; later calls return the first
+/// result), with `threads` threads. `Ok(None)` when `DS_BLAS` is unset or empty; an error
+/// names the variable, the path and what went wrong.
+pub fn init(threads: usize) -> Result<Option<&'static Blas>, String> {
+    BLAS.get_or_init(|| match std::env::var(ENV) {
+        Ok(p) if !p.trim().is_empty() => Blas::open(p.trim(), threads).map(Some),
+        _ => Ok(None),
+    })
+    .as_ref()
+    .map(|o| o.as_ref())
+    .map_err(|e| e.clone())
+}
+
+/// The library for a product of `m x k x n`, if one is in use and the product is large
+/// enough ([`MIN_MACS`]). A library that failed to open is not used (`ds` reports the error
+/// at start-up through [`init`]).
+pub(crate) fn for_product(m: usize, k: usize, n: usize) -> Option<&'static Blas> {
+    if m.saturating_mul(k).saturating_mul(n) < MIN_MACS {
+        return None;
+    }
+    init(1).ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_without_cblas_or_missing_is_an_error_naming_it() {
+        let e = Blas::open("/nonexistent/libnope.so", 1).unwrap_err();
+        assert!(e.contains("DS_BLAS=/nonexistent/libnope.so"), "{e}");
+        // libc is a shared library without cblas_sgemm.
+        let e = Blas::open("libc.so.6", 1).unwrap_err();
+        assert!(e.contains("no cblas_sgemm"), "{e}");
+    }
+
+    /// Whatever CBLAS the machine has (Debian's OpenBLAS or BLIS), against an f64 triple loop
+    /// in the three layouts training uses; skipped with a message when there is none.
+    #[test]
+    fn a_system_cblas_matches_a_triple_loop_in_every_layout() {
+        let candidates = [
+            "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+            "/usr/lib/x86_64-linux-gnu/libblis.so.4",
+        ];
+        let Some(blas) = candidates.iter().find_map(|p| Blas::open(p, 1).ok()) else {
+            eprintln!("no system CBLAS (libopenblas0 / libblis4): skipped");
+            return;
+        };
+        eprintln!("testing {}", blas.path());
+        let (m, k, n) = (7usize, 13usize, 5usize);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
+            .collect();
+        // (A as stored: row stride, col stride), same for B: NN, NT (B stored n x k), TN (A
+        // stored k x m).
+        for (ars, acs, brs, bcs) in [(k, 1, n, 1), (k, 1, 1, k), (1, m, n, 1)] {
+            let at = |i: usize, p: usize| a[i * ars + p * acs] as f64;
+            let bt = |p: usize, j: usize| b[p * brs + j * bcs] as f64;
+            let ldc = n + 2;
+            let mut c = vec![1f32; m * ldc];
+            // SAFETY: the buffers hold what the strides reach.
+            let done = unsafe {
+                blas.sgemm(
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    a.as_ptr(),
+                    ars,
+                    acs,
+                    b.as_ptr(),
+                    brs,
+                    bcs,
+                    1.0,
+                    c.as_mut_ptr(),
+                    ldc,
+                )
+            };
+            assert!(done);
+            for i in 0..m {
+                for j in 0..n {
+                    let r: f64 = 1.0 + 0.5 * (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>();
+                    let got = c[i * ldc + j] as f64;
+                    assert!(
+                        (got - r).abs() < 1e-4,
+                        "({ars},{acs},{brs},{bcs}) ({i},{j}): {got} vs {r}"
+                    );
+                }
+                // The padding columns are untouched.
+                assert_eq!(c[i * ldc + n], 1.0);
+            }
+        }
+        // An operand with no unit stride is declined.
+        // SAFETY: declined before any access.
+        let declined = unsafe {
+            blas.sgemm(
+                2,
+                2,
+                2,
+                1.0,
+                a.as_ptr(),
+                4,
+                2,
+                b.as_ptr(),
+                2,
+                1,
+                0.0,
+                [0f32; 4].as_mut_ptr(),
+                2,
+            )
+        };
+        assert!(!declined);
+    }
+}
