@@ -45,12 +45,32 @@ type CblasSgemm = unsafe extern "C" fn(
     i32,
 );
 
+/// MKL's `cblas_gemm_bf16bf16f32`: bf16 operands, f32 accumulation and result (AMX tiles or
+/// AVX-512 BF16 where the processor has them, converted to f32 elsewhere).
+type CblasGemmBf16 = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const u16,
+    i32,
+    *const u16,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+
 /// A CBLAS library opened at run time.
 pub struct Blas {
     path: String,
     // Keeps the library mapped while `sgemm` may be called.
     _lib: libloading::Library,
     sgemm: CblasSgemm,
+    gemm_bf16: Option<CblasGemmBf16>,
     threads: Option<String>,
 }
 
@@ -72,6 +92,24 @@ impl Blas {
         let sgemm = *unsafe { lib.get::<CblasSgemm>(b"cblas_sgemm\0") }.map_err(|e| {
             format!("{ENV}={path}: it has no cblas_sgemm ({e}); name a CBLAS library")
         })?;
+        // MKL's single dynamic library picks its threading layer at the first call; its
+        // default (Intel OpenMP, libiomp5) ships in another wheel. Unless MKL_THREADING_LAYER
+        // says otherwise: sequential for one thread, GNU OpenMP (gcc's libgomp) for more.
+        if std::env::var_os("MKL_THREADING_LAYER").is_none() {
+            // SAFETY: `int MKL_Set_Threading_Layer(int)`, called before any other MKL call.
+            if let Ok(f) =
+                unsafe { lib.get::<unsafe extern "C" fn(i32) -> i32>(b"MKL_Set_Threading_Layer\0") }
+            {
+                const SEQUENTIAL: i32 = 1;
+                const GNU: i32 = 3;
+                // SAFETY: as above.
+                unsafe { f(if threads <= 1 { SEQUENTIAL } else { GNU }) };
+            }
+        }
+        // SAFETY: MKL's signature (LP64), where the library has it.
+        let gemm_bf16 = unsafe { lib.get::<CblasGemmBf16>(b"cblas_gemm_bf16bf16f32\0") }
+            .ok()
+            .map(|f| *f);
         let n = i32::try_from(threads.max(1)).unwrap_or(i32::MAX);
         let mut set = None;
         for sym in [
@@ -100,6 +138,7 @@ impl Blas {
             path: path.to_string(),
             _lib: lib,
             sgemm,
+            gemm_bf16,
             threads: set,
         })
     }
@@ -113,6 +152,74 @@ impl Blas {
     /// follows its own environment variables).
     pub fn threads_set_by(&self) -> Option<&str> {
         self.threads.as_deref()
+    }
+
+    /// Whether the library multiplies bf16 matrices (MKL's `cblas_gemm_bf16bf16f32`).
+    pub fn has_bf16(&self) -> bool {
+        self.gemm_bf16.is_some()
+    }
+
+    /// [`Blas::sgemm`] with A and B rounded to bf16 (round to nearest even) and multiplied
+    /// by the library's bf16 GEMM with f32 accumulation: on AMX or AVX-512 BF16 units where
+    /// the processor has them. The rounded operands are written to per-thread scratch
+    /// buffers first (row-major, whatever the strides). Returns false (nothing done) when
+    /// the library has no bf16 GEMM or a size does not fit 32 bits.
+    ///
+    /// # Safety
+    /// As [`Blas::sgemm`]: the pointers reach every element the sizes and strides name, and
+    /// `c` does not alias `a` or `b`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm_bf16(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        brs: usize,
+        bcs: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) -> bool {
+        let Some(f) = self.gemm_bf16 else {
+            return false;
+        };
+        let i = |x: usize| i32::try_from(x).ok();
+        let (Some(mi), Some(ni), Some(ki), Some(ldci)) = (i(m), i(n), i(k), i(ldc)) else {
+            return false;
+        };
+        BF16_SCRATCH.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let (sa, sb) = &mut *bufs;
+            // SAFETY: the caller guarantees every (i, p) of A and (p, j) of B is readable.
+            unsafe {
+                pack_bf16(sa, a, m, k, ars, acs);
+                pack_bf16(sb, b, k, n, brs, bcs);
+                const ROW_MAJOR: i32 = 101;
+                const NO: i32 = 111;
+                f(
+                    ROW_MAJOR,
+                    NO,
+                    NO,
+                    mi,
+                    ni,
+                    ki,
+                    alpha,
+                    sa.as_ptr(),
+                    ki,
+                    sb.as_ptr(),
+                    ni,
+                    beta,
+                    c,
+                    ldci,
+                );
+            }
+        });
+        true
     }
 
     /// `C[m,n] (row stride ldc) = beta C + alpha A B`, A element (i,p) at `a[i*ars + p*acs]`,
@@ -175,6 +282,42 @@ impl Blas {
     }
 }
 
+thread_local! {
+    /// Per-thread bf16 copies of the two operands of [`Blas::sgemm_bf16`], kept between calls.
+    static BF16_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The bf16 bits of `x`, rounded to nearest even (NaN stays a quiet NaN).
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Writes the `rows x cols` matrix at `p` (element (i, j) at `p[i*rs + j*cs]`) row-major as
+/// bf16 into `out`.
+///
+/// # Safety
+/// Every element the sizes and strides name must be readable.
+unsafe fn pack_bf16(
+    out: &mut Vec<u16>,
+    p: *const f32,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) {
+    out.clear();
+    out.reserve(rows * cols);
+    for i in 0..rows {
+        // SAFETY: (i, j) is inside the operand (the caller's guarantee).
+        out.extend((0..cols).map(|j| bf16_bits(unsafe { *p.add(i * rs + j * cs) })));
+    }
+}
+
 static BLAS: OnceLock<Result<Option<Blas>, String>> = OnceLock::new();
 
 /// Opens the library `DS_BLAS` names (once per process; later calls return the first
@@ -211,6 +354,85 @@ mod tests {
         // libc is a shared library without cblas_sgemm.
         let e = Blas::open("libc.so.6", 1).unwrap_err();
         assert!(e.contains("no cblas_sgemm"), "{e}");
+    }
+
+    /// MKL's bf16 GEMM (when an MKL is at hand: `DS_TEST_MKL=PATH/libmkl_rt.so.3`, or the one
+    /// `benches/gemm_backends.sh` fetched under target/blas; skipped with a message
+    /// otherwise) against an f64 product of the bf16-rounded operands, in the three layouts.
+    #[test]
+    fn mkl_bf16_gemm_matches_the_rounded_product() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/blas/mkl");
+        let found = std::env::var("DS_TEST_MKL").ok().or_else(|| {
+            std::fs::read_dir(&root).ok()?.flatten().find_map(|e| {
+                let p = e.path().join("data/lib/libmkl_rt.so.3");
+                p.exists().then(|| p.display().to_string())
+            })
+        });
+        let Some(path) = found else {
+            eprintln!("no MKL (DS_TEST_MKL or target/blas/mkl): skipped");
+            return;
+        };
+        let blas = Blas::open(&path, 1).unwrap();
+        assert!(blas.has_bf16(), "{path} has no cblas_gemm_bf16bf16f32");
+        let (m, k, n) = (9usize, 37usize, 11usize);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 311.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 173.0)
+            .collect();
+        let r = |x: f32| f32::from_bits((bf16_bits(x) as u32) << 16) as f64;
+        for (ars, acs, brs, bcs) in [(k, 1, n, 1), (k, 1, 1, k), (1, m, n, 1)] {
+            let ldc = n + 1;
+            let mut c = vec![2f32; m * ldc];
+            // SAFETY: the buffers hold what the strides reach.
+            let done = unsafe {
+                blas.sgemm_bf16(
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    a.as_ptr(),
+                    ars,
+                    acs,
+                    b.as_ptr(),
+                    brs,
+                    bcs,
+                    1.0,
+                    c.as_mut_ptr(),
+                    ldc,
+                )
+            };
+            assert!(done);
+            for i in 0..m {
+                for j in 0..n {
+                    let terms: Vec<f64> = (0..k)
+                        .map(|p| r(a[i * ars + p * acs]) * r(b[p * brs + j * bcs]))
+                        .collect();
+                    let want = 2.0 + 0.5 * terms.iter().sum::<f64>();
+                    // f32 accumulation of k exact products.
+                    let tol = 1e-6 * (2.0 + terms.iter().map(|t| t.abs()).sum::<f64>());
+                    let got = c[i * ldc + j] as f64;
+                    assert!((got - want).abs() <= tol, "({i},{j}): {got} vs {want}");
+                }
+            }
+        }
+        eprintln!("MKL bf16 GEMM checked: {path}");
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        let back = |x: f32| f32::from_bits((bf16_bits(x) as u32) << 16);
+        assert_eq!(back(1.0), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even significand (1.0).
+        assert_eq!(back(1.0 + 1.0 / 256.0), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to 1 + 2^-6.
+        assert_eq!(back(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+        assert_eq!(back(f32::INFINITY), f32::INFINITY);
+        assert!(back(f32::NAN).is_nan());
+        assert_eq!(back(-0.0).to_bits(), (-0.0f32).to_bits());
+        // The largest finite f32 rounds up to infinity, as IEEE rounding does.
+        assert_eq!(back(f32::MAX), f32::INFINITY);
     }
 
     /// Whatever CBLAS the machine has (Debian's OpenBLAS or BLIS), against an f64 triple loop
