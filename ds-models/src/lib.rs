@@ -28,11 +28,13 @@
 
 #![warn(missing_docs)]
 
+pub mod bf16mm;
 pub mod gpt;
 pub mod kernels;
 pub mod mlp;
 pub mod nn;
 
+pub use bf16mm::Bf16Units;
 pub use gpt::fast;
 pub use gpt::{gpt_param_count, Gpt, GptBlock, ModelShape, BLOCK_PARAMS};
 pub use mlp::{Mlp, MlpShape};
