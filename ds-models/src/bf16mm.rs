@@ -9,9 +9,10 @@
 //! is padded with a zero). A packed B vector holds, for one pair of `k` and 16 consecutive
 //! columns, the 16 pairs `(b[k, j], b[k + 1, j])` (32 bf16, 512 bits); a packed A value holds
 //! the pair `(a[i, k], a[i, k + 1])` as one 32-bit value that is broadcast to the 16 lanes. The
-//! micro-kernel keeps an `MR x 32` tile of C in 2 x `MR` accumulators (16 f32 lanes each); the
-//! depth is blocked by [`KC`], rows by [`MC`] and columns by [`NC`] (the tiles of one depth
-//! block run in parallel over rayon's pool when `threads > 1`).
+//! micro-kernel keeps an `MR x 32` tile of C in 2 x `MR` accumulators (16 f32 lanes each).
+//! B is packed [`KC`] deep and [`NB`] wide at a time, A [`MB`] rows by [`KC`] at a time (the
+//! packing scratch stays bounded, about 1.5 MiB per calling thread); within such a block, tiles
+//! of [`MC`] rows by [`NC`] columns run in parallel over rayon's pool when `threads > 1`.
 //!
 //! The micro-kernel is written once over the vector operations of the [`Lanes`] trait, with two
 //! implementations: the AVX-512 BF16 instructions (`Avx512Bf16`, a handful of intrinsics,
@@ -42,8 +43,18 @@ pub const KC: usize = 256;
 pub const MC: usize = 128;
 /// Columns of C one task computes within a depth block (a multiple of [`NR`]).
 pub const NC: usize = 256;
+/// Rows of A packed at a time (a multiple of [`MC`]): 1024 x [`KC`] bf16 values, 512 KiB.
+pub const MB: usize = 1024;
+/// Columns of B packed at a time (a multiple of [`NC`]): [`KC`] x 2048 bf16 values, 1 MiB.
+pub const NB: usize = 2048;
 
-const _: () = assert!(KC.is_multiple_of(2) && MC.is_multiple_of(MR) && NC.is_multiple_of(NR));
+const _: () = assert!(
+    KC.is_multiple_of(2)
+        && MC.is_multiple_of(MR)
+        && NC.is_multiple_of(NR)
+        && MB.is_multiple_of(MC)
+        && NB.is_multiple_of(NC)
+);
 
 // ------------------------------------------------------------------ rounding
 
@@ -597,64 +608,80 @@ pub fn gemm(
         }
         return;
     }
-    let (panels_a, panels_b) = (m.div_ceil(MR), n.div_ceil(NR));
-    let kc_max = KC.min(k);
-    let pairs_max = kc_max.div_ceil(2);
-    let (len_a, len_b) = (pairs_max * MR, pairs_max * 2 * NR);
+    let pairs_max = KC.min(k).div_ceil(2);
     let (mut pa, mut pb) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    pa.resize(panels_a * len_a, 0);
-    pb.resize(panels_b * len_b, 0);
+    pa.resize(MB.min(m).div_ceil(MR) * pairs_max * MR, 0);
+    pb.resize(NB.min(n).div_ceil(NR) * pairs_max * 2 * NR, 0);
     let par = threads > 1;
     let cp = SendPtr(c[coff..].as_mut_ptr());
-    let (tiles_m, tiles_n) = (m.div_ceil(MC), n.div_ceil(NC));
-    for k0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - k0);
-        let pairs = kc.div_ceil(2);
-        let (la, lb) = (pairs * MR, pairs * 2 * NR);
-        let pa = &mut pa[..panels_a * la];
-        let pb = &mut pb[..panels_b * lb];
-        let fill_a = |(q, out): (usize, &mut [u32])| pack_a_panel(&a, m, q * MR, k0, kc, out);
-        let fill_b = |(q, out): (usize, &mut [u16])| pack_b_panel(&b, n, q * NR, k0, kc, out);
-        if par {
-            pa.par_chunks_mut(la).enumerate().for_each(fill_a);
-            pb.par_chunks_mut(lb).enumerate().for_each(fill_b);
-        } else {
-            pa.chunks_mut(la).enumerate().for_each(fill_a);
-            pb.chunks_mut(lb).enumerate().for_each(fill_b);
-        }
-        let add = acc || k0 > 0;
-        let (pa, pb) = (&*pa, &*pb);
-        let tile = |t: usize| {
-            let (tm, tn) = (t / tiles_n, t % tiles_n);
-            let (i0, i1) = (tm * MC, ((tm + 1) * MC).min(m));
-            let (j0, j1) = (tn * NC, ((tn + 1) * NC).min(n));
-            for j in (j0..j1).step_by(NR) {
-                let bp = &pb[(j / NR) * lb..][..lb];
-                for i in (i0..i1).step_by(MR) {
-                    let ap = &pa[(i / MR) * la..][..la];
-                    // SAFETY: the panels hold `pairs` pairs; rows i..i + mr and columns
-                    // j..j + nr of C lie inside `c` (checked above) and belong to this tile
-                    // only; `kernel` was checked to run on this CPU.
-                    unsafe {
-                        kernel(
-                            pairs,
-                            ap.as_ptr(),
-                            bp.as_ptr(),
-                            cp.get().add(i * ldc + j),
-                            ldc,
-                            MR.min(m - i),
-                            NR.min(n - j),
-                            scale,
-                            add,
-                        );
+    // Column blocks of NB, depth blocks of KC (B packed once per pair of them), row blocks of
+    // MB (A packed once per column and depth block); within a block, tiles of MC x NC rows and
+    // columns are the parallel tasks.
+    for j0 in (0..n).step_by(NB) {
+        let nb = NB.min(n - j0);
+        let panels_b = nb.div_ceil(NR);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let pairs = kc.div_ceil(2);
+            let (la, lb) = (pairs * MR, pairs * 2 * NR);
+            let pb = &mut pb[..panels_b * lb];
+            let fill_b =
+                |(q, out): (usize, &mut [u16])| pack_b_panel(&b, n, j0 + q * NR, k0, kc, out);
+            if par {
+                pb.par_chunks_mut(lb).enumerate().for_each(fill_b);
+            } else {
+                pb.chunks_mut(lb).enumerate().for_each(fill_b);
+            }
+            let pb = &*pb;
+            let add = acc || k0 > 0;
+            for i0 in (0..m).step_by(MB) {
+                let mb = MB.min(m - i0);
+                let panels_a = mb.div_ceil(MR);
+                let pa = &mut pa[..panels_a * la];
+                let fill_a =
+                    |(q, out): (usize, &mut [u32])| pack_a_panel(&a, m, i0 + q * MR, k0, kc, out);
+                if par {
+                    pa.par_chunks_mut(la).enumerate().for_each(fill_a);
+                } else {
+                    pa.chunks_mut(la).enumerate().for_each(fill_a);
+                }
+                let pa = &*pa;
+                let (tiles_m, tiles_n) = (mb.div_ceil(MC), nb.div_ceil(NC));
+                let tile = |t: usize| {
+                    // Rows and columns relative to the block.
+                    let (tm, tn) = (t / tiles_n, t % tiles_n);
+                    let (r0, r1) = (tm * MC, ((tm + 1) * MC).min(mb));
+                    let (s0, s1) = (tn * NC, ((tn + 1) * NC).min(nb));
+                    for s in (s0..s1).step_by(NR) {
+                        let bp = &pb[(s / NR) * lb..][..lb];
+                        for r in (r0..r1).step_by(MR) {
+                            let ap = &pa[(r / MR) * la..][..la];
+                            let (i, j) = (i0 + r, j0 + s);
+                            // SAFETY: the panels hold `pairs` pairs; rows i..i + mr and
+                            // columns j..j + nr of C lie inside `c` (checked above) and belong
+                            // to this tile only; `kernel` was checked to run on this CPU.
+                            unsafe {
+                                kernel(
+                                    pairs,
+                                    ap.as_ptr(),
+                                    bp.as_ptr(),
+                                    cp.get().add(i * ldc + j),
+                                    ldc,
+                                    MR.min(m - i),
+                                    NR.min(n - j),
+                                    scale,
+                                    add,
+                                );
+                            }
+                        }
                     }
+                };
+                if par && tiles_m * tiles_n > 1 {
+                    (0..tiles_m * tiles_n).into_par_iter().for_each(tile);
+                } else {
+                    (0..tiles_m * tiles_n).for_each(tile);
                 }
             }
-        };
-        if par && tiles_m * tiles_n > 1 {
-            (0..tiles_m * tiles_n).into_par_iter().for_each(tile);
-        } else {
-            (0..tiles_m * tiles_n).for_each(tile);
         }
     }
     SCRATCH.with(|s| *s.borrow_mut() = (pa, pb));
@@ -927,6 +954,9 @@ mod tests {
             (130, 270, 301),
             (2, 64, 513),
             (140, 1, 260),
+            // Several packed row blocks (MB) and column blocks (NB).
+            (1030, 2060, 5),
+            (1025, 40, 260),
         ] {
             for (a_t, b_t, acc) in [(false, false, false), (true, true, true)] {
                 v.push(Case {
