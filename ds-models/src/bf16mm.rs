@@ -1,6 +1,6 @@
 //! bf16 matrix products on the host's AVX-512 BF16 units (`vdpbf16ps`), with f32 accumulation.
 //!
-//! [`gemm`] computes `C[m, n] = (acc ? C : 0) + scale * A[m, k] B[k, n]` for strided f32
+//! [`gemm()`] computes `C[m, n] = (acc ? C : 0) + scale * A[m, k] B[k, n]` for strided f32
 //! operands (the contract of the explicit kernels' f32 GEMM): both operands are rounded to bf16
 //! (round to nearest even, NaN kept NaN; [`round_bf16`]) while they are packed, the products
 //! of bf16 pairs are summed in f32, and `C` stays f32.
@@ -81,7 +81,7 @@ pub fn bf16_to_f32(h: u16) -> f32 {
 
 // ------------------------------------------------------------------ units
 
-/// Which bf16 matrix-product units run [`gemm`].
+/// Which bf16 matrix-product units run [`gemm()`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Bf16Units {
     /// The CPU's AVX-512 BF16 instructions (`vdpbf16ps`).
@@ -192,7 +192,7 @@ pub fn resolve(
     }
 }
 
-/// The units [`gemm`] runs on by default: [`detect`], overridden by [`ENV`]. Read once per
+/// The units [`gemm()`] runs on by default: [`detect`], overridden by [`ENV`]. Read once per
 /// process; a value that cannot be honoured prints one warning on stderr and is ignored.
 pub fn units() -> Bf16Units {
     static UNITS: OnceLock<Bf16Units> = OnceLock::new();
@@ -688,7 +688,7 @@ pub fn gemm(
 }
 
 /// `C = A B` for row-major `A` (m, k) and `B` (k, n) on the bf16 `units` with `threads`
-/// threads (see [`gemm`]); `None` when the lengths do not match the shape or `units` cannot
+/// threads (see [`gemm()`]); `None` when the lengths do not match the shape or `units` cannot
 /// run here.
 pub fn matmul(
     units: Bf16Units,
