@@ -109,6 +109,57 @@ pub struct KernelBench {
     pub memcpy_gbps: f64,
     /// Per kernel.
     pub results: Vec<KernelResult>,
+    /// The bf16 matrix product against the f32 one at a GPT-2-small shape.
+    pub bf16: Bf16MatmulBench,
+}
+
+/// The bf16 matrix product of the explicit kernels (`ds_models::bf16mm`, what `ds train` runs
+/// with `bf16.enabled` on the CPU) beside the f32 one, at GPT-2 small's MLP shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bf16MatmulBench {
+    /// The bf16 units of this CPU (`ds_models::bf16mm::units`).
+    pub units: String,
+    /// `m x k x n` of the product.
+    pub shape: String,
+    /// GFLOP/s of the f32 product.
+    pub f32_gflops: f64,
+    /// GFLOP/s of the bf16 product, when real bf16 units exist (not timed on the emulation).
+    pub bf16_gflops: Option<f64>,
+}
+
+/// Times `C = A B` at GPT-2 small's `(1024 x 768) (768 x 3072)` in f32 and, where the CPU has
+/// bf16 units, in bf16.
+fn bf16_matmul_bench(
+    th: ds_models::gpt::fast::Threads,
+    reps: usize,
+    rng: &mut Rng,
+) -> Result<Bf16MatmulBench, EngineError> {
+    use ds_models::{bf16mm, Bf16Units};
+    let (m, k, n) = (1024, 768, 3072);
+    let flops = 2.0 * (m * k * n) as f64;
+    let a = rng.normal_vec(m * k, 1.0);
+    let b = rng.normal_vec(k * n, 1.0);
+    let f32_ms = median_ms(reps, || {
+        ds_models::gpt::fast::matmul(th, &a, &b, m, k, n)?;
+        Ok(())
+    })?;
+    let units = bf16mm::units();
+    let bf16_gflops = if matches!(units, Bf16Units::Avx512Bf16 | Bf16Units::Blas) {
+        let ms = median_ms(reps, || {
+            bf16mm::matmul(units, th.0, &a, &b, m, k, n)
+                .map(|_| ())
+                .ok_or_else(|| EngineError::Data("bf16 matmul: the units cannot run".into()))
+        })?;
+        Some(flops / (ms * 1e6))
+    } else {
+        None
+    };
+    Ok(Bf16MatmulBench {
+        units: units.name().to_string(),
+        shape: format!("{m} x {k} x {n}"),
+        f32_gflops: flops / (f32_ms * 1e6),
+        bf16_gflops,
+    })
 }
 
 fn median_ms(
@@ -155,6 +206,7 @@ pub fn kernels_bench(
     })?;
     let matmul_peak_gflops = 2.0 * (pk as f64).powi(3) / (peak_ms * 1e6);
     let memcpy_gbps = 2.0 * ds_comm::bench::measure_memcpy(64 << 20);
+    let bf16 = bf16_matmul_bench(th, reps, &mut Rng::new(2))?;
     // Linear layers of a block and the head.
     for (name, din, dout) in [
         ("qkv", c, 3 * c),
@@ -304,5 +356,6 @@ pub fn kernels_bench(
         matmul_peak_gflops,
         memcpy_gbps,
         results,
+        bf16,
     })
 }

@@ -679,11 +679,32 @@ fn run_rank(
             args.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9),
         );
     }
+    // bf16 on the CPU: the explicit kernels' matrix products run on the CPU's bf16 units when
+    // it has them (f32 accumulation), in f32 otherwise.
+    let bf16_units = if cfg.bf16.enabled && dev.is_cpu() && !args.autograd {
+        Some(ds_models::bf16mm::units())
+    } else {
+        None
+    };
+    if let Some(units) = bf16_units {
+        model.set_bf16_compute(units)?;
+    }
+    let bf16_note = bf16_units.map(bf16_compute_note);
     let engine = match comm2 {
         Some(c2) => Engine::initialize_overlapped(cfg, model, comm, c2)?,
         None => Engine::initialize(cfg, model, comm)?,
     };
-    let fresh = || Ok(Gpt::new(shape, 0, &Device::Cpu)?);
+    if let (Some(note), 0) = (bf16_note, rank) {
+        eprintln!("note: {note}");
+    }
+    // The final evaluation's model computes as the trained one.
+    let fresh = || {
+        let mut g = Gpt::new(shape, 0, &Device::Cpu)?;
+        if let Some(units) = bf16_units {
+            g.set_bf16_compute(units)?;
+        }
+        Ok(g)
+    };
     let micro = cfg.train_micro_batch_size_per_gpu as usize;
     let flops =
         |r: &TrainStep| flops_report(cfg, shape, micro, ws, (r.fwd_ms, r.bwd_ms, r.step_ms));
@@ -837,6 +858,19 @@ fn progress_bar(rank: usize, args: &TrainArgs, start: u64) -> Option<indicatif::
             b
         },
     )
+}
+
+/// The start-up note of bf16 compute on the CPU with `units` (see
+/// [`ds_models::Gpt::set_bf16_compute`]).
+fn bf16_compute_note(units: ds_models::Bf16Units) -> String {
+    use ds_models::Bf16Units;
+    let env = ds_models::bf16mm::ENV;
+    match units {
+        Bf16Units::Avx512Bf16 => "bf16 compute: every matrix product of the CPU kernels (forward, backward, evaluation) rounds its operands to bf16 and runs on this CPU's AVX-512 BF16 units (vdpbf16ps), summing in f32; LayerNorm, softmax, GELU and the loss stay f32 (AMX is not used)".to_string(),
+        Bf16Units::Emulated => format!("bf16 compute: {env}=emulate: the matrix products of the CPU kernels run on an emulation of vdpbf16ps (bf16 operands, f32 sums; slow, for testing)"),
+        Bf16Units::Blas => format!("bf16 compute: every matrix product of the CPU kernels (forward, backward, evaluation) rounds its operands to bf16 and runs on the bf16 GEMM of the DS_BLAS library ({}: MKL uses AMX tiles or AVX-512 BF16 where the CPU has them){}; LayerNorm, softmax, GELU and the loss stay f32", ds_models::blas::init(1).ok().flatten().map_or("?", |b| b.path()), if ds_models::bf16mm::cpu_has_amx_bf16() || ds_models::bf16mm::cpu_has_avx512bf16() { "" } else { ". This CPU has no bf16 units: the library converts to f32 inside (no faster than f32)" }),
+        Bf16Units::None => format!("bf16 compute: no AVX-512 BF16 units in use on this CPU (absent, or {env}=none / DS_SIMD below avx512): the CPU kernels compute in f32"),
+    }
 }
 
 /// Rank 0's start-up lines: the engine's notes and, with `dump_state`, the resolved config.

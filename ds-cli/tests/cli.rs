@@ -1635,3 +1635,96 @@ fn ds_blas_library_trains_like_the_gemm_crate() {
         "final loss {own} (gemm crate) vs {lib_loss} ({lib})"
     );
 }
+
+/// `bf16.enabled` on the CPU: `ds train` says which bf16 units its matrix products use; with
+/// `DS_BF16_UNITS=emulate` they run on the emulated `vdpbf16ps` and the run trains to nearly
+/// the f32-product run's loss (`none`), and an unknown value is a warning naming the allowed
+/// ones, not a failure.
+#[test]
+fn train_bf16_compute_units_note() {
+    let cfg = tmp(
+        "bf16.json",
+        r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+           "bf16": {"enabled": true}}"#,
+    );
+    let args = [
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "8",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--vocab",
+        "64",
+        "--eval-samples",
+        "0",
+        "--world-size",
+        "1",
+        "--json",
+    ];
+    let run = |units: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ds"))
+            .args(args)
+            .env("DS_BF16_UNITS", units)
+            .output()
+            .expect("run ds");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["final_loss"].as_f64().unwrap(), err)
+    };
+    let (f32_loss, err) = run("none");
+    assert!(
+        err.contains("note: bf16 compute: no AVX-512 BF16 units"),
+        "{err}"
+    );
+    let (bf_loss, err) = run("emulate");
+    assert!(err.contains("emulation of vdpbf16ps"), "{err}");
+    assert!(
+        (bf_loss - f32_loss).abs() <= 1e-2 * f32_loss,
+        "{bf_loss} vs {f32_loss}"
+    );
+    // MKL's bf16 GEMM through DS_BLAS (when benches/gemm_backends.sh fetched MKL into
+    // target/blas; skipped with a message otherwise).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/blas/mkl");
+    let mkl = std::fs::read_dir(&root).ok().and_then(|d| {
+        d.flatten()
+            .map(|e| e.path().join("data/lib/libmkl_rt.so.3"))
+            .find(|p| p.exists())
+    });
+    match mkl {
+        Some(mkl) => {
+            let out = Command::new(env!("CARGO_BIN_EXE_ds"))
+                .args(args)
+                .env("DS_BF16_UNITS", "blas")
+                .env("DS_BLAS", &mkl)
+                .output()
+                .expect("run ds");
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert_eq!(out.status.code(), Some(0), "{err}");
+            assert!(
+                err.contains("runs on the bf16 GEMM of the DS_BLAS library"),
+                "{err}"
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let l = v["final_loss"].as_f64().unwrap();
+            assert!(
+                (l - f32_loss).abs() <= 1e-2 * f32_loss,
+                "MKL bf16 {l} vs {f32_loss}"
+            );
+        }
+        None => eprintln!("no MKL under target/blas/mkl: the DS_BLAS bf16 run is skipped"),
+    }
+    let (_, err) = run("tpu");
+    assert!(
+        err.contains("DS_BF16_UNITS=tpu") && err.contains("avx512bf16, blas, emulate, none"),
+        "{err}"
+    );
+}

@@ -200,7 +200,7 @@ fn engine_notes(cfg: &ResolvedConfig, comm_thread: bool, dev: &Device) -> Vec<St
     }
     if (cfg.fp16.enabled || cfg.bf16.enabled) && on_cpu {
         let d = if cfg.fp16.enabled { "fp16" } else { "bf16" };
-        notes.push(format!("{d}: fp32 master weights and optimizer state, {d} model weights (held as f32 numbers exactly representable in {d}: the CPU kernels compute in f32), gradients rounded to {d} and reduced in {d}{}", if cfg.fp16.enabled { ", dynamic or static loss scaling with DeepSpeed's rules (overflow skips the step on every rank; the LR schedule holds)" } else { "" }));
+        notes.push(format!("{d}: fp32 master weights and optimizer state, {d} model weights (held as f32 numbers exactly representable in {d}: the CPU kernels compute in f32{}), gradients rounded to {d} and reduced in {d}{}", if cfg.fp16.enabled { "" } else { ", but for the GPT's matrix products where `ds train` finds bf16 units (see its bf16 compute note)" }, if cfg.fp16.enabled { ", dynamic or static loss scaling with DeepSpeed's rules (overflow skips the step on every rank; the LR schedule holds)" } else { "" }));
     }
     if cfg.fp16.enabled && cfg.fp16.auto_cast {
         notes.push(

@@ -10,6 +10,7 @@
 //! cover.
 
 use super::{BlockEvent, FwdBwd, Gpt, GptBlock, BLOCK_PARAMS};
+use crate::bf16mm::{self, Bf16Units};
 use candle_core::{CpuStorage, Device, Storage, Tensor, Var};
 use ds_ckpt_act::Policy;
 use rayon::prelude::*;
@@ -196,7 +197,7 @@ mod simd_levels {
                 for (rows, cols) in [(8, 8), (13, 21), (64, 40)] {
                     let a = data(rows * cols, 3.0);
                     for threads in [1, 2] {
-                        let cx = Ctx { threads };
+                        let cx = Ctx::new(threads);
                         let (mut t1, mut t2) = (vec![0f32; a.len()], vec![0f32; a.len()]);
                         transpose_into_at(l, cx, &a, rows, cols, &mut t1);
                         transpose_into_at(s, cx, &a, rows, cols, &mut t2);
@@ -259,13 +260,39 @@ pub(crate) mod rows {
 
 /// How a rank runs its kernels: `threads` > 1 splits rows over rayon's pool and runs matrix
 /// products with that many threads; 1 runs everything on the calling thread (ranks that are
-/// threads of one process each get their share of the cores: no oversubscription).
+/// threads of one process each get their share of the cores: no oversubscription). `bf16`:
+/// the units every matrix product runs on in bf16 ([`Bf16Units::None`]: f32 through `gemm`).
 #[derive(Debug, Clone, Copy)]
 struct Ctx {
     threads: usize,
+    bf16: Bf16Units,
 }
 
 impl Ctx {
+    /// f32 matrix products on `threads` threads.
+    fn new(threads: usize) -> Ctx {
+        Ctx {
+            threads,
+            bf16: Bf16Units::None,
+        }
+    }
+
+    /// The kernels of `gpt`: its threads and bf16 setting.
+    fn of(gpt: &Gpt) -> Ctx {
+        Ctx {
+            threads: gpt.threads.max(1),
+            bf16: gpt.bf16,
+        }
+    }
+
+    /// The same products on the calling thread only (inside a parallel task).
+    fn serial(&self) -> Ctx {
+        Ctx {
+            threads: 1,
+            ..*self
+        }
+    }
+
     fn par(&self) -> gemm::Parallelism {
         if self.threads > 1 {
             gemm::Parallelism::Rayon(self.threads)
@@ -310,6 +337,18 @@ struct M<'a> {
     cs: usize,
 }
 
+impl<'a> M<'a> {
+    /// The same operand for [`bf16mm::gemm`].
+    fn bf16(self) -> bf16mm::Operand<'a> {
+        bf16mm::Operand {
+            data: self.data,
+            off: self.off,
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+}
+
 fn mat(data: &[f32], off: usize, rs: usize, cs: usize) -> M<'_> {
     M { data, off, rs, cs }
 }
@@ -319,10 +358,11 @@ fn fits(len: usize, off: usize, rows: usize, cols: usize, rs: usize, cs: usize) 
     rows == 0 || cols == 0 || off + (rows - 1) * rs + (cols - 1) * cs < len
 }
 
-/// `dst[rows m, cols n] (row stride ldd, offset doff) = (acc ? dst : 0) + scale * A[m,k] B[k,n]`.
+/// `dst[rows m, cols n] (row stride ldd, offset doff) = (acc ? dst : 0) + scale * A[m,k] B[k,n]`:
+/// f32 through `gemm`, or on `cx.bf16`'s units with both operands rounded to bf16.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
-    par: gemm::Parallelism,
+    cx: Ctx,
     mm: usize,
     n: usize,
     k: usize,
@@ -346,6 +386,23 @@ fn gemm_into(
         fits(b.data.len(), b.off, k, n, b.rs, b.cs),
         "matmul: rhs out of range"
     );
+    if cx.bf16.active() {
+        bf16mm::gemm(
+            cx.bf16,
+            cx.threads,
+            mm,
+            n,
+            k,
+            dst,
+            doff,
+            ldd,
+            acc,
+            a.bf16(),
+            b.bf16(),
+            scale,
+        );
+        return;
+    }
     if mm == 0 || n == 0 {
         return;
     }
@@ -380,6 +437,7 @@ fn gemm_into(
             return;
         }
     }
+    let par = cx.par();
     // SAFETY: the three operands were checked to lie inside their slices; `dst` is borrowed
     // mutably and cannot alias `a` or `b`.
     unsafe {
@@ -467,7 +525,7 @@ fn linear_fwd_into(
     wt.resize(din * dout, 0.0);
     transpose_into(cx, w, dout, din, &mut wt);
     gemm_into(
-        cx.par(),
+        cx,
         n,
         dout,
         din,
@@ -622,7 +680,7 @@ fn linear_bwd(
 ) {
     if let Some((dx, acc)) = dx {
         gemm_into(
-            cx.par(),
+            cx,
             n,
             din,
             dout,
@@ -636,7 +694,7 @@ fn linear_bwd(
         );
     }
     gemm_into(
-        cx.par(),
+        cx,
         dout,
         din,
         n,
@@ -874,7 +932,7 @@ fn attn_fwd_tiled(
                 let kk = (k0 + tk).min(r1) - k0;
                 let s = &mut s[..br * kk];
                 gemm_into(
-                    gemm::Parallelism::None,
+                    cx.serial(),
                     br,
                     kk,
                     hd,
@@ -904,7 +962,7 @@ fn attn_fwd_tiled(
                     m[r] = mx;
                 }
                 gemm_into(
-                    gemm::Parallelism::None,
+                    cx.serial(),
                     br,
                     hd,
                     kk,
@@ -1031,7 +1089,7 @@ fn attn_bwd_tiled(
                     let ds = &mut ds[..br * kk];
                     // P = exp(scale q k^T - lse), zero above the diagonal.
                     gemm_into(
-                        gemm::Parallelism::None,
+                        cx.serial(),
                         br,
                         kk,
                         hd,
@@ -1050,7 +1108,7 @@ fn attn_bwd_tiled(
                     }
                     // dv += P^T dy
                     gemm_into(
-                        gemm::Parallelism::None,
+                        cx.serial(),
                         kk,
                         hd,
                         br,
@@ -1064,7 +1122,7 @@ fn attn_bwd_tiled(
                     );
                     // dP = dy v^T, then dS = P (dP - D) scale
                     gemm_into(
-                        gemm::Parallelism::None,
+                        cx.serial(),
                         br,
                         kk,
                         hd,
@@ -1088,7 +1146,7 @@ fn attn_bwd_tiled(
                     // for this one product.
                     let dq = unsafe { std::slice::from_raw_parts_mut(dqp.get(), dq_len) };
                     gemm_into(
-                        gemm::Parallelism::None,
+                        cx.serial(),
                         br,
                         hd,
                         kk,
@@ -1101,7 +1159,7 @@ fn attn_bwd_tiled(
                         1.0,
                     );
                     gemm_into(
-                        gemm::Parallelism::None,
+                        cx.serial(),
                         kk,
                         hd,
                         br,
@@ -1148,9 +1206,7 @@ pub struct Threads(pub usize);
 
 impl Threads {
     fn cx(self) -> Ctx {
-        Ctx {
-            threads: self.0.max(1),
-        }
+        Ctx::new(self.0.max(1))
     }
 }
 
@@ -1347,7 +1403,7 @@ pub fn matmul(th: Threads, a: &[f32], b: &[f32], mm: usize, k: usize, n: usize) 
     check_len("matmul b", b.len(), k * n)?;
     let mut out = vec![0f32; mm * n];
     gemm_into(
-        th.cx().par(),
+        th.cx(),
         mm,
         n,
         k,
@@ -1652,9 +1708,7 @@ fn embed(gpt: &Gpt, ids: &[u32], t: usize, c: usize) -> R<Vec<f32>> {
 /// positions and each position's argmax token. No dropout, nothing kept for a backward: one
 /// block's activations and the batch's logits are the largest buffers.
 pub(super) fn evaluate(gpt: &Gpt, ids: &[u32], targets: &[u32], b: usize) -> R<(f64, Vec<u32>)> {
-    let cx = Ctx {
-        threads: gpt.threads.max(1),
-    };
+    let cx = Ctx::of(gpt);
     let s = gpt.shape;
     let (c, vocab) = (s.hidden, s.vocab);
     if b == 0 || ids.is_empty() || !ids.len().is_multiple_of(b) {
@@ -1692,7 +1746,7 @@ pub(super) fn evaluate(gpt: &Gpt, ids: &[u32], targets: &[u32], b: usize) -> R<(
     let wte_v = View::new(&gpt.wte)?;
     let mut logits = vec![0f32; n * vocab];
     gemm_into(
-        cx.par(),
+        cx,
         n,
         vocab,
         c,
@@ -1744,9 +1798,7 @@ pub(super) fn forward_backward(
     mut sink: Option<&mut ds_engine::traits::GradSink<'_>>,
 ) -> R<FwdBwd> {
     let t0 = Instant::now();
-    let cx = Ctx {
-        threads: gpt.threads.max(1),
-    };
+    let cx = Ctx::of(gpt);
     let (b, t) = ids.dims2()?;
     let s = gpt.shape;
     let (c, vocab) = (s.hidden, s.vocab);
@@ -1814,7 +1866,7 @@ pub(super) fn forward_backward(
     let mut logits = LOGITS.with(|l| std::mem::take(&mut *l.borrow_mut()));
     logits.resize(n * vocab, 0.0);
     gemm_into(
-        cx.par(),
+        cx,
         n,
         vocab,
         c,
@@ -1835,7 +1887,7 @@ pub(super) fn forward_backward(
     let dlogits = logits;
     let mut dxf = vec![0f32; n * c];
     gemm_into(
-        cx.par(),
+        cx,
         n,
         c,
         vocab,
@@ -1849,7 +1901,7 @@ pub(super) fn forward_backward(
     );
     let mut dwte = vec![0f32; vocab * c];
     gemm_into(
-        cx.par(),
+        cx,
         vocab,
         c,
         n,
@@ -2006,9 +2058,9 @@ mod tests {
             let am = mat(&a, 5, 1, mm + 1);
             let bm = mat(&b, 2, 3 * n, 1);
             let r = ref_mm(mm, n, k, am, bm);
-            for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
+            for cx in [Ctx::new(1), Ctx::new(2)] {
                 let mut d = vec![1f32; mm * n];
-                gemm_into(par, mm, n, k, &mut d, 0, n, true, am, bm, 0.5);
+                gemm_into(cx, mm, n, k, &mut d, 0, n, true, am, bm, 0.5);
                 for (x, y) in d.iter().zip(&r) {
                     assert!((f64::from(*x) - (1.0 + 0.5 * y)).abs() < 1e-4 * (1.0 + y.abs()));
                 }
@@ -2030,7 +2082,7 @@ mod tests {
             let a: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
             for threads in [1, 2] {
                 let mut t = vec![-1f32; rows * cols];
-                transpose_into(Ctx { threads }, &a, rows, cols, &mut t);
+                transpose_into(Ctx::new(threads), &a, rows, cols, &mut t);
                 for r in 0..rows {
                     for c in 0..cols {
                         assert_eq!(t[c * rows + r], a[r * cols + c], "{rows}x{cols} ({r}, {c})");
@@ -2046,7 +2098,7 @@ mod tests {
             let b = rng.normal_vec(dout, 1.0);
             let r = ref_mm(n, dout, din, mat(&x, 0, din, 1), mat(&w, 0, 1, din));
             for threads in [1, 2] {
-                let y = linear_fwd(Ctx { threads }, &x, &w, &b, n, din, dout);
+                let y = linear_fwd(Ctx::new(threads), &x, &w, &b, n, din, dout);
                 for (i, (yv, rv)) in y.iter().zip(&r).enumerate() {
                     let want = rv + f64::from(b[i % dout]);
                     assert!((f64::from(*yv) - want).abs() < 1e-4 * (1.0 + want.abs()));
@@ -2215,6 +2267,135 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    fn flat(t: &Option<Tensor>) -> Vec<f32> {
+        t.as_ref()
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .unwrap_or_default()
+    }
+
+    /// bf16 compute (every matrix product on the emulated `vdpbf16ps`) against the f32 path:
+    /// the loss and every gradient within bf16 rounding, for the training step (with and
+    /// without checkpointing, one and two threads) and the evaluation; the products really
+    /// ran in bf16 (the results differ from f32's); switched back to `None`, the f32 bits.
+    #[test]
+    fn bf16_compute_matches_f32_within_bf16_rounding() {
+        println!("units: {}", Bf16Units::Emulated);
+        let mut g = odd_model(7);
+        let (ids, tg) = batch(&g, 3, 7, 11);
+        let names: Vec<String> = g.params().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(g.bf16_compute(), Bf16Units::None);
+        let f32_run = g.forward_backward(&ids, &tg, Policy::None).unwrap();
+        let (ids_v, tg_v) = (u32s(&ids).unwrap(), u32s(&tg).unwrap());
+        let f32_eval = evaluate(&g, &ids_v, &tg_v, 3).unwrap();
+        // bf16's unit roundoff; the operands of every product are rounded once, so errors of
+        // a few units relative to the largest gradient, through two blocks and the head.
+        let u = 2f32.powi(-8);
+        for (policy, threads) in [(Policy::None, 1), (Policy::Every, 2)] {
+            g.set_threads(threads);
+            g.set_bf16_compute(Bf16Units::Emulated).unwrap();
+            let bf = g.forward_backward(&ids, &tg, policy).unwrap();
+            let rel = (bf.loss - f32_run.loss).abs() / f32_run.loss.abs();
+            assert!(
+                rel <= u,
+                "loss {} vs f32 {} ({rel:e})",
+                bf.loss,
+                f32_run.loss
+            );
+            let mut differs = bf.loss != f32_run.loss;
+            for (k, (gb, gf)) in bf.grads.iter().zip(&f32_run.grads).enumerate() {
+                let (gb, gf) = (flat(gb), flat(gf));
+                assert_eq!(gb.len(), gf.len(), "{}", names[k]);
+                let scale = gf.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = gb
+                    .iter()
+                    .zip(&gf)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    worst <= 8.0 * u * scale,
+                    "{} ({policy:?}, {threads} threads): max |bf16 - f32| = {worst:e}, max |g| = {scale:e}",
+                    names[k]
+                );
+                differs |= worst > 0.0;
+            }
+            assert!(
+                differs,
+                "bf16 compute gave the f32 bits: the products did not run in bf16"
+            );
+            let (sum, preds) = evaluate(&g, &ids_v, &tg_v, 3).unwrap();
+            assert!((sum - f32_eval.0).abs() <= 4.0 * f64::from(u) * f32_eval.0.abs());
+            assert_ne!(sum, f32_eval.0);
+            assert_eq!(preds.len(), f32_eval.1.len());
+        }
+        // Units `None`: the f32 path, bit for bit.
+        g.set_threads(1);
+        g.set_bf16_compute(Bf16Units::None).unwrap();
+        let again = g.forward_backward(&ids, &tg, Policy::None).unwrap();
+        assert_eq!(again.loss.to_bits(), f32_run.loss.to_bits());
+        for (a, b) in again.grads.iter().zip(&f32_run.grads) {
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(bits(flat(a)), bits(flat(b)));
+        }
+        assert_eq!(evaluate(&g, &ids_v, &tg_v, 3).unwrap(), f32_eval);
+        // AVX-512 BF16 where the CPU lacks it is an error, not a panic, and changes nothing.
+        if !bf16mm::cpu_has_avx512bf16() {
+            assert!(g.set_bf16_compute(Bf16Units::Avx512Bf16).is_err());
+            assert_eq!(g.bf16_compute(), Bf16Units::None);
+        }
+    }
+
+    /// The f32 products with units `None` are `gemm`'s, bit for bit: the same call as before
+    /// the bf16 path existed.
+    #[test]
+    fn f32_products_are_gemms_bits() {
+        let mut rng = super::super::Rng::new(5);
+        let (mm, n, k) = (33, 70, 65);
+        let a = rng.normal_vec(mm * k, 1.0);
+        let b = rng.normal_vec(k * n, 1.0);
+        for threads in [1, 2] {
+            let mut d = vec![0f32; mm * n];
+            gemm_into(
+                Ctx::new(threads),
+                mm,
+                n,
+                k,
+                &mut d,
+                0,
+                n,
+                false,
+                mat(&a, 0, k, 1),
+                mat(&b, 0, n, 1),
+                1.0,
+            );
+            let mut want = vec![0f32; mm * n];
+            // SAFETY: the three buffers hold the shapes given.
+            unsafe {
+                gemm::gemm(
+                    mm,
+                    n,
+                    k,
+                    want.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Ctx::new(threads).par(),
+                );
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&d), bits(&want));
         }
     }
 
@@ -2395,7 +2576,7 @@ mod tests {
             ] {
                 // Threads 3 with fewer heads than threads deals key tiles to several tasks.
                 for threads in [1, 3] {
-                    let cx = Ctx { threads };
+                    let cx = Ctx::new(threads);
                     let (y, lse) = attn_fwd_tiled(cx, &qkv, b, t, c, h, ft);
                     assert_eq!(lse.len(), b * h * t);
                     let ey = max_rel(&y, &yr);

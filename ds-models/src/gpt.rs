@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use crate::bf16mm::Bf16Units;
 use ds_engine::traits::Model;
 
 #[path = "fast.rs"]
@@ -403,6 +404,8 @@ pub struct Gpt {
     step: std::sync::atomic::AtomicU64,
     threads: usize,
     fast: bool,
+    /// The bf16 units the explicit kernels' matrix products run on ([`Bf16Units::None`]: f32).
+    bf16: Bf16Units,
     cpu_ckpt: bool,
     /// Synchronise the device before reading the per-block checkpoint timers.
     sync_timers: bool,
@@ -433,6 +436,35 @@ impl Gpt {
     /// explicit kernels are tested against).
     pub fn set_explicit_kernels(&mut self, on: bool) {
         self.fast = on;
+    }
+
+    /// bf16 compute for the explicit kernels (the f32 model on the CPU): with `units` other than
+    /// [`Bf16Units::None`], every matrix product of the training forward and backward and of
+    /// the evaluation (the linear layers, the tied head, the attention tiles) rounds its two
+    /// operands to bf16 and sums their products in f32 on those units (see [`crate::bf16mm`]);
+    /// everything else (LayerNorm, softmax, GELU, the loss, the weights and gradients) stays f32.
+    /// [`Bf16Units::None`] (the default) keeps every product in f32, bit for bit as before.
+    /// Pass [`crate::bf16mm::units`] for the units detected on this CPU.
+    ///
+    /// An error when `units` cannot run on this CPU (AVX-512 BF16 where it is absent); the
+    /// setting is then unchanged. Candle autograd (another device or dtype, or
+    /// [`Gpt::set_explicit_kernels`] off) ignores it.
+    pub fn set_bf16_compute(&mut self, units: Bf16Units) -> candle_core::Result<()> {
+        if units == Bf16Units::Avx512Bf16 && !crate::bf16mm::cpu_has_avx512bf16() {
+            candle_core::bail!("bf16 compute: this CPU has no AVX512_BF16 instructions");
+        }
+        if units == Bf16Units::Blas && !crate::bf16mm::blas_has_bf16() {
+            candle_core::bail!(
+                "bf16 compute: no DS_BLAS library with a bf16 GEMM (cblas_gemm_bf16bf16f32) is open"
+            );
+        }
+        self.bf16 = units;
+        Ok(())
+    }
+
+    /// The bf16 units the explicit kernels' matrix products run on ([`Gpt::set_bf16_compute`]).
+    pub fn bf16_compute(&self) -> Bf16Units {
+        self.bf16
     }
 
     /// Sets the step that keys the dropout masks.
@@ -491,6 +523,7 @@ impl Gpt {
             step: std::sync::atomic::AtomicU64::new(0),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fast: true,
+            bf16: Bf16Units::None,
             cpu_ckpt: false,
             sync_timers: false,
         })

@@ -6,6 +6,8 @@
 //!   backward kernels ([`fast`], [`kernels`]); on any other device or dtype (a GPU, bf16) on
 //!   candle autograd over the same layers, which is also the reference the kernels are tested
 //!   against. Activation checkpointing and ZeRO-3's per-block gathering work on both paths.
+//!   [`Gpt::set_bf16_compute`] runs the kernels' matrix products in bf16 on the CPU's AVX-512
+//!   BF16 units ([`bf16mm`]: bf16 operands, f32 sums; detected at run time, f32 elsewhere).
 //! - [`Mlp`]: a token-wise MLP language model on candle autograd.
 //! - [`CandleModel`]: any candle-nn network built from a `VarMap`, with a loss closure (one
 //!   piece, or embed / blocks / head for per-block ZeRO-3 gathering and checkpointing).
@@ -28,12 +30,14 @@
 
 #![warn(missing_docs)]
 
+pub mod bf16mm;
 pub mod blas;
 pub mod gpt;
 pub mod kernels;
 pub mod mlp;
 pub mod nn;
 
+pub use bf16mm::Bf16Units;
 pub use gpt::fast;
 pub use gpt::{gpt_param_count, Gpt, GptBlock, ModelShape, BLOCK_PARAMS};
 pub use mlp::{Mlp, MlpShape};

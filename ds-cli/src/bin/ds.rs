@@ -1084,6 +1084,17 @@ fn main() -> ExitCode {
                             "explicit kernels, {} threads: matmul peak {:.1} GFLOP/s (1024^3), memcpy {:.1} GB/s (read + write)",
                             r.threads, r.matmul_peak_gflops, r.memcpy_gbps
                         );
+                        let m = &r.bf16;
+                        match m.bf16_gflops {
+                            Some(g) => println!(
+                                "matmul {}: f32 {:.1} GFLOP/s, bf16 {g:.1} GFLOP/s ({}, f32 sums)",
+                                m.shape, m.f32_gflops, m.units
+                            ),
+                            None => println!(
+                                "matmul {}: f32 {:.1} GFLOP/s; bf16 not timed: no AVX-512 BF16 units in use (units: {})",
+                                m.shape, m.f32_gflops, m.units
+                            ),
+                        }
                         println!(
                             "{:<34} {:<36} {:>9} {:>12} {:>9}",
                             "kernel", "shape", "ms", "rate", "fraction"
