@@ -51,10 +51,8 @@ uptime
 
 for T in 1 $(nproc); do
   echo "== $T thread(s)"
-  # MKL: its GNU OpenMP layer (libgomp), as no Intel OpenMP runtime ships in the wheel.
-  LD_LIBRARY_PATH=${MKL:+$(realpath $MKL)} MKL_THREADING_LAYER=GNU MKL_NUM_THREADS=$T \
-    OMP_NUM_THREADS=$T BLIS_NUM_THREADS=$T OPENBLAS_NUM_THREADS=$T \
-    $DS bench gemm "${SHAPE[@]}" --threads $T "${LIBS[@]}"
+  # The libraries run single-threaded in T bands (as the kernels run them under DS_BLAS).
+  $DS bench gemm "${SHAPE[@]}" --threads $T "${LIBS[@]}"
   [ "$T" = "$(nproc)" ] && break
 done
 uptime

@@ -9,9 +9,10 @@
 //! the weight gradient `dY^T X` (TN). Every backend's result is checked against the `gemm`
 //! crate's before it is timed, so a mis-declared library cannot report a fast wrong answer.
 //!
-//! Thread counts of the loaded libraries follow their own environment variables
-//! (`MKL_NUM_THREADS`, `OPENBLAS_NUM_THREADS`, `BLIS_NUM_THREADS`), which must be set before
-//! the process starts; `--threads` sets the `gemm` crate's.
+//! The libraries run as the kernels run them under `DS_BLAS` ([`ds_models::blas`]):
+//! single-threaded, each product split into `--threads` bands on rayon's pool (one thread
+//! pool for everything: a library's own pool spinning beside rayon's made a GPT-2-small step
+//! 2.3x slower on 2 cores).
 //!
 //! ```no_run
 //! let shapes = ds_cli::gemm::gpt_shapes(768, 3072, 50304, 1024, 12);
@@ -20,10 +21,10 @@
 //! # Ok::<(), String>(())
 //! ```
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use ds_engine::data::Rng;
+use ds_models::blas::Blas;
 use serde::Serialize;
 
 /// How a product's operands are stored (row-major), as training runs them.
@@ -89,47 +90,20 @@ pub fn gpt_shapes(c: usize, ff: usize, vocab: usize, rows: usize, layers: usize)
     v
 }
 
-type CblasSgemm = unsafe extern "C" fn(
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-    *const f32,
-    i32,
-    *const f32,
-    i32,
-    f32,
-    *mut f32,
-    i32,
-);
-
-/// A CBLAS library loaded at run time.
+/// A CBLAS library loaded at run time, named on the command line; run as the kernels run it
+/// under `DS_BLAS` (single-threaded in each of `threads` bands: [`Blas::sgemm_split`]).
 pub struct Cblas {
     name: String,
-    path: PathBuf,
-    // Keeps the library mapped while `sgemm` may be called.
-    _lib: libloading::Library,
-    sgemm: CblasSgemm,
+    blas: Blas,
 }
 
 impl Cblas {
     /// Loads `cblas_sgemm` from the shared library at `path` (LP64: 32-bit integers).
     pub fn load(name: &str, path: &str) -> Result<Cblas, String> {
-        // SAFETY: loading a shared library runs its initialisers; the caller names a BLAS.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| format!("--blas {name}={path}: cannot load the library: {e}"))?;
-        // SAFETY: `cblas_sgemm` has this signature in every CBLAS (LP64 integers).
-        let sgemm = unsafe { lib.get::<CblasSgemm>(b"cblas_sgemm\0") }
-            .map_err(|e| format!("--blas {name}={path}: no cblas_sgemm in it: {e}"))?;
-        let sgemm = *sgemm;
+        let blas = Blas::open(path, 1).map_err(|e| format!("--blas {name}={path}: {e}"))?;
         Ok(Cblas {
             name: name.to_string(),
-            path: PathBuf::from(path),
-            _lib: lib,
-            sgemm,
+            blas,
         })
     }
 
@@ -138,53 +112,66 @@ impl Cblas {
         &self.name
     }
 
-    fn run(&self, s: &GemmShape, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<(), String> {
-        const ROW_MAJOR: i32 = 101;
-        const NO: i32 = 111;
-        const T: i32 = 112;
-        let (ta, tb, lda, ldb) = match s.layout {
-            Layout::NN => (NO, NO, s.k, s.n),
-            Layout::NT => (NO, T, s.k, s.k),
-            Layout::TN => (T, NO, s.m, s.n),
-        };
-        let i = |x: usize| {
-            i32::try_from(x).map_err(|_| format!("{}: {x} does not fit a 32-bit BLAS", s.name))
-        };
-        // SAFETY: a, b and c hold m*k, k*n and m*n elements (checked by the caller), the
-        // leading dimensions match the layout, and c does not alias a or b.
-        unsafe {
-            (self.sgemm)(
-                ROW_MAJOR,
-                ta,
-                tb,
-                i(s.m)?,
-                i(s.n)?,
-                i(s.k)?,
+    fn run(
+        &self,
+        s: &GemmShape,
+        threads: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+    ) -> Result<(), String> {
+        let ((ars, acs), (brs, bcs)) = strides(s);
+        assert!(a.len() >= s.m * s.k && b.len() >= s.k * s.n && c.len() >= s.m * s.n);
+        // SAFETY: a, b and c hold m*k, k*n and m*n elements (asserted), the strides match the
+        // layout, and c does not alias a or b.
+        let done = unsafe {
+            self.blas.sgemm_split(
+                threads,
+                false,
+                s.m,
+                s.n,
+                s.k,
                 1.0,
                 a.as_ptr(),
-                i(lda)?,
+                ars,
+                acs,
                 b.as_ptr(),
-                i(ldb)?,
+                brs,
+                bcs,
                 0.0,
                 c.as_mut_ptr(),
-                i(s.n)?,
-            );
+                s.n,
+            )
+        };
+        if done {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {} declined {}",
+                self.name,
+                self.blas.path(),
+                s.name
+            ))
         }
-        Ok(())
     }
+}
+
+/// (row stride, column stride) of A (m x k) and B (k x n) as stored in the layout of `s`.
+fn strides(s: &GemmShape) -> ((usize, usize), (usize, usize)) {
+    let a = match s.layout {
+        Layout::NN | Layout::NT => (s.k, 1),
+        Layout::TN => (1, s.m),
+    };
+    let b = match s.layout {
+        Layout::NN | Layout::TN => (s.n, 1),
+        Layout::NT => (1, s.k),
+    };
+    (a, b)
 }
 
 /// The `gemm` crate's product in the layout of `s` (what the explicit kernels call).
 fn gemm_crate(s: &GemmShape, threads: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    // (row stride, column stride) of A (m x k) and B (k x n) as stored.
-    let (ars, acs) = match s.layout {
-        Layout::NN | Layout::NT => (s.k, 1),
-        Layout::TN => (1, s.m),
-    };
-    let (brs, bcs) = match s.layout {
-        Layout::NN | Layout::TN => (s.n, 1),
-        Layout::NT => (1, s.k),
-    };
+    let ((ars, acs), (brs, bcs)) = strides(s);
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -326,7 +313,7 @@ pub fn gemm_bench(
         });
         for lib in libs {
             c.fill(f32::NAN);
-            lib.run(s, &a, &b, &mut c)?;
+            lib.run(s, threads, &a, &b, &mut c)?;
             let diff = c
                 .iter()
                 .zip(&want)
@@ -340,7 +327,7 @@ pub fn gemm_bench(
                 return Err(format!(
                     "{} ({}) on {} ({} x {} x {}, {:?}) differs from the gemm crate by {diff:e} of the largest value: is it an LP64 CBLAS?",
                     lib.name,
-                    lib.path.display(),
+                    lib.blas.path(),
                     s.name,
                     s.m,
                     s.k,
@@ -348,7 +335,7 @@ pub fn gemm_bench(
                     s.layout
                 ));
             }
-            let (best, med) = time_calls(min_secs, || lib.run(s, &a, &b, &mut c))?;
+            let (best, med) = time_calls(min_secs, || lib.run(s, threads, &a, &b, &mut c))?;
             timings.push(Timing {
                 backend: lib.name.clone(),
                 best_ms: best,
@@ -411,7 +398,7 @@ pub fn gemm_bench(
         threads,
         libraries: libs
             .iter()
-            .map(|l| (l.name.clone(), l.path.display().to_string()))
+            .map(|l| (l.name.clone(), l.blas.path().to_string()))
             .collect(),
         shapes: out,
         totals,
@@ -482,6 +469,9 @@ mod tests {
         let e = Cblas::load("nope", "/nonexistent/libnope.so")
             .err()
             .unwrap();
-        assert!(e.contains("--blas nope=/nonexistent/libnope.so"), "{e}");
+        assert!(
+            e.contains("--blas nope=/nonexistent/libnope.so: DS_BLAS="),
+            "{e}"
+        );
     }
 }

@@ -868,7 +868,7 @@ fn bf16_compute_note(units: ds_models::Bf16Units) -> String {
     match units {
         Bf16Units::Avx512Bf16 => "bf16 compute: every matrix product of the CPU kernels (forward, backward, evaluation) rounds its operands to bf16 and runs on this CPU's AVX-512 BF16 units (vdpbf16ps), summing in f32; LayerNorm, softmax, GELU and the loss stay f32 (AMX is not used)".to_string(),
         Bf16Units::Emulated => format!("bf16 compute: {env}=emulate: the matrix products of the CPU kernels run on an emulation of vdpbf16ps (bf16 operands, f32 sums; slow, for testing)"),
-        Bf16Units::Blas => format!("bf16 compute: every matrix product of the CPU kernels (forward, backward, evaluation) rounds its operands to bf16 and runs on the bf16 GEMM of the DS_BLAS library ({}: MKL uses AMX tiles or AVX-512 BF16 where the CPU has them){}; LayerNorm, softmax, GELU and the loss stay f32", ds_models::blas::init(1).ok().flatten().map_or("?", |b| b.path()), if ds_models::bf16mm::cpu_has_amx_bf16() || ds_models::bf16mm::cpu_has_avx512bf16() { "" } else { ". This CPU has no bf16 units: the library converts to f32 inside (no faster than f32)" }),
+        Bf16Units::Blas => format!("bf16 compute: every matrix product of the CPU kernels (forward, backward, evaluation) rounds its operands to bf16 and runs on the bf16 GEMM of the DS_BLAS library ({}: MKL uses AMX tiles or AVX-512 BF16 where the CPU has them){}; LayerNorm, softmax, GELU and the loss stay f32", ds_models::blas::init().ok().flatten().map_or("?", |b| b.path()), if ds_models::bf16mm::cpu_has_amx_bf16() || ds_models::bf16mm::cpu_has_avx512bf16() { "" } else { ". This CPU has no bf16 units: the library converts to f32 inside (no faster than f32)" }),
         Bf16Units::None => format!("bf16 compute: no AVX-512 BF16 units in use on this CPU (absent, or {env}=none / DS_SIMD below avx512): the CPU kernels compute in f32"),
     }
 }
@@ -881,15 +881,16 @@ fn say_notes(cfg: &ResolvedConfig, rank: usize, notes: &[String]) {
     for n in notes {
         eprintln!("note: {n}");
     }
-    if let Ok(Some(b)) = ds_models::blas::init(1) {
+    if let Ok(Some(b)) = ds_models::blas::init() {
         eprintln!(
-            "note: {}={}: the explicit kernels' large f32 products run on this CBLAS library ({})",
+            "note: {}={}: the explicit kernels' large f32 products run on this CBLAS library, single-threaded in each of the kernels' threads (each product split into bands){}",
             ds_models::blas::ENV,
             b.path(),
-            b.threads_set_by().map_or(
-                "its threads from its own environment variables".to_string(),
-                |f| { format!("threads set with {f}") }
-            )
+            if b.threads_set_by().is_some() {
+                ""
+            } else {
+                "; it exports no known call to set its threads, so its own environment variables (e.g. OMP_NUM_THREADS=1) must keep it to one"
+            }
         );
     }
     if cfg.json()["dump_state"] == serde_json::Value::Bool(true) {
@@ -1394,7 +1395,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport, EngineError> {
     }
     // DS_BLAS: a CBLAS library for the explicit kernels' products, opened once with each
     // rank's share of the cores; a bad path stops the run here.
-    ds_models::blas::init(kernel_threads(args.world_size)).map_err(EngineError::Config)?;
+    ds_models::blas::init().map_err(EngineError::Config)?;
     if let Some(out) = &args.out {
         if args.resume && args.overwrite {
             return Err(EngineError::Config(

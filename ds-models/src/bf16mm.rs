@@ -159,7 +159,7 @@ pub fn cpu_has_amx_bf16() -> bool {
 
 /// Whether the `DS_BLAS` library is open and has a bf16 GEMM ([`crate::blas::Blas::has_bf16`]).
 pub fn blas_has_bf16() -> bool {
-    crate::blas::init(1)
+    crate::blas::init()
         .ok()
         .flatten()
         .is_some_and(|b| b.has_bf16())
@@ -626,14 +626,16 @@ pub fn gemm(
         "bf16 gemm: B out of range"
     );
     if units == Bf16Units::Blas {
-        if let Some(lib) = crate::blas::init(1).ok().flatten() {
+        if let Some(lib) = crate::blas::init().ok().flatten() {
             if m == 0 || n == 0 {
                 return;
             }
             // SAFETY: the operands were checked to lie inside their slices; `c` is borrowed
             // mutably and cannot alias them.
             let done = unsafe {
-                lib.sgemm_bf16(
+                lib.sgemm_split(
+                    threads,
+                    true,
                     m,
                     n,
                     k,

@@ -15,7 +15,7 @@
 //! ```
 //! // With DS_BLAS unset, no library is used.
 //! if std::env::var_os(ds_models::blas::ENV).is_none() {
-//!     assert!(ds_models::blas::init(1).unwrap().is_none());
+//!     assert!(ds_models::blas::init().unwrap().is_none());
 //! }
 //! ```
 
@@ -154,6 +154,82 @@ impl Blas {
         self.threads.as_deref()
     }
 
+    /// `product` (one of [`Blas::sgemm`], [`Blas::sgemm_bf16`]) over `threads` tasks on
+    /// rayon's pool, each a band of C's rows (or columns, when C is wider than tall) with the
+    /// matching band of A (or B). Returns false (nothing done) where the library declines the
+    /// whole product: an operand without a unit stride, a size past 32 bits, or `bf16`
+    /// without a bf16 GEMM. Its bands have the same strides and smaller sizes, so none is
+    /// declined once the whole is accepted.
+    ///
+    /// # Safety
+    /// As [`Blas::sgemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm_split(
+        &self,
+        threads: usize,
+        bf16: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        brs: usize,
+        bcs: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) -> bool {
+        let run = |m, n, a: *const f32, b: *const f32, c: *mut f32| {
+            // SAFETY: a band of the caller's operands, inside them.
+            unsafe {
+                if bf16 {
+                    self.sgemm_bf16(m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
+                } else {
+                    self.sgemm(m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
+                }
+            }
+        };
+        if (bf16 && self.gemm_bf16.is_none()) || layout(m, n, k, ars, acs, brs, bcs, ldc).is_none()
+        {
+            return false;
+        }
+        let t = threads.max(1);
+        if t == 1 || m.max(n) < 2 * 16 {
+            return run(m, n, a, b, c);
+        }
+        // Bands of whole 16-row (column) groups, so that the library's micro-tiles line up.
+        let by_rows = m >= n;
+        let len = if by_rows { m } else { n };
+        let band = len.div_ceil(t).div_ceil(16) * 16;
+        let (a, b, c) = (a as usize, b as usize, c as usize);
+        let ok = std::sync::atomic::AtomicBool::new(true);
+        rayon::scope(|s| {
+            for start in (0..len).step_by(band) {
+                let w = band.min(len - start);
+                let (run, ok) = (&run, &ok);
+                s.spawn(move |_| {
+                    let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
+                    // SAFETY: the band's rows of A and C (or columns of B and C) lie inside
+                    // the operands; bands do not overlap in C.
+                    let done = unsafe {
+                        if by_rows {
+                            run(w, n, a.add(start * ars), b, c.add(start * ldc))
+                        } else {
+                            run(m, w, a, b.add(start * bcs), c.add(start))
+                        }
+                    };
+                    if !done {
+                        ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        ok.into_inner()
+    }
+
     /// Whether the library multiplies bf16 matrices (MKL's `cblas_gemm_bf16bf16f32`).
     pub fn has_bf16(&self) -> bool {
         self.gemm_bf16.is_some()
@@ -199,8 +275,6 @@ impl Blas {
             unsafe {
                 pack_bf16(sa, a, m, k, ars, acs);
                 pack_bf16(sb, b, k, n, brs, bcs);
-                const ROW_MAJOR: i32 = 101;
-                const NO: i32 = 111;
                 f(
                     ROW_MAJOR,
                     NO,
@@ -246,40 +320,75 @@ impl Blas {
         c: *mut f32,
         ldc: usize,
     ) -> bool {
-        const ROW_MAJOR: i32 = 101;
-        const NO: i32 = 111;
-        const T: i32 = 112;
-        // Row-major with leading dimension ld (>= columns), or its transpose.
-        let op = |rs: usize, cs: usize, cols: usize| {
-            if cs == 1 && rs >= cols.max(1) {
-                Some((NO, rs))
-            } else if rs == 1 && cs >= 1 {
-                Some((T, cs))
-            } else {
-                None
-            }
-        };
-        let (Some((ta, lda)), Some((tb, ldb))) = (op(ars, acs, k), op(brs, bcs, n)) else {
-            return false;
-        };
-        // A transposed operand's leading dimension must cover its stored rows' length.
-        if (ta == T && lda < m) || (tb == T && ldb < k) {
-            return false;
-        }
-        let i = |x: usize| i32::try_from(x).ok();
-        let (Some(m), Some(n), Some(k), Some(lda), Some(ldb), Some(ldc)) =
-            (i(m), i(n), i(k), i(lda), i(ldb), i(ldc))
-        else {
+        let Some(l) = layout(m, n, k, ars, acs, brs, bcs, ldc) else {
             return false;
         };
         // SAFETY: the caller guarantees the operands; the layout arguments match them.
         unsafe {
             (self.sgemm)(
-                ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                ROW_MAJOR, l.ta, l.tb, l.m, l.n, l.k, alpha, a, l.lda, b, l.ldb, beta, c, l.ldc,
             );
         }
         true
     }
+}
+
+const ROW_MAJOR: i32 = 101;
+const NO: i32 = 111;
+const T: i32 = 112;
+
+/// A product's CBLAS arguments (row-major).
+struct Layout {
+    ta: i32,
+    tb: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+}
+
+/// The CBLAS arguments of `C[m,n] = A[m,k] B[k,n]` with these strides, or `None` where an
+/// operand has no unit stride or a size does not fit 32 bits.
+#[allow(clippy::too_many_arguments)]
+fn layout(
+    m: usize,
+    n: usize,
+    k: usize,
+    ars: usize,
+    acs: usize,
+    brs: usize,
+    bcs: usize,
+    ldc: usize,
+) -> Option<Layout> {
+    // Row-major with leading dimension ld (>= columns), or its transpose.
+    let op = |rs: usize, cs: usize, cols: usize| {
+        if cs == 1 && rs >= cols.max(1) {
+            Some((NO, rs))
+        } else if rs == 1 && cs >= 1 {
+            Some((T, cs))
+        } else {
+            None
+        }
+    };
+    let (ta, lda) = op(ars, acs, k)?;
+    let (tb, ldb) = op(brs, bcs, n)?;
+    // A transposed operand's leading dimension must cover its stored rows' length.
+    if (ta == T && lda < m) || (tb == T && ldb < k) || ldc < n {
+        return None;
+    }
+    let i = |x: usize| i32::try_from(x).ok();
+    Some(Layout {
+        ta,
+        tb,
+        m: i(m)?,
+        n: i(n)?,
+        k: i(k)?,
+        lda: i(lda)?,
+        ldb: i(ldb)?,
+        ldc: i(ldc)?,
+    })
 }
 
 thread_local! {
@@ -321,11 +430,14 @@ unsafe fn pack_bf16(
 static BLAS: OnceLock<Result<Option<Blas>, String>> = OnceLock::new();
 
 /// Opens the library `DS_BLAS` names (once per process; later calls return the first
-/// result), with `threads` threads. `Ok(None)` when `DS_BLAS` is unset or empty; an error
-/// names the variable, the path and what went wrong.
-pub fn init(threads: usize) -> Result<Option<&'static Blas>, String> {
+/// result), single-threaded: the kernels split each product over their own threads
+/// ([`Blas::sgemm_split`]), so that the library's thread pool and the kernels' (rayon) do not
+/// compete for the cores (measured: with both pools spinning, a GPT-2-small step on 2 cores
+/// took 2.3x as long). `Ok(None)` when `DS_BLAS` is unset or empty; an error names the
+/// variable, the path and what went wrong.
+pub fn init() -> Result<Option<&'static Blas>, String> {
     BLAS.get_or_init(|| match std::env::var(ENV) {
-        Ok(p) if !p.trim().is_empty() => Blas::open(p.trim(), threads).map(Some),
+        Ok(p) if !p.trim().is_empty() => Blas::open(p.trim(), 1).map(Some),
         _ => Ok(None),
     })
     .as_ref()
@@ -340,7 +452,7 @@ pub(crate) fn for_product(m: usize, k: usize, n: usize) -> Option<&'static Blas>
     if m.saturating_mul(k).saturating_mul(n) < MIN_MACS {
         return None;
     }
-    init(1).ok().flatten()
+    init().ok().flatten()
 }
 
 #[cfg(test)]
@@ -492,6 +604,56 @@ mod tests {
                 }
                 // The padding columns are untouched.
                 assert_eq!(c[i * ldc + n], 1.0);
+            }
+        }
+        // Split into bands over threads (rows when C is taller, columns when wider), with
+        // accumulation: every element against the f64 product.
+        for (m, n, trans_a) in [(70usize, 40usize, false), (33, 90, true), (50, 50, false)] {
+            let k = 9;
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 11 % 19) as f32 - 9.0) / 7.0)
+                .collect();
+            let (ars, acs) = if trans_a { (1, m) } else { (k, 1) };
+            for threads in [1, 2, 3, 4] {
+                let mut c = vec![0.5f32; m * n];
+                // SAFETY: the buffers hold what the strides reach.
+                let done = unsafe {
+                    blas.sgemm_split(
+                        threads,
+                        false,
+                        m,
+                        n,
+                        k,
+                        2.0,
+                        a.as_ptr(),
+                        ars,
+                        acs,
+                        b.as_ptr(),
+                        n,
+                        1,
+                        1.0,
+                        c.as_mut_ptr(),
+                        n,
+                    )
+                };
+                assert!(done);
+                for i in 0..m {
+                    for j in 0..n {
+                        let r: f64 = 0.5
+                            + 2.0
+                                * (0..k)
+                                    .map(|p| a[i * ars + p * acs] as f64 * b[p * n + j] as f64)
+                                    .sum::<f64>();
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - r).abs() < 1e-4,
+                            "{m}x{n} t{threads} ({i},{j}): {got} vs {r}"
+                        );
+                    }
+                }
             }
         }
         // An operand with no unit stride is declined.

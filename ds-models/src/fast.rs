@@ -417,7 +417,9 @@ fn gemm_into(
     if let Some(blas) = crate::blas::for_product(mm, k, n) {
         // SAFETY: as for the gemm crate's call below.
         let done = unsafe {
-            blas.sgemm(
+            blas.sgemm_split(
+                cx.threads,
+                false,
                 mm,
                 n,
                 k,

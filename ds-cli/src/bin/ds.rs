@@ -278,8 +278,9 @@ enum BenchCommand {
         /// Transformer blocks (how often a block's products run per micro-batch).
         #[arg(long, default_value_t = 12)]
         layers: usize,
-        /// The `gemm` crate's threads (default: the machine's cores). Loaded libraries take
-        /// theirs from MKL_NUM_THREADS / OPENBLAS_NUM_THREADS / BLIS_NUM_THREADS.
+        /// Threads (default: the machine's cores): the `gemm` crate's, and the bands each
+        /// library product is split into (the libraries run single-threaded in each, as
+        /// under `DS_BLAS`).
         #[arg(long)]
         threads: Option<usize>,
         /// A CBLAS library to compare, NAME=PATH (repeatable), e.g.
@@ -990,7 +991,7 @@ fn main() -> ExitCode {
                         let names: Vec<String> = std::iter::once("gemm-crate".to_string())
                             .chain(libs.iter().map(|l| l.name().to_string()))
                             .collect();
-                        println!("GEMM backends, f32, GFLOP/s at the best of repeated calls (gemm crate: {} threads)", r.threads);
+                        println!("GEMM backends, f32, GFLOP/s at the best of repeated calls ({} threads: the gemm crate's own; each library single-threaded in as many bands)", r.threads);
                         for (n, p) in &r.libraries {
                             println!("  {n}: {p}");
                         }
@@ -1065,7 +1066,7 @@ fn main() -> ExitCode {
                 };
                 let threads = threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-                match ds_models::blas::init(threads) {
+                match ds_models::blas::init() {
                     Ok(Some(b)) => eprintln!(
                         "note: {}={}: the large products run on it",
                         ds_models::blas::ENV,
