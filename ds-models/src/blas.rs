@@ -397,15 +397,6 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// The bf16 bits of `x`, rounded to nearest even (NaN stays a quiet NaN).
-pub fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
 /// Writes the `rows x cols` matrix at `p` (element (i, j) at `p[i*rs + j*cs]`) row-major as
 /// bf16 into `out`.
 ///
@@ -423,7 +414,9 @@ unsafe fn pack_bf16(
     out.reserve(rows * cols);
     for i in 0..rows {
         // SAFETY: (i, j) is inside the operand (the caller's guarantee).
-        out.extend((0..cols).map(|j| bf16_bits(unsafe { *p.add(i * rs + j * cs) })));
+        out.extend(
+            (0..cols).map(|j| crate::bf16mm::round_bf16(unsafe { *p.add(i * rs + j * cs) })),
+        );
     }
 }
 
@@ -493,7 +486,7 @@ mod tests {
         let b: Vec<f32> = (0..k * n)
             .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 173.0)
             .collect();
-        let r = |x: f32| f32::from_bits((bf16_bits(x) as u32) << 16) as f64;
+        let r = |x: f32| f32::from_bits((crate::bf16mm::round_bf16(x) as u32) << 16) as f64;
         for (ars, acs, brs, bcs) in [(k, 1, n, 1), (k, 1, 1, k), (1, m, n, 1)] {
             let ldc = n + 1;
             let mut c = vec![2f32; m * ldc];
@@ -530,21 +523,6 @@ mod tests {
             }
         }
         eprintln!("MKL bf16 GEMM checked: {path}");
-    }
-
-    #[test]
-    fn bf16_rounding_is_to_nearest_even() {
-        let back = |x: f32| f32::from_bits((bf16_bits(x) as u32) << 16);
-        assert_eq!(back(1.0), 1.0);
-        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even significand (1.0).
-        assert_eq!(back(1.0 + 1.0 / 256.0), 1.0);
-        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to 1 + 2^-6.
-        assert_eq!(back(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
-        assert_eq!(back(f32::INFINITY), f32::INFINITY);
-        assert!(back(f32::NAN).is_nan());
-        assert_eq!(back(-0.0).to_bits(), (-0.0f32).to_bits());
-        // The largest finite f32 rounds up to infinity, as IEEE rounding does.
-        assert_eq!(back(f32::MAX), f32::INFINITY);
     }
 
     /// Whatever CBLAS the machine has (Debian's OpenBLAS or BLIS), against an f64 triple loop
