@@ -524,6 +524,33 @@ fn fits(len: usize, off: usize, rows: usize, cols: usize, rs: usize, cs: usize) 
     rows == 0 || cols == 0 || off + (rows - 1) * rs + (cols - 1) * cs < len
 }
 
+/// Asserts that `C[m,n]` (row stride `ldc`, offset `coff`, in `c_len` values), `A[m,k]` and
+/// `B[k,n]` lie inside their slices (`what` names the product in the message): the bounds
+/// every product here (this module's and the f32 one in [`crate::gpt::fast`]) checks before
+/// it hands raw pointers to a kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_operands(
+    what: &str,
+    c_len: usize,
+    coff: usize,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &Operand<'_>,
+    b: &Operand<'_>,
+) {
+    assert!(fits(c_len, coff, m, n, ldc, 1), "{what}: C out of range");
+    assert!(
+        fits(a.data.len(), a.off, m, k, a.rs, a.cs),
+        "{what}: A out of range"
+    );
+    assert!(
+        fits(b.data.len(), b.off, k, n, b.rs, b.cs),
+        "{what}: B out of range"
+    );
+}
+
 /// One `MR`-row panel of A (rows `i0..`, depth `k0..k0 + kc`) into `out` (`[pair][MR]`):
 /// rows past `m` and the depth past `kc` padded with zeros.
 fn pack_a_panel(a: &Operand<'_>, m: usize, i0: usize, k0: usize, kc: usize, out: &mut [u32]) {
@@ -613,18 +640,7 @@ pub fn gemm(
     b: Operand<'_>,
     scale: f32,
 ) {
-    assert!(
-        fits(c.len(), coff, m, n, ldc, 1),
-        "bf16 gemm: C out of range"
-    );
-    assert!(
-        fits(a.data.len(), a.off, m, k, a.rs, a.cs),
-        "bf16 gemm: A out of range"
-    );
-    assert!(
-        fits(b.data.len(), b.off, k, n, b.rs, b.cs),
-        "bf16 gemm: B out of range"
-    );
+    check_operands("bf16 gemm", c.len(), coff, ldc, m, n, k, &a, &b);
     if units == Bf16Units::Blas {
         if let Some(lib) = crate::blas::init().ok().flatten() {
             if m == 0 || n == 0 {

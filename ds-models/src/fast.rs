@@ -328,34 +328,12 @@ impl Ctx {
     }
 }
 
-/// A strided matrix operand: element (i, j) at `data[off + i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct M<'a> {
-    data: &'a [f32],
-    off: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> M<'a> {
-    /// The same operand for [`bf16mm::gemm`].
-    fn bf16(self) -> bf16mm::Operand<'a> {
-        bf16mm::Operand {
-            data: self.data,
-            off: self.off,
-            rs: self.rs,
-            cs: self.cs,
-        }
-    }
-}
+/// A strided matrix operand: element (i, j) at `data[off + i * rs + j * cs]` (the one operand
+/// type of the f32 and bf16 products).
+type M<'a> = bf16mm::Operand<'a>;
 
 fn mat(data: &[f32], off: usize, rs: usize, cs: usize) -> M<'_> {
     M { data, off, rs, cs }
-}
-
-/// Whether an `rows x cols` operand with these strides stays inside `len` elements.
-fn fits(len: usize, off: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
-    rows == 0 || cols == 0 || off + (rows - 1) * rs + (cols - 1) * cs < len
 }
 
 /// `dst[rows m, cols n] (row stride ldd, offset doff) = (acc ? dst : 0) + scale * A[m,k] B[k,n]`:
@@ -374,32 +352,10 @@ fn gemm_into(
     b: M<'_>,
     scale: f32,
 ) {
-    assert!(
-        fits(dst.len(), doff, mm, n, ldd, 1),
-        "matmul: dst out of range"
-    );
-    assert!(
-        fits(a.data.len(), a.off, mm, k, a.rs, a.cs),
-        "matmul: lhs out of range"
-    );
-    assert!(
-        fits(b.data.len(), b.off, k, n, b.rs, b.cs),
-        "matmul: rhs out of range"
-    );
+    bf16mm::check_operands("matmul", dst.len(), doff, ldd, mm, n, k, &a, &b);
     if cx.bf16.active() {
         bf16mm::gemm(
-            cx.bf16,
-            cx.threads,
-            mm,
-            n,
-            k,
-            dst,
-            doff,
-            ldd,
-            acc,
-            a.bf16(),
-            b.bf16(),
-            scale,
+            cx.bf16, cx.threads, mm, n, k, dst, doff, ldd, acc, a, b, scale,
         );
         return;
     }
