@@ -643,31 +643,7 @@ pub fn gemm(
     check_operands("bf16 gemm", c.len(), coff, ldc, m, n, k, &a, &b);
     if units == Bf16Units::Blas {
         if let Some(lib) = crate::blas::init().ok().flatten() {
-            if m == 0 || n == 0 {
-                return;
-            }
-            // SAFETY: the operands were checked to lie inside their slices; `c` is borrowed
-            // mutably and cannot alias them.
-            let done = unsafe {
-                lib.sgemm_split(
-                    threads,
-                    true,
-                    m,
-                    n,
-                    k,
-                    scale,
-                    a.data.as_ptr().add(a.off),
-                    a.rs,
-                    a.cs,
-                    b.data.as_ptr().add(b.off),
-                    b.rs,
-                    b.cs,
-                    if acc { 1.0 } else { 0.0 },
-                    c.as_mut_ptr().add(coff),
-                    ldc,
-                )
-            };
-            if done {
+            if lib.product(threads, true, m, n, k, c, coff, ldc, acc, &a, &b, scale) {
                 return;
             }
         }

@@ -230,6 +230,53 @@ impl Blas {
         ok.into_inner()
     }
 
+    /// `C[m,n] (offset coff, row stride ldc in c) = (acc ? C : 0) + scale * A B` on strided
+    /// operands, split over `threads` ([`Blas::sgemm_split`]), `bf16` through the library's
+    /// bf16 GEMM. Bounds are checked first (a panic names an out-of-range operand: a caller
+    /// error). Returns false (nothing done) where the library declines the product.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn product(
+        &self,
+        threads: usize,
+        bf16: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        c: &mut [f32],
+        coff: usize,
+        ldc: usize,
+        acc: bool,
+        a: &crate::bf16mm::Operand<'_>,
+        b: &crate::bf16mm::Operand<'_>,
+        scale: f32,
+    ) -> bool {
+        crate::bf16mm::check_operands("blas product", c.len(), coff, ldc, m, n, k, a, b);
+        if m == 0 || n == 0 {
+            return true;
+        }
+        // SAFETY: the operands were checked to lie inside their slices; `c` is borrowed
+        // mutably and cannot alias them.
+        unsafe {
+            self.sgemm_split(
+                threads,
+                bf16,
+                m,
+                n,
+                k,
+                scale,
+                a.data.as_ptr().add(a.off),
+                a.rs,
+                a.cs,
+                b.data.as_ptr().add(b.off),
+                b.rs,
+                b.cs,
+                if acc { 1.0 } else { 0.0 },
+                c.as_mut_ptr().add(coff),
+                ldc,
+            )
+        }
+    }
+
     /// Whether the library multiplies bf16 matrices (MKL's `cblas_gemm_bf16bf16f32`).
     pub fn has_bf16(&self) -> bool {
         self.gemm_bf16.is_some()

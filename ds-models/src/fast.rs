@@ -371,27 +371,9 @@ fn gemm_into(
         return;
     }
     if let Some(blas) = crate::blas::for_product(mm, k, n) {
-        // SAFETY: as for the gemm crate's call below.
-        let done = unsafe {
-            blas.sgemm_split(
-                cx.threads,
-                false,
-                mm,
-                n,
-                k,
-                scale,
-                a.data.as_ptr().add(a.off),
-                a.rs,
-                a.cs,
-                b.data.as_ptr().add(b.off),
-                b.rs,
-                b.cs,
-                if acc { 1.0 } else { 0.0 },
-                dst.as_mut_ptr().add(doff),
-                ldd,
-            )
-        };
-        if done {
+        if blas.product(
+            cx.threads, false, mm, n, k, dst, doff, ldd, acc, &a, &b, scale,
+        ) {
             return;
         }
     }
