@@ -524,6 +524,31 @@ fn fits(len: usize, off: usize, rows: usize, cols: usize, rs: usize, cs: usize) 
     rows == 0 || cols == 0 || off + (rows - 1) * rs + (cols - 1) * cs < len
 }
 
+/// Handles a product with nothing to multiply (`m`, `n` or `k` zero: C untouched, or zeroed
+/// rows where `k` is 0 and `acc` is off) and says whether it was one.
+pub(crate) fn empty_product(
+    c: &mut [f32],
+    coff: usize,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k > 0 {
+        return false;
+    }
+    if !acc {
+        for r in 0..m {
+            c[coff + r * ldc..coff + r * ldc + n].fill(0.0);
+        }
+    }
+    true
+}
+
 /// Asserts that `C[m,n]` (row stride `ldc`, offset `coff`, in `c_len` values), `A[m,k]` and
 /// `B[k,n]` lie inside their slices (`what` names the product in the message): the bounds
 /// every product here (this module's and the f32 one in [`crate::gpt::fast`]) checks before
@@ -667,15 +692,7 @@ pub fn gemm(
         Bf16Units::Avx512Bf16 => panic!("bf16 gemm: AVX512_BF16 exists on x86-64 only"),
         Bf16Units::None => panic!("bf16 gemm: no bf16 units (use the f32 product)"),
     };
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            for r in 0..m {
-                c[coff + r * ldc..coff + r * ldc + n].fill(0.0);
-            }
-        }
+    if empty_product(c, coff, ldc, m, n, k, acc) {
         return;
     }
     let pairs_max = KC.min(k).div_ceil(2);

@@ -154,12 +154,13 @@ impl Blas {
         self.threads.as_deref()
     }
 
-    /// `product` (one of [`Blas::sgemm`], [`Blas::sgemm_bf16`]) over `threads` tasks on
+    /// [`Blas::sgemm`] (or, with `bf16`, [`Blas::sgemm_bf16`]) over `threads` tasks on
     /// rayon's pool, each a band of C's rows (or columns, when C is wider than tall) with the
-    /// matching band of A (or B). Returns false (nothing done) where the library declines the
-    /// whole product: an operand without a unit stride, a size past 32 bits, or `bf16`
-    /// without a bf16 GEMM. Its bands have the same strides and smaller sizes, so none is
-    /// declined once the whole is accepted.
+    /// matching band of A (or B); with `bf16` both operands are rounded once, before the
+    /// split. Returns false (nothing done) where the library declines the whole product: an
+    /// operand without a unit stride, a size past 32 bits, or `bf16` without a bf16 GEMM.
+    /// Its bands have the same strides and smaller sizes, so none is declined once the whole
+    /// is accepted.
     ///
     /// # Safety
     /// As [`Blas::sgemm`].
@@ -182,52 +183,74 @@ impl Blas {
         c: *mut f32,
         ldc: usize,
     ) -> bool {
-        let run = |m, n, a: *const f32, b: *const f32, c: *mut f32| {
-            // SAFETY: a band of the caller's operands, inside them.
-            unsafe {
-                if bf16 {
-                    self.sgemm_bf16(m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
-                } else {
-                    self.sgemm(m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
-                }
-            }
-        };
-        if (bf16 && self.gemm_bf16.is_none()) || layout(m, n, k, ars, acs, brs, bcs, ldc).is_none()
-        {
+        let Some(l) = layout(m, n, k, ars, acs, brs, bcs, ldc) else {
             return false;
+        };
+        let c = c as usize;
+        if !bf16 {
+            let (a, b, sgemm) = (a as usize, b as usize, self.sgemm);
+            bands(threads, m, n, |r0, rows, c0, cols| {
+                let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
+                // SAFETY: a band of the caller's operands (rows r0.. of A and C, or columns
+                // c0.. of B and C), inside them; bands do not overlap in C.
+                unsafe {
+                    sgemm(
+                        ROW_MAJOR,
+                        l.ta,
+                        l.tb,
+                        rows as i32,
+                        cols as i32,
+                        l.k,
+                        alpha,
+                        a.add(r0 * ars),
+                        l.lda,
+                        b.add(c0 * bcs),
+                        l.ldb,
+                        beta,
+                        c.add(r0 * ldc + c0),
+                        l.ldc,
+                    )
+                }
+            });
+            return true;
         }
-        let t = threads.max(1);
-        if t == 1 || m.max(n) < 2 * 16 {
-            return run(m, n, a, b, c);
+        let Some(f) = self.gemm_bf16 else {
+            return false;
+        };
+        // The operands rounded once into this thread's scratch, taken out of it for the
+        // product (a rayon task run here while waiting may need scratch of its own).
+        let (mut sa, mut sb) = BF16_SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        // SAFETY: the caller guarantees every (i, p) of A and (p, j) of B is readable.
+        unsafe {
+            pack_bf16(&mut sa, a, m, k, ars, acs);
+            pack_bf16(&mut sb, b, k, n, brs, bcs);
         }
-        // Bands of whole 16-row (column) groups, so that the library's micro-tiles line up.
-        let by_rows = m >= n;
-        let len = if by_rows { m } else { n };
-        let band = len.div_ceil(t).div_ceil(16) * 16;
-        let (a, b, c) = (a as usize, b as usize, c as usize);
-        let ok = std::sync::atomic::AtomicBool::new(true);
-        rayon::scope(|s| {
-            for start in (0..len).step_by(band) {
-                let w = band.min(len - start);
-                let (run, ok) = (&run, &ok);
-                s.spawn(move |_| {
-                    let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
-                    // SAFETY: the band's rows of A and C (or columns of B and C) lie inside
-                    // the operands; bands do not overlap in C.
-                    let done = unsafe {
-                        if by_rows {
-                            run(w, n, a.add(start * ars), b, c.add(start * ldc))
-                        } else {
-                            run(m, w, a, b.add(start * bcs), c.add(start))
-                        }
-                    };
-                    if !done {
-                        ok.store(false, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
+        let (pa, pb) = (sa.as_ptr() as usize, sb.as_ptr() as usize);
+        bands(threads, m, n, |r0, rows, c0, cols| {
+            let (pa, pb, c) = (pa as *const u16, pb as *const u16, c as *mut f32);
+            // SAFETY: bands of the packed row-major copies (k and n wide) and of C; bands do
+            // not overlap in C.
+            unsafe {
+                f(
+                    ROW_MAJOR,
+                    NO,
+                    NO,
+                    rows as i32,
+                    cols as i32,
+                    l.k,
+                    alpha,
+                    pa.add(r0 * k),
+                    l.k,
+                    pb.add(c0),
+                    l.n,
+                    beta,
+                    c.add(r0 * ldc + c0),
+                    l.ldc,
+                )
             }
         });
-        ok.into_inner()
+        BF16_SCRATCH.with(|cell| *cell.borrow_mut() = (sa, sb));
+        true
     }
 
     /// `C[m,n] (offset coff, row stride ldc in c) = (acc ? C : 0) + scale * A B` on strided
@@ -308,39 +331,12 @@ impl Blas {
         c: *mut f32,
         ldc: usize,
     ) -> bool {
-        let Some(f) = self.gemm_bf16 else {
-            return false;
-        };
-        let i = |x: usize| i32::try_from(x).ok();
-        let (Some(mi), Some(ni), Some(ki), Some(ldci)) = (i(m), i(n), i(k), i(ldc)) else {
-            return false;
-        };
-        BF16_SCRATCH.with(|cell| {
-            let mut bufs = cell.borrow_mut();
-            let (sa, sb) = &mut *bufs;
-            // SAFETY: the caller guarantees every (i, p) of A and (p, j) of B is readable.
-            unsafe {
-                pack_bf16(sa, a, m, k, ars, acs);
-                pack_bf16(sb, b, k, n, brs, bcs);
-                f(
-                    ROW_MAJOR,
-                    NO,
-                    NO,
-                    mi,
-                    ni,
-                    ki,
-                    alpha,
-                    sa.as_ptr(),
-                    ki,
-                    sb.as_ptr(),
-                    ni,
-                    beta,
-                    c,
-                    ldci,
-                );
-            }
-        });
-        true
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe {
+            self.sgemm_split(
+                1, true, m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc,
+            )
+        }
     }
 
     /// `C[m,n] (row stride ldc) = beta C + alpha A B`, A element (i,p) at `a[i*ars + p*acs]`,
@@ -367,16 +363,12 @@ impl Blas {
         c: *mut f32,
         ldc: usize,
     ) -> bool {
-        let Some(l) = layout(m, n, k, ars, acs, brs, bcs, ldc) else {
-            return false;
-        };
-        // SAFETY: the caller guarantees the operands; the layout arguments match them.
+        // SAFETY: the caller's guarantees, passed on.
         unsafe {
-            (self.sgemm)(
-                ROW_MAJOR, l.ta, l.tb, l.m, l.n, l.k, alpha, a, l.lda, b, l.ldb, beta, c, l.ldc,
-            );
+            self.sgemm_split(
+                1, false, m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc,
+            )
         }
-        true
     }
 }
 
@@ -388,7 +380,6 @@ const T: i32 = 112;
 struct Layout {
     ta: i32,
     tb: i32,
-    m: i32,
     n: i32,
     k: i32,
     lda: i32,
@@ -426,16 +417,44 @@ fn layout(
         return None;
     }
     let i = |x: usize| i32::try_from(x).ok();
+    // Every band's row count is at most m.
+    i(m)?;
     Some(Layout {
         ta,
         tb,
-        m: i(m)?,
         n: i(n)?,
         k: i(k)?,
         lda: i(lda)?,
         ldb: i(ldb)?,
         ldc: i(ldc)?,
     })
+}
+
+/// `f(first row, rows, first column, columns)` over bands of an `m x n` result: one band on
+/// this thread when `threads` is 1 or the result is small, else about `threads` bands of whole
+/// 16-row (or 16-column, when wider than tall) groups on rayon's pool, so that a library's
+/// micro-tiles line up.
+fn bands(threads: usize, m: usize, n: usize, f: impl Fn(usize, usize, usize, usize) + Sync) {
+    let t = threads.max(1);
+    if t == 1 || m.max(n) < 2 * 16 {
+        return f(0, m, 0, n);
+    }
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let band = len.div_ceil(t).div_ceil(16) * 16;
+    let f = &f;
+    rayon::scope(|s| {
+        for start in (0..len).step_by(band) {
+            let w = band.min(len - start);
+            s.spawn(move |_| {
+                if by_rows {
+                    f(start, w, 0, n)
+                } else {
+                    f(0, m, start, w)
+                }
+            });
+        }
+    });
 }
 
 thread_local! {
@@ -508,9 +527,48 @@ mod tests {
         assert!(e.contains("no cblas_sgemm"), "{e}");
     }
 
+    use crate::bf16mm::Operand;
+
+    /// `c0 + alpha * sum_p round(A[i,p]) round(B[p,j])` in f64 for every (i, j), with the sum
+    /// of the terms' magnitudes (for tolerances).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Operand<'_>,
+        b: &Operand<'_>,
+        alpha: f64,
+        c0: f64,
+        round: impl Fn(f32) -> f64,
+    ) -> Vec<(f64, f64)> {
+        let at = |x: &Operand<'_>, i: usize, j: usize| round(x.data[x.off + i * x.rs + j * x.cs]);
+        (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                let terms = (0..k).map(|p| at(a, i, p) * at(b, p, j));
+                let (sum, mag) = terms.fold((0.0, 0.0), |(s, g), t| (s + t, g + t.abs()));
+                (c0 + alpha * sum, c0.abs() + alpha.abs() * mag)
+            })
+            .collect()
+    }
+
+    /// Deterministic values in about [-1.6, 1.6].
+    fn values(len: usize, mul: usize, modulus: usize, div: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * mul % modulus) as f32 - (modulus / 2) as f32) / div)
+            .collect()
+    }
+
+    /// (row stride, column stride) of A (m x k) and B (k x n) stored NN, NT and TN.
+    fn layouts(m: usize, k: usize, n: usize) -> [((usize, usize), (usize, usize)); 3] {
+        [((k, 1), (n, 1)), ((k, 1), (1, k)), ((1, m), (n, 1))]
+    }
+
     /// MKL's bf16 GEMM (when an MKL is at hand: `DS_TEST_MKL=PATH/libmkl_rt.so.3`, or the one
     /// `benches/gemm_backends.sh` fetched under target/blas; skipped with a message
-    /// otherwise) against an f64 product of the bf16-rounded operands, in the three layouts.
+    /// otherwise) against an f64 product of the bf16-rounded operands, in the three layouts,
+    /// on one thread and split into bands (the operands rounded once before the split).
     #[test]
     fn mkl_bf16_gemm_matches_the_rounded_product() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/blas/mkl");
@@ -526,46 +584,39 @@ mod tests {
         };
         let blas = Blas::open(&path, 1).unwrap();
         assert!(blas.has_bf16(), "{path} has no cblas_gemm_bf16bf16f32");
-        let (m, k, n) = (9usize, 37usize, 11usize);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 311.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 173.0)
-            .collect();
         let r = |x: f32| f32::from_bits((crate::bf16mm::round_bf16(x) as u32) << 16) as f64;
-        for (ars, acs, brs, bcs) in [(k, 1, n, 1), (k, 1, 1, k), (1, m, n, 1)] {
-            let ldc = n + 1;
-            let mut c = vec![2f32; m * ldc];
-            // SAFETY: the buffers hold what the strides reach.
-            let done = unsafe {
-                blas.sgemm_bf16(
-                    m,
-                    n,
-                    k,
-                    0.5,
-                    a.as_ptr(),
-                    ars,
-                    acs,
-                    b.as_ptr(),
-                    brs,
-                    bcs,
-                    1.0,
-                    c.as_mut_ptr(),
-                    ldc,
-                )
-            };
-            assert!(done);
-            for i in 0..m {
-                for j in 0..n {
-                    let terms: Vec<f64> = (0..k)
-                        .map(|p| r(a[i * ars + p * acs]) * r(b[p * brs + j * bcs]))
-                        .collect();
-                    let want = 2.0 + 0.5 * terms.iter().sum::<f64>();
-                    // f32 accumulation of k exact products.
-                    let tol = 1e-6 * (2.0 + terms.iter().map(|t| t.abs()).sum::<f64>());
-                    let got = c[i * ldc + j] as f64;
-                    assert!((got - want).abs() <= tol, "({i},{j}): {got} vs {want}");
+        for (m, k, n) in [(9usize, 37usize, 11usize), (70, 37, 40), (20, 37, 75)] {
+            let a = values(m * k, 7919, 1000, 311.0);
+            let b = values(k * n, 104729, 1000, 173.0);
+            for ((ars, acs), (brs, bcs)) in layouts(m, k, n) {
+                let oa = Operand {
+                    data: &a,
+                    off: 0,
+                    rs: ars,
+                    cs: acs,
+                };
+                let ob = Operand {
+                    data: &b,
+                    off: 0,
+                    rs: brs,
+                    cs: bcs,
+                };
+                let want = reference(m, n, k, &oa, &ob, 0.5, 2.0, r);
+                for threads in [1, 3] {
+                    let ldc = n + 1;
+                    let mut c = vec![2f32; m * ldc];
+                    assert!(
+                        blas.product(threads, true, m, n, k, &mut c, 0, ldc, true, &oa, &ob, 0.5)
+                    );
+                    for (ij, &(w, mag)) in want.iter().enumerate() {
+                        let (i, j) = (ij / n, ij % n);
+                        let got = c[i * ldc + j] as f64;
+                        // f32 accumulation of k exact products.
+                        assert!(
+                            (got - w).abs() <= 1e-6 * mag,
+                            "{m}x{k}x{n} t{threads} ({i},{j}): {got} vs {w}"
+                        );
+                    }
                 }
             }
         }
@@ -573,7 +624,9 @@ mod tests {
     }
 
     /// Whatever CBLAS the machine has (Debian's OpenBLAS or BLIS), against an f64 triple loop
-    /// in the three layouts training uses; skipped with a message when there is none.
+    /// in the three layouts training uses, on one thread and split into bands over 2-4
+    /// threads (rows when C is taller, columns when wider); skipped with a message when there
+    /// is none.
     #[test]
     fn a_system_cblas_matches_a_triple_loop_in_every_layout() {
         let candidates = [
@@ -585,121 +638,63 @@ mod tests {
             return;
         };
         eprintln!("testing {}", blas.path());
-        let (m, k, n) = (7usize, 13usize, 5usize);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
-            .collect();
-        // (A as stored: row stride, col stride), same for B: NN, NT (B stored n x k), TN (A
-        // stored k x m).
-        for (ars, acs, brs, bcs) in [(k, 1, n, 1), (k, 1, 1, k), (1, m, n, 1)] {
-            let at = |i: usize, p: usize| a[i * ars + p * acs] as f64;
-            let bt = |p: usize, j: usize| b[p * brs + j * bcs] as f64;
-            let ldc = n + 2;
-            let mut c = vec![1f32; m * ldc];
-            // SAFETY: the buffers hold what the strides reach.
-            let done = unsafe {
-                blas.sgemm(
-                    m,
-                    n,
-                    k,
-                    0.5,
-                    a.as_ptr(),
-                    ars,
-                    acs,
-                    b.as_ptr(),
-                    brs,
-                    bcs,
-                    1.0,
-                    c.as_mut_ptr(),
-                    ldc,
-                )
-            };
-            assert!(done);
-            for i in 0..m {
-                for j in 0..n {
-                    let r: f64 = 1.0 + 0.5 * (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>();
-                    let got = c[i * ldc + j] as f64;
-                    assert!(
-                        (got - r).abs() < 1e-4,
-                        "({ars},{acs},{brs},{bcs}) ({i},{j}): {got} vs {r}"
-                    );
-                }
-                // The padding columns are untouched.
-                assert_eq!(c[i * ldc + n], 1.0);
-            }
-        }
-        // Split into bands over threads (rows when C is taller, columns when wider), with
-        // accumulation: every element against the f64 product.
-        for (m, n, trans_a) in [(70usize, 40usize, false), (33, 90, true), (50, 50, false)] {
-            let k = 9;
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 11 % 19) as f32 - 9.0) / 7.0)
-                .collect();
-            let (ars, acs) = if trans_a { (1, m) } else { (k, 1) };
-            for threads in [1, 2, 3, 4] {
-                let mut c = vec![0.5f32; m * n];
-                // SAFETY: the buffers hold what the strides reach.
-                let done = unsafe {
-                    blas.sgemm_split(
-                        threads,
-                        false,
-                        m,
-                        n,
-                        k,
-                        2.0,
-                        a.as_ptr(),
-                        ars,
-                        acs,
-                        b.as_ptr(),
-                        n,
-                        1,
-                        1.0,
-                        c.as_mut_ptr(),
-                        n,
-                    )
+        for (m, k, n) in [
+            (7usize, 13usize, 5usize),
+            (70, 9, 40),
+            (33, 9, 90),
+            (50, 9, 50),
+        ] {
+            let a = values(m * k, 13, 17, 5.0);
+            let b = values(k * n, 11, 19, 7.0);
+            for ((ars, acs), (brs, bcs)) in layouts(m, k, n) {
+                let oa = Operand {
+                    data: &a,
+                    off: 0,
+                    rs: ars,
+                    cs: acs,
                 };
-                assert!(done);
-                for i in 0..m {
-                    for j in 0..n {
-                        let r: f64 = 0.5
-                            + 2.0
-                                * (0..k)
-                                    .map(|p| a[i * ars + p * acs] as f64 * b[p * n + j] as f64)
-                                    .sum::<f64>();
-                        let got = c[i * n + j] as f64;
+                let ob = Operand {
+                    data: &b,
+                    off: 0,
+                    rs: brs,
+                    cs: bcs,
+                };
+                let want = reference(m, n, k, &oa, &ob, 2.0, 0.5, |x| x as f64);
+                for threads in [1, 2, 3, 4] {
+                    let ldc = n + 2;
+                    let mut c = vec![0.5f32; m * ldc];
+                    assert!(
+                        blas.product(threads, false, m, n, k, &mut c, 0, ldc, true, &oa, &ob, 2.0)
+                    );
+                    for (ij, &(w, _)) in want.iter().enumerate() {
+                        let (i, j) = (ij / n, ij % n);
+                        let got = c[i * ldc + j] as f64;
                         assert!(
-                            (got - r).abs() < 1e-4,
-                            "{m}x{n} t{threads} ({i},{j}): {got} vs {r}"
+                            (got - w).abs() < 1e-4,
+                            "{m}x{k}x{n} ({ars},{acs},{brs},{bcs}) t{threads} ({i},{j}): {got} vs {w}"
                         );
                     }
+                    // The padding columns are untouched.
+                    assert!((0..m).all(|i| c[i * ldc + n] == 0.5 && c[i * ldc + n + 1] == 0.5));
                 }
             }
         }
-        // An operand with no unit stride is declined.
-        // SAFETY: declined before any access.
-        let declined = unsafe {
-            blas.sgemm(
-                2,
-                2,
-                2,
-                1.0,
-                a.as_ptr(),
-                4,
-                2,
-                b.as_ptr(),
-                2,
-                1,
-                0.0,
-                [0f32; 4].as_mut_ptr(),
-                2,
-            )
+        // An operand with no unit stride is declined, and nothing is written.
+        let (a, b) = (values(16, 13, 17, 5.0), values(4, 11, 19, 7.0));
+        let oa = Operand {
+            data: &a,
+            off: 0,
+            rs: 4,
+            cs: 2,
         };
-        assert!(!declined);
+        let ob = Operand {
+            data: &b,
+            off: 0,
+            rs: 2,
+            cs: 1,
+        };
+        let mut c = [7f32; 4];
+        assert!(!blas.product(1, false, 2, 2, 2, &mut c, 0, 2, false, &oa, &ob, 1.0));
+        assert_eq!(c, [7.0; 4]);
     }
 }

@@ -359,15 +359,7 @@ fn gemm_into(
         );
         return;
     }
-    if mm == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            for r in 0..mm {
-                dst[doff + r * ldd..doff + r * ldd + n].fill(0.0);
-            }
-        }
+    if bf16mm::empty_product(dst, doff, ldd, mm, n, k, acc) {
         return;
     }
     if let Some(blas) = crate::blas::for_product(mm, k, n) {
