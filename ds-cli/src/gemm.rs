@@ -24,6 +24,7 @@
 use std::time::Instant;
 
 use ds_engine::data::Rng;
+use ds_models::bf16mm::Operand;
 use ds_models::blas::Blas;
 use serde::Serialize;
 
@@ -91,7 +92,7 @@ pub fn gpt_shapes(c: usize, ff: usize, vocab: usize, rows: usize, layers: usize)
 }
 
 /// A CBLAS library loaded at run time, named on the command line; run as the kernels run it
-/// under `DS_BLAS` (single-threaded in each of `threads` bands: [`Blas::sgemm_split`]).
+/// under `DS_BLAS` (single-threaded in each of `threads` bands: [`Blas::product`]).
 pub struct Cblas {
     name: String,
     blas: Blas,
@@ -121,28 +122,26 @@ impl Cblas {
         c: &mut [f32],
     ) -> Result<(), String> {
         let ((ars, acs), (brs, bcs)) = strides(s);
-        assert!(a.len() >= s.m * s.k && b.len() >= s.k * s.n && c.len() >= s.m * s.n);
-        // SAFETY: a, b and c hold m*k, k*n and m*n elements (asserted), the strides match the
-        // layout, and c does not alias a or b.
-        let done = unsafe {
-            self.blas.sgemm_split(
-                threads,
-                false,
-                s.m,
-                s.n,
-                s.k,
-                1.0,
-                a.as_ptr(),
-                ars,
-                acs,
-                b.as_ptr(),
-                brs,
-                bcs,
-                0.0,
-                c.as_mut_ptr(),
-                s.n,
-            )
+        let op = |data, rs, cs| Operand {
+            data,
+            off: 0,
+            rs,
+            cs,
         };
+        let done = self.blas.product(
+            threads,
+            false,
+            s.m,
+            s.n,
+            s.k,
+            c,
+            0,
+            s.n,
+            false,
+            &op(a, ars, acs),
+            &op(b, brs, bcs),
+            1.0,
+        );
         if done {
             Ok(())
         } else {

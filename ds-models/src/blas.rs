@@ -154,8 +154,10 @@ impl Blas {
         self.threads.as_deref()
     }
 
-    /// [`Blas::sgemm`] (or, with `bf16`, [`Blas::sgemm_bf16`]) over `threads` tasks on
-    /// rayon's pool, each a band of C's rows (or columns, when C is wider than tall) with the
+    /// `C[m,n] (row stride ldc) = beta C + alpha A B`, A element (i,p) at `a[i*ars + p*acs]`,
+    /// B element (p,j) at `b[p*brs + j*bcs]`, on the library's f32 GEMM (or, with `bf16`, on
+    /// its bf16 GEMM over both operands rounded to bf16, round to nearest even, summing in
+    /// f32) over `threads` tasks on rayon's pool, each a band of C's rows (or columns, when C is wider than tall) with the
     /// matching band of A (or B); with `bf16` both operands are rounded once, before the
     /// split. Returns false (nothing done) where the library declines the whole product: an
     /// operand without a unit stride, a size past 32 bits, or `bf16` without a bf16 GEMM.
@@ -163,9 +165,10 @@ impl Blas {
     /// is accepted.
     ///
     /// # Safety
-    /// As [`Blas::sgemm`].
+    /// The pointers must reach every element the sizes and strides name, and `c` must not
+    /// alias `a` or `b`.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn sgemm_split(
+    unsafe fn sgemm_split(
         &self,
         threads: usize,
         bf16: bool,
@@ -254,11 +257,14 @@ impl Blas {
     }
 
     /// `C[m,n] (offset coff, row stride ldc in c) = (acc ? C : 0) + scale * A B` on strided
-    /// operands, split over `threads` ([`Blas::sgemm_split`]), `bf16` through the library's
-    /// bf16 GEMM. Bounds are checked first (a panic names an out-of-range operand: a caller
-    /// error). Returns false (nothing done) where the library declines the product.
+    /// operands, on the library's f32 GEMM (or, with `bf16`, its bf16 GEMM over both operands
+    /// rounded to bf16, summing in f32), split into bands over `threads` tasks on rayon's pool
+    /// (the library single-threaded in each). Bounds are checked first (a panic names an
+    /// out-of-range operand: a caller error). Returns false (nothing done) where the library
+    /// declines the product: an operand without a unit stride, a size past 32 bits, or
+    /// `bf16` without a bf16 GEMM ([`Blas::has_bf16`]).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn product(
+    pub fn product(
         &self,
         threads: usize,
         bf16: bool,
@@ -303,72 +309,6 @@ impl Blas {
     /// Whether the library multiplies bf16 matrices (MKL's `cblas_gemm_bf16bf16f32`).
     pub fn has_bf16(&self) -> bool {
         self.gemm_bf16.is_some()
-    }
-
-    /// [`Blas::sgemm`] with A and B rounded to bf16 (round to nearest even) and multiplied
-    /// by the library's bf16 GEMM with f32 accumulation: on AMX or AVX-512 BF16 units where
-    /// the processor has them. The rounded operands are written to per-thread scratch
-    /// buffers first (row-major, whatever the strides). Returns false (nothing done) when
-    /// the library has no bf16 GEMM or a size does not fit 32 bits.
-    ///
-    /// # Safety
-    /// As [`Blas::sgemm`]: the pointers reach every element the sizes and strides name, and
-    /// `c` does not alias `a` or `b`.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn sgemm_bf16(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: *const f32,
-        ars: usize,
-        acs: usize,
-        b: *const f32,
-        brs: usize,
-        bcs: usize,
-        beta: f32,
-        c: *mut f32,
-        ldc: usize,
-    ) -> bool {
-        // SAFETY: the caller's guarantees, passed on.
-        unsafe {
-            self.sgemm_split(
-                1, true, m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc,
-            )
-        }
-    }
-
-    /// `C[m,n] (row stride ldc) = beta C + alpha A B`, A element (i,p) at `a[i*ars + p*acs]`,
-    /// B element (p,j) at `b[p*brs + j*bcs]`. Returns false (nothing done) when an operand
-    /// has no unit stride or a size does not fit 32 bits: the caller runs its own kernel.
-    ///
-    /// # Safety
-    /// The pointers must reach every element the sizes and strides name, and `c` must not
-    /// alias `a` or `b`.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn sgemm(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: *const f32,
-        ars: usize,
-        acs: usize,
-        b: *const f32,
-        brs: usize,
-        bcs: usize,
-        beta: f32,
-        c: *mut f32,
-        ldc: usize,
-    ) -> bool {
-        // SAFETY: the caller's guarantees, passed on.
-        unsafe {
-            self.sgemm_split(
-                1, false, m, n, k, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc,
-            )
-        }
     }
 }
 
@@ -458,7 +398,7 @@ fn bands(threads: usize, m: usize, n: usize, f: impl Fn(usize, usize, usize, usi
 }
 
 thread_local! {
-    /// Per-thread bf16 copies of the two operands of [`Blas::sgemm_bf16`], kept between calls.
+    /// Per-thread bf16 copies of the two operands of a bf16 [`Blas::product`], kept between calls.
     static BF16_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -490,7 +430,7 @@ static BLAS: OnceLock<Result<Option<Blas>, String>> = OnceLock::new();
 
 /// Opens the library `DS_BLAS` names (once per process; later calls return the first
 /// result), single-threaded: the kernels split each product over their own threads
-/// ([`Blas::sgemm_split`]), so that the library's thread pool and the kernels' (rayon) do not
+/// ([`Blas::product`]), so that the library's thread pool and the kernels' (rayon) do not
 /// compete for the cores (measured: with both pools spinning, a GPT-2-small step on 2 cores
 /// took 2.3x as long). `Ok(None)` when `DS_BLAS` is unset or empty; an error names the
 /// variable, the path and what went wrong.
